@@ -1,0 +1,182 @@
+//! Records shared by llm-probe's kernel programs (`probe-ebpf`) and its agent (`probe-user`).
+//!
+//! Everything that crosses the kernel boundary lives here and only here. Every struct is
+//! `#[repr(C)]`, has no implicit padding, and has its size pinned by a `const` assertion so that a
+//! change on one side cannot silently disagree with the other.
+#![no_std]
+
+use core::mem::size_of;
+
+/// First field of every ring-buffer record. `kind` selects the decoder (`EventKind`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC, stamped in the kernel.
+    pub ts_ns: u64,
+}
+const _: () = assert!(size_of::<EventHeader>() == 24);
+
+/// Values of `EventHeader::kind`. Unknown kinds are counted by the agent, never panicked on.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// Bytes the server read from (`Ingress`) or wrote to (`Egress`) a tracked socket: `DataEvent`.
+    Data = 1,
+    /// A tracked socket was accepted (`ConnEvent`).
+    Accept = 2,
+    /// A tracked socket was closed by the server (`ConnEvent`).
+    Close = 3,
+    /// A traced process forked a child process (`ProcEvent`, `other` = child tgid).
+    Fork = 4,
+    /// A traced process exited (`ProcEvent`).
+    Exit = 5,
+}
+
+impl EventKind {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Data),
+            2 => Some(Self::Accept),
+            3 => Some(Self::Close),
+            4 => Some(Self::Fork),
+            5 => Some(Self::Exit),
+            _ => None,
+        }
+    }
+}
+
+/// Direction of a `DataEvent`, seen from the traced server.
+pub const DIR_INGRESS: u32 = 0;
+pub const DIR_EGRESS: u32 = 1;
+
+/// Bytes captured per read/write syscall. Bounds the copy done in the traced thread and the
+/// ring-buffer space per event; request heads, SSE/NDJSON events and small JSON bodies fit. A
+/// longer transfer is delivered with `len > cap_len` so that framing can still skip it.
+/// Must be a power of two (the kernel side masks offsets with `MAX_CAPTURE - 1`).
+pub const MAX_CAPTURE: usize = 4096;
+const _: () = assert!(MAX_CAPTURE.is_power_of_two());
+
+/// iovecs walked per readv/writev/recvmsg/sendmsg call. Servers write an SSE event as at most a
+/// few iovecs (chunk header, payload, trailer); the verifier bounds the loop with this constant.
+pub const MAX_IOV: u32 = 8;
+
+/// Fixed part of a data record; `cap_len` payload bytes follow it in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataEvent {
+    pub header: EventHeader,
+    pub fd: u32,
+    /// `DIR_INGRESS` or `DIR_EGRESS`.
+    pub dir: u32,
+    /// The syscall's return value: bytes moved, 0 for end-of-file, or `-errno`.
+    pub ret: i64,
+    /// Payload bytes that follow this struct (≤ `MAX_CAPTURE`, ≤ `ret`).
+    pub cap_len: u32,
+    /// The `SYSCALL_*` value that produced the event (for the syscall mix in diagnostics).
+    pub syscall: u32,
+}
+const _: () = assert!(size_of::<DataEvent>() == 48);
+
+/// Accept and close of a tracked socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEvent {
+    pub header: EventHeader,
+    pub fd: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ConnEvent>() == 32);
+
+/// Fork (child tgid in `other`) and exit (`other` = exit code) of a traced process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcEvent {
+    pub header: EventHeader,
+    pub other: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ProcEvent>() == 32);
+
+/// Key of the tracked-socket map: a server-side TCP connection of a traced process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+const _: () = assert!(size_of::<ConnKey>() == 8);
+
+/// Syscall arguments saved at `sys_enter_*`, consumed at `sys_exit_*`, keyed by thread id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingIo {
+    /// Plain buffer (read/write/recvfrom/sendto) or the `struct iovec *` array.
+    pub buf: u64,
+    /// Number of iovecs; 0 means `buf` is a plain buffer.
+    pub iovcnt: u32,
+    pub fd: u32,
+    pub syscall: u32,
+    pub dir: u32,
+}
+const _: () = assert!(size_of::<PendingIo>() == 24);
+
+/// Values of `DataEvent::syscall` and `PendingIo::syscall`.
+pub const SYSCALL_READ: u32 = 0;
+pub const SYSCALL_READV: u32 = 1;
+pub const SYSCALL_RECVFROM: u32 = 2;
+pub const SYSCALL_RECVMSG: u32 = 3;
+pub const SYSCALL_WRITE: u32 = 4;
+pub const SYSCALL_WRITEV: u32 = 5;
+pub const SYSCALL_SENDTO: u32 = 6;
+pub const SYSCALL_SENDMSG: u32 = 7;
+pub const SYSCALL_ACCEPT: u32 = 8;
+pub const SYSCALL_ACCEPT4: u32 = 9;
+pub const SYSCALL_CLOSE: u32 = 10;
+pub const SYSCALL_NAMES: [&str; 11] = [
+    "read", "readv", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg", "accept",
+    "accept4", "close",
+];
+
+/// Indexes of the per-CPU counter array `COUNTERS` (summed by the agent at scrape time).
+pub mod counter {
+    /// Records the kernel tried to deliver (delivered + lost).
+    pub const EVENTS_SEEN: u32 = 0;
+    /// Ring buffer full: `bpf_ringbuf_output` failed.
+    pub const LOST_RINGBUF_FULL: u32 = 1;
+    /// A pending-syscall or connection map had no room for a new entry.
+    pub const LOST_MAP_FULL: u32 = 2;
+    /// `bpf_probe_read_user` of the payload failed (page not resident, bad pointer).
+    pub const LOST_READ_USER: u32 = 3;
+    /// Payload longer than `MAX_CAPTURE`: delivered truncated (not lost; counted for visibility).
+    pub const TRUNCATED: u32 = 4;
+    /// iovecs beyond `MAX_IOV` not captured.
+    pub const IOV_SKIPPED: u32 = 5;
+    pub const COUNT: u32 = 6;
+}
+
+/// Wake the agent only once this many bytes wait in the ring buffer; below it the agent drains on a
+/// timer. Batching wakeups keeps the cost in the traced thread near the bare uprobe/tracepoint cost
+/// (an adaptive wakeup per event costs ~1.4 µs there). Must stay well below `RING_BYTES`.
+pub const WAKEUP_BYTES: u64 = 64 * 1024;
+/// Ring buffer size. 8 MiB holds ~2 s of a 64-stream server at 100 tokens/s per stream even if
+/// the agent stalls, and is a power-of-two multiple of the page size as the kernel requires.
+pub const RING_BYTES: u32 = 8 * 1024 * 1024;
+/// Concurrent syscalls in flight across all traced threads (one entry per thread in a syscall).
+pub const MAX_PENDING: u32 = 16 * 1024;
+/// Tracked server-side connections across all traced processes.
+pub const MAX_CONNS: u32 = 64 * 1024;
+/// Traced processes (the attach targets and their descendants).
+pub const MAX_TARGETS: u32 = 1024;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers, and has no padding
+    // (sizes pinned above), so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::PendingIo {}
+    unsafe impl aya::Pod for super::EventHeader {}
+}

@@ -1,0 +1,292 @@
+//! Server-side socket I/O of traced processes, from syscall tracepoints (kprobes are not available on
+//! every kernel we target; `syscalls:sys_{enter,exit}_*` are). Format offsets come from
+//! /sys/kernel/tracing/events/syscalls/*/format: arguments are 8-byte slots from offset 16, and the
+//! exit tracepoint's `long ret` is at offset 16.
+
+use core::{ffi::c_void, slice};
+
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, generated::bpf_probe_read_user},
+    macros::tracepoint,
+    programs::TracePointContext,
+    EbpfContext,
+};
+use probe_common::{
+    counter, ConnEvent, ConnKey, DataEvent, EventHeader, EventKind, PendingIo, DIR_EGRESS,
+    DIR_INGRESS, MAX_CAPTURE, MAX_IOV, SYSCALL_ACCEPT, SYSCALL_ACCEPT4, SYSCALL_READ,
+    SYSCALL_READV, SYSCALL_RECVFROM, SYSCALL_RECVMSG, SYSCALL_SENDMSG, SYSCALL_SENDTO,
+    SYSCALL_WRITE, SYSCALL_WRITEV,
+};
+
+use crate::{bump, current_tgid_tid, emit, is_target, submit_flags, CONNS, EVENTS, PENDING, SCRATCH};
+
+const EAGAIN: i64 = 11;
+const EINTR: i64 = 4;
+const HEADER: usize = core::mem::size_of::<DataEvent>();
+/// Offsets inside `struct user_msghdr` (include/linux/socket.h): msg_iov, msg_iovlen.
+const MSGHDR_IOV: u64 = 16;
+const MSGHDR_IOVLEN: u64 = 24;
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, i: usize) -> u64 {
+    // SAFETY: syscall tracepoint contexts hold at least six 8-byte argument slots from offset 16
+    // (the exit context holds `ret` in the first); the verifier checks ctx accesses.
+    unsafe { *ctx.as_ptr().cast::<u8>().add(16 + 8 * i).cast::<u64>() }
+}
+
+#[inline(always)]
+fn tracked(tgid: u32, fd: u32) -> bool {
+    // SAFETY: presence test only.
+    unsafe { CONNS.get(&ConnKey { tgid, fd }).is_some() }
+}
+
+/// How a syscall passes its buffer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Buf {
+    Plain,
+    Iov,
+    MsgHdr,
+}
+
+#[inline(always)]
+fn on_enter(ctx: &TracePointContext, syscall: u32, dir: u32, kind: Buf) {
+    let (tgid, tid) = current_tgid_tid();
+    if !is_target(tgid) {
+        return;
+    }
+    let fd = arg(ctx, 0) as u32;
+    if !tracked(tgid, fd) {
+        return;
+    }
+    let mut buf = arg(ctx, 1);
+    let mut iovcnt = 0u32;
+    match kind {
+        Buf::Plain => {}
+        Buf::Iov => iovcnt = arg(ctx, 2) as u32,
+        Buf::MsgHdr => {
+            // SAFETY: reads of the caller's msghdr through the checked helper.
+            let iov = unsafe { aya_ebpf::helpers::bpf_probe_read_user((buf + MSGHDR_IOV) as *const u64) };
+            let len = unsafe { aya_ebpf::helpers::bpf_probe_read_user((buf + MSGHDR_IOVLEN) as *const u64) };
+            match (iov, len) {
+                (Ok(iov), Ok(len)) => {
+                    buf = iov;
+                    iovcnt = len as u32;
+                }
+                _ => {
+                    bump(counter::LOST_READ_USER);
+                    buf = 0;
+                }
+            }
+        }
+    }
+    let pending = PendingIo { buf, iovcnt, fd, syscall, dir };
+    if PENDING.insert(&tid, &pending, 0).is_err() {
+        bump(counter::EVENTS_SEEN);
+        bump(counter::LOST_MAP_FULL);
+    }
+}
+
+/// Copy `len` user bytes at `src` into the scratch record at payload offset `off`.
+#[inline(always)]
+fn read_into(base: *mut u8, off: usize, len: usize, src: u64) -> bool {
+    let off = off & (MAX_CAPTURE - 1);
+    let len = len & (2 * MAX_CAPTURE - 1);
+    // SAFETY: HEADER + off + len < SCRATCH_BYTES by the masks above; the helper checks `src`.
+    let rc = unsafe {
+        bpf_probe_read_user(base.add(HEADER + off).cast::<c_void>(), len as u32, src as *const c_void)
+    };
+    rc == 0
+}
+
+/// Capture up to `MAX_CAPTURE` of the `ret` bytes the syscall moved. Returns the captured length.
+#[inline(always)]
+fn capture(base: *mut u8, p: &PendingIo, ret: usize) -> usize {
+    let plain = matches!(p.syscall, SYSCALL_READ | SYSCALL_WRITE | SYSCALL_RECVFROM | SYSCALL_SENDTO);
+    if plain {
+        let n = if ret > MAX_CAPTURE { MAX_CAPTURE } else { ret };
+        if !read_into(base, 0, n, p.buf) {
+            bump(counter::LOST_READ_USER);
+            return 0;
+        }
+        return n;
+    }
+    let mut off = 0usize;
+    let mut remaining = ret;
+    for i in 0..MAX_IOV {
+        if i >= p.iovcnt || remaining == 0 || off >= MAX_CAPTURE {
+            break;
+        }
+        // SAFETY: reads one `struct iovec { void *base; size_t len; }` through the checked helper.
+        let Ok(iov) = (unsafe {
+            aya_ebpf::helpers::bpf_probe_read_user((p.buf + u64::from(i) * 16) as *const [u64; 2])
+        }) else {
+            bump(counter::LOST_READ_USER);
+            break;
+        };
+        let mut take = iov[1] as usize;
+        if take > remaining {
+            take = remaining;
+        }
+        remaining -= take;
+        let room = MAX_CAPTURE - off;
+        if take > room {
+            take = room;
+        }
+        if take > 0 && !read_into(base, off, take, iov[0]) {
+            bump(counter::LOST_READ_USER);
+            break;
+        }
+        off += take;
+    }
+    if remaining > 0 && off < MAX_CAPTURE {
+        bump(counter::IOV_SKIPPED);
+    }
+    if off > MAX_CAPTURE {
+        off = MAX_CAPTURE;
+    }
+    off
+}
+
+#[inline(always)]
+fn on_exit(ctx: &TracePointContext) {
+    let (tgid, tid) = current_tgid_tid();
+    if !is_target(tgid) {
+        return;
+    }
+    // SAFETY: the entry is copied out before it is removed.
+    let Some(p) = (unsafe { PENDING.get(&tid) }).copied() else {
+        return;
+    };
+    let _ = PENDING.remove(&tid);
+    let ret = arg(ctx, 0) as i64;
+    if ret == -EAGAIN || ret == -EINTR {
+        // Non-blocking socket with nothing to move: no event (epoll servers do this constantly).
+        return;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let base = scratch.cast::<u8>();
+    let cap = if ret > 0 && p.buf != 0 { capture(base, &p, ret as usize) } else { 0 };
+    if ret > 0 && ret as usize > cap {
+        bump(counter::TRUNCATED);
+    }
+    let ev = DataEvent {
+        header: EventHeader {
+            kind: EventKind::Data as u32,
+            tgid,
+            tid,
+            _pad: 0,
+            // SAFETY: plain helper call.
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+        },
+        fd: p.fd,
+        dir: p.dir,
+        ret,
+        cap_len: cap as u32,
+        syscall: p.syscall,
+    };
+    // SAFETY: the scratch slot is 8-aligned and larger than `DataEvent`.
+    unsafe { base.cast::<DataEvent>().write(ev) };
+    // `cap` ≤ MAX_CAPTURE already; the mask restates it in a form the verifier can follow.
+    let len = HEADER + (cap & (2 * MAX_CAPTURE - 1));
+    // SAFETY: `len` < SCRATCH_BYTES (header + ≤ 2 * MAX_CAPTURE).
+    let record = unsafe { slice::from_raw_parts(base, len) };
+    bump(counter::EVENTS_SEEN);
+    if EVENTS.output::<[u8]>(record, submit_flags()).is_err() {
+        bump(counter::LOST_RINGBUF_FULL);
+    }
+}
+
+macro_rules! io_probe {
+    ($enter:ident, $exit:ident, $syscall:expr, $dir:expr, $kind:expr) => {
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            on_enter(&ctx, $syscall, $dir, $kind);
+            0
+        }
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            on_exit(&ctx);
+            0
+        }
+    };
+}
+
+io_probe!(sys_enter_read, sys_exit_read, SYSCALL_READ, DIR_INGRESS, Buf::Plain);
+io_probe!(sys_enter_readv, sys_exit_readv, SYSCALL_READV, DIR_INGRESS, Buf::Iov);
+io_probe!(sys_enter_recvfrom, sys_exit_recvfrom, SYSCALL_RECVFROM, DIR_INGRESS, Buf::Plain);
+io_probe!(sys_enter_recvmsg, sys_exit_recvmsg, SYSCALL_RECVMSG, DIR_INGRESS, Buf::MsgHdr);
+io_probe!(sys_enter_write, sys_exit_write, SYSCALL_WRITE, DIR_EGRESS, Buf::Plain);
+io_probe!(sys_enter_writev, sys_exit_writev, SYSCALL_WRITEV, DIR_EGRESS, Buf::Iov);
+io_probe!(sys_enter_sendto, sys_exit_sendto, SYSCALL_SENDTO, DIR_EGRESS, Buf::Plain);
+io_probe!(sys_enter_sendmsg, sys_exit_sendmsg, SYSCALL_SENDMSG, DIR_EGRESS, Buf::MsgHdr);
+
+#[inline(always)]
+fn on_accept(ctx: &TracePointContext, _syscall: u32) {
+    let (tgid, tid) = current_tgid_tid();
+    if !is_target(tgid) {
+        return;
+    }
+    let ret = arg(ctx, 0) as i64;
+    if ret < 0 {
+        return;
+    }
+    let fd = ret as u32;
+    if CONNS.insert(&ConnKey { tgid, fd }, &1, 0).is_err() {
+        // The connection cannot be traced: account for it as a lost event, so that
+        // seen = delivered + lost stays exact.
+        bump(counter::EVENTS_SEEN);
+        bump(counter::LOST_MAP_FULL);
+    }
+    emit(&ConnEvent {
+        header: EventHeader {
+            kind: EventKind::Accept as u32,
+            tgid,
+            tid,
+            _pad: 0,
+            // SAFETY: plain helper call.
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+        },
+        fd,
+        _pad: 0,
+    });
+}
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    on_accept(&ctx, SYSCALL_ACCEPT);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    on_accept(&ctx, SYSCALL_ACCEPT4);
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = current_tgid_tid();
+    if !is_target(tgid) {
+        return 0;
+    }
+    let fd = arg(&ctx, 0) as u32;
+    let key = ConnKey { tgid, fd };
+    if CONNS.remove(&key).is_err() {
+        return 0;
+    }
+    emit(&ConnEvent {
+        header: EventHeader {
+            kind: EventKind::Close as u32,
+            tgid,
+            tid,
+            _pad: 0,
+            // SAFETY: plain helper call.
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+        },
+        fd,
+        _pad: 0,
+    });
+    0
+}

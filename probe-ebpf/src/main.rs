@@ -1,0 +1,107 @@
+//! llm-probe's kernel programs. Maps and shared helpers live here; each probe family has its file:
+//! `http.rs` (socket syscalls of the traced server), `sched.rs` (process tree of the targets).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+// On the host (a `cargo build --workspace`) this is an empty program; the real build targets
+// bpfel-unknown-none through probe-user/build.rs.
+#![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
+
+mod http;
+mod sched;
+
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::bpf_get_current_pid_tgid,
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use probe_common::{
+    counter, ConnKey, PendingIo, MAX_CAPTURE, MAX_CONNS, MAX_PENDING, MAX_TARGETS, RING_BYTES,
+    WAKEUP_BYTES,
+};
+
+/// Processes being traced (tgid → 1). Seeded by the agent, extended by `sched.rs` on fork.
+#[map]
+static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+/// Server-side sockets of traced processes: accepted ones (added in the kernel) and the ones that
+/// were open before attach (added by the agent from /proc). LRU so that a missed close can never
+/// fill the map for good.
+#[map]
+static CONNS: LruHashMap<ConnKey, u32> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+
+/// Arguments of a read/write in flight, keyed by thread id, from sys_enter to sys_exit.
+#[map]
+static PENDING: LruHashMap<u32, PendingIo> = LruHashMap::with_max_entries(MAX_PENDING, 0);
+
+/// Every record for the agent. Wakeups are batched (see `submit_flags`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
+/// Per-CPU counters indexed by `probe_common::counter::*`, summed by the agent at scrape time.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Scratch space for a data record: header + payload. Three times `MAX_CAPTURE` of payload room lets
+/// the verifier accept `offset & (MAX_CAPTURE-1)` + `length & (2*MAX_CAPTURE-1)` (masks it can follow).
+pub const SCRATCH_BYTES: usize = 64 + 3 * MAX_CAPTURE;
+#[repr(C, align(8))]
+pub struct Scratch {
+    pub bytes: [u8; SCRATCH_BYTES],
+}
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn current_tgid_tid() -> (u32, u32) {
+    let id = bpf_get_current_pid_tgid();
+    ((id >> 32) as u32, id as u32)
+}
+
+/// True when `tgid` is traced. Called first thing in every program.
+#[inline(always)]
+fn is_target(tgid: u32) -> bool {
+    // SAFETY: the value is only tested for presence, never read.
+    unsafe { TARGETS.get(&tgid).is_some() }
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, and BPF programs are not preempted on the same CPU mid-update.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Wake the agent only when enough bytes wait; otherwise it drains on its timer.
+#[inline(always)]
+fn submit_flags() -> u64 {
+    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    }
+}
+
+/// Deliver a fixed-size record, counting it as seen and, when the ring is full, as lost.
+#[inline(always)]
+fn emit<T>(record: &T) {
+    bump(counter::EVENTS_SEEN);
+    if EVENTS.output::<T>(record, submit_flags()).is_err() {
+        bump(counter::LOST_RINGBUF_FULL);
+    }
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

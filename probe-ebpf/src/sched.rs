@@ -1,0 +1,72 @@
+//! Process tree of the targets: children forked after attach are traced too (vLLM's API server and
+//! engine core are separate processes), and exits are reported. Offsets from
+//! /sys/kernel/tracing/events/{task/task_newtask,sched/sched_process_exit}/format.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext, EbpfContext};
+use probe_common::{counter, EventHeader, EventKind, ProcEvent};
+
+use crate::{bump, current_tgid_tid, emit, is_target, TARGETS};
+
+/// include/uapi/linux/sched.h
+const CLONE_THREAD: u64 = 0x0001_0000;
+const NEWTASK_PID: usize = 8;
+const NEWTASK_CLONE_FLAGS: usize = 32;
+const EXIT_GROUP_DEAD: usize = 32;
+
+#[inline(always)]
+fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
+    // SAFETY: fixed offsets inside the tracepoint record (see the format files above).
+    unsafe { *ctx.as_ptr().cast::<u8>().add(off).cast::<T>() }
+}
+
+fn proc_event(kind: EventKind, tgid: u32, tid: u32, other: u32) -> ProcEvent {
+    ProcEvent {
+        header: EventHeader {
+            kind: kind as u32,
+            tgid,
+            tid,
+            _pad: 0,
+            // SAFETY: plain helper call.
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+        },
+        other,
+        _pad: 0,
+    }
+}
+
+/// `task:task_newtask` runs in the parent; a new thread group (no CLONE_THREAD) is a new process.
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = current_tgid_tid();
+    if !is_target(tgid) {
+        return 0;
+    }
+    let flags: u64 = field(&ctx, NEWTASK_CLONE_FLAGS);
+    if flags & CLONE_THREAD != 0 {
+        return 0;
+    }
+    let child: i32 = field(&ctx, NEWTASK_PID);
+    let child = child as u32;
+    if TARGETS.insert(&child, &1, 0).is_err() {
+        bump(counter::EVENTS_SEEN);
+        bump(counter::LOST_MAP_FULL);
+    }
+    emit(&proc_event(EventKind::Fork, tgid, tid, child));
+    0
+}
+
+/// `sched:sched_process_exit` fires per thread; `group_dead` marks the last one of the process.
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = current_tgid_tid();
+    if !is_target(tgid) {
+        return 0;
+    }
+    let group_dead: u8 = field(&ctx, EXIT_GROUP_DEAD);
+    if group_dead == 0 {
+        return 0;
+    }
+    let _ = TARGETS.remove(&tgid);
+    emit(&proc_event(EventKind::Exit, tgid, tid, 0));
+    0
+}

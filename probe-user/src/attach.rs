@@ -1,0 +1,171 @@
+//! Which processes to trace and which of their sockets are server-side HTTP connections, from
+//! /proc (procfs crate). Pure enough to run unprivileged; the agent feeds the answers to the
+//! kernel maps.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use procfs::{
+    net::{TcpNetEntry, TcpState},
+    process::{FDTarget, Process},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("no process is listening on TCP port {0}")]
+    NoListener(u16),
+    #[error("process {0} does not exist")]
+    NoSuchProcess(u32),
+    #[error("reading /proc: {0}")]
+    Proc(#[from] procfs::ProcError),
+}
+
+/// TCP entries of the process's network namespace (`/proc/PID/net/tcp{,6}`), by socket inode.
+fn tcp_by_inode(p: &Process) -> HashMap<u64, TcpNetEntry> {
+    let mut out = HashMap::new();
+    for table in [p.tcp(), p.tcp6()].into_iter().flatten() {
+        for e in table {
+            out.insert(e.inode, e);
+        }
+    }
+    out
+}
+
+fn socket_fds(p: &Process) -> Vec<(u32, u64)> {
+    let Ok(fds) = p.fd() else { return Vec::new() };
+    fds.filter_map(Result::ok)
+        .filter_map(|fd| match fd.target {
+            FDTarget::Socket(inode) => Some((fd.fd as u32, inode)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Processes that own a listening TCP socket on `port` (any address family).
+pub fn pids_listening_on(port: u16) -> Result<Vec<u32>, AttachError> {
+    let mut pids = BTreeSet::new();
+    for p in procfs::process::all_processes()?.filter_map(Result::ok) {
+        let socks = socket_fds(&p);
+        if socks.is_empty() {
+            continue;
+        }
+        let table = tcp_by_inode(&p);
+        let listens = socks.iter().any(|(_, inode)| {
+            table.get(inode).is_some_and(|e| {
+                e.state == TcpState::Listen && e.local_address.port() == port
+            })
+        });
+        if listens {
+            pids.insert(p.pid as u32);
+        }
+    }
+    if pids.is_empty() {
+        return Err(AttachError::NoListener(port));
+    }
+    Ok(pids.into_iter().collect())
+}
+
+/// `roots` and every live descendant, found through each process's parent pid.
+pub fn with_descendants(roots: &[u32]) -> Result<Vec<u32>, AttachError> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for p in procfs::process::all_processes()?.filter_map(Result::ok) {
+        if let Ok(stat) = p.stat() {
+            children.entry(stat.ppid as u32).or_default().push(p.pid as u32);
+        }
+    }
+    let mut seen: BTreeSet<u32> = BTreeSet::new();
+    let mut stack: Vec<u32> = roots.to_vec();
+    while let Some(pid) = stack.pop() {
+        if seen.insert(pid) {
+            stack.extend(children.get(&pid).into_iter().flatten());
+        }
+    }
+    Ok(seen.into_iter().collect())
+}
+
+pub fn alive(pid: u32) -> bool {
+    Process::new(pid as i32).is_ok_and(|p| p.stat().is_ok_and(|s| s.state != 'Z'))
+}
+
+pub fn comm(pid: u32) -> String {
+    Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .map(|s| s.comm)
+        .unwrap_or_default()
+}
+
+/// What a scan of one process found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sockets {
+    /// Local ports the process listens on.
+    pub listen_ports: Vec<u16>,
+    /// fds of established connections accepted on one of `ports` (open before attach).
+    pub server_conns: Vec<u32>,
+}
+
+/// Listening ports of `pid` and its established server-side connections. A connection is
+/// server-side when its local port is one the process (or any of `extra_ports`) listens on.
+pub fn scan_sockets(pid: u32, extra_ports: &[u16]) -> Result<Sockets, AttachError> {
+    let p = Process::new(pid as i32).map_err(|_| AttachError::NoSuchProcess(pid))?;
+    let socks = socket_fds(&p);
+    let table = tcp_by_inode(&p);
+    let mut ports: HashSet<u16> = extra_ports.iter().copied().collect();
+    let mut listen_ports = BTreeSet::new();
+    for (_, inode) in &socks {
+        if let Some(e) = table.get(inode) {
+            if e.state == TcpState::Listen {
+                ports.insert(e.local_address.port());
+                listen_ports.insert(e.local_address.port());
+            }
+        }
+    }
+    let server_conns = socks
+        .iter()
+        .filter(|(_, inode)| {
+            table.get(inode).is_some_and(|e| {
+                e.state == TcpState::Established && ports.contains(&e.local_address.port())
+            })
+        })
+        .map(|(fd, _)| *fd)
+        .collect();
+    Ok(Sockets { listen_ports: listen_ports.into_iter().collect(), server_conns })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Read as _, net::TcpListener};
+
+    use super::*;
+
+    #[test]
+    fn finds_own_listener_and_accepted_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (mut accepted, _) = listener.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        let _ = accepted.read(&mut [0; 1]);
+        let me = std::process::id();
+        assert!(pids_listening_on(port).unwrap().contains(&me));
+        let s = scan_sockets(me, &[]).unwrap();
+        assert!(s.listen_ports.contains(&port));
+        use std::os::fd::AsRawFd as _;
+        assert!(s.server_conns.contains(&(accepted.as_raw_fd() as u32)));
+        // The client end's local port is ephemeral, so it is not a server-side socket.
+        assert_eq!(s.server_conns.iter().filter(|&&fd| fd == accepted.as_raw_fd() as u32).count(), 1);
+    }
+
+    #[test]
+    fn no_listener_is_a_clear_error() {
+        // Port 1 (tcpmux) is not served on test machines.
+        assert!(matches!(pids_listening_on(1), Err(AttachError::NoListener(1))));
+    }
+
+    #[test]
+    fn descendants_include_children() {
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let all = with_descendants(&[std::process::id()]).unwrap();
+        assert!(all.contains(&child.id()));
+        child.kill().unwrap();
+        let _ = child.wait();
+    }
+}

@@ -1,0 +1,175 @@
+//! Loads the embedded kernel object, attaches every program, and owns the maps the agent writes
+//! (`TARGETS`, `CONNS`) and reads (`COUNTERS`). Degrades instead of dying: a program that fails to
+//! attach is logged and reported as `llm_probe_attached{program} 0` (STYLE.md §12).
+
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+    Ebpf, EbpfError,
+};
+use probe_common::{counter, ConnKey};
+
+/// The kernel object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe"));
+
+/// (program, tracepoint category, tracepoint name). `required` programs are the socket path
+/// without which no request can be timed.
+pub const PROGRAMS: &[(&str, &str, bool)] = &[
+    ("sys_enter_read", "syscalls", true),
+    ("sys_exit_read", "syscalls", true),
+    ("sys_enter_readv", "syscalls", false),
+    ("sys_exit_readv", "syscalls", false),
+    ("sys_enter_recvfrom", "syscalls", true),
+    ("sys_exit_recvfrom", "syscalls", true),
+    ("sys_enter_recvmsg", "syscalls", false),
+    ("sys_exit_recvmsg", "syscalls", false),
+    ("sys_enter_write", "syscalls", true),
+    ("sys_exit_write", "syscalls", true),
+    ("sys_enter_writev", "syscalls", false),
+    ("sys_exit_writev", "syscalls", false),
+    ("sys_enter_sendto", "syscalls", true),
+    ("sys_exit_sendto", "syscalls", true),
+    ("sys_enter_sendmsg", "syscalls", false),
+    ("sys_exit_sendmsg", "syscalls", false),
+    ("sys_exit_accept", "syscalls", false),
+    ("sys_exit_accept4", "syscalls", true),
+    ("sys_enter_close", "syscalls", true),
+    ("task_newtask", "task", false),
+    ("sched_process_exit", "sched", false),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "this llm-probe was built without its kernel programs (AYA_BUILD_SKIP); rebuild with \
+         `cargo xtask build`"
+    )]
+    NoObject,
+    #[error("loading the eBPF object failed (are you root, or do you have CAP_BPF+CAP_PERFMON?)")]
+    Load(#[from] EbpfError),
+    #[error("the eBPF object lacks map {0}")]
+    MissingMap(&'static str),
+    #[error("map {0}: {1}")]
+    Map(&'static str, #[source] aya::maps::MapError),
+    #[error("no required program could be attached: {0}")]
+    NothingAttached(String),
+}
+
+/// Result of attaching one program.
+#[derive(Clone, Debug)]
+pub struct Attached {
+    pub program: &'static str,
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
+/// The loaded object. Dropping it detaches every program (aya owns the links).
+pub struct Kernel {
+    _ebpf: Ebpf,
+    targets: HashMap<MapData, u32, u32>,
+    conns: HashMap<MapData, ConnKey, u32>,
+    counters: PerCpuArray<MapData, u64>,
+    pub attached: Vec<Attached>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    T::try_from(map).map_err(|e| LoadError::Map(name, e))
+}
+
+/// Per-CPU counters summed over CPUs, indexed by `probe_common::counter::*`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub seen: u64,
+    pub lost_ringbuf_full: u64,
+    pub lost_map_full: u64,
+    pub read_user_failed: u64,
+    pub truncated: u64,
+    pub iov_skipped: u64,
+}
+
+impl Kernel {
+    /// Load and attach. Returns the kernel handle and the ring buffer (read by the agent's task).
+    pub fn load() -> Result<(Self, RingBuf<MapData>), LoadError> {
+        if OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        raise_memlock();
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        let mut attached = Vec::with_capacity(PROGRAMS.len());
+        for &(name, category, _) in PROGRAMS {
+            let result = (|| -> Result<(), String> {
+                let prog = ebpf.program_mut(name).ok_or("program missing from object")?;
+                let tp: &mut TracePoint = prog.try_into().map_err(|e| format!("{e}"))?;
+                tp.load().map_err(|e| format!("load: {e:#}"))?;
+                tp.attach(category, name).map_err(|e| format!("attach: {e:#}"))?;
+                Ok(())
+            })();
+            if let Err(e) = &result {
+                log::warn!("program {name} ({category}:{name}) not attached: {e}");
+            }
+            attached.push(Attached { program: name, ok: result.is_ok(), error: result.err() });
+        }
+        let missing: Vec<_> = PROGRAMS
+            .iter()
+            .zip(&attached)
+            .filter(|((_, _, required), a)| *required && !a.ok)
+            .map(|((name, _, _), _)| *name)
+            .collect();
+        if !missing.is_empty() {
+            return Err(LoadError::NothingAttached(missing.join(", ")));
+        }
+        let ring = take::<RingBuf<MapData>>(&mut ebpf, "EVENTS")?;
+        let targets = take(&mut ebpf, "TARGETS")?;
+        let conns = take(&mut ebpf, "CONNS")?;
+        let counters = take(&mut ebpf, "COUNTERS")?;
+        Ok((Self { _ebpf: ebpf, targets, conns, counters, attached }, ring))
+    }
+
+    pub fn add_target(&mut self, tgid: u32) -> Result<(), LoadError> {
+        self.targets.insert(tgid, 1, 0).map_err(|e| LoadError::Map("TARGETS", e))
+    }
+
+    pub fn remove_target(&mut self, tgid: u32) {
+        let _ = self.targets.remove(&tgid);
+    }
+
+    pub fn targets(&self) -> Vec<u32> {
+        self.targets.keys().filter_map(Result::ok).collect()
+    }
+
+    pub fn track_conn(&mut self, tgid: u32, fd: u32) -> Result<(), LoadError> {
+        self.conns.insert(ConnKey { tgid, fd }, 1, 0).map_err(|e| LoadError::Map("CONNS", e))
+    }
+
+    /// Stop capturing a connection (it carries something that is not HTTP/1.x).
+    pub fn untrack_conn(&mut self, tgid: u32, fd: u32) {
+        let _ = self.conns.remove(&ConnKey { tgid, fd });
+    }
+
+    pub fn counters(&self) -> Counters {
+        let sum = |i: u32| -> u64 {
+            self.counters.get(&i, 0).map(|v| v.iter().copied().sum()).unwrap_or(0)
+        };
+        Counters {
+            seen: sum(counter::EVENTS_SEEN),
+            lost_ringbuf_full: sum(counter::LOST_RINGBUF_FULL),
+            lost_map_full: sum(counter::LOST_MAP_FULL),
+            read_user_failed: sum(counter::LOST_READ_USER),
+            truncated: sum(counter::TRUNCATED),
+            iov_skipped: sum(counter::IOV_SKIPPED),
+        }
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memcg and ignore it.
+fn raise_memlock() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer to a local.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        log::debug!("setrlimit(RLIMIT_MEMLOCK) failed; fine on kernels ≥ 5.11");
+    }
+}

@@ -1,0 +1,130 @@
+//! Decoding of ring-buffer records into typed events. Pure: bytes in, `Event` out; lengths are
+//! checked before any read and unknown kinds are reported, never panicked on (STYLE.md §2).
+
+use std::mem::size_of;
+
+use probe_common::{ConnEvent, DataEvent, EventHeader, EventKind, ProcEvent, DIR_EGRESS};
+
+/// One decoded record. `payload` borrows the ring-buffer slot: it is parsed, never kept.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    Data { header: EventHeader, fd: u32, egress: bool, ret: i64, syscall: u32, payload: &'a [u8] },
+    Accept { header: EventHeader, fd: u32 },
+    Close { header: EventHeader, fd: u32 },
+    Fork { header: EventHeader, child: u32 },
+    Exit { header: EventHeader },
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than its header")]
+    Short(usize),
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("data record claims {claimed} payload bytes but carries {actual}")]
+    BadLength { claimed: usize, actual: usize },
+}
+
+impl DecodeError {
+    /// The `reason` label of `llm_probe_events_lost_total` for a record we could not use.
+    pub const fn reason(&self) -> &'static str {
+        match self {
+            Self::Short(_) | Self::BadLength { .. } => "malformed",
+            Self::UnknownKind(_) => "unknown_kind",
+        }
+    }
+}
+
+fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() < size_of::<T>() {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    // SAFETY: length checked above; `T` is one of probe-common's `repr(C)` integer-only records, so
+    // every bit pattern is valid; `read_unaligned` makes no alignment assumption.
+    Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
+    let header: EventHeader = read(bytes)?;
+    match EventKind::from_u32(header.kind) {
+        Some(EventKind::Data) => {
+            let d: DataEvent = read(bytes)?;
+            let start = size_of::<DataEvent>();
+            let claimed = d.cap_len as usize;
+            let payload = bytes
+                .get(start..start + claimed)
+                .ok_or(DecodeError::BadLength { claimed, actual: bytes.len() - start })?;
+            Ok(Event::Data {
+                header,
+                fd: d.fd,
+                egress: d.dir == DIR_EGRESS,
+                ret: d.ret,
+                syscall: d.syscall,
+                payload,
+            })
+        }
+        Some(EventKind::Accept) => {
+            let c: ConnEvent = read(bytes)?;
+            Ok(Event::Accept { header, fd: c.fd })
+        }
+        Some(EventKind::Close) => {
+            let c: ConnEvent = read(bytes)?;
+            Ok(Event::Close { header, fd: c.fd })
+        }
+        Some(EventKind::Fork) => {
+            let p: ProcEvent = read(bytes)?;
+            Ok(Event::Fork { header, child: p.other })
+        }
+        Some(EventKind::Exit) => Ok(Event::Exit { header }),
+        None => Err(DecodeError::UnknownKind(header.kind)),
+    }
+}
+
+/// Serialise a data record the way the kernel lays it out (tests and benchmarks replay these).
+pub fn encode_data(header: EventHeader, fd: u32, egress: bool, ret: i64, payload: &[u8]) -> Vec<u8> {
+    let d = DataEvent {
+        header: EventHeader { kind: EventKind::Data as u32, ..header },
+        fd,
+        dir: u32::from(egress),
+        ret,
+        cap_len: payload.len() as u32,
+        syscall: if egress { probe_common::SYSCALL_WRITE } else { probe_common::SYSCALL_READ },
+    };
+    let mut out = Vec::with_capacity(size_of::<DataEvent>() + payload.len());
+    // SAFETY: `DataEvent` is `repr(C)`, integer-only and padding-free (size pinned in probe-common).
+    let raw = unsafe {
+        std::slice::from_raw_parts(std::ptr::from_ref(&d).cast::<u8>(), size_of::<DataEvent>())
+    };
+    out.extend_from_slice(raw);
+    out.extend_from_slice(payload);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdr() -> EventHeader {
+        EventHeader { kind: 0, tgid: 7, tid: 8, _pad: 0, ts_ns: 99 }
+    }
+
+    #[test]
+    fn data_round_trip() {
+        let raw = encode_data(hdr(), 5, true, 3, b"abc");
+        let Ok(Event::Data { fd, egress, ret, payload, header, .. }) = decode(&raw) else {
+            panic!("decode failed");
+        };
+        assert_eq!((fd, egress, ret, payload, header.ts_ns), (5, true, 3, &b"abc"[..], 99));
+    }
+
+    #[test]
+    fn short_and_lying_records_are_errors() {
+        assert_eq!(decode(&[0; 3]), Err(DecodeError::Short(3)));
+        let mut raw = encode_data(hdr(), 5, false, 10, b"0123456789");
+        raw.truncate(raw.len() - 4);
+        assert!(matches!(decode(&raw), Err(DecodeError::BadLength { claimed: 10, actual: 6 })));
+        let mut raw = encode_data(hdr(), 5, false, 1, b"x");
+        raw[0] = 200;
+        assert_eq!(decode(&raw), Err(DecodeError::UnknownKind(200)));
+    }
+}

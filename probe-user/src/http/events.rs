@@ -1,0 +1,410 @@
+//! Classifies one streamed JSON event (an SSE `data:` payload, an NDJSON line) or a whole
+//! non-streaming JSON body: does it carry generated content, is it an error, what token counts does
+//! it report.
+//!
+//! This runs once per generated token on the hot path, so it never builds a `serde_json::Value`:
+//! fields are borrowed as `&RawValue` (a raw `""` is an empty string, no unescaping needed), the
+//! `choices` array is walked by a visitor instead of collected, and everything else is skipped.
+
+use serde::{
+    de::{IgnoredAny, SeqAccess, Visitor},
+    Deserialize, Deserializer,
+};
+use serde_json::value::RawValue;
+
+/// What one event told us.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Classified {
+    /// Carries generated text, reasoning or tool-call tokens.
+    pub content: bool,
+    /// `{"error": …}` (OpenAI, vLLM, TGI, Ollama), `"object": "error"` (older vLLM) or
+    /// `"type": "error"` (Responses API).
+    pub error: bool,
+    /// Ollama's `"done": true`: nothing after it belongs to this answer.
+    pub done: bool,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+}
+
+type Raw<'a> = Option<&'a RawValue>;
+
+/// Top-level fields of every dialect we know. Fields whose type differs between dialects (Ollama's
+/// `response` string vs the Responses API's `response` object, an error's `message` string vs
+/// Ollama chat's `message` object) are kept raw and read by their first byte.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Event<'a> {
+    /// OpenAI chat/completions, vLLM, SGLang, llama.cpp, TGI Messages API.
+    choices: Choices,
+    /// TGI `generate_stream`: `{"token": {"text": …, "special": …}}`.
+    #[serde(borrow)]
+    token: Raw<'a>,
+    /// TGI `/generate` body and the last `generate_stream` event.
+    #[serde(borrow)]
+    generated_text: Raw<'a>,
+    /// llama.cpp `/completion`.
+    #[serde(borrow)]
+    content: Raw<'a>,
+    /// SGLang native `/generate`.
+    #[serde(borrow)]
+    text: Raw<'a>,
+    /// Ollama `/api/generate` (string) or a Responses API event's response object.
+    #[serde(borrow)]
+    response: Raw<'a>,
+    /// Ollama `/api/chat` (object) or an error's message (string).
+    #[serde(borrow)]
+    message: Raw<'a>,
+    /// Responses API `response.*.delta` events.
+    #[serde(borrow)]
+    delta: Raw<'a>,
+    #[serde(borrow)]
+    error: Raw<'a>,
+    #[serde(borrow)]
+    object: Raw<'a>,
+    #[serde(borrow, rename = "type")]
+    kind: Raw<'a>,
+    #[serde(borrow)]
+    done: Raw<'a>,
+    #[serde(borrow)]
+    usage: Raw<'a>,
+    /// TGI: `details.generated_tokens`.
+    #[serde(borrow)]
+    details: Raw<'a>,
+    /// llama.cpp: `timings.prompt_n` / `timings.predicted_n`.
+    #[serde(borrow)]
+    timings: Raw<'a>,
+    /// SGLang: `meta_info.prompt_tokens` / `meta_info.completion_tokens`.
+    #[serde(borrow)]
+    meta_info: Raw<'a>,
+    #[serde(borrow)]
+    tokens_predicted: Raw<'a>,
+    #[serde(borrow)]
+    tokens_evaluated: Raw<'a>,
+    /// Ollama final line.
+    #[serde(borrow)]
+    eval_count: Raw<'a>,
+    #[serde(borrow)]
+    prompt_eval_count: Raw<'a>,
+}
+
+/// Whether any element of `choices` carries content; walked without collecting.
+#[derive(Default)]
+struct Choices(bool);
+
+impl<'de> Deserialize<'de> for Choices {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Choices;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a choices array")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
+                let mut any = false;
+                while let Some(choice) = seq.next_element::<Choice<'de>>()? {
+                    any |= choice.has_content();
+                }
+                Ok(Choices(any))
+            }
+            fn visit_unit<E>(self) -> Result<Choices, E> {
+                Ok(Choices(false))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Choices, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Choices(false))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Choice<'a> {
+    /// Completions API.
+    #[serde(borrow)]
+    text: Raw<'a>,
+    /// Chat streaming.
+    #[serde(borrow)]
+    delta: Raw<'a>,
+    /// Chat non-streaming.
+    #[serde(borrow)]
+    message: Raw<'a>,
+}
+
+impl Choice<'_> {
+    fn has_content(&self) -> bool {
+        nonempty_str(self.text) || message_has_content(self.delta) || message_has_content(self.message)
+    }
+}
+
+/// A chat `delta`/`message` (OpenAI) or Ollama chat `message`.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Message<'a> {
+    #[serde(borrow)]
+    content: Raw<'a>,
+    /// vLLM/SGLang/DeepSeek reasoning tokens (older and newer names).
+    #[serde(borrow)]
+    reasoning_content: Raw<'a>,
+    #[serde(borrow)]
+    reasoning: Raw<'a>,
+    /// Ollama reasoning tokens.
+    #[serde(borrow)]
+    thinking: Raw<'a>,
+    #[serde(borrow)]
+    tool_calls: Raw<'a>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Token<'a> {
+    #[serde(borrow)]
+    text: Raw<'a>,
+    special: Option<bool>,
+}
+
+/// Token counts under every name we know; read leniently from raw numbers.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Counts<'a> {
+    #[serde(borrow)]
+    prompt_tokens: Raw<'a>,
+    #[serde(borrow)]
+    completion_tokens: Raw<'a>,
+    /// Responses API usage.
+    #[serde(borrow)]
+    input_tokens: Raw<'a>,
+    #[serde(borrow)]
+    output_tokens: Raw<'a>,
+    /// TGI details.
+    #[serde(borrow)]
+    generated_tokens: Raw<'a>,
+    /// llama.cpp timings.
+    #[serde(borrow)]
+    prompt_n: Raw<'a>,
+    #[serde(borrow)]
+    predicted_n: Raw<'a>,
+}
+
+impl Counts<'_> {
+    fn prompt(&self) -> Option<u64> {
+        raw_u64(self.prompt_tokens).or(raw_u64(self.input_tokens)).or(raw_u64(self.prompt_n))
+    }
+    fn completion(&self) -> Option<u64> {
+        raw_u64(self.completion_tokens)
+            .or(raw_u64(self.output_tokens))
+            .or(raw_u64(self.generated_tokens))
+            .or(raw_u64(self.predicted_n))
+    }
+}
+
+/// A Responses API `response` object (in `response.completed` / `response.failed`).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ResponseObject<'a> {
+    #[serde(borrow)]
+    usage: Raw<'a>,
+    #[serde(borrow)]
+    error: Raw<'a>,
+}
+
+/// Classifies one JSON document. `Err` when it is not JSON or not an object.
+pub(crate) fn classify(json: &[u8]) -> Result<Classified, serde_json::Error> {
+    let ev: Event<'_> = serde_json::from_slice(json)?;
+    let mut out = Classified {
+        error: not_null(ev.error) || raw_is_str(ev.object, "error") || raw_is_str(ev.kind, "error"),
+        done: ev.done.is_some_and(|r| raw_bytes(r) == b"true"),
+        ..Classified::default()
+    };
+
+    // TGI streams put the whole text in `generated_text` of the last event next to its (special)
+    // token, so `generated_text` counts only where there is no `token` (the `/generate` body).
+    let token_content = match ev.token {
+        Some(raw) => {
+            let tok: Token<'_> = parse_object(raw).unwrap_or_default();
+            nonempty_str(tok.text) && tok.special != Some(true)
+        }
+        None => nonempty_str(ev.generated_text),
+    };
+    let mut response_obj = ResponseObject::default();
+    let response_content = match ev.response {
+        Some(raw) if raw_starts_with(raw, b'{') => {
+            response_obj = parse_object(raw).unwrap_or_default();
+            false
+        }
+        other => nonempty_str(other),
+    };
+    out.error |= not_null(response_obj.error);
+    out.content = ev.choices.0
+        || token_content
+        || response_content
+        || nonempty_str(ev.content)
+        || nonempty_str(ev.text)
+        || nonempty_str(ev.delta)
+        || message_has_content(ev.message);
+
+    for raw in [ev.usage, ev.details, ev.timings, ev.meta_info, response_obj.usage].into_iter().flatten() {
+        if let Some(c) = parse_object::<Counts<'_>>(raw) {
+            out.prompt_tokens = out.prompt_tokens.or(c.prompt());
+            out.completion_tokens = out.completion_tokens.or(c.completion());
+        }
+    }
+    out.prompt_tokens = out.prompt_tokens.or(raw_u64(ev.prompt_eval_count)).or(raw_u64(ev.tokens_evaluated));
+    out.completion_tokens = out.completion_tokens.or(raw_u64(ev.eval_count)).or(raw_u64(ev.tokens_predicted));
+    Ok(out)
+}
+
+fn message_has_content(raw: Raw<'_>) -> bool {
+    let Some(raw) = raw.filter(|r| raw_starts_with(r, b'{')) else {
+        return false;
+    };
+    let Some(m) = parse_object::<Message<'_>>(raw) else {
+        return false;
+    };
+    nonempty_value(m.content)
+        || nonempty_str(m.reasoning_content)
+        || nonempty_str(m.reasoning)
+        || nonempty_str(m.thinking)
+        || nonempty_value(m.tool_calls)
+}
+
+/// Parses a nested raw object; `None` for anything else or on a type mismatch inside.
+fn parse_object<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> Option<T> {
+    if !raw_starts_with(raw, b'{') {
+        return None;
+    }
+    serde_json::from_str(raw.get()).ok()
+}
+
+fn raw_bytes(raw: &RawValue) -> &[u8] {
+    raw.get().trim_ascii().as_bytes()
+}
+
+fn raw_starts_with(raw: &RawValue, b: u8) -> bool {
+    raw_bytes(raw).first() == Some(&b)
+}
+
+/// A JSON string with at least one character (`""` is two bytes raw).
+fn nonempty_str(raw: Raw<'_>) -> bool {
+    raw.is_some_and(|r| {
+        let b = raw_bytes(r);
+        b.len() > 2 && b.first() == Some(&b'"')
+    })
+}
+
+/// A non-empty string or a non-empty array (`content` may be a list of parts, `tool_calls` a list).
+fn nonempty_value(raw: Raw<'_>) -> bool {
+    if nonempty_str(raw) {
+        return true;
+    }
+    raw.is_some_and(|r| match raw_bytes(r).split_first() {
+        Some((b'[', rest)) => rest.trim_ascii_start().first() != Some(&b']'),
+        _ => false,
+    })
+}
+
+fn not_null(raw: Raw<'_>) -> bool {
+    raw.is_some_and(|r| raw_bytes(r) != b"null")
+}
+
+fn raw_is_str(raw: Raw<'_>, want: &str) -> bool {
+    raw.is_some_and(|r| {
+        raw_bytes(r).strip_prefix(b"\"").and_then(|b| b.strip_suffix(b"\"")) == Some(want.as_bytes())
+    })
+}
+
+/// A non-negative integer; floats like `12.0` are accepted, anything else is `None`.
+fn raw_u64(raw: Raw<'_>) -> Option<u64> {
+    let s = raw?.get().trim();
+    s.parse::<u64>().ok().or_else(|| {
+        let f = s.parse::<f64>().ok()?;
+        (f.is_finite() && f >= 0.0 && f.fract() == 0.0 && f < 1e18).then_some(f as u64)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(s: &str) -> Classified {
+        classify(s.as_bytes()).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn openai_chat_chunks() {
+        let role = r#"{"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
+        assert!(!c(role).content);
+        let role_only = r#"{"choices":[{"index":0,"delta":{"role":"assistant"}}]}"#;
+        assert!(!c(role_only).content);
+        let tok = r#"{"id":"x","choices":[{"index":0,"delta":{"content":"Hi"},"logprobs":null,"finish_reason":null}]}"#;
+        assert!(c(tok).content);
+        let reasoning = r#"{"choices":[{"delta":{"reasoning_content":"hm"}}]}"#;
+        assert!(c(reasoning).content);
+        let tools = r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}}]}"#;
+        assert!(c(tools).content);
+        let empty_tools = r#"{"choices":[{"delta":{"tool_calls":[ ]}}]}"#;
+        assert!(!c(empty_tools).content);
+        let finish = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}"#;
+        assert!(!c(finish).content);
+        let usage = r#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":34,"total_tokens":46}}"#;
+        let u = c(usage);
+        assert!(!u.content);
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(12), Some(34)));
+        let completions = r#"{"choices":[{"text":" the","index":0}]}"#;
+        assert!(c(completions).content);
+        let non_stream = r#"{"choices":[{"message":{"role":"assistant","content":"Hello"}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
+        assert!(c(non_stream).content);
+    }
+
+    #[test]
+    fn errors() {
+        assert!(c(r#"{"error":{"message":"boom","type":"BadRequestError","code":400}}"#).error);
+        assert!(c(r#"{"object":"error","message":"boom","type":"x","code":500}"#).error);
+        assert!(c(r#"{"error":"model not found"}"#).error);
+        assert!(!c(r#"{"error":null,"choices":[]}"#).error);
+        assert!(c(r#"{"type":"response.failed","response":{"error":{"code":"x"}}}"#).error);
+    }
+
+    #[test]
+    fn tgi_ollama_llamacpp_sglang_responses() {
+        let tgi = r#"{"index":1,"token":{"id":5,"text":" a","logprob":-0.1,"special":false},"generated_text":null,"details":null}"#;
+        assert!(c(tgi).content);
+        let tgi_last = r#"{"index":9,"token":{"id":2,"text":"</s>","special":true},"generated_text":"full","details":{"finish_reason":"eos_token","generated_tokens":9}}"#;
+        let l = c(tgi_last);
+        assert!(!l.content);
+        assert_eq!(l.completion_tokens, Some(9));
+        assert!(c(r#"{"generated_text":"hello","details":null}"#).content);
+        let ollama = r#"{"model":"m","created_at":"t","response":"Hi","done":false}"#;
+        assert!(c(ollama).content);
+        let ollama_done = r#"{"model":"m","response":"","done":true,"prompt_eval_count":7,"eval_count":20}"#;
+        let d = c(ollama_done);
+        assert!(!d.content && d.done);
+        assert_eq!((d.prompt_tokens, d.completion_tokens), (Some(7), Some(20)));
+        assert!(c(r#"{"model":"m","message":{"role":"assistant","content":"x"},"done":false}"#).content);
+        assert!(!c(r#"{"message":"an error message"}"#).content);
+        let llama = r#"{"content":"","stop":true,"tokens_predicted":33,"timings":{"prompt_n":4,"predicted_n":33}}"#;
+        let l = c(llama);
+        assert_eq!((l.content, l.prompt_tokens, l.completion_tokens), (false, Some(4), Some(33)));
+        assert!(c(r#"{"content":"tok","stop":false}"#).content);
+        assert!(c(r#"{"text":"abc","meta_info":{"prompt_tokens":3,"completion_tokens":1}}"#).content);
+        assert!(c(r#"{"type":"response.output_text.delta","delta":"Hi"}"#).content);
+        let done = r#"{"type":"response.completed","response":{"usage":{"input_tokens":5,"output_tokens":6},"error":null}}"#;
+        let r = c(done);
+        assert_eq!((r.content, r.error, r.prompt_tokens, r.completion_tokens), (false, false, Some(5), Some(6)));
+    }
+
+    #[test]
+    fn not_json_is_an_error() {
+        assert!(classify(b"hello").is_err());
+        assert!(classify(b"{\"choices\":[").is_err());
+        assert!(classify(b"[1,2]").is_err());
+    }
+
+    #[test]
+    fn counts_are_lenient() {
+        assert_eq!(raw_u64(serde_json::from_str::<&RawValue>("12.0").ok()), Some(12));
+        assert_eq!(raw_u64(serde_json::from_str::<&RawValue>("-1").ok()), None);
+        assert_eq!(raw_u64(serde_json::from_str::<&RawValue>("\"3\"").ok()), None);
+    }
+}

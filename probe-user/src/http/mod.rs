@@ -1,0 +1,230 @@
+//! HTTP/1.1 as seen from the server's sockets: request heads and the few JSON body fields we need
+//! (`request.rs`), response framing and streaming events (`response.rs`), and the per-connection
+//! state machine that turns both directions into timed requests (`conn.rs`).
+//!
+//! Pure logic: no aya types, no I/O, unit-tested without root. Payload bytes are inspected only to
+//! find framing and the fields named in `RequestMeta`; no prompt or completion text is kept.
+
+mod body;
+pub mod conn;
+mod events;
+pub mod request;
+pub mod response;
+mod sse;
+
+pub use conn::ConnTracker;
+
+/// Connection identity: the traced process and the server-side socket fd. `epoch` separates
+/// successive connections that reuse an fd number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+/// LLM API endpoints we time, normalised to a bounded label. Any other path (the engine's
+/// `/metrics`, `/health`, `/v1/models`, …) is parsed to keep pipelining in step but not timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `/v1/chat/completions` (OpenAI, vLLM, SGLang, llama.cpp, TGI Messages API, Ollama).
+    ChatCompletions,
+    /// `/v1/completions`.
+    Completions,
+    /// `/v1/embeddings`.
+    Embeddings,
+    /// `/v1/responses`.
+    Responses,
+    /// TGI `/generate`, SGLang `/generate`.
+    Generate,
+    /// TGI `/generate_stream`.
+    GenerateStream,
+    /// Ollama `/api/generate`.
+    OllamaGenerate,
+    /// Ollama `/api/chat`.
+    OllamaChat,
+    /// llama.cpp server `/completion` (and `/completions`).
+    LlamaCompletion,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 9] = [
+        Self::ChatCompletions,
+        Self::Completions,
+        Self::Embeddings,
+        Self::Responses,
+        Self::Generate,
+        Self::GenerateStream,
+        Self::OllamaGenerate,
+        Self::OllamaChat,
+        Self::LlamaCompletion,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "/v1/chat/completions",
+            Self::Completions => "/v1/completions",
+            Self::Embeddings => "/v1/embeddings",
+            Self::Responses => "/v1/responses",
+            Self::Generate => "/generate",
+            Self::GenerateStream => "/generate_stream",
+            Self::OllamaGenerate => "/api/generate",
+            Self::OllamaChat => "/api/chat",
+            Self::LlamaCompletion => "/completion",
+        }
+    }
+}
+
+/// How a request ended. `as_str` values are the `status` label of `llm_requests_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// 2xx and the response completed.
+    Ok,
+    /// 4xx status.
+    ClientError,
+    /// 5xx status.
+    ServerError,
+    /// 2xx status, but the stream carried an error event (`{"error": …}`, `event: error`).
+    StreamError,
+    /// The client closed the connection before the response was complete.
+    ClientAbort,
+    /// The server closed the connection (or a write failed) before the response was complete.
+    ServerReset,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Self::Ok,
+        Self::ClientError,
+        Self::ServerError,
+        Self::StreamError,
+        Self::ClientAbort,
+        Self::ServerReset,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::ClientError => "client_error",
+            Self::ServerError => "server_error",
+            Self::StreamError => "stream_error",
+            Self::ClientAbort => "client_abort",
+            Self::ServerReset => "server_reset",
+        }
+    }
+
+    pub const fn is_error(self) -> bool {
+        !matches!(self, Self::Ok)
+    }
+}
+
+/// What the request told us about itself. Strings are bounded (`MAX_FIELD_LEN`) and are ids and
+/// model names only — never prompt text.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestMeta {
+    pub endpoint: Option<Endpoint>,
+    pub model: Option<String>,
+    pub stream: Option<bool>,
+    pub max_tokens: Option<u64>,
+    pub priority: Option<i64>,
+    /// `X-Request-Id` header, so an operator can find one slow request.
+    pub request_id: Option<String>,
+}
+
+/// Longest model name or request id kept; longer values are cut at a char boundary.
+pub const MAX_FIELD_LEN: usize = 128;
+/// Gaps kept per request for `/api/v1/requests` (TBT histograms see every gap regardless).
+pub const MAX_GAPS_KEPT: usize = 4096;
+
+/// One finished request, with the timings the probe measured. Timestamps are CLOCK_MONOTONIC ns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestRecord {
+    pub conn: ConnId,
+    pub meta: RequestMeta,
+    pub status: Option<u16>,
+    pub outcome: Outcome,
+    /// First byte of the request read by the server.
+    pub arrival_ns: u64,
+    /// First response event carrying generated content.
+    pub first_token_ns: Option<u64>,
+    /// Last byte of the response written (or the abort/reset).
+    pub end_ns: u64,
+    /// Content-carrying events (SSE `data:` with choices/tokens, NDJSON lines with text).
+    pub content_events: u64,
+    /// Gaps between successive content events, first `MAX_GAPS_KEPT`.
+    pub gaps_ns: Vec<u64>,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+}
+
+impl RequestRecord {
+    /// Generated tokens: `usage.completion_tokens` when the server said, else content events.
+    pub fn tokens(&self) -> u64 {
+        self.completion_tokens.unwrap_or(self.content_events)
+    }
+}
+
+/// Kinds of bad input, the `kind` label of `llm_probe_parse_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParseErrorKind {
+    /// Bytes on a tracked socket that are not HTTP/1.x (TLS, HTTP/2, a binary protocol).
+    NotHttp,
+    /// Malformed request line or headers.
+    BadRequest,
+    /// Request head over `request::MAX_HEAD_BYTES`.
+    HeadTooLarge,
+    /// Malformed status line or response headers.
+    BadResponse,
+    /// Malformed chunked framing.
+    BadChunk,
+    /// A streaming event (SSE data, NDJSON line, JSON body) that is not valid JSON.
+    BadEvent,
+    /// A response with no request waiting for it.
+    UnmatchedResponse,
+    /// The kernel captured only a prefix of a large read/write, so framing inside was lost.
+    TruncatedCapture,
+}
+
+impl ParseErrorKind {
+    pub const ALL: [ParseErrorKind; 8] = [
+        Self::NotHttp,
+        Self::BadRequest,
+        Self::HeadTooLarge,
+        Self::BadResponse,
+        Self::BadChunk,
+        Self::BadEvent,
+        Self::UnmatchedResponse,
+        Self::TruncatedCapture,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::NotHttp => "not_http",
+            Self::BadRequest => "bad_request",
+            Self::HeadTooLarge => "head_too_large",
+            Self::BadResponse => "bad_response",
+            Self::BadChunk => "bad_chunk",
+            Self::BadEvent => "bad_event",
+            Self::UnmatchedResponse => "unmatched_response",
+            Self::TruncatedCapture => "truncated_capture",
+        }
+    }
+}
+
+/// Receives what the connection state machine learns, as it learns it. The metrics layer
+/// implements it; tests implement it with a recorder.
+pub trait Observer {
+    /// A timed (LLM endpoint) request's head was parsed. `arrival_ns` is its first byte.
+    fn request_started(&mut self, conn: ConnId, meta: &RequestMeta, arrival_ns: u64);
+    /// The first content event of a timed request was written.
+    fn first_token(&mut self, conn: ConnId, meta: &RequestMeta, ttft_ns: u64);
+    /// A further content event was written, `gap_ns` after the previous one.
+    fn token_gap(&mut self, conn: ConnId, meta: &RequestMeta, gap_ns: u64);
+    /// A timed request ended (any outcome).
+    fn request_finished(&mut self, record: RequestRecord);
+    /// Input that could not be parsed; the connection resynchronises or stops being parsed.
+    fn parse_error(&mut self, conn: ConnId, kind: ParseErrorKind);
+    /// The connection carries something we will never parse: stop capturing it in the kernel.
+    fn untrack(&mut self, conn: ConnId) {
+        let _ = conn;
+    }
+}

@@ -1,0 +1,11 @@
+//! llm-probe's agent: loads the kernel programs, turns socket events into per-request timings
+//! (TTFT, TBT, end-to-end, outcome, tokens) and exports them as Prometheus `llm_*` metrics.
+pub mod agent;
+pub mod attach;
+pub mod ebpf;
+pub mod events;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod requests;
+pub mod server;

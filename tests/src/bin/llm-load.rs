@@ -1,0 +1,76 @@
+//! `llm-load`: a small, bounded load generator for an OpenAI-compatible server on loopback. Prints
+//! one JSON line per request (what the client measured) or a summary. Used by `cargo xtask demo`.
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use harness::client::{self, Req};
+
+#[derive(Parser)]
+#[command(about = "Bounded streaming load against a local LLM server (loopback only)")]
+struct Args {
+    /// Server address (must be on 127.0.0.0/8).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    addr: String,
+    /// Concurrent streams.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Total requests (bounded).
+    #[arg(long, default_value_t = 40)]
+    requests: usize,
+    /// Stop after this many seconds even if requests remain.
+    #[arg(long, default_value_t = 60)]
+    max_seconds: u64,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: u32,
+    #[arg(long, default_value = "tiny-llama")]
+    model: String,
+    /// Print one JSON line per request.
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    anyhow::ensure!(a.addr.starts_with("127.") || a.addr.starts_with("localhost"), "loopback only");
+    let deadline = Instant::now() + Duration::from_secs(a.max_seconds);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..a.concurrency {
+        let (next, addr, model, json) = (next.clone(), a.addr.clone(), a.model.clone(), a.json);
+        let (total, max_tokens) = (a.requests, a.max_tokens);
+        tasks.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total || Instant::now() > deadline {
+                    return done;
+                }
+                let stream = i % 4 != 3;
+                let body = serde_json::json!({
+                    "model": model, "stream": stream, "max_tokens": max_tokens,
+                    "messages": [{"role": "user", "content": "Say something about latency."}],
+                });
+                let req = Req {
+                    path: "/v1/chat/completions".into(),
+                    body: body.to_string(),
+                    request_id: format!("load-{i}"),
+                    abort_after: None,
+                    timeout: Duration::from_secs(60),
+                };
+                let s = client::run(&addr, &req).await;
+                if json {
+                    println!("{}", serde_json::to_string(&s).unwrap_or_default());
+                }
+                done.push(s);
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    let ok = all.iter().filter(|s| s.error.is_none() && s.status == 200).count();
+    eprintln!("llm-load: {} requests, {ok} ok", all.len());
+    Ok(())
+}

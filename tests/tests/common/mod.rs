@@ -1,0 +1,89 @@
+//! Shared by the integration test files: run a batch of client requests and match them with what
+//! the probe recorded (by X-Request-Id), asserting accounting and agreement.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::time::Duration;
+
+use harness::{
+    client::{self, Req, Sample},
+    Probe,
+};
+use serde_json::Value;
+
+pub fn chat_body(model: &str, stream: bool, max_tokens: u32, extra: &Value) -> String {
+    let mut v = serde_json::json!({
+        "model": model, "stream": stream, "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "What limits decode speed?"}],
+    });
+    if let (Some(obj), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+        for (k, x) in extra {
+            obj.insert(k.clone(), x.clone());
+        }
+    }
+    v.to_string()
+}
+
+pub fn req(path: &str, body: String, id: &str) -> Req {
+    Req {
+        path: path.into(),
+        body,
+        request_id: id.into(),
+        abort_after: None,
+        timeout: Duration::from_secs(60),
+    }
+}
+
+/// Run `reqs` with all of them in flight at once (one connection each).
+pub fn run_concurrent(addr: &str, reqs: Vec<Req>) -> Vec<Sample> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let tasks: Vec<_> = reqs
+            .into_iter()
+            .map(|r| {
+                let addr = addr.to_owned();
+                tokio::spawn(async move { client::run(&addr, &r).await })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("client task"));
+        }
+        out
+    })
+}
+
+pub fn run_one(addr: &str, r: Req) -> Sample {
+    run_concurrent(addr, vec![r]).pop().expect("one sample")
+}
+
+pub fn by_id<'a>(records: &'a [Value], id: &str) -> &'a Value {
+    let hits: Vec<_> = records.iter().filter(|r| r["request_id"] == id).collect();
+    assert_eq!(hits.len(), 1, "request {id}: expected exactly one probe record, got {hits:?}");
+    hits[0]
+}
+
+/// Largest |probe - client| difference, in ms, over TTFT and every gap; asserts the counts agree.
+pub fn compare(sample: &Sample, rec: &Value) -> f64 {
+    let id = &sample.request_id;
+    assert!(sample.error.is_none(), "client error on {id}: {:?}", sample.error);
+    assert_eq!(rec["content_events"].as_u64(), Some(sample.content_events), "{id}: content events: {rec}");
+    let mut worst = 0.0f64;
+    match (rec["ttft_ns"].as_u64(), sample.ttft_ns) {
+        (Some(p), Some(c)) => worst = worst.max((p as f64 - c as f64).abs() / 1e6),
+        (None, None) => {}
+        other => panic!("{id}: ttft presence differs (probe, client) = {other:?}"),
+    }
+    let gaps: Vec<u64> = rec["gaps_ns"].as_array().expect("gaps").iter().filter_map(Value::as_u64).collect();
+    assert_eq!(gaps.len(), sample.gaps_ns.len(), "{id}: gap count");
+    for (p, c) in gaps.iter().zip(&sample.gaps_ns) {
+        worst = worst.max((*p as f64 - *c as f64).abs() / 1e6);
+    }
+    worst
+}
+
+/// Wait until the probe has `n` records and return them.
+pub fn records(probe: &Probe, n: usize) -> Vec<Value> {
+    let list = probe.wait_requests(n, Duration::from_secs(20));
+    assert!(list.len() >= n, "probe recorded {} of {n} requests:\n{}", list.len(), probe.proc.log_text());
+    list
+}

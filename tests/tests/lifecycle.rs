@@ -1,0 +1,122 @@
+//! The probe's life around its targets: children forked after attach are traced, a target that
+//! exits is reported and re-attached when its port comes back, SIGTERM detaches cleanly, and under
+//! ring-buffer pressure every kernel record is either delivered or counted lost. Needs root.
+
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use common::{chat_body, records, req, run_concurrent, run_one};
+use harness::{free_port, metric_sum, require_root, start_node, wait_for, workspace_root, Probe, Proc};
+use serde_json::json;
+
+#[test]
+fn children_forked_after_attach_are_traced() {
+    if !require_root("children_forked_after_attach_are_traced") {
+        return;
+    }
+    let port = free_port();
+    let script = workspace_root().join("tests/servers/mock_llm.js");
+    // The shell is the target; node is forked by it only after the probe has attached.
+    let parent = Proc::spawn(
+        "sh",
+        Command::new("sh").arg("-c").arg(format!("sleep 2; node {} {port}; true", script.display())),
+    );
+    let probe = Probe::start(&["--pid".into(), parent.pid().to_string()]);
+    let addr = format!("127.0.0.1:{port}");
+    wait_for("node forked by the target", Duration::from_secs(20), || {
+        harness::http_get(&addr, "/health").is_ok_and(|(s, _)| s == 200)
+    });
+    let s = run_one(&addr, req("/v1/chat/completions", chat_body("kid", true, 4, &json!({})), "child-1"));
+    assert!(s.error.is_none());
+    let recs = records(&probe, 1);
+    assert_eq!(recs[0]["request_id"], "child-1");
+    assert_ne!(recs[0]["pid"].as_u64(), Some(u64::from(parent.pid())), "served by the child");
+    assert!(probe.proc.log_text().contains("forked"), "{}", probe.proc.log_text());
+}
+
+#[test]
+fn target_exit_is_reported_and_port_reattached() {
+    if !require_root("target_exit_is_reported_and_port_reattached") {
+        return;
+    }
+    let port = free_port();
+    let node = start_node(port);
+    let probe = Probe::start(&["--port".into(), port.to_string()]);
+    let addr = format!("127.0.0.1:{port}");
+    run_one(&addr, req("/v1/chat/completions", chat_body("r", true, 3, &json!({})), "first-life"));
+    records(&probe, 1);
+    drop(node);
+    wait_for("/health to turn critical after the target exits", Duration::from_secs(10), || {
+        probe.health().0 == 503
+    });
+    let (_, h) = probe.health();
+    assert_eq!(h["overall"], "critical", "{h}");
+    assert!(probe.proc.log_text().contains("exited") || probe.proc.log_text().contains("gone"));
+
+    let _node2 = start_node(port);
+    wait_for("re-attach to the new listener", Duration::from_secs(10), || probe.health().0 == 200);
+    run_one(&addr, req("/v1/chat/completions", chat_body("r", true, 3, &json!({})), "second-life"));
+    let recs = records(&probe, 2);
+    assert!(recs.iter().any(|r| r["request_id"] == "second-life"), "{recs:#?}");
+}
+
+#[test]
+fn sigterm_detaches_cleanly() {
+    if !require_root("sigterm_detaches_cleanly") {
+        return;
+    }
+    let port = free_port();
+    let _node = start_node(port);
+    let mut probe = Probe::start(&["--port".into(), port.to_string()]);
+    probe.proc.signal(libc::SIGTERM);
+    wait_for("llm-probe to exit on SIGTERM", Duration::from_secs(10), || !probe.proc.alive());
+    let status = probe.proc.child.wait().expect("wait");
+    assert!(status.success(), "exit status {status}:\n{}", probe.proc.log_text());
+    assert!(probe.proc.log_text().contains("detaching"), "{}", probe.proc.log_text());
+    // The server keeps serving after the probe went away.
+    let s = run_one(&format!("127.0.0.1:{port}"), req("/v1/chat/completions", chat_body("x", true, 2, &json!({})), "after"));
+    assert!(s.error.is_none(), "{s:?}");
+}
+
+#[test]
+fn ring_pressure_every_event_delivered_or_counted_lost() {
+    if !require_root("ring_pressure_every_event_delivered_or_counted_lost") {
+        return;
+    }
+    let port = free_port();
+    let _node = start_node(port);
+    let probe = Probe::start(&["--port".into(), port.to_string()]);
+    let addr = format!("127.0.0.1:{port}");
+    // Freeze the agent so nothing drains, then push ~20 MB of 3 KB events through an 8 MB ring.
+    probe.proc.signal(libc::SIGSTOP);
+    let reqs = (0..4)
+        .map(|i| req("/v1/chat/completions", chat_body("big", true, 1500, &json!({"pad": 3000})), &format!("big-{i}")))
+        .collect();
+    let samples = run_concurrent(&addr, reqs);
+    probe.proc.signal(libc::SIGCONT);
+    assert!(samples.iter().all(|s| s.error.is_none()), "{samples:?}");
+    // Let the agent drain, then the counters must balance exactly.
+    let counts = || {
+        let m = probe.metrics();
+        let seen = metric_sum(&m, "llm_probe_events_seen_total", &[]);
+        let delivered = metric_sum(&m, "llm_probe_events_total", &[]);
+        let lost = metric_sum(&m, "llm_probe_events_lost_total", &[("reason", "ringbuf_full")])
+            + metric_sum(&m, "llm_probe_events_lost_total", &[("reason", "map_full")]);
+        (seen, delivered, lost, m)
+    };
+    let mut prev = counts();
+    wait_for("counters to settle", Duration::from_secs(20), || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = counts();
+        let settled = (now.0, now.1, now.2) == (prev.0, prev.1, prev.2);
+        prev = now;
+        settled
+    });
+    let (seen, delivered, lost, m) = prev;
+    eprintln!("ring pressure: seen {seen}, delivered {delivered}, lost {lost}");
+    assert!(lost > 0.0, "the test must actually overflow the ring:\n{m}");
+    assert_eq!(seen, delivered + lost, "seen = delivered + lost:\n{m}");
+    let (_, h) = probe.health();
+    assert_eq!(h["checks"]["events"]["status"], "warning", "{h}");
+}

@@ -1,0 +1,69 @@
+//! End-to-end against a real engine nobody here wrote: llama-cpp-python's OpenAI server with a tiny
+//! random-weight llama. The probe's per-request TTFT and every token gap must agree with what the
+//! client measured within 1 ms, and every request must be accounted for, at 1 and 64 streams.
+//! Needs root (eBPF).
+
+mod common;
+
+use common::{by_id, chat_body, compare, records, req, run_concurrent};
+use harness::{free_port, metric_sum, require_root, start_llama, Probe};
+use serde_json::json;
+
+/// Tolerance between the probe's and the client's view of the same request (loopback).
+const TOLERANCE_MS: f64 = 1.0;
+
+#[test]
+fn llama_cpp_ttft_tbt_agree_with_client_at_1_and_64_streams() {
+    if !require_root("llama_cpp_ttft_tbt_agree_with_client_at_1_and_64_streams") {
+        return;
+    }
+    let port = free_port();
+    let engine = start_llama(port);
+    let probe = Probe::start(&["--pid".into(), engine.pid().to_string()]);
+    let addr = format!("127.0.0.1:{port}");
+
+    // One stream at a time: chat and completions, streaming and not.
+    let mut samples = Vec::new();
+    for i in 0..8 {
+        let stream = i % 4 != 3;
+        let (path, body) = if i % 2 == 0 {
+            ("/v1/chat/completions", chat_body("tiny", stream, 16, &json!({})))
+        } else {
+            ("/v1/completions", json!({"model": "tiny", "prompt": "The probe", "stream": stream, "max_tokens": 16}).to_string())
+        };
+        samples.extend(run_concurrent(&addr, vec![req(path, body, &format!("one-{i}"))]));
+    }
+    // 64 concurrent streams.
+    let reqs = (0..64)
+        .map(|i| req("/v1/chat/completions", chat_body("tiny", true, 12, &json!({})), &format!("many-{i}")))
+        .collect();
+    samples.extend(run_concurrent(&addr, reqs));
+
+    let recs = records(&probe, samples.len());
+    assert_eq!(recs.len(), samples.len(), "every request accounted for, no extra ones");
+    let mut worst = 0.0f64;
+    let mut worst_id = String::new();
+    for s in &samples {
+        assert_eq!(s.status, 200, "{}: {:?}", s.request_id, s.error);
+        let rec = by_id(&recs, &s.request_id);
+        assert_eq!(rec["outcome"], "ok", "{rec}");
+        let d = compare(s, rec);
+        if d > worst {
+            worst = d;
+            worst_id.clone_from(&s.request_id);
+        }
+    }
+    eprintln!("llama-cpp-python: {} requests, worst |probe - client| = {worst:.3} ms ({worst_id})", samples.len());
+    assert!(worst <= TOLERANCE_MS, "worst disagreement {worst:.3} ms on {worst_id} exceeds {TOLERANCE_MS} ms");
+
+    let m = probe.metrics();
+    let total = metric_sum(&m, "llm_requests_total", &[("status", "ok")]);
+    assert_eq!(total as usize, samples.len(), "llm_requests_total:\n{m}");
+    let streamed: u64 = samples.iter().filter(|s| s.ttft_ns.is_some()).count() as u64;
+    assert_eq!(metric_sum(&m, "llm_ttft_seconds_count", &[("model", "tiny")]) as u64, streamed);
+    assert_eq!(metric_sum(&m, "llm_queue_depth", &[]), 0.0, "nothing left waiting");
+    assert_eq!(metric_sum(&m, "llm_batch_size", &[]), 0.0, "nothing left streaming");
+    assert!(metric_sum(&m, "llm_generated_tokens_total", &[("model", "tiny")]) > 0.0);
+    assert!(metric_sum(&m, "llm_prompt_tokens_total", &[("model", "tiny")]) > 0.0, "usage of non-streamed responses");
+    assert_eq!(metric_sum(&m, "llm_probe_events_lost_total", &[]), 0.0);
+}

@@ -1,0 +1,128 @@
+//! `cargo xtask …`: everything that runs llm-probe's pieces. The two commands a fresh machine needs:
+//! `cargo xtask demo` (the main job on an embedded default) and `cargo xtask test` (every test).
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "llm-probe tasks: setup, build, test, demo")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks: rust-src, bpf-linker (built against rustc's LLVM), node,
+    /// a Python venv with llama-cpp-python, and the tiny test model. Idempotent.
+    Setup,
+    /// Setup (toolchain parts), then build target/release/llm-probe.
+    Build,
+    /// Setup, build, then run every test (unit, root integration with real eBPF, end-to-end).
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test-name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Start a real tiny engine (llama-cpp-python), put load on it, attach llm-probe, and print a
+    /// live summary until Ctrl-C.
+    Demo {
+        /// Stop by itself after this many seconds (0 = run until Ctrl-C).
+        #[arg(long, default_value_t = 0)]
+        duration: u64,
+        /// Where llm-probe serves /metrics.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: String,
+    },
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ has a parent").to_path_buf()
+}
+
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LLM_PROBE_CACHE") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache/llm-probe")
+}
+
+pub fn step(msg: &str) {
+    eprintln!("\x1b[1m==>\x1b[0m {msg}");
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root()).env("RUSTC_BOOTSTRAP", "1");
+    c
+}
+
+fn setup_toolchain() -> Result<()> {
+    std::fs::create_dir_all(cache_dir())?;
+    setup::rust_src()?;
+    setup::bpf_linker()
+}
+
+fn setup_all() -> Result<()> {
+    setup_toolchain()?;
+    setup::system_packages()?;
+    let py = setup::venv()?;
+    setup::tiny_model(&py, &root())?;
+    Ok(())
+}
+
+pub fn build() -> Result<PathBuf> {
+    setup_toolchain()?;
+    step("building llm-probe (release; the kernel programs are built by probe-user/build.rs)");
+    run(cargo().args(["build", "--release", "-p", "probe-user", "-p", "tests", "--bins"]))?;
+    Ok(root().join("target/release/llm-probe"))
+}
+
+fn is_root() -> bool {
+    // SAFETY: plain getter.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup_all(),
+        Task::Build => build().map(|p| step(&format!("built {}", p.display()))),
+        Task::Test { args } => {
+            setup_all()?;
+            build()?;
+            if !is_root() {
+                step("not root: tests that load eBPF programs will say SKIP (CI runs as root)");
+            }
+            step("unit and pure-logic tests");
+            run(cargo().args(["test", "--release", "--workspace", "--exclude", "tests", "--"]).args(&args))?;
+            step("integration tests: real eBPF, real servers on 127.0.0.1 (one at a time)");
+            run(cargo().args(["test", "--release", "-p", "tests", "--", "--test-threads=1"]).args(&args))?;
+            step("all tests passed");
+            Ok(())
+        }
+        Task::Demo { duration, listen } => {
+            if !is_root() {
+                bail!("the demo loads eBPF programs: run it as root (sudo -E cargo xtask demo)");
+            }
+            setup_all()?;
+            let bin = build()?;
+            demo::run(&bin, duration, &listen)
+        }
+    }
+}
