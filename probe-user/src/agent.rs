@@ -47,15 +47,20 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Everything the ingest loop owns.
-struct Ingest {
-    tracker: ConnTracker,
-    stats: RequestStats,
-    metrics: Metrics,
+/// Everything the ingest loop owns: record → decode → connection state → request stats → metrics.
+pub struct Ingest {
+    pub tracker: ConnTracker,
+    pub stats: RequestStats,
+    pub metrics: Metrics,
 }
 
 impl Ingest {
-    fn handle(&mut self, raw: &[u8], health: &SharedHealth) {
+    pub fn new(metrics: Metrics, recent: SharedRecent) -> Self {
+        Self { tracker: ConnTracker::new(), stats: RequestStats::new(metrics.clone(), recent), metrics }
+    }
+
+    /// Process one ring-buffer record.
+    pub fn handle(&mut self, raw: &[u8], health: &SharedHealth) {
         let ev = match decode(raw) {
             Ok(ev) => ev,
             Err(e) => {
@@ -226,11 +231,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
     let state = Arc::new(ServerState { registry, recent: recent.clone(), health: health.clone(), refresh });
     let server = tokio::spawn(server::serve(listener, state.clone()));
 
-    let mut ingest = Ingest {
-        tracker: ConnTracker::new(),
-        stats: RequestStats::new(metrics.clone(), recent),
-        metrics: metrics.clone(),
-    };
+    let mut ingest = Ingest::new(metrics.clone(), recent);
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer, and
     // nothing else closes it.
     let mut ring: AsyncFd<RingBuf<MapData>> =

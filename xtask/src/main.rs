@@ -1,5 +1,6 @@
 //! `cargo xtask …`: everything that runs llm-probe's pieces. The two commands a fresh machine needs:
 //! `cargo xtask demo` (the main job on an embedded default) and `cargo xtask test` (every test).
+mod bench;
 mod demo;
 mod setup;
 
@@ -33,6 +34,19 @@ enum Task {
     },
     /// Start a real tiny engine (llama-cpp-python), put load on it, attach llm-probe, and print a
     /// live summary until Ctrl-C.
+    /// Benchmarks (docs/BENCHMARKS.md): overhead with/without the probe in the same run, RSS with
+    /// 1k streams, ingestion and /metrics render micro-benchmarks. Needs root.
+    Bench {
+        /// Only this one: overhead, rss, micro.
+        #[arg(long)]
+        only: Option<String>,
+        /// Rounds of the overhead benchmark (each: without, then with the probe).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per overhead measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     Demo {
         /// Stop by itself after this many seconds (0 = run until Ctrl-C).
         #[arg(long, default_value_t = 0)]
@@ -114,6 +128,23 @@ fn main() -> Result<()> {
             step("integration tests: real eBPF, real servers on 127.0.0.1 (one at a time)");
             run(cargo().args(["test", "--release", "-p", "tests", "--", "--test-threads=1"]).args(&args))?;
             step("all tests passed");
+            Ok(())
+        }
+        Task::Bench { only, rounds, seconds } => {
+            if !is_root() {
+                bail!("the benchmarks load eBPF programs: run them as root");
+            }
+            let bin = build()?;
+            let want = |n: &str| only.as_deref().is_none_or(|o| o == n);
+            if want("micro") {
+                bench::micro()?;
+            }
+            if want("overhead") {
+                bench::overhead(&bin, rounds, seconds)?;
+            }
+            if want("rss") {
+                bench::rss(&bin, 1000)?;
+            }
             Ok(())
         }
         Task::Demo { duration, listen } => {

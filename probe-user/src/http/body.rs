@@ -20,10 +20,19 @@ pub(crate) struct Seg<'a> {
 }
 
 impl<'a> Seg<'a> {
+    /// Nothing left: what a state sets when it has consumed the whole syscall.
+    pub const EMPTY: Seg<'static> = Seg {
+        data: &[],
+        missing: 0,
+    };
+
     /// Splits a syscall's `len` into its captured prefix and the missing tail. `len` below the
     /// captured length (a confused event) is treated as fully captured.
     pub fn new(data: &'a [u8], len: u64) -> Self {
-        Self { data, missing: len.saturating_sub(data.len() as u64) }
+        Self {
+            data,
+            missing: len.saturating_sub(data.len() as u64),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -106,16 +115,25 @@ fn emit(seg: Seg<'_>, limit: u64, sink: &mut impl FnMut(Piece<'_>)) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
     /// Reading the hex size; `digits` so far.
-    Size { value: u64, digits: u8 },
+    Size {
+        value: u64,
+        digits: u8,
+    },
     /// After the size: chunk extensions or whitespace, skipped up to the line's LF.
-    SizeLineRest { value: u64 },
-    Data { remaining: u64 },
+    SizeLineRest {
+        value: u64,
+    },
+    Data {
+        remaining: u64,
+    },
     /// Expecting the CR (or a bare LF, tolerated) that ends a chunk's data.
     DataEnd,
     /// Got the CR, expecting LF.
     DataEndLf,
     /// After the last chunk: trailer fields until an empty line.
-    Trailer { line_empty: bool },
+    Trailer {
+        line_empty: bool,
+    },
     Done,
 }
 
@@ -126,7 +144,12 @@ pub(crate) struct ChunkDecoder {
 
 impl Default for ChunkDecoder {
     fn default() -> Self {
-        Self { state: ChunkState::Size { value: 0, digits: 0 } }
+        Self {
+            state: ChunkState::Size {
+                value: 0,
+                digits: 0,
+            },
+        }
     }
 }
 
@@ -142,7 +165,11 @@ impl ChunkDecoder {
                 }
                 i += take;
                 let left = remaining - take as u64;
-                self.state = if left == 0 { ChunkState::DataEnd } else { ChunkState::Data { remaining: left } };
+                self.state = if left == 0 {
+                    ChunkState::DataEnd
+                } else {
+                    ChunkState::Data { remaining: left }
+                };
                 continue;
             }
             let b = data.get(i).copied().unwrap_or(0);
@@ -162,7 +189,11 @@ impl ChunkDecoder {
             ChunkState::Data { remaining } if seg.missing <= remaining => {
                 sink(Piece::Gap(seg.missing));
                 let left = remaining - seg.missing;
-                self.state = if left == 0 { ChunkState::DataEnd } else { ChunkState::Data { remaining: left } };
+                self.state = if left == 0 {
+                    ChunkState::DataEnd
+                } else {
+                    ChunkState::Data { remaining: left }
+                };
                 Fed::More
             }
             _ => Fed::Lost(ParseErrorKind::TruncatedCapture),
@@ -173,9 +204,10 @@ impl ChunkDecoder {
     fn step(&mut self, b: u8) -> Result<(), ParseErrorKind> {
         self.state = match self.state {
             ChunkState::Size { value, digits } => match hex_value(b) {
-                Some(d) if digits < MAX_CHUNK_SIZE_DIGITS => {
-                    ChunkState::Size { value: (value << 4) | u64::from(d), digits: digits + 1 }
-                }
+                Some(d) if digits < MAX_CHUNK_SIZE_DIGITS => ChunkState::Size {
+                    value: (value << 4) | u64::from(d),
+                    digits: digits + 1,
+                },
                 None if digits > 0 && matches!(b, b';' | b' ' | b'\t' | b'\r') => {
                     ChunkState::SizeLineRest { value }
                 }
@@ -191,11 +223,17 @@ impl ChunkDecoder {
             }
             ChunkState::DataEnd => match b {
                 b'\r' => ChunkState::DataEndLf,
-                b'\n' => ChunkState::Size { value: 0, digits: 0 },
+                b'\n' => ChunkState::Size {
+                    value: 0,
+                    digits: 0,
+                },
                 _ => return Err(ParseErrorKind::BadChunk),
             },
             ChunkState::DataEndLf => match b {
-                b'\n' => ChunkState::Size { value: 0, digits: 0 },
+                b'\n' => ChunkState::Size {
+                    value: 0,
+                    digits: 0,
+                },
                 _ => return Err(ParseErrorKind::BadChunk),
             },
             ChunkState::Trailer { line_empty } => match b {
@@ -237,10 +275,16 @@ mod tests {
         let mut gaps = 0;
         let mut results = Vec::new();
         for (data, missing) in parts {
-            let r = framer.feed(Seg { data, missing: *missing }, &mut |p| match p {
-                Piece::Bytes(b) => out.extend_from_slice(b),
-                Piece::Gap(n) => gaps += n,
-            });
+            let r = framer.feed(
+                Seg {
+                    data,
+                    missing: *missing,
+                },
+                &mut |p| match p {
+                    Piece::Bytes(b) => out.extend_from_slice(b),
+                    Piece::Gap(n) => gaps += n,
+                },
+            );
             results.push(r);
         }
         (out, gaps, results)
@@ -252,7 +296,12 @@ mod tests {
         let mut f = Framer::Chunked(ChunkDecoder::default());
         let (out, _, res) = run(&mut f, &[(body, 0)]);
         assert_eq!(out, b"hello world");
-        assert_eq!(res, vec![Fed::Done { used: (body.len() - 4) as u64 }]);
+        assert_eq!(
+            res,
+            vec![Fed::Done {
+                used: (body.len() - 4) as u64
+            }]
+        );
     }
 
     #[test]
@@ -261,10 +310,20 @@ mod tests {
         for cut in 0..=body.len() {
             let mut f = Framer::Chunked(ChunkDecoder::default());
             let (a, b) = body.split_at(cut);
-            let parts: Vec<(&[u8], u64)> = [a, b].into_iter().filter(|p| !p.is_empty()).map(|p| (p, 0)).collect();
+            let parts: Vec<(&[u8], u64)> = [a, b]
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| (p, 0))
+                .collect();
             let (out, _, res) = run(&mut f, &parts);
             assert_eq!(out, b"0123456789abc", "cut {cut}");
-            assert_eq!(res.last(), Some(&Fed::Done { used: parts.last().map_or(0, |p| p.0.len() as u64) }), "cut {cut}");
+            assert_eq!(
+                res.last(),
+                Some(&Fed::Done {
+                    used: parts.last().map_or(0, |p| p.0.len() as u64)
+                }),
+                "cut {cut}"
+            );
         }
     }
 

@@ -10,6 +10,7 @@ pub mod conn;
 mod events;
 pub mod request;
 pub mod response;
+mod sniff;
 mod sse;
 
 pub use conn::ConnTracker;

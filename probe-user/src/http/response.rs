@@ -90,7 +90,9 @@ pub(crate) fn parse_head(buf: &[u8], req: ForRequest) -> HeadStatus {
     let mut encoded = false;
     for h in resp.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok());
             match (n, length) {
                 (None, _) => return HeadStatus::Invalid,
                 (Some(n), Some(l)) if n != l => return HeadStatus::Invalid,
@@ -111,25 +113,44 @@ pub(crate) fn parse_head(buf: &[u8], req: ForRequest) -> HeadStatus {
     } else {
         match (chunked, length) {
             (Some(true), _) => Some(Framer::Chunked(ChunkDecoder::default())),
-            (Some(false), _) => Some(Framer::UntilClose),
+            (Some(false), _) | (None, None) => Some(Framer::UntilClose),
             (None, Some(0)) => None,
             (None, Some(n)) => Some(Framer::Length { remaining: n }),
-            (None, None) => Some(Framer::UntilClose),
         }
     };
-    let kind = if encoded || req.endpoint.is_none() { BodyKind::Opaque } else { body_kind(content_type, req) };
-    HeadStatus::Complete(ResponseHead { status, framer, kind }, len)
+    let kind = if encoded || req.endpoint.is_none() {
+        BodyKind::Opaque
+    } else {
+        body_kind(content_type, req)
+    };
+    HeadStatus::Complete(
+        ResponseHead {
+            status,
+            framer,
+            kind,
+        },
+        len,
+    )
 }
 
 fn body_kind(content_type: &[u8], req: ForRequest) -> BodyKind {
-    let media = content_type.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+    let media = content_type
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
     let is = |m: &[u8]| media.eq_ignore_ascii_case(m);
-    let ollama = matches!(req.endpoint, Some(Endpoint::OllamaGenerate | Endpoint::OllamaChat));
+    let ollama = matches!(
+        req.endpoint,
+        Some(Endpoint::OllamaGenerate | Endpoint::OllamaChat)
+    );
     if is(b"text/event-stream") {
         BodyKind::Sse
-    } else if is(b"application/x-ndjson") || is(b"application/jsonl") || is(b"application/ndjson") {
-        BodyKind::Ndjson
-    } else if is(b"application/json") && ollama && req.streams {
+    } else if is(b"application/x-ndjson")
+        || is(b"application/jsonl")
+        || is(b"application/ndjson")
+        || (is(b"application/json") && ollama && req.streams)
+    {
         BodyKind::Ndjson
     } else if media.is_empty() || media.windows(4).any(|w| w.eq_ignore_ascii_case(b"json")) {
         BodyKind::Json
@@ -172,7 +193,10 @@ impl Analyzer {
             BodyKind::Json => Inner::Json(JsonBody::default()),
             BodyKind::Opaque => Inner::Opaque,
         };
-        Self { inner, quiet: !(200..300).contains(&status) }
+        Self {
+            inner,
+            quiet: !(200..300).contains(&status),
+        }
     }
 
     pub fn bytes(&mut self, data: &[u8], ts: u64, sink: &mut impl EventSink) {
@@ -237,7 +261,11 @@ mod tests {
     use super::*;
     use crate::http::sse::tests::Collect;
 
-    const CHAT: ForRequest = ForRequest { endpoint: Some(Endpoint::ChatCompletions), is_head: false, streams: true };
+    const CHAT: ForRequest = ForRequest {
+        endpoint: Some(Endpoint::ChatCompletions),
+        is_head: false,
+        streams: true,
+    };
 
     fn head(raw: &str, req: ForRequest) -> ResponseHead {
         match parse_head(raw.as_bytes(), req) {
@@ -254,30 +282,94 @@ mod tests {
         let h = head("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n", CHAT);
         assert!(matches!(h.framer, Some(Framer::Chunked(_))));
         assert_eq!((h.status, h.kind), (200, BodyKind::Sse));
-        let h = head("HTTP/1.1 200 OK\r\nContent-Length: 10\r\ncontent-type: application/json\r\n\r\n", CHAT);
+        let h = head(
+            "HTTP/1.1 200 OK\r\nContent-Length: 10\r\ncontent-type: application/json\r\n\r\n",
+            CHAT,
+        );
         assert!(matches!(h.framer, Some(Framer::Length { remaining: 10 })));
         assert_eq!(h.kind, BodyKind::Json);
-        let h = head("HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n", CHAT);
+        let h = head(
+            "HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n",
+            CHAT,
+        );
         assert!(matches!(h.framer, Some(Framer::UntilClose)));
         let h = head("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", CHAT);
         assert!(h.framer.is_none());
-        let h = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", ForRequest { is_head: true, ..CHAT });
+        let h = head(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            ForRequest {
+                is_head: true,
+                ..CHAT
+            },
+        );
         assert!(h.framer.is_none());
         let h = head("HTTP/1.1 100 Continue\r\n\r\n", CHAT);
         assert!(h.framer.is_none());
-        let h = head("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n\r\n", CHAT);
+        let h = head(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n\r\n",
+            CHAT,
+        );
         assert_eq!(h.kind, BodyKind::Opaque);
-        let h = head("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n", ForRequest { endpoint: None, ..CHAT });
+        let h = head(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n",
+            ForRequest {
+                endpoint: None,
+                ..CHAT
+            },
+        );
         assert_eq!(h.kind, BodyKind::Opaque);
-        let ollama = ForRequest { endpoint: Some(Endpoint::OllamaChat), is_head: false, streams: true };
-        assert_eq!(head("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n", ollama).kind, BodyKind::Ndjson);
-        let ollama_once = ForRequest { streams: false, ..ollama };
-        assert_eq!(head("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n", ollama_once).kind, BodyKind::Json);
-        assert_eq!(head("HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n", CHAT).kind, BodyKind::Ndjson);
-        assert_eq!(head("HTTP/1.1 500 x\r\nContent-Type: text/html\r\n\r\n", CHAT).kind, BodyKind::Opaque);
-        assert!(matches!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", CHAT), HeadStatus::Invalid));
-        assert!(matches!(parse_head(b"HTTP/1.1 200 OK\r\nContent", CHAT), HeadStatus::Partial));
-        assert!(matches!(parse_head(b"data: {}\r\n\r\n", CHAT), HeadStatus::Invalid));
+        let ollama = ForRequest {
+            endpoint: Some(Endpoint::OllamaChat),
+            is_head: false,
+            streams: true,
+        };
+        assert_eq!(
+            head(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n",
+                ollama
+            )
+            .kind,
+            BodyKind::Ndjson
+        );
+        let ollama_once = ForRequest {
+            streams: false,
+            ..ollama
+        };
+        assert_eq!(
+            head(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n",
+                ollama_once
+            )
+            .kind,
+            BodyKind::Json
+        );
+        assert_eq!(
+            head(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n",
+                CHAT
+            )
+            .kind,
+            BodyKind::Ndjson
+        );
+        assert_eq!(
+            head("HTTP/1.1 500 x\r\nContent-Type: text/html\r\n\r\n", CHAT).kind,
+            BodyKind::Opaque
+        );
+        assert!(matches!(
+            parse_head(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                CHAT
+            ),
+            HeadStatus::Invalid
+        ));
+        assert!(matches!(
+            parse_head(b"HTTP/1.1 200 OK\r\nContent", CHAT),
+            HeadStatus::Partial
+        ));
+        assert!(matches!(
+            parse_head(b"data: {}\r\n\r\n", CHAT),
+            HeadStatus::Invalid
+        ));
     }
 
     #[test]
@@ -293,7 +385,11 @@ mod tests {
         let mut a = Analyzer::new(BodyKind::Json, 200);
         let mut c = Collect::default();
         a.bytes(br#"{"choices":[{"message":{"content":"hi"}}],"#, 5, &mut c);
-        a.bytes(br#""usage":{"prompt_tokens":1,"completion_tokens":2}}"#, 6, &mut c);
+        a.bytes(
+            br#""usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            6,
+            &mut c,
+        );
         a.finish(6, &mut c);
         assert_eq!(c.events.len(), 1);
         let (ev, ts) = c.events[0];

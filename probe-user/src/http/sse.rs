@@ -4,11 +4,7 @@
 
 use memchr::{memchr, memchr2};
 
-use super::{
-    events::classify,
-    response::EventSink,
-    ParseErrorKind,
-};
+use super::{events::classify, response::EventSink, ParseErrorKind};
 
 /// Longest SSE line or event data, and longest NDJSON line, we buffer. A token chunk is ~250 bytes;
 /// even a final chunk with logprobs stays far below this. A longer one is counted as `BadEvent`.
@@ -24,6 +20,10 @@ fn append_bounded(buf: &mut Vec<u8>, add: &[u8]) -> bool {
 }
 
 #[derive(Debug, Default)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent flags of the WHATWG parser state"
+)]
 pub(crate) struct SseParser {
     /// The current line when it spans writes.
     line: Vec<u8>,
@@ -121,13 +121,17 @@ impl SseParser {
         let (name, value) = match memchr(b':', line) {
             Some(i) => {
                 let v = line.get(i + 1..).unwrap_or_default();
-                (line.get(..i).unwrap_or_default(), v.strip_prefix(b" ").unwrap_or(v))
+                (
+                    line.get(..i).unwrap_or_default(),
+                    v.strip_prefix(b" ").unwrap_or(v),
+                )
             }
             None => (line, &b""[..]),
         };
         match name {
             b"data" => {
-                let ok = (!self.has_data || append_bounded(&mut self.data, b"\n")) && append_bounded(&mut self.data, value);
+                let ok = (!self.has_data || append_bounded(&mut self.data, b"\n"))
+                    && append_bounded(&mut self.data, value);
                 self.data_overflow |= !ok;
                 self.has_data = true;
             }
@@ -251,7 +255,11 @@ pub(crate) mod tests {
     }
 
     fn content_ts(c: &Collect) -> Vec<u64> {
-        c.events.iter().filter(|(e, _)| e.content).map(|&(_, ts)| ts).collect()
+        c.events
+            .iter()
+            .filter(|(e, _)| e.content)
+            .map(|&(_, ts)| ts)
+            .collect()
     }
 
     const CHAT: &str = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n\
@@ -268,7 +276,10 @@ pub(crate) mod tests {
         p.feed(CHAT.as_bytes(), 7, &mut c);
         assert_eq!(content_ts(&c), vec![7, 7]);
         assert_eq!(c.events.len(), 4);
-        assert_eq!(c.events.last().map(|(e, _)| e.completion_tokens), Some(Some(2)));
+        assert_eq!(
+            c.events.last().map(|(e, _)| e.completion_tokens),
+            Some(Some(2))
+        );
         assert!(c.parse_errors.is_empty());
     }
 
@@ -290,10 +301,18 @@ pub(crate) mod tests {
     fn sse_multiline_data_and_error_event() {
         let mut p = SseParser::default();
         let mut c = Collect::default();
-        p.feed(b"event: error\ndata: {\"error\":\ndata: \"overloaded\"}\n\n", 1, &mut c);
+        p.feed(
+            b"event: error\ndata: {\"error\":\ndata: \"overloaded\"}\n\n",
+            1,
+            &mut c,
+        );
         assert_eq!(c.errors, 1);
         assert!(c.events.first().is_some_and(|(e, _)| e.error));
-        p.feed(b"event: error\ndata: plain text\n\ndata: nope\n\n", 2, &mut c);
+        p.feed(
+            b"event: error\ndata: plain text\n\ndata: nope\n\n",
+            2,
+            &mut c,
+        );
         assert_eq!(c.errors, 2);
         assert_eq!(c.parse_errors, vec![ParseErrorKind::BadEvent]);
     }
@@ -302,7 +321,11 @@ pub(crate) mod tests {
     fn sse_gap_skips_to_next_event() {
         let mut p = SseParser::default();
         let mut c = Collect::default();
-        p.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"A", 1, &mut c);
+        p.feed(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"A",
+            1,
+            &mut c,
+        );
         p.gap();
         p.feed(b"xx\"}}]}\n\ndata: {\"content\":\"B\"}\n\n", 2, &mut c);
         assert_eq!(content_ts(&c), vec![2]);

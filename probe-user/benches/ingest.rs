@@ -1,0 +1,86 @@
+//! Aggregator ingestion on one core: recorded kernel records (request reads, SSE chunk writes,
+//! closes) through decode → HTTP/SSE parse → request state → metric updates, exactly the agent's
+//! `Ingest::handle`. Goal: ≥ 1 M events/s (1 µs per event, all in).
+//!
+//! Run: `cargo bench -p probe-user --bench ingest` (prints events/s; see docs/BENCHMARKS.md).
+use std::{
+    hint::black_box,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use probe_common::EventHeader;
+use probe_user::{
+    agent::Ingest,
+    events::encode_data,
+    health::Health,
+    metrics::Metrics,
+    requests::Recent,
+};
+use prometheus_client::registry::Registry;
+
+const CONNS: u32 = 64;
+const EVENTS_PER_STREAM: usize = 256;
+
+fn recorded() -> Vec<Vec<u8>> {
+    let chunk = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"llama-3-8b","choices":[{"index":0,"delta":{"content":" token"},"logprobs":null,"finish_reason":null}]}"#;
+    let event = format!("data: {chunk}\n\n");
+    let framed = format!("{:x}\r\n{event}\r\n", event.len());
+    let body = r#"{"model":"llama-3-8b","stream":true,"max_tokens":256,"messages":[{"role":"user","content":"hello"}]}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let mut out = Vec::new();
+    let mut ts = 1_000_000u64;
+    let mut rec = |fd: u32, egress: bool, bytes: &[u8], ts: u64| {
+        let h = EventHeader { kind: 0, tgid: 42, tid: 42, _pad: 0, ts_ns: ts };
+        out.push(encode_data(h, fd, egress, bytes.len() as i64, bytes));
+    };
+    for fd in 0..CONNS {
+        rec(100 + fd, false, request.as_bytes(), ts);
+        ts += 1000;
+        rec(100 + fd, true, head.as_bytes(), ts);
+    }
+    for _ in 0..EVENTS_PER_STREAM {
+        for fd in 0..CONNS {
+            ts += 1000;
+            rec(100 + fd, true, framed.as_bytes(), ts);
+        }
+    }
+    for fd in 0..CONNS {
+        ts += 1000;
+        rec(100 + fd, true, b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n", ts);
+    }
+    out
+}
+
+fn main() {
+    let records = recorded();
+    let health = Arc::new(Mutex::new(Health::default()));
+    let mut rates = Vec::new();
+    for _ in 0..15 {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let mut ingest = Ingest::new(metrics, Arc::new(Mutex::new(Recent::default())));
+        let t = Instant::now();
+        for r in &records {
+            ingest.handle(black_box(r), &health);
+        }
+        let dt = t.elapsed().as_secs_f64();
+        assert_eq!(ingest.tracker.in_flight(), 0, "every stream finished");
+        rates.push(records.len() as f64 / dt);
+    }
+    rates.sort_by(f64::total_cmp);
+    let median = rates[rates.len() / 2];
+    println!(
+        "ingest: {} records/iteration ({CONNS} streams x {EVENTS_PER_STREAM} SSE chunks), median {:.2} M events/s = {:.0} ns/event (min {:.2}, max {:.2} M/s); goal >= 1 M events/s: {}",
+        records.len(),
+        median / 1e6,
+        1e9 / median,
+        rates[0] / 1e6,
+        rates[rates.len() - 1] / 1e6,
+        if median >= 1e6 { "met" } else { "NOT met" }
+    );
+}

@@ -1,0 +1,175 @@
+//! `cargo xtask bench`: the benchmarks of docs/BENCHMARKS.md, each against a baseline measured in
+//! the same run where the goal is relative.
+//!
+//! - overhead: a loopback SSE server at saturation, alternating rounds without and with llm-probe
+//!   attached → requests/s loss and p99 increase (goal ≤ 2 % and ≤ 5 %).
+//! - rss: llm-probe's resident memory with 1,000 concurrent streams (goal ≤ 64 MiB).
+//! - ingest, render: `cargo bench -p probe-user` (goal ≥ 1 M events/s; p99 ≤ 10 ms at 5k series).
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::Value;
+
+use crate::{root, run, step};
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        // SAFETY: signal to our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn bench_bin() -> std::path::PathBuf {
+    root().join("target/release/llm-bench")
+}
+
+fn wait_port(port: u16) -> Result<()> {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("nothing listens on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn client(port: u16, concurrency: usize, seconds: u64) -> Result<Value> {
+    let out = Command::new(bench_bin())
+        .args(["client", &format!("127.0.0.1:{port}"), "--concurrency", &concurrency.to_string()])
+        .args(["--seconds", &seconds.to_string()])
+        .output()
+        .context("running llm-bench client")?;
+    serde_json::from_slice(&out.stdout).context("llm-bench client output")
+}
+
+fn start_probe(probe: &Path, port: u16) -> Result<(Kill, u16)> {
+    let listen = free_port()?;
+    let p = Kill(
+        Command::new(probe)
+            .args(["run", "--port", &port.to_string(), "--listen", &format!("127.0.0.1:{listen}")])
+            .env("RUST_LOG", "warn")
+            .spawn()?,
+    );
+    wait_port(listen)?;
+    Ok((p, listen))
+}
+
+fn scrape(port: u16, name: &str) -> f64 {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return f64::NAN };
+    use std::io::{Read as _, Write as _};
+    let _ = write!(s, "GET /metrics HTTP/1.0\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
+    let port = free_port()?;
+    let _server = Kill(
+        Command::new(bench_bin())
+            .args(["server", &port.to_string(), "--events", "16"])
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_port(port)?;
+    step(&format!("overhead: {rounds} rounds x ({seconds} s without, {seconds} s with llm-probe), 8 keep-alive streams, 16 SSE events each"));
+    let (mut base_rps, mut base_p99, mut with_rps, mut with_p99) = (vec![], vec![], vec![], vec![]);
+    let _ = client(port, 8, 1)?; // warm-up
+    let mut events = 0.0;
+    for r in 0..rounds {
+        let b = client(port, 8, seconds)?;
+        let (p, listen) = start_probe(probe, port)?;
+        let w = client(port, 8, seconds)?;
+        events += scrape(listen, "llm_probe_events_total");
+        drop(p);
+        println!(
+            "  round {r}: without {:>8.0} req/s p99 {:>6.3} ms | with {:>8.0} req/s p99 {:>6.3} ms",
+            b["rps"].as_f64().unwrap_or(0.0),
+            b["p99_ms"].as_f64().unwrap_or(0.0),
+            w["rps"].as_f64().unwrap_or(0.0),
+            w["p99_ms"].as_f64().unwrap_or(0.0)
+        );
+        base_rps.push(b["rps"].as_f64().unwrap_or(0.0));
+        base_p99.push(b["p99_ms"].as_f64().unwrap_or(0.0));
+        with_rps.push(w["rps"].as_f64().unwrap_or(0.0));
+        with_p99.push(w["p99_ms"].as_f64().unwrap_or(0.0));
+    }
+    let (br, bp, wr, wp) = (median(base_rps), median(base_p99), median(with_rps), median(with_p99));
+    let loss = (1.0 - wr / br) * 100.0;
+    let p99_up = (wp / bp - 1.0) * 100.0;
+    println!(
+        "overhead: median without {br:.0} req/s p99 {bp:.3} ms; with {wr:.0} req/s p99 {wp:.3} ms; \
+         throughput loss {loss:.1} % (goal <= 2 %), p99 increase {p99_up:.1} % (goal <= 5 %); \
+         the probe processed {events:.0} kernel events"
+    );
+    Ok(())
+}
+
+fn rss_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn rss(probe: &Path, streams: usize) -> Result<()> {
+    let port = free_port()?;
+    // Slow streams: one event every 100 ms, so all stay open while we measure.
+    let _server = Kill(
+        Command::new(bench_bin())
+            .args(["server", &port.to_string(), "--events", "100000", "--gap-us", "100000"])
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_port(port)?;
+    let (p, listen) = start_probe(probe, port)?;
+    let pid = p.0.id();
+    step(&format!("rss: {streams} concurrent streams for 15 s"));
+    let hold = Kill(
+        Command::new(bench_bin())
+            .args(["hold", &format!("127.0.0.1:{port}"), "--streams", &streams.to_string(), "--seconds", "15"])
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    std::thread::sleep(Duration::from_secs(12));
+    let streaming = scrape(listen, "llm_batch_size");
+    let rss = rss_kib(pid, "VmRSS:");
+    let hwm = rss_kib(pid, "VmHWM:");
+    drop(hold);
+    println!(
+        "rss: llm-probe with {streaming:.0} streams in flight: VmRSS {:.1} MiB, peak {:.1} MiB (goal <= 64 MiB): {}",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0,
+        if hwm <= 64 * 1024 { "met" } else { "NOT met" }
+    );
+    Ok(())
+}
+
+pub fn micro() -> Result<()> {
+    step("ingest and render micro-benchmarks (cargo bench -p probe-user)");
+    run(Command::new("cargo").current_dir(root()).args(["bench", "-p", "probe-user", "--bench", "ingest", "--bench", "render"]))
+}
