@@ -1,11 +1,13 @@
 //! llm-probe's kernel programs. Maps and shared helpers live here; each probe family has its file:
-//! `http.rs` (socket syscalls of the traced server), `sched.rs` (process tree of the targets).
+//! `http.rs` (socket syscalls of the traced server), `arrival.rs` (when request bytes reach the
+//! socket), `sched.rs` (process tree of the targets).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // On the host (a `cargo build --workspace`) this is an empty program; the real build targets
 // bpfel-unknown-none through probe-user/build.rs.
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
+mod arrival;
 mod http;
 mod sched;
 

@@ -70,9 +70,15 @@ impl Ingest {
             }
         };
         match ev {
-            Event::Data { header, fd, egress, ret, payload, .. } => {
+            Event::Data { header, fd, egress, ret, payload, arrival_ns, .. } => {
                 let conn = ConnId { tgid: header.tgid, fd };
-                let ts = header.ts_ns;
+                // Ingress bytes are dated by their arrival at the socket when the kernel knows it:
+                // a request that waited in the receive queue was waiting for the user too.
+                let ts = if !egress && arrival_ns != 0 && arrival_ns <= header.ts_ns {
+                    arrival_ns
+                } else {
+                    header.ts_ns
+                };
                 self.stats.now_ns = ts;
                 let s = &mut self.stats;
                 match (ret, egress) {
@@ -132,6 +138,9 @@ fn add_targets(
             Ok(s) => {
                 for &fd in &s.server_conns {
                     k.track_conn(pid, fd)?;
+                }
+                for &port in s.listen_ports.iter().chain(ports) {
+                    k.add_listen_port(port)?;
                 }
                 log::info!(
                     "tracing pid {pid} ({}): listening on {:?}, {} open connection(s) picked up",

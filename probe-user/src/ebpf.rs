@@ -12,8 +12,8 @@ use probe_common::{counter, ConnKey};
 /// The kernel object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe"));
 
-/// (program, tracepoint category, tracepoint name). `required` programs are the socket path
-/// without which no request can be timed.
+/// (program = tracepoint name, tracepoint category, required). `required` programs are the socket path
+/// without which no request can be timed; the others degrade one feature each.
 pub const PROGRAMS: &[(&str, &str, bool)] = &[
     ("sys_enter_read", "syscalls", true),
     ("sys_exit_read", "syscalls", true),
@@ -36,6 +36,10 @@ pub const PROGRAMS: &[(&str, &str, bool)] = &[
     ("sys_enter_close", "syscalls", true),
     ("task_newtask", "task", false),
     ("sched_process_exit", "sched", false),
+    // Without these three, request arrival falls back to the server's first read.
+    ("inet_sock_set_state", "sock", false),
+    ("sk_data_ready", "sock", false),
+    ("sock_recv_length", "sock", false),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +72,7 @@ pub struct Kernel {
     _ebpf: Ebpf,
     targets: HashMap<MapData, u32, u32>,
     conns: HashMap<MapData, ConnKey, u32>,
+    listen_ports: HashMap<MapData, u16, u32>,
     counters: PerCpuArray<MapData, u64>,
     pub attached: Vec<Attached>,
 }
@@ -125,8 +130,9 @@ impl Kernel {
         let ring = take::<RingBuf<MapData>>(&mut ebpf, "EVENTS")?;
         let targets = take(&mut ebpf, "TARGETS")?;
         let conns = take(&mut ebpf, "CONNS")?;
+        let listen_ports = take(&mut ebpf, "LISTEN_PORTS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
-        Ok((Self { _ebpf: ebpf, targets, conns, counters, attached }, ring))
+        Ok((Self { _ebpf: ebpf, targets, conns, listen_ports, counters, attached }, ring))
     }
 
     pub fn add_target(&mut self, tgid: u32) -> Result<(), LoadError> {
@@ -143,6 +149,11 @@ impl Kernel {
 
     pub fn track_conn(&mut self, tgid: u32, fd: u32) -> Result<(), LoadError> {
         self.conns.insert(ConnKey { tgid, fd }, 1, 0).map_err(|e| LoadError::Map("CONNS", e))
+    }
+
+    /// Ports whose sockets get arrival stamps (the ports traced servers listen on).
+    pub fn add_listen_port(&mut self, port: u16) -> Result<(), LoadError> {
+        self.listen_ports.insert(port, 1, 0).map_err(|e| LoadError::Map("LISTEN_PORTS", e))
     }
 
     /// Stop capturing a connection (it carries something that is not HTTP/1.x).

@@ -8,7 +8,16 @@ use probe_common::{ConnEvent, DataEvent, EventHeader, EventKind, ProcEvent, DIR_
 /// One decoded record. `payload` borrows the ring-buffer slot: it is parsed, never kept.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
-    Data { header: EventHeader, fd: u32, egress: bool, ret: i64, syscall: u32, payload: &'a [u8] },
+    Data {
+        header: EventHeader,
+        fd: u32,
+        egress: bool,
+        ret: i64,
+        syscall: u32,
+        /// When the bytes reached the socket (0 = unknown; ingress only).
+        arrival_ns: u64,
+        payload: &'a [u8],
+    },
     Accept { header: EventHeader, fd: u32 },
     Close { header: EventHeader, fd: u32 },
     Fork { header: EventHeader, child: u32 },
@@ -60,6 +69,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 egress: d.dir == DIR_EGRESS,
                 ret: d.ret,
                 syscall: d.syscall,
+                arrival_ns: d.arrival_ns,
                 payload,
             })
         }
@@ -89,6 +99,7 @@ pub fn encode_data(header: EventHeader, fd: u32, egress: bool, ret: i64, payload
         ret,
         cap_len: payload.len() as u32,
         syscall: if egress { probe_common::SYSCALL_WRITE } else { probe_common::SYSCALL_READ },
+        arrival_ns: 0,
     };
     let mut out = Vec::with_capacity(size_of::<DataEvent>() + payload.len());
     // SAFETY: `DataEvent` is `repr(C)`, integer-only and padding-free (size pinned in probe-common).

@@ -195,6 +195,10 @@ pub fn start_llama(port: u16) -> Proc {
             "1",
             "--verbose",
             "false",
+            // By default a new request interrupts the one streaming (llama-cpp-python's
+            // `interrupt_requests`); concurrent streams must queue instead.
+            "--interrupt_requests",
+            "false",
         ]),
     );
     let addr = format!("127.0.0.1:{port}");

@@ -103,7 +103,7 @@ pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<()> {
             .args(["-m", "llama_cpp.server", "--model"])
             .arg(cache_dir().join("tiny.gguf"))
             .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--n_ctx", "2048", "--verbose", "false"])
-            .args(["--model_alias", "tiny-llama"])
+            .args(["--model_alias", "tiny-llama", "--interrupt_requests", "false"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

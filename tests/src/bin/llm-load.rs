@@ -54,7 +54,8 @@ async fn main() -> anyhow::Result<()> {
                 let req = Req {
                     path: "/v1/chat/completions".into(),
                     body: body.to_string(),
-                    request_id: format!("load-{i}"),
+                    // UUID-shaped: llama-cpp-python rejects any other X-Request-Id.
+                    request_id: format!("00000000-0000-4000-8000-{i:012x}"),
                     abort_after: None,
                     timeout: Duration::from_secs(60),
                 };

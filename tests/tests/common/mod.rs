@@ -64,21 +64,28 @@ pub fn by_id<'a>(records: &'a [Value], id: &str) -> &'a Value {
 
 /// Largest |probe - client| difference, in ms, over TTFT and every gap; asserts the counts agree.
 pub fn compare(sample: &Sample, rec: &Value) -> f64 {
+    let (t, g) = compare_parts(sample, rec);
+    t.max(g)
+}
+
+/// (|TTFT difference|, largest |gap difference|) in ms; asserts the counts agree.
+pub fn compare_parts(sample: &Sample, rec: &Value) -> (f64, f64) {
     let id = &sample.request_id;
     assert!(sample.error.is_none(), "client error on {id}: {:?}", sample.error);
     assert_eq!(rec["content_events"].as_u64(), Some(sample.content_events), "{id}: content events: {rec}");
-    let mut worst = 0.0f64;
+    let mut ttft = 0.0f64;
     match (rec["ttft_ns"].as_u64(), sample.ttft_ns) {
-        (Some(p), Some(c)) => worst = worst.max((p as f64 - c as f64).abs() / 1e6),
+        (Some(p), Some(c)) => ttft = (p as f64 - c as f64).abs() / 1e6,
         (None, None) => {}
         other => panic!("{id}: ttft presence differs (probe, client) = {other:?}"),
     }
     let gaps: Vec<u64> = rec["gaps_ns"].as_array().expect("gaps").iter().filter_map(Value::as_u64).collect();
     assert_eq!(gaps.len(), sample.gaps_ns.len(), "{id}: gap count");
+    let mut worst = 0.0f64;
     for (p, c) in gaps.iter().zip(&sample.gaps_ns) {
         worst = worst.max((*p as f64 - *c as f64).abs() / 1e6);
     }
-    worst
+    (ttft, worst)
 }
 
 /// Wait until the probe has `n` records and return them.
