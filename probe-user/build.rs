@@ -19,7 +19,11 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=LLM_PROBE_BPF_TOOLCHAIN");
     let toolchain = env::var("LLM_PROBE_BPF_TOOLCHAIN").unwrap_or_else(|_| "stable".to_owned());
     aya_build::build_ebpf(
-        [Package { name: "probe-ebpf", root_dir: "../probe-ebpf", ..Default::default() }],
+        [Package {
+            name: "probe-ebpf",
+            root_dir: "../probe-ebpf",
+            ..Default::default()
+        }],
         Toolchain::Custom(&toolchain),
     )
 }

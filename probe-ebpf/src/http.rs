@@ -19,8 +19,8 @@ use probe_common::{
 };
 
 use crate::{
-    arrival::ARRIVAL, bump, current_tgid_tid, emit, is_target, submit_flags, CONNS, EVENTS, PENDING,
-    SCRATCH,
+    arrival::ARRIVAL, bump, current_tgid_tid, emit, is_target, submit_flags, CONNS, EVENTS,
+    PENDING, SCRATCH,
 };
 
 const EAGAIN: i64 = 11;
@@ -68,8 +68,11 @@ fn on_enter(ctx: &TracePointContext, syscall: u32, dir: u32, kind: Buf) {
         Buf::Iov => iovcnt = arg(ctx, 2) as u32,
         Buf::MsgHdr => {
             // SAFETY: reads of the caller's msghdr through the checked helper.
-            let iov = unsafe { aya_ebpf::helpers::bpf_probe_read_user((buf + MSGHDR_IOV) as *const u64) };
-            let len = unsafe { aya_ebpf::helpers::bpf_probe_read_user((buf + MSGHDR_IOVLEN) as *const u64) };
+            let iov =
+                unsafe { aya_ebpf::helpers::bpf_probe_read_user((buf + MSGHDR_IOV) as *const u64) };
+            let len = unsafe {
+                aya_ebpf::helpers::bpf_probe_read_user((buf + MSGHDR_IOVLEN) as *const u64)
+            };
             match (iov, len) {
                 (Ok(iov), Ok(len)) => {
                     buf = iov;
@@ -82,7 +85,14 @@ fn on_enter(ctx: &TracePointContext, syscall: u32, dir: u32, kind: Buf) {
             }
         }
     }
-    let pending = PendingIo { buf, iovcnt, fd, syscall, dir, sk: 0 };
+    let pending = PendingIo {
+        buf,
+        iovcnt,
+        fd,
+        syscall,
+        dir,
+        sk: 0,
+    };
     if PENDING.insert(&tid, &pending, 0).is_err() {
         bump(counter::EVENTS_SEEN);
         bump(counter::LOST_MAP_FULL);
@@ -96,7 +106,11 @@ fn read_into(base: *mut u8, off: usize, len: usize, src: u64) -> bool {
     let len = len & (2 * MAX_CAPTURE - 1);
     // SAFETY: HEADER + off + len < SCRATCH_BYTES by the masks above; the helper checks `src`.
     let rc = unsafe {
-        bpf_probe_read_user(base.add(HEADER + off).cast::<c_void>(), len as u32, src as *const c_void)
+        bpf_probe_read_user(
+            base.add(HEADER + off).cast::<c_void>(),
+            len as u32,
+            src as *const c_void,
+        )
     };
     rc == 0
 }
@@ -104,7 +118,10 @@ fn read_into(base: *mut u8, off: usize, len: usize, src: u64) -> bool {
 /// Capture up to `MAX_CAPTURE` of the `ret` bytes the syscall moved. Returns the captured length.
 #[inline(always)]
 fn capture(base: *mut u8, p: &PendingIo, ret: usize) -> usize {
-    let plain = matches!(p.syscall, SYSCALL_READ | SYSCALL_WRITE | SYSCALL_RECVFROM | SYSCALL_SENDTO);
+    let plain = matches!(
+        p.syscall,
+        SYSCALL_READ | SYSCALL_WRITE | SYSCALL_RECVFROM | SYSCALL_SENDTO
+    );
     if plain {
         let n = if ret > MAX_CAPTURE { MAX_CAPTURE } else { ret };
         if !read_into(base, 0, n, p.buf) {
@@ -129,7 +146,11 @@ fn capture(base: *mut u8, p: &PendingIo, ret: usize) -> usize {
             break;
         };
         let room = MAX_CAPTURE - off;
-        let take = if (iov[1] as usize) < room { iov[1] as usize } else { room };
+        let take = if (iov[1] as usize) < room {
+            iov[1] as usize
+        } else {
+            room
+        };
         if !read_into(base, off, take, iov[0]) {
             bump(counter::LOST_READ_USER);
             break;
@@ -168,7 +189,11 @@ fn on_exit(ctx: &TracePointContext) {
         return;
     };
     let base = scratch.cast::<u8>();
-    let cap = if ret > 0 && p.buf != 0 { capture(base, &p, ret as usize) } else { 0 };
+    let cap = if ret > 0 && p.buf != 0 {
+        capture(base, &p, ret as usize)
+    } else {
+        0
+    };
     let mut arrival_ns = 0;
     if p.sk != 0 {
         // SAFETY: value copied out before the entry is removed.
@@ -223,14 +248,62 @@ macro_rules! io_probe {
     };
 }
 
-io_probe!(sys_enter_read, sys_exit_read, SYSCALL_READ, DIR_INGRESS, Buf::Plain);
-io_probe!(sys_enter_readv, sys_exit_readv, SYSCALL_READV, DIR_INGRESS, Buf::Iov);
-io_probe!(sys_enter_recvfrom, sys_exit_recvfrom, SYSCALL_RECVFROM, DIR_INGRESS, Buf::Plain);
-io_probe!(sys_enter_recvmsg, sys_exit_recvmsg, SYSCALL_RECVMSG, DIR_INGRESS, Buf::MsgHdr);
-io_probe!(sys_enter_write, sys_exit_write, SYSCALL_WRITE, DIR_EGRESS, Buf::Plain);
-io_probe!(sys_enter_writev, sys_exit_writev, SYSCALL_WRITEV, DIR_EGRESS, Buf::Iov);
-io_probe!(sys_enter_sendto, sys_exit_sendto, SYSCALL_SENDTO, DIR_EGRESS, Buf::Plain);
-io_probe!(sys_enter_sendmsg, sys_exit_sendmsg, SYSCALL_SENDMSG, DIR_EGRESS, Buf::MsgHdr);
+io_probe!(
+    sys_enter_read,
+    sys_exit_read,
+    SYSCALL_READ,
+    DIR_INGRESS,
+    Buf::Plain
+);
+io_probe!(
+    sys_enter_readv,
+    sys_exit_readv,
+    SYSCALL_READV,
+    DIR_INGRESS,
+    Buf::Iov
+);
+io_probe!(
+    sys_enter_recvfrom,
+    sys_exit_recvfrom,
+    SYSCALL_RECVFROM,
+    DIR_INGRESS,
+    Buf::Plain
+);
+io_probe!(
+    sys_enter_recvmsg,
+    sys_exit_recvmsg,
+    SYSCALL_RECVMSG,
+    DIR_INGRESS,
+    Buf::MsgHdr
+);
+io_probe!(
+    sys_enter_write,
+    sys_exit_write,
+    SYSCALL_WRITE,
+    DIR_EGRESS,
+    Buf::Plain
+);
+io_probe!(
+    sys_enter_writev,
+    sys_exit_writev,
+    SYSCALL_WRITEV,
+    DIR_EGRESS,
+    Buf::Iov
+);
+io_probe!(
+    sys_enter_sendto,
+    sys_exit_sendto,
+    SYSCALL_SENDTO,
+    DIR_EGRESS,
+    Buf::Plain
+);
+io_probe!(
+    sys_enter_sendmsg,
+    sys_exit_sendmsg,
+    SYSCALL_SENDMSG,
+    DIR_EGRESS,
+    Buf::MsgHdr
+);
 
 #[inline(always)]
 fn on_accept(ctx: &TracePointContext, _syscall: u32) {

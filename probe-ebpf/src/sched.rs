@@ -2,7 +2,9 @@
 //! engine core are separate processes), and exits are reported. Offsets from
 //! /sys/kernel/tracing/events/{task/task_newtask,sched/sched_process_exit}/format.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext, EbpfContext};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext, EbpfContext,
+};
 use probe_common::{counter, EventHeader, EventKind, ProcEvent};
 
 use crate::{bump, current_tgid_tid, emit, is_target, TARGETS};

@@ -11,11 +11,7 @@ use std::{
 
 use probe_common::EventHeader;
 use probe_user::{
-    agent::Ingest,
-    events::encode_data,
-    health::Health,
-    metrics::Metrics,
-    requests::Recent,
+    agent::Ingest, events::encode_data, health::Health, metrics::Metrics, requests::Recent,
 };
 use prometheus_client::registry::Registry;
 
@@ -31,11 +27,18 @@ fn recorded() -> Vec<Vec<u8>> {
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let head =
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
     let mut out = Vec::new();
     let mut ts = 1_000_000u64;
     let mut rec = |fd: u32, egress: bool, bytes: &[u8], ts: u64| {
-        let h = EventHeader { kind: 0, tgid: 42, tid: 42, _pad: 0, ts_ns: ts };
+        let h = EventHeader {
+            kind: 0,
+            tgid: 42,
+            tid: 42,
+            _pad: 0,
+            ts_ns: ts,
+        };
         out.push(encode_data(h, fd, egress, bytes.len() as i64, bytes));
     };
     for fd in 0..CONNS {

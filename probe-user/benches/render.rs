@@ -16,9 +16,16 @@ fn main() {
     for model in 0..32 {
         for e in Endpoint::ALL {
             let model = format!("model-{model}");
-            let l = ReqLabels { model: model.clone(), endpoint: e.as_str() };
+            let l = ReqLabels {
+                model: model.clone(),
+                endpoint: e.as_str(),
+            };
             m.ttft.get_or_create(&l).observe(0.2);
-            let s = StatusLabels { model, endpoint: e.as_str(), status: Outcome::Ok.as_str() };
+            let s = StatusLabels {
+                model,
+                endpoint: e.as_str(),
+                status: Outcome::Ok.as_str(),
+            };
             m.requests.get_or_create(&s).inc();
         }
     }

@@ -41,7 +41,10 @@ pub struct Options {
 }
 
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a local timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -56,7 +59,11 @@ pub struct Ingest {
 
 impl Ingest {
     pub fn new(metrics: Metrics, recent: SharedRecent) -> Self {
-        Self { tracker: ConnTracker::new(), stats: RequestStats::new(metrics.clone(), recent), metrics }
+        Self {
+            tracker: ConnTracker::new(),
+            stats: RequestStats::new(metrics.clone(), recent),
+            metrics,
+        }
     }
 
     /// Process one ring-buffer record.
@@ -65,13 +72,27 @@ impl Ingest {
             Ok(ev) => ev,
             Err(e) => {
                 log::debug!("undecodable record: {e}");
-                self.metrics.events_lost.get_or_create(&ReasonLabels { reason: e.reason() }).inc();
+                self.metrics
+                    .events_lost
+                    .get_or_create(&ReasonLabels { reason: e.reason() })
+                    .inc();
                 return;
             }
         };
         match ev {
-            Event::Data { header, fd, egress, ret, payload, arrival_ns, .. } => {
-                let conn = ConnId { tgid: header.tgid, fd };
+            Event::Data {
+                header,
+                fd,
+                egress,
+                ret,
+                payload,
+                arrival_ns,
+                ..
+            } => {
+                let conn = ConnId {
+                    tgid: header.tgid,
+                    fd,
+                };
                 // Ingress bytes are dated by their arrival at the socket when the kernel knows it:
                 // a request that waited in the receive queue was waiting for the user too.
                 let ts = if !egress && arrival_ns != 0 && arrival_ns <= header.ts_ns {
@@ -90,25 +111,40 @@ impl Ingest {
                 }
             }
             Event::Accept { header, fd } => {
-                let conn = ConnId { tgid: header.tgid, fd };
+                let conn = ConnId {
+                    tgid: header.tgid,
+                    fd,
+                };
                 self.tracker.on_accept(conn, header.ts_ns, &mut self.stats);
             }
             Event::Close { header, fd } => {
-                let conn = ConnId { tgid: header.tgid, fd };
+                let conn = ConnId {
+                    tgid: header.tgid,
+                    fd,
+                };
                 self.tracker.on_close(conn, header.ts_ns, &mut self.stats);
             }
             Event::Fork { header, child } => {
-                log::info!("traced process {} forked {child}; tracing it too", header.tgid);
+                log::info!(
+                    "traced process {} forked {child}; tracing it too",
+                    header.tgid
+                );
                 if let Ok(mut h) = health.lock() {
                     h.targets.insert(
                         child,
-                        TargetView { pid: child, comm: attach::comm(child), alive: true, via: "fork" },
+                        TargetView {
+                            pid: child,
+                            comm: attach::comm(child),
+                            alive: true,
+                            via: "fork",
+                        },
                     );
                 }
             }
             Event::Exit { header } => {
                 log::warn!("traced process {} exited", header.tgid);
-                self.tracker.on_process_exit(header.tgid, header.ts_ns, &mut self.stats);
+                self.tracker
+                    .on_process_exit(header.tgid, header.ts_ns, &mut self.stats);
                 if let Ok(mut h) = health.lock() {
                     if let Some(t) = h.targets.get_mut(&header.tgid) {
                         t.alive = false;
@@ -129,7 +165,9 @@ fn add_targets(
     via: &'static str,
 ) -> anyhow::Result<()> {
     let all = attach::with_descendants(pids).context("listing descendants")?;
-    let mut k = kernel.lock().map_err(|_| anyhow::anyhow!("kernel lock poisoned"))?;
+    let mut k = kernel
+        .lock()
+        .map_err(|_| anyhow::anyhow!("kernel lock poisoned"))?;
     for &pid in &all {
         k.add_target(pid)?;
     }
@@ -156,7 +194,15 @@ fn add_targets(
     if let Ok(mut h) = health.lock() {
         for &pid in &all {
             let via = if pids.contains(&pid) { via } else { "fork" };
-            h.targets.insert(pid, TargetView { pid, comm: attach::comm(pid), alive: true, via });
+            h.targets.insert(
+                pid,
+                TargetView {
+                    pid,
+                    comm: attach::comm(pid),
+                    alive: true,
+                    via,
+                },
+            );
         }
     }
     Ok(())
@@ -173,7 +219,9 @@ impl CounterSync {
         metrics.events_seen.inc_by(d(now.seen, self.last.seen));
         metrics
             .events_lost
-            .get_or_create(&ReasonLabels { reason: "ringbuf_full" })
+            .get_or_create(&ReasonLabels {
+                reason: "ringbuf_full",
+            })
             .inc_by(d(now.lost_ringbuf_full, self.last.lost_ringbuf_full));
         metrics
             .events_lost
@@ -191,9 +239,15 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
     let (kernel, ring) = Kernel::load().context("attaching the kernel programs")?;
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
-    let health: SharedHealth = Arc::new(Mutex::new(Health { port: opts.port, ..Health::default() }));
+    let health: SharedHealth = Arc::new(Mutex::new(Health {
+        port: opts.port,
+        ..Health::default()
+    }));
     for a in &kernel.attached {
-        metrics.attached.get_or_create(&ProgramLabels { program: a.program }).set(i64::from(a.ok));
+        metrics
+            .attached
+            .get_or_create(&ProgramLabels { program: a.program })
+            .set(i64::from(a.ok));
     }
     if let Ok(mut h) = health.lock() {
         h.programs_total = kernel.attached.len();
@@ -219,13 +273,25 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
             anyhow::bail!("process {pid} does not exist");
         }
     }
-    add_targets(&kernel, &health, &roots, &ports, if opts.pids.is_empty() { "port" } else { "pid" })?;
+    add_targets(
+        &kernel,
+        &health,
+        &roots,
+        &ports,
+        if opts.pids.is_empty() { "port" } else { "pid" },
+    )?;
 
     let recent: SharedRecent = Arc::new(Mutex::new(Recent::default()));
-    let counter_sync = Arc::new(Mutex::new(CounterSync { last: Counters::default() }));
+    let counter_sync = Arc::new(Mutex::new(CounterSync {
+        last: Counters::default(),
+    }));
     let refresh = {
-        let (kernel, metrics, health, cs) =
-            (kernel.clone(), metrics.clone(), health.clone(), counter_sync.clone());
+        let (kernel, metrics, health, cs) = (
+            kernel.clone(),
+            metrics.clone(),
+            health.clone(),
+            counter_sync.clone(),
+        );
         Box::new(move || {
             let now = kernel.lock().map(|k| k.counters()).unwrap_or_default();
             if let Ok(mut cs) = cs.lock() {
@@ -236,8 +302,16 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("binding the metrics listener on {}", opts.listen))?;
-    log::info!("serving /metrics, /health and /api/v1/requests on http://{}", listener.local_addr()?);
-    let state = Arc::new(ServerState { registry, recent: recent.clone(), health: health.clone(), refresh });
+    log::info!(
+        "serving /metrics, /health and /api/v1/requests on http://{}",
+        listener.local_addr()?
+    );
+    let state = Arc::new(ServerState {
+        registry,
+        recent: recent.clone(),
+        health: health.clone(),
+        refresh,
+    });
     let server = tokio::spawn(server::serve(listener, state.clone()));
 
     let mut ingest = Ingest::new(metrics.clone(), recent);
@@ -298,7 +372,10 @@ fn housekeeping(
 ) {
     let now = monotonic_ns();
     ingest.stats.tick(now);
-    ingest.metrics.connections.set(ingest.tracker.open_connections() as i64);
+    ingest
+        .metrics
+        .connections
+        .set(ingest.tracker.open_connections() as i64);
     let mut live = 0;
     let mut died = Vec::new();
     if let Ok(mut h) = health.lock() {

@@ -50,9 +50,9 @@ pub fn pids_listening_on(port: u16) -> Result<Vec<u32>, AttachError> {
         }
         let table = tcp_by_inode(&p);
         let listens = socks.iter().any(|(_, inode)| {
-            table.get(inode).is_some_and(|e| {
-                e.state == TcpState::Listen && e.local_address.port() == port
-            })
+            table
+                .get(inode)
+                .is_some_and(|e| e.state == TcpState::Listen && e.local_address.port() == port)
         });
         if listens {
             pids.insert(p.pid as u32);
@@ -69,7 +69,10 @@ pub fn with_descendants(roots: &[u32]) -> Result<Vec<u32>, AttachError> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     for p in procfs::process::all_processes()?.filter_map(Result::ok) {
         if let Ok(stat) = p.stat() {
-            children.entry(stat.ppid as u32).or_default().push(p.pid as u32);
+            children
+                .entry(stat.ppid as u32)
+                .or_default()
+                .push(p.pid as u32);
         }
     }
     let mut seen: BTreeSet<u32> = BTreeSet::new();
@@ -127,7 +130,10 @@ pub fn scan_sockets(pid: u32, extra_ports: &[u16]) -> Result<Sockets, AttachErro
         })
         .map(|(fd, _)| *fd)
         .collect();
-    Ok(Sockets { listen_ports: listen_ports.into_iter().collect(), server_conns })
+    Ok(Sockets {
+        listen_ports: listen_ports.into_iter().collect(),
+        server_conns,
+    })
 }
 
 #[cfg(test)]
@@ -151,18 +157,30 @@ mod tests {
         use std::os::fd::AsRawFd as _;
         assert!(s.server_conns.contains(&(accepted.as_raw_fd() as u32)));
         // The client end's local port is ephemeral, so it is not a server-side socket.
-        assert_eq!(s.server_conns.iter().filter(|&&fd| fd == accepted.as_raw_fd() as u32).count(), 1);
+        assert_eq!(
+            s.server_conns
+                .iter()
+                .filter(|&&fd| fd == accepted.as_raw_fd() as u32)
+                .count(),
+            1
+        );
     }
 
     #[test]
     fn no_listener_is_a_clear_error() {
         // Port 1 (tcpmux) is not served on test machines.
-        assert!(matches!(pids_listening_on(1), Err(AttachError::NoListener(1))));
+        assert!(matches!(
+            pids_listening_on(1),
+            Err(AttachError::NoListener(1))
+        ));
     }
 
     #[test]
     fn descendants_include_children() {
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
         let all = with_descendants(&[std::process::id()]).unwrap();
         assert!(all.contains(&child.id()));
         child.kill().unwrap();

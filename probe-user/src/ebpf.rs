@@ -107,16 +107,23 @@ impl Kernel {
         let mut attached = Vec::with_capacity(PROGRAMS.len());
         for &(name, category, _) in PROGRAMS {
             let result = (|| -> Result<(), String> {
-                let prog = ebpf.program_mut(name).ok_or("program missing from object")?;
+                let prog = ebpf
+                    .program_mut(name)
+                    .ok_or("program missing from object")?;
                 let tp: &mut TracePoint = prog.try_into().map_err(|e| format!("{e}"))?;
                 tp.load().map_err(|e| format!("load: {e:#}"))?;
-                tp.attach(category, name).map_err(|e| format!("attach: {e:#}"))?;
+                tp.attach(category, name)
+                    .map_err(|e| format!("attach: {e:#}"))?;
                 Ok(())
             })();
             if let Err(e) = &result {
                 log::warn!("program {name} ({category}:{name}) not attached: {e}");
             }
-            attached.push(Attached { program: name, ok: result.is_ok(), error: result.err() });
+            attached.push(Attached {
+                program: name,
+                ok: result.is_ok(),
+                error: result.err(),
+            });
         }
         let missing: Vec<_> = PROGRAMS
             .iter()
@@ -132,11 +139,23 @@ impl Kernel {
         let conns = take(&mut ebpf, "CONNS")?;
         let listen_ports = take(&mut ebpf, "LISTEN_PORTS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
-        Ok((Self { _ebpf: ebpf, targets, conns, listen_ports, counters, attached }, ring))
+        Ok((
+            Self {
+                _ebpf: ebpf,
+                targets,
+                conns,
+                listen_ports,
+                counters,
+                attached,
+            },
+            ring,
+        ))
     }
 
     pub fn add_target(&mut self, tgid: u32) -> Result<(), LoadError> {
-        self.targets.insert(tgid, 1, 0).map_err(|e| LoadError::Map("TARGETS", e))
+        self.targets
+            .insert(tgid, 1, 0)
+            .map_err(|e| LoadError::Map("TARGETS", e))
     }
 
     pub fn remove_target(&mut self, tgid: u32) {
@@ -148,12 +167,16 @@ impl Kernel {
     }
 
     pub fn track_conn(&mut self, tgid: u32, fd: u32) -> Result<(), LoadError> {
-        self.conns.insert(ConnKey { tgid, fd }, 1, 0).map_err(|e| LoadError::Map("CONNS", e))
+        self.conns
+            .insert(ConnKey { tgid, fd }, 1, 0)
+            .map_err(|e| LoadError::Map("CONNS", e))
     }
 
     /// Ports whose sockets get arrival stamps (the ports traced servers listen on).
     pub fn add_listen_port(&mut self, port: u16) -> Result<(), LoadError> {
-        self.listen_ports.insert(port, 1, 0).map_err(|e| LoadError::Map("LISTEN_PORTS", e))
+        self.listen_ports
+            .insert(port, 1, 0)
+            .map_err(|e| LoadError::Map("LISTEN_PORTS", e))
     }
 
     /// Stop capturing a connection (it carries something that is not HTTP/1.x).
@@ -163,7 +186,10 @@ impl Kernel {
 
     pub fn counters(&self) -> Counters {
         let sum = |i: u32| -> u64 {
-            self.counters.get(&i, 0).map(|v| v.iter().copied().sum()).unwrap_or(0)
+            self.counters
+                .get(&i, 0)
+                .map(|v| v.iter().copied().sum())
+                .unwrap_or(0)
         };
         Counters {
             seen: sum(counter::EVENTS_SEEN),
@@ -178,7 +204,10 @@ impl Kernel {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memcg and ignore it.
 fn raise_memlock() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid pointer to a local.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
         log::debug!("setrlimit(RLIMIT_MEMLOCK) failed; fine on kernels ≥ 5.11");

@@ -18,10 +18,21 @@ pub enum Event<'a> {
         arrival_ns: u64,
         payload: &'a [u8],
     },
-    Accept { header: EventHeader, fd: u32 },
-    Close { header: EventHeader, fd: u32 },
-    Fork { header: EventHeader, child: u32 },
-    Exit { header: EventHeader },
+    Accept {
+        header: EventHeader,
+        fd: u32,
+    },
+    Close {
+        header: EventHeader,
+        fd: u32,
+    },
+    Fork {
+        header: EventHeader,
+        child: u32,
+    },
+    Exit {
+        header: EventHeader,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -62,7 +73,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             let claimed = d.cap_len as usize;
             let payload = bytes
                 .get(start..start + claimed)
-                .ok_or(DecodeError::BadLength { claimed, actual: bytes.len() - start })?;
+                .ok_or(DecodeError::BadLength {
+                    claimed,
+                    actual: bytes.len() - start,
+                })?;
             Ok(Event::Data {
                 header,
                 fd: d.fd,
@@ -83,7 +97,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         }
         Some(EventKind::Fork) => {
             let p: ProcEvent = read(bytes)?;
-            Ok(Event::Fork { header, child: p.other })
+            Ok(Event::Fork {
+                header,
+                child: p.other,
+            })
         }
         Some(EventKind::Exit) => Ok(Event::Exit { header }),
         None => Err(DecodeError::UnknownKind(header.kind)),
@@ -91,14 +108,27 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
 }
 
 /// Serialise a data record the way the kernel lays it out (tests and benchmarks replay these).
-pub fn encode_data(header: EventHeader, fd: u32, egress: bool, ret: i64, payload: &[u8]) -> Vec<u8> {
+pub fn encode_data(
+    header: EventHeader,
+    fd: u32,
+    egress: bool,
+    ret: i64,
+    payload: &[u8],
+) -> Vec<u8> {
     let d = DataEvent {
-        header: EventHeader { kind: EventKind::Data as u32, ..header },
+        header: EventHeader {
+            kind: EventKind::Data as u32,
+            ..header
+        },
         fd,
         dir: u32::from(egress),
         ret,
         cap_len: payload.len() as u32,
-        syscall: if egress { probe_common::SYSCALL_WRITE } else { probe_common::SYSCALL_READ },
+        syscall: if egress {
+            probe_common::SYSCALL_WRITE
+        } else {
+            probe_common::SYSCALL_READ
+        },
         arrival_ns: 0,
     };
     let mut out = Vec::with_capacity(size_of::<DataEvent>() + payload.len());
@@ -116,16 +146,33 @@ mod tests {
     use super::*;
 
     fn hdr() -> EventHeader {
-        EventHeader { kind: 0, tgid: 7, tid: 8, _pad: 0, ts_ns: 99 }
+        EventHeader {
+            kind: 0,
+            tgid: 7,
+            tid: 8,
+            _pad: 0,
+            ts_ns: 99,
+        }
     }
 
     #[test]
     fn data_round_trip() {
         let raw = encode_data(hdr(), 5, true, 3, b"abc");
-        let Ok(Event::Data { fd, egress, ret, payload, header, .. }) = decode(&raw) else {
+        let Ok(Event::Data {
+            fd,
+            egress,
+            ret,
+            payload,
+            header,
+            ..
+        }) = decode(&raw)
+        else {
             panic!("decode failed");
         };
-        assert_eq!((fd, egress, ret, payload, header.ts_ns), (5, true, 3, &b"abc"[..], 99));
+        assert_eq!(
+            (fd, egress, ret, payload, header.ts_ns),
+            (5, true, 3, &b"abc"[..], 99)
+        );
     }
 
     #[test]
@@ -133,7 +180,13 @@ mod tests {
         assert_eq!(decode(&[0; 3]), Err(DecodeError::Short(3)));
         let mut raw = encode_data(hdr(), 5, false, 10, b"0123456789");
         raw.truncate(raw.len() - 4);
-        assert!(matches!(decode(&raw), Err(DecodeError::BadLength { claimed: 10, actual: 6 })));
+        assert!(matches!(
+            decode(&raw),
+            Err(DecodeError::BadLength {
+                claimed: 10,
+                actual: 6
+            })
+        ));
         let mut raw = encode_data(hdr(), 5, false, 1, b"x");
         raw[0] = 200;
         assert_eq!(decode(&raw), Err(DecodeError::UnknownKind(200)));

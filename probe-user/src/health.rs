@@ -50,19 +50,30 @@ pub type SharedHealth = Arc<Mutex<Health>>;
 impl Health {
     pub fn checks(&self) -> BTreeMap<&'static str, serde_json::Value> {
         let live = self.targets.values().filter(|t| t.alive).count();
-        let mut target = Check { status: Status::Healthy, value: live as f64, issues: vec![] };
+        let mut target = Check {
+            status: Status::Healthy,
+            value: live as f64,
+            issues: vec![],
+        };
         if live == 0 {
             target.status = Status::Critical;
             target.issues.push(match self.port {
-                Some(p) => format!("no traced process is alive; waiting for a listener on port {p} to re-attach"),
+                Some(p) => format!(
+                    "no traced process is alive; waiting for a listener on port {p} to re-attach"
+                ),
                 None => "no traced process is alive".to_owned(),
             });
         }
         for t in self.targets.values().filter(|t| !t.alive) {
-            target.issues.push(format!("process {} ({}) exited", t.pid, t.comm));
+            target
+                .issues
+                .push(format!("process {} ({}) exited", t.pid, t.comm));
         }
-        let mut programs =
-            Check { status: Status::Healthy, value: self.programs_attached as f64, issues: vec![] };
+        let mut programs = Check {
+            status: Status::Healthy,
+            value: self.programs_attached as f64,
+            issues: vec![],
+        };
         if self.programs_attached < self.programs_total {
             programs.status = Status::Warning;
             programs.issues.push(format!(
@@ -70,7 +81,11 @@ impl Health {
                 self.programs_attached, self.programs_total
             ));
         }
-        let mut events = Check { status: Status::Healthy, value: self.events_lost as f64, issues: vec![] };
+        let mut events = Check {
+            status: Status::Healthy,
+            value: self.events_lost as f64,
+            issues: vec![],
+        };
         if self.events_lost > 0 {
             events.status = Status::Warning;
             events.issues.push(format!(
@@ -98,7 +113,9 @@ impl Health {
             .filter_map(|c| serde_json::from_value::<Status>(c["status"].clone()).ok())
             .max()
             .unwrap_or(Status::Healthy);
-        let ts = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         let body = serde_json::json!({
             "overall": overall,
             "timestamp": ts,
@@ -120,12 +137,21 @@ mod tests {
     use super::*;
 
     fn target(alive: bool) -> TargetView {
-        TargetView { pid: 1, comm: "x".into(), alive, via: "pid" }
+        TargetView {
+            pid: 1,
+            comm: "x".into(),
+            alive,
+            via: "pid",
+        }
     }
 
     #[test]
     fn dead_target_is_critical_and_503() {
-        let mut h = Health { programs_attached: 3, programs_total: 3, ..Health::default() };
+        let mut h = Health {
+            programs_attached: 3,
+            programs_total: 3,
+            ..Health::default()
+        };
         h.targets.insert(1, target(true));
         assert_eq!(h.verdict().0, StatusCode::OK);
         h.targets.insert(1, target(false));
@@ -137,7 +163,12 @@ mod tests {
 
     #[test]
     fn lost_events_warn() {
-        let mut h = Health { programs_attached: 3, programs_total: 3, events_lost: 2, ..Health::default() };
+        let mut h = Health {
+            programs_attached: 3,
+            programs_total: 3,
+            events_lost: 2,
+            ..Health::default()
+        };
         h.targets.insert(1, target(true));
         let (code, body) = h.verdict();
         assert_eq!(code, StatusCode::OK);

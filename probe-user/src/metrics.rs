@@ -9,8 +9,9 @@ use prometheus_client::{
 
 /// Catalog TTFT buckets, with three finer ones below 50 ms so small and fast engines still get
 /// meaningful quantiles. Every catalog boundary is kept, so catalog thresholds line up.
-pub const TTFT_BUCKETS: &[f64] =
-    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0];
+pub const TTFT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
+];
 /// Catalog TBT buckets, with three finer ones below 10 ms (same reason).
 pub const TBT_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2,
@@ -141,8 +142,16 @@ impl Metrics {
             m.duration.clone(),
         );
         // prometheus-client appends `_total` to counters.
-        registry.register("llm_requests", "Requests finished, by outcome", m.requests.clone());
-        registry.register("llm_error", "Requests that ended in an error, by error type", m.errors.clone());
+        registry.register(
+            "llm_requests",
+            "Requests finished, by outcome",
+            m.requests.clone(),
+        );
+        registry.register(
+            "llm_error",
+            "Requests that ended in an error, by error type",
+            m.errors.clone(),
+        );
         registry.register(
             "llm_tokens_per_second",
             "Generated tokens per second over the last 10 s",
@@ -163,13 +172,21 @@ impl Metrics {
             "Requests received that have no first token yet",
             m.queue_depth.clone(),
         );
-        registry.register("llm_batch_size", "Requests streaming tokens now", m.batch_size.clone());
+        registry.register(
+            "llm_batch_size",
+            "Requests streaming tokens now",
+            m.batch_size.clone(),
+        );
         registry.register(
             "llm_probe_attached",
             "1 when the named kernel program is attached",
             m.attached.clone(),
         );
-        registry.register("llm_probe_events", "Kernel records delivered to the agent", m.events.clone());
+        registry.register(
+            "llm_probe_events",
+            "Kernel records delivered to the agent",
+            m.events.clone(),
+        );
         registry.register(
             "llm_probe_events_seen",
             "Kernel records produced (delivered + lost)",
@@ -185,18 +202,31 @@ impl Metrics {
             "Bytes on traced sockets that could not be parsed, by kind",
             m.parse_errors.clone(),
         );
-        registry.register("llm_probe_targets", "Processes traced now", m.targets.clone());
+        registry.register(
+            "llm_probe_targets",
+            "Processes traced now",
+            m.targets.clone(),
+        );
         registry.register(
             "llm_probe_connections",
             "Server-side connections with parser state",
             m.connections.clone(),
         );
-        registry.register("llm_probe_build_info", "Build information (value 1)", m.build_info.clone());
+        registry.register(
+            "llm_probe_build_info",
+            "Build information (value 1)",
+            m.build_info.clone(),
+        );
         m.build_info
-            .get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION"), aya: "0.14" })
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                aya: "0.14",
+            })
             .set(1);
         for kind in crate::http::ParseErrorKind::ALL {
-            let _ = m.parse_errors.get_or_create(&KindLabels { kind: kind.as_str() });
+            let _ = m.parse_errors.get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            });
         }
         for reason in LOST_REASONS {
             let _ = m.events_lost.get_or_create(&ReasonLabels { reason });

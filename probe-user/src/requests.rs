@@ -123,7 +123,9 @@ impl RequestStats {
 
     /// Bounded model label: the first `MAX_MODELS` names as themselves, then `other`.
     fn model_label(&mut self, meta: &RequestMeta) -> String {
-        let Some(m) = meta.model.as_deref() else { return "unknown".to_owned() };
+        let Some(m) = meta.model.as_deref() else {
+            return "unknown".to_owned();
+        };
         if self.models.iter().any(|k| k == m) {
             return m.to_owned();
         }
@@ -147,7 +149,10 @@ impl RequestStats {
         let model = self.model_str(meta).to_owned();
         let per = self.handles.entry(endpoint).or_default();
         if !per.contains_key(&model) {
-            let labels = ReqLabels { model: model.clone(), endpoint: endpoint.as_str() };
+            let labels = ReqLabels {
+                model: model.clone(),
+                endpoint: endpoint.as_str(),
+            };
             let h = Handles {
                 ttft: self.metrics.ttft.get_or_create(&labels).clone(),
                 tbt: self.metrics.tbt.get_or_create(&labels).clone(),
@@ -173,7 +178,9 @@ impl RequestStats {
         for (model, w) in &self.windows {
             self.metrics
                 .tokens_per_second
-                .get_or_create(&ModelLabels { model: model.clone() })
+                .get_or_create(&ModelLabels {
+                    model: model.clone(),
+                })
                 .set(w.rate(now_ns));
         }
     }
@@ -221,20 +228,36 @@ impl Observer for RequestStats {
         }
         self.metrics.queue_depth.set(self.waiting);
         self.metrics.batch_size.set(self.streaming);
-        let Some(endpoint) = r.meta.endpoint else { return };
+        let Some(endpoint) = r.meta.endpoint else {
+            return;
+        };
         let model = self.model_str(&r.meta).to_owned();
         let status = r.outcome.as_str();
-        let labels = StatusLabels { model: model.clone(), endpoint: endpoint.as_str(), status };
+        let labels = StatusLabels {
+            model: model.clone(),
+            endpoint: endpoint.as_str(),
+            status,
+        };
         let duration_ns = r.end_ns.saturating_sub(r.arrival_ns);
         self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics.duration.get_or_create(&labels).observe(duration_ns as f64 / 1e9);
+        self.metrics
+            .duration
+            .get_or_create(&labels)
+            .observe(duration_ns as f64 / 1e9);
         if r.outcome.is_error() {
-            let e = ErrorLabels { model: model.clone(), endpoint: endpoint.as_str(), error_type: status };
+            let e = ErrorLabels {
+                model: model.clone(),
+                endpoint: endpoint.as_str(),
+                error_type: status,
+            };
             self.metrics.errors.get_or_create(&e).inc();
         }
         let tokens = r.tokens();
         let ml = ModelLabels { model };
-        self.metrics.generated_tokens.get_or_create(&ml).inc_by(tokens);
+        self.metrics
+            .generated_tokens
+            .get_or_create(&ml)
+            .inc_by(tokens);
         if let Some(p) = r.prompt_tokens {
             self.metrics.prompt_tokens.get_or_create(&ml).inc_by(p);
         }
@@ -270,7 +293,12 @@ impl Observer for RequestStats {
     }
 
     fn parse_error(&mut self, _conn: ConnId, kind: ParseErrorKind) {
-        self.metrics.parse_errors.get_or_create(&KindLabels { kind: kind.as_str() }).inc();
+        self.metrics
+            .parse_errors
+            .get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            })
+            .inc();
     }
 
     fn untrack(&mut self, conn: ConnId) {

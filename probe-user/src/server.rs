@@ -5,7 +5,9 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{body::Incoming, header, server::conn::http1, service::service_fn, Request, Response, StatusCode};
+use hyper::{
+    body::Incoming, header, server::conn::http1, service::service_fn, Request, Response, StatusCode,
+};
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -89,7 +91,10 @@ pub async fn serve(listener: TcpListener, state: Arc<ServerState>) {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, &req)) }
             });
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
                 log::debug!("metrics connection: {e}");
             }
         });

@@ -13,7 +13,10 @@ use tokio::{
 };
 
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a local timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -52,7 +55,9 @@ pub fn is_content(v: &Value) -> bool {
             nonempty(&c["text"])
                 || nonempty(&c["delta"]["content"])
                 || nonempty(&c["delta"]["reasoning_content"])
-                || c["delta"]["tool_calls"].as_array().is_some_and(|a| !a.is_empty())
+                || c["delta"]["tool_calls"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
                 || nonempty(&c["message"]["content"])
         });
     }
@@ -85,7 +90,9 @@ impl Body {
         }
         self.raw.extend_from_slice(bytes);
         loop {
-            let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") else { return };
+            let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") else {
+                return;
+            };
             let line = String::from_utf8_lossy(&self.raw[..eol]).to_string();
             let size_str = line.split(';').next().unwrap_or("").trim();
             let Ok(size) = usize::from_str_radix(size_str, 16) else {
@@ -99,7 +106,8 @@ impl Body {
             if self.raw.len() < eol + 2 + size + 2 {
                 return;
             }
-            self.decoded.extend_from_slice(&self.raw[eol + 2..eol + 2 + size]);
+            self.decoded
+                .extend_from_slice(&self.raw[eol + 2..eol + 2 + size]);
             self.raw.drain(..eol + 2 + size + 2);
         }
     }
@@ -107,7 +115,10 @@ impl Body {
 
 /// Run one request on a fresh connection.
 pub async fn run(addr: &str, req: &Req) -> Sample {
-    let mut s = Sample { request_id: req.request_id.clone(), ..Sample::default() };
+    let mut s = Sample {
+        request_id: req.request_id.clone(),
+        ..Sample::default()
+    };
     match tokio::time::timeout(req.timeout, run_inner(addr, req, &mut s)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => s.error = Some(format!("{e:#}")),
@@ -140,7 +151,10 @@ async fn run_inner(addr: &str, req: &Req, s: &mut Sample) -> anyhow::Result<()> 
         let n = sock.read(&mut buf).await?;
         let now = monotonic_ns();
         if n == 0 {
-            if body.as_ref().is_some_and(|b| !b.chunked && b.content_length.is_none()) {
+            if body
+                .as_ref()
+                .is_some_and(|b| !b.chunked && b.content_length.is_none())
+            {
                 break; // read-until-close body
             }
             anyhow::bail!("connection closed early");
@@ -150,7 +164,9 @@ async fn run_inner(addr: &str, req: &Req, s: &mut Sample) -> anyhow::Result<()> 
             head_buf.extend_from_slice(bytes);
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut resp = httparse::Response::new(&mut headers);
-            let httparse::Status::Complete(len) = resp.parse(&head_buf)? else { continue };
+            let httparse::Status::Complete(len) = resp.parse(&head_buf)? else {
+                continue;
+            };
             s.status = resp.code.unwrap_or(0);
             let mut b = Body::default();
             for h in resp.headers.iter() {

@@ -17,7 +17,10 @@ use std::{
 use serde_json::Value;
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// Where `cargo xtask setup` keeps the Python venv and the tiny model.
@@ -53,27 +56,42 @@ pub fn require_root(test: &str) -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    assert!(std::env::var_os("CI").is_none(), "{test}: needs root, and CI must run as root");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: needs root, and CI must run as root"
+    );
     eprintln!("SKIP {test}: needs root to load eBPF programs (run `sudo cargo xtask test`)");
     false
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// Minimal HTTP/1.1 GET on loopback: (status, body).
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).to_string();
     let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     // Bodies from hyper may be chunked; de-chunk if so.
-    if text.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         let mut out = String::new();
         let mut rest = body.as_str();
         while let Some((size, after)) = rest.split_once("\r\n") {
@@ -115,10 +133,18 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name} ({cmd:?}): {e}"));
         let log = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-                     child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>)]
-            .into_iter()
-            .flatten()
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
         {
             let log = log.clone();
             let verbose = std::env::var_os("LLM_PROBE_TEST_VERBOSE").is_some();
@@ -137,7 +163,11 @@ impl Proc {
                 }
             });
         }
-        Proc { child, name: name.to_owned(), log }
+        Proc {
+            child,
+            name: name.to_owned(),
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -184,34 +214,42 @@ pub fn start_llama(port: u16) -> Proc {
     );
     let p = Proc::spawn(
         "llama-cpp-python",
-        Command::new(py).args(["-m", "llama_cpp.server", "--model"]).arg(model).args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--n_ctx",
-            "2048",
-            "--n_threads",
-            "1",
-            "--verbose",
-            "false",
-            // By default a new request interrupts the one streaming (llama-cpp-python's
-            // `interrupt_requests`); concurrent streams must queue instead.
-            "--interrupt_requests",
-            "false",
-        ]),
+        Command::new(py)
+            .args(["-m", "llama_cpp.server", "--model"])
+            .arg(model)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--n_ctx",
+                "2048",
+                "--n_threads",
+                "1",
+                "--verbose",
+                "false",
+                // By default a new request interrupts the one streaming (llama-cpp-python's
+                // `interrupt_requests`); concurrent streams must queue instead.
+                "--interrupt_requests",
+                "false",
+            ]),
     );
     let addr = format!("127.0.0.1:{port}");
-    wait_for("llama-cpp-python to serve /v1/models", Duration::from_secs(60), || {
-        http_get(&addr, "/v1/models").is_ok_and(|(s, _)| s == 200)
-    });
+    wait_for(
+        "llama-cpp-python to serve /v1/models",
+        Duration::from_secs(60),
+        || http_get(&addr, "/v1/models").is_ok_and(|(s, _)| s == 200),
+    );
     p
 }
 
 /// The second stack: a Node.js `http` server with controlled delays (tests/servers/mock_llm.js).
 pub fn start_node(port: u16) -> Proc {
     let script = workspace_root().join("tests/servers/mock_llm.js");
-    let p = Proc::spawn("node", Command::new("node").arg(script).arg(port.to_string()));
+    let p = Proc::spawn(
+        "node",
+        Command::new("node").arg(script).arg(port.to_string()),
+    );
     let addr = format!("127.0.0.1:{port}");
     wait_for("node mock server", Duration::from_secs(20), || {
         http_get(&addr, "/health").is_ok_and(|(s, _)| s == 200)
@@ -228,14 +266,22 @@ pub struct Probe {
 impl Probe {
     pub fn start(target_args: &[String]) -> Probe {
         let bin = probe_bin();
-        assert!(bin.exists(), "{} missing: run `cargo xtask build`", bin.display());
+        assert!(
+            bin.exists(),
+            "{} missing: run `cargo xtask build`",
+            bin.display()
+        );
         let addr = format!("127.0.0.1:{}", free_port());
         let proc = Proc::spawn(
             "llm-probe",
-            Command::new(bin).arg("run").args(target_args).args(["--listen", &addr]).env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            ),
+            Command::new(bin)
+                .arg("run")
+                .args(target_args)
+                .args(["--listen", &addr])
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                ),
         );
         let mut probe = Probe { proc, addr };
         let a = probe.addr.clone();
@@ -244,15 +290,25 @@ impl Probe {
             if http_get(&a, "/health").is_ok() {
                 break;
             }
-            assert!(probe.proc.alive(), "llm-probe exited early:\n{}", probe.proc.log_text());
-            assert!(start.elapsed() < Duration::from_secs(30), "llm-probe did not come up:\n{}", probe.proc.log_text());
+            assert!(
+                probe.proc.alive(),
+                "llm-probe exited early:\n{}",
+                probe.proc.log_text()
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "llm-probe did not come up:\n{}",
+                probe.proc.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         probe
     }
 
     pub fn metrics(&self) -> String {
-        http_get(&self.addr, "/metrics").map(|(_, b)| b).unwrap_or_default()
+        http_get(&self.addr, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
     }
 
     pub fn health(&self) -> (u16, Value) {
@@ -264,7 +320,10 @@ impl Probe {
     pub fn requests(&self) -> (u64, Vec<Value>) {
         let (_, b) = http_get(&self.addr, "/api/v1/requests").expect("GET /api/v1/requests");
         let v: Value = serde_json::from_str(&b).unwrap_or(Value::Null);
-        (v["finished_total"].as_u64().unwrap_or(0), v["requests"].as_array().cloned().unwrap_or_default())
+        (
+            v["finished_total"].as_u64().unwrap_or(0),
+            v["requests"].as_array().cloned().unwrap_or_default(),
+        )
     }
 
     /// Wait until the probe has recorded at least `n` finished requests (its drain runs every 10 ms).
@@ -290,7 +349,9 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             if n != name {
                 return None;
             }
-            let ok = labels.iter().all(|(k, v)| lbl.contains(&format!("{k}=\"{v}\"")));
+            let ok = labels
+                .iter()
+                .all(|(k, v)| lbl.contains(&format!("{k}=\"{v}\"")));
             ok.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()

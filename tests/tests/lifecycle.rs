@@ -7,7 +7,9 @@ mod common;
 use std::{process::Command, time::Duration};
 
 use common::{chat_body, records, req, run_concurrent, run_one};
-use harness::{free_port, metric_sum, require_root, start_node, wait_for, workspace_root, Probe, Proc};
+use harness::{
+    free_port, metric_sum, require_root, start_node, wait_for, workspace_root, Probe, Proc,
+};
 use serde_json::json;
 
 #[test]
@@ -20,19 +22,36 @@ fn children_forked_after_attach_are_traced() {
     // The shell is the target; node is forked by it only after the probe has attached.
     let parent = Proc::spawn(
         "sh",
-        Command::new("sh").arg("-c").arg(format!("sleep 2; node {} {port}; true", script.display())),
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("sleep 2; node {} {port}; true", script.display())),
     );
     let probe = Probe::start(&["--pid".into(), parent.pid().to_string()]);
     let addr = format!("127.0.0.1:{port}");
     wait_for("node forked by the target", Duration::from_secs(20), || {
         harness::http_get(&addr, "/health").is_ok_and(|(s, _)| s == 200)
     });
-    let s = run_one(&addr, req("/v1/chat/completions", chat_body("kid", true, 4, &json!({})), "child-1"));
+    let s = run_one(
+        &addr,
+        req(
+            "/v1/chat/completions",
+            chat_body("kid", true, 4, &json!({})),
+            "child-1",
+        ),
+    );
     assert!(s.error.is_none());
     let recs = records(&probe, 1);
     assert_eq!(recs[0]["request_id"], "child-1");
-    assert_ne!(recs[0]["pid"].as_u64(), Some(u64::from(parent.pid())), "served by the child");
-    assert!(probe.proc.log_text().contains("forked"), "{}", probe.proc.log_text());
+    assert_ne!(
+        recs[0]["pid"].as_u64(),
+        Some(u64::from(parent.pid())),
+        "served by the child"
+    );
+    assert!(
+        probe.proc.log_text().contains("forked"),
+        "{}",
+        probe.proc.log_text()
+    );
 }
 
 #[test]
@@ -44,21 +63,44 @@ fn target_exit_is_reported_and_port_reattached() {
     let node = start_node(port);
     let probe = Probe::start(&["--port".into(), port.to_string()]);
     let addr = format!("127.0.0.1:{port}");
-    run_one(&addr, req("/v1/chat/completions", chat_body("r", true, 3, &json!({})), "first-life"));
+    run_one(
+        &addr,
+        req(
+            "/v1/chat/completions",
+            chat_body("r", true, 3, &json!({})),
+            "first-life",
+        ),
+    );
     records(&probe, 1);
     drop(node);
-    wait_for("/health to turn critical after the target exits", Duration::from_secs(10), || {
-        probe.health().0 == 503
-    });
+    wait_for(
+        "/health to turn critical after the target exits",
+        Duration::from_secs(10),
+        || probe.health().0 == 503,
+    );
     let (_, h) = probe.health();
     assert_eq!(h["overall"], "critical", "{h}");
     assert!(probe.proc.log_text().contains("exited") || probe.proc.log_text().contains("gone"));
 
     let _node2 = start_node(port);
-    wait_for("re-attach to the new listener", Duration::from_secs(10), || probe.health().0 == 200);
-    run_one(&addr, req("/v1/chat/completions", chat_body("r", true, 3, &json!({})), "second-life"));
+    wait_for(
+        "re-attach to the new listener",
+        Duration::from_secs(10),
+        || probe.health().0 == 200,
+    );
+    run_one(
+        &addr,
+        req(
+            "/v1/chat/completions",
+            chat_body("r", true, 3, &json!({})),
+            "second-life",
+        ),
+    );
     let recs = records(&probe, 2);
-    assert!(recs.iter().any(|r| r["request_id"] == "second-life"), "{recs:#?}");
+    assert!(
+        recs.iter().any(|r| r["request_id"] == "second-life"),
+        "{recs:#?}"
+    );
 }
 
 #[test]
@@ -70,12 +112,31 @@ fn sigterm_detaches_cleanly() {
     let _node = start_node(port);
     let mut probe = Probe::start(&["--port".into(), port.to_string()]);
     probe.proc.signal(libc::SIGTERM);
-    wait_for("llm-probe to exit on SIGTERM", Duration::from_secs(10), || !probe.proc.alive());
+    wait_for(
+        "llm-probe to exit on SIGTERM",
+        Duration::from_secs(10),
+        || !probe.proc.alive(),
+    );
     let status = probe.proc.child.wait().expect("wait");
-    assert!(status.success(), "exit status {status}:\n{}", probe.proc.log_text());
-    assert!(probe.proc.log_text().contains("detaching"), "{}", probe.proc.log_text());
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        probe.proc.log_text()
+    );
+    assert!(
+        probe.proc.log_text().contains("detaching"),
+        "{}",
+        probe.proc.log_text()
+    );
     // The server keeps serving after the probe went away.
-    let s = run_one(&format!("127.0.0.1:{port}"), req("/v1/chat/completions", chat_body("x", true, 2, &json!({})), "after"));
+    let s = run_one(
+        &format!("127.0.0.1:{port}"),
+        req(
+            "/v1/chat/completions",
+            chat_body("x", true, 2, &json!({})),
+            "after",
+        ),
+    );
     assert!(s.error.is_none(), "{s:?}");
 }
 
@@ -91,7 +152,13 @@ fn ring_pressure_every_event_delivered_or_counted_lost() {
     // Freeze the agent so nothing drains, then push ~20 MB of 3 KB events through an 8 MB ring.
     probe.proc.signal(libc::SIGSTOP);
     let reqs = (0..4)
-        .map(|i| req("/v1/chat/completions", chat_body("big", true, 1500, &json!({"pad": 3000})), &format!("big-{i}")))
+        .map(|i| {
+            req(
+                "/v1/chat/completions",
+                chat_body("big", true, 1500, &json!({"pad": 3000})),
+                &format!("big-{i}"),
+            )
+        })
         .collect();
     let samples = run_concurrent(&addr, reqs);
     probe.proc.signal(libc::SIGCONT);
@@ -101,8 +168,11 @@ fn ring_pressure_every_event_delivered_or_counted_lost() {
         let m = probe.metrics();
         let seen = metric_sum(&m, "llm_probe_events_seen_total", &[]);
         let delivered = metric_sum(&m, "llm_probe_events_total", &[]);
-        let lost = metric_sum(&m, "llm_probe_events_lost_total", &[("reason", "ringbuf_full")])
-            + metric_sum(&m, "llm_probe_events_lost_total", &[("reason", "map_full")]);
+        let lost = metric_sum(
+            &m,
+            "llm_probe_events_lost_total",
+            &[("reason", "ringbuf_full")],
+        ) + metric_sum(&m, "llm_probe_events_lost_total", &[("reason", "map_full")]);
         (seen, delivered, lost, m)
     };
     let mut prev = counts();

@@ -24,54 +24,109 @@ fn llama_cpp_ttft_tbt_agree_with_client_at_1_and_64_streams() {
     }
     let port = free_port();
     let engine = start_llama(port);
-    let probe = Probe::start(&["--pid".into(), engine.pid().to_string()]);
     let addr = format!("127.0.0.1:{port}");
+    // Warm-up before attaching: the engine's first request pays one-time costs on both sides.
+    common::run_one(
+        &addr,
+        req(
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "warm", "max_tokens": 4}).to_string(),
+            &id(0, 0),
+        ),
+    );
+    let probe = Probe::start(&["--pid".into(), engine.pid().to_string()]);
 
     // One stream at a time: chat and completions, streaming and not.
     let mut samples = Vec::new();
     for i in 0..8u64 {
         let stream = i % 4 != 3;
         let (path, body) = if i % 2 == 0 {
-            ("/v1/chat/completions", chat_body("tiny", stream, 16, &json!({})))
+            (
+                "/v1/chat/completions",
+                chat_body("tiny", stream, 16, &json!({})),
+            )
         } else {
-            ("/v1/completions", json!({"model": "tiny", "prompt": "The probe", "stream": stream, "max_tokens": 16}).to_string())
+            (
+                "/v1/completions",
+                json!({"model": "tiny", "prompt": "The probe", "stream": stream, "max_tokens": 16})
+                    .to_string(),
+            )
         };
         samples.extend(run_concurrent(&addr, vec![req(path, body, &id(1, i))]));
     }
     // 64 concurrent streams.
     let reqs = (0..64u64)
-        .map(|i| req("/v1/chat/completions", chat_body("tiny", true, 12, &json!({})), &id(2, i)))
+        .map(|i| {
+            req(
+                "/v1/chat/completions",
+                chat_body("tiny", true, 12, &json!({})),
+                &id(2, i),
+            )
+        })
         .collect();
     samples.extend(run_concurrent(&addr, reqs));
 
     let recs = records(&probe, samples.len());
-    assert_eq!(recs.len(), samples.len(), "every request accounted for, no extra ones");
+    assert_eq!(
+        recs.len(),
+        samples.len(),
+        "every request accounted for, no extra ones"
+    );
     let mut worst = 0.0f64;
     let mut worst_id = String::new();
+    let (mut ttft_diffs, mut gap_diffs) = (Vec::new(), Vec::new());
     for s in &samples {
         assert_eq!(s.status, 200, "{}: {:?}", s.request_id, s.error);
         let rec = by_id(&recs, &s.request_id);
         assert_eq!(rec["outcome"], "ok", "{rec}");
         let (t, g) = common::compare_parts(s, rec);
-        let arrival_lag = (rec["arrival_ns"].as_u64().unwrap_or(0) as f64 - s.start_ns as f64) / 1e6;
-        eprintln!("{}: ttft diff {t:.3} ms, worst gap diff {g:.3} ms, server read lag {arrival_lag:.3} ms", s.request_id);
+        ttft_diffs.push(t);
+        gap_diffs.push(g);
         let d = t.max(g);
         if d > worst {
             worst = d;
             worst_id.clone_from(&s.request_id);
         }
     }
-    eprintln!("llama-cpp-python: {} requests, worst |probe - client| = {worst:.3} ms ({worst_id})", samples.len());
-    assert!(worst <= TOLERANCE_MS, "worst disagreement {worst:.3} ms on {worst_id} exceeds {TOLERANCE_MS} ms");
+    let p = |v: &mut Vec<f64>, q: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * q) as usize]
+    };
+    eprintln!(
+        "llama-cpp-python: {} requests; |probe - client| TTFT p50 {:.3} ms, max {:.3} ms; worst gap per request p50 {:.3} ms, max {:.3} ms",
+        samples.len(),
+        p(&mut ttft_diffs, 0.5),
+        p(&mut ttft_diffs, 1.0),
+        p(&mut gap_diffs, 0.5),
+        p(&mut gap_diffs, 1.0),
+    );
+    assert!(
+        worst <= TOLERANCE_MS,
+        "worst disagreement {worst:.3} ms on {worst_id} exceeds {TOLERANCE_MS} ms"
+    );
 
     let m = probe.metrics();
     let total = metric_sum(&m, "llm_requests_total", &[("status", "ok")]);
     assert_eq!(total as usize, samples.len(), "llm_requests_total:\n{m}");
     let streamed: u64 = samples.iter().filter(|s| s.ttft_ns.is_some()).count() as u64;
-    assert_eq!(metric_sum(&m, "llm_ttft_seconds_count", &[("model", "tiny")]) as u64, streamed);
-    assert_eq!(metric_sum(&m, "llm_queue_depth", &[]), 0.0, "nothing left waiting");
-    assert_eq!(metric_sum(&m, "llm_batch_size", &[]), 0.0, "nothing left streaming");
+    assert_eq!(
+        metric_sum(&m, "llm_ttft_seconds_count", &[("model", "tiny")]) as u64,
+        streamed
+    );
+    assert_eq!(
+        metric_sum(&m, "llm_queue_depth", &[]),
+        0.0,
+        "nothing left waiting"
+    );
+    assert_eq!(
+        metric_sum(&m, "llm_batch_size", &[]),
+        0.0,
+        "nothing left streaming"
+    );
     assert!(metric_sum(&m, "llm_generated_tokens_total", &[("model", "tiny")]) > 0.0);
-    assert!(metric_sum(&m, "llm_prompt_tokens_total", &[("model", "tiny")]) > 0.0, "usage of non-streamed responses");
+    assert!(
+        metric_sum(&m, "llm_prompt_tokens_total", &[("model", "tiny")]) > 0.0,
+        "usage of non-streamed responses"
+    );
     assert_eq!(metric_sum(&m, "llm_probe_events_lost_total", &[]), 0.0);
 }

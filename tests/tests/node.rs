@@ -30,21 +30,46 @@ fn ms(ns: &serde_json::Value) -> f64 {
 
 #[test]
 fn node_exact_timing_matches_controlled_delays_and_client() {
-    let Some((_node, probe, addr)) = setup("node_exact_timing") else { return };
+    let Some((_node, probe, addr)) = setup("node_exact_timing") else {
+        return;
+    };
     let extra = json!({"ttft_ms": 80, "gap_ms": 25, "usage": true});
-    let s = run_one(&addr, req("/v1/chat/completions", chat_body("m1", true, 10, &extra), "exact-1"));
+    let s = run_one(
+        &addr,
+        req(
+            "/v1/chat/completions",
+            chat_body("m1", true, 10, &extra),
+            "exact-1",
+        ),
+    );
     let batched = json!({"ttft_ms": 10, "gap_ms": 5, "batch": 3});
-    let b = run_one(&addr, req("/v1/chat/completions", chat_body("m1", true, 9, &batched), "batched"));
+    let b = run_one(
+        &addr,
+        req(
+            "/v1/chat/completions",
+            chat_body("m1", true, 9, &batched),
+            "batched",
+        ),
+    );
     let recs = records(&probe, 2);
 
     let r = by_id(&recs, "exact-1");
     let ttft = ms(&r["ttft_ns"]);
-    assert!((80.0..90.0).contains(&ttft), "ttft {ttft} ms for a server that waits 80 ms: {r}");
+    assert!(
+        (80.0..90.0).contains(&ttft),
+        "ttft {ttft} ms for a server that waits 80 ms: {r}"
+    );
     for g in r["gaps_ns"].as_array().expect("gaps") {
         let g = ms(g);
-        assert!((24.0..35.0).contains(&g), "gap {g} ms for a server that waits 25 ms: {r}");
+        assert!(
+            (24.0..35.0).contains(&g),
+            "gap {g} ms for a server that waits 25 ms: {r}"
+        );
     }
-    assert_eq!(r["content_events"], 10, "role-only first chunk and usage chunk are not content: {r}");
+    assert_eq!(
+        r["content_events"], 10,
+        "role-only first chunk and usage chunk are not content: {r}"
+    );
     assert_eq!(r["completion_tokens"], 10);
     assert_eq!(r["prompt_tokens"], 7);
     assert_eq!(r["model"], "m1");
@@ -53,7 +78,12 @@ fn node_exact_timing_matches_controlled_delays_and_client() {
     // Three events per write: gaps of 0 inside a write are real and reported.
     let r = by_id(&recs, "batched");
     assert_eq!(r["content_events"], 9, "{r}");
-    let zeros = r["gaps_ns"].as_array().expect("gaps").iter().filter(|g| g.as_u64() == Some(0)).count();
+    let zeros = r["gaps_ns"]
+        .as_array()
+        .expect("gaps")
+        .iter()
+        .filter(|g| g.as_u64() == Some(0))
+        .count();
     assert_eq!(zeros, 6, "{r}");
     let d = compare(&b, r);
     assert!(d <= 1.0, "batched: {d} ms apart: probe {r} client {b:?}");
@@ -61,20 +91,61 @@ fn node_exact_timing_matches_controlled_delays_and_client() {
 
 #[test]
 fn node_errors_aborts_and_ollama() {
-    let Some((_node, probe, addr)) = setup("node_errors_aborts_and_ollama") else { return };
-    let mut abort = req("/v1/chat/completions", chat_body("m2", true, 20, &json!({"gap_ms": 40})), "abort");
+    let Some((_node, probe, addr)) = setup("node_errors_aborts_and_ollama") else {
+        return;
+    };
+    let mut abort = req(
+        "/v1/chat/completions",
+        chat_body("m2", true, 20, &json!({"gap_ms": 40})),
+        "abort",
+    );
     abort.abort_after = Some(3);
     let reqs = vec![
-        req("/v1/chat/completions", chat_body("m2", true, 5, &json!({"fail": "503"})), "http503"),
-        req("/v1/chat/completions", chat_body("m2", true, 5, &json!({"fail": "stream_error", "fail_after": 2})), "streamerr"),
-        req("/v1/chat/completions", chat_body("m2", true, 5, &json!({"fail": "reset", "fail_after": 2, "gap_ms": 5})), "reset"),
-        req("/api/generate", json!({"model": "m2", "prompt": "x", "max_tokens": 6, "gap_ms": 3}).to_string(), "ollama"),
-        req("/v1/chat/completions", chat_body("m2", false, 4, &json!({"ttft_ms": 20})), "nonstream"),
+        req(
+            "/v1/chat/completions",
+            chat_body("m2", true, 5, &json!({"fail": "503"})),
+            "http503",
+        ),
+        req(
+            "/v1/chat/completions",
+            chat_body(
+                "m2",
+                true,
+                5,
+                &json!({"fail": "stream_error", "fail_after": 2}),
+            ),
+            "streamerr",
+        ),
+        req(
+            "/v1/chat/completions",
+            chat_body(
+                "m2",
+                true,
+                5,
+                &json!({"fail": "reset", "fail_after": 2, "gap_ms": 5}),
+            ),
+            "reset",
+        ),
+        req(
+            "/api/generate",
+            json!({"model": "m2", "prompt": "x", "max_tokens": 6, "gap_ms": 3}).to_string(),
+            "ollama",
+        ),
+        req(
+            "/v1/chat/completions",
+            chat_body("m2", false, 4, &json!({"ttft_ms": 20})),
+            "nonstream",
+        ),
         abort,
     ];
     let samples = run_concurrent(&addr, reqs);
     let recs = records(&probe, samples.len());
-    let outcome = |id: &str| by_id(&recs, id)["outcome"].as_str().unwrap_or_default().to_owned();
+    let outcome = |id: &str| {
+        by_id(&recs, id)["outcome"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
     assert_eq!(outcome("http503"), "server_error");
     assert_eq!(by_id(&recs, "http503")["status"], 503);
     assert_eq!(outcome("streamerr"), "stream_error");
@@ -83,7 +154,14 @@ fn node_errors_aborts_and_ollama() {
     assert_eq!(outcome("ollama"), "ok");
     assert_eq!(outcome("nonstream"), "ok");
     let o = by_id(&recs, "ollama");
-    assert_eq!((o["content_events"].as_u64(), o["completion_tokens"].as_u64()), (Some(6), Some(6)), "{o}");
+    assert_eq!(
+        (
+            o["content_events"].as_u64(),
+            o["completion_tokens"].as_u64()
+        ),
+        (Some(6), Some(6)),
+        "{o}"
+    );
     let n = by_id(&recs, "nonstream");
     assert_eq!(n["completion_tokens"], 4, "{n}");
     assert!(ms(&n["ttft_ns"]) >= 20.0, "{n}");
@@ -91,10 +169,22 @@ fn node_errors_aborts_and_ollama() {
     assert_eq!(a["content_events"], 3, "events before the abort: {a}");
 
     let m = probe.metrics();
-    for (t, n) in [("server_error", 1.0), ("stream_error", 1.0), ("server_reset", 1.0), ("client_abort", 1.0)] {
-        assert_eq!(metric_sum(&m, "llm_error_total", &[("error_type", t), ("model", "m2")]), n, "{t}:\n{m}");
+    for (t, n) in [
+        ("server_error", 1.0),
+        ("stream_error", 1.0),
+        ("server_reset", 1.0),
+        ("client_abort", 1.0),
+    ] {
+        assert_eq!(
+            metric_sum(&m, "llm_error_total", &[("error_type", t), ("model", "m2")]),
+            n,
+            "{t}:\n{m}"
+        );
     }
-    assert_eq!(metric_sum(&m, "llm_requests_total", &[("model", "m2")]), 6.0);
+    assert_eq!(
+        metric_sum(&m, "llm_requests_total", &[("model", "m2")]),
+        6.0
+    );
 }
 
 #[test]
@@ -107,7 +197,9 @@ fn node_pipelining_keepalive_before_attach_and_bad_input() {
     let addr = format!("127.0.0.1:{port}");
     // A keep-alive connection that exists before the probe attaches.
     let mut early = TcpStream::connect(&addr).expect("connect");
-    early.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    early
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     let one = |id: &str| {
         let body = chat_body("m3", true, 3, &json!({}));
         format!(
@@ -124,19 +216,32 @@ fn node_pipelining_keepalive_before_attach_and_bad_input() {
             all.extend_from_slice(&buf[..k]);
         }
     };
-    early.write_all(one("before-attach").as_bytes()).expect("write");
+    early
+        .write_all(one("before-attach").as_bytes())
+        .expect("write");
     read_until_done(&mut early, 1);
 
     let mut probe = Probe::start(&["--port".into(), port.to_string()]);
-    assert!(probe.proc.log_text().contains("1 open connection(s) picked up"), "{}", probe.proc.log_text());
+    assert!(
+        probe
+            .proc
+            .log_text()
+            .contains("1 open connection(s) picked up"),
+        "{}",
+        probe.proc.log_text()
+    );
     for i in 0..3 {
-        early.write_all(one(&format!("keepalive-{i}")).as_bytes()).expect("write");
+        early
+            .write_all(one(&format!("keepalive-{i}")).as_bytes())
+            .expect("write");
         read_until_done(&mut early, 1);
     }
     // Two requests in one write (pipelining) on a fresh connection.
     let mut p = TcpStream::connect(&addr).expect("connect");
-    p.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    p.write_all(format!("{}{}", one("pipe-a"), one("pipe-b")).as_bytes()).expect("write");
+    p.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    p.write_all(format!("{}{}", one("pipe-a"), one("pipe-b")).as_bytes())
+        .expect("write");
     read_until_done(&mut p, 2);
     // Non-LLM paths are not requests.
     assert_eq!(http_get(&addr, "/health").expect("health").0, 200);
@@ -146,20 +251,38 @@ fn node_pipelining_keepalive_before_attach_and_bad_input() {
         b"\x00\x01\x02garbage\xff\xfe\r\n\r\n".to_vec(),
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(),
         b"GET\r\n\r\n".to_vec(),
-        format!("POST /v1/chat/completions HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000)).into_bytes(),
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(20_000)
+        )
+        .into_bytes(),
     ] {
         let mut s = TcpStream::connect(&addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
         let _ = s.write_all(&junk);
         let _ = s.read(&mut [0u8; 1024]);
     }
     let recs = records(&probe, 5);
     std::thread::sleep(Duration::from_millis(300));
     let (total, recs_now) = probe.requests();
-    assert_eq!(total, 5, "keepalive-0..2 + pipe-a + pipe-b and nothing else: {recs_now:#?}");
-    for id in ["keepalive-0", "keepalive-1", "keepalive-2", "pipe-a", "pipe-b"] {
+    assert_eq!(
+        total, 5,
+        "keepalive-0..2 + pipe-a + pipe-b and nothing else: {recs_now:#?}"
+    );
+    for id in [
+        "keepalive-0",
+        "keepalive-1",
+        "keepalive-2",
+        "pipe-a",
+        "pipe-b",
+    ] {
         let r = by_id(&recs, id);
-        assert_eq!((r["outcome"].as_str(), r["content_events"].as_u64()), (Some("ok"), Some(3)), "{r}");
+        assert_eq!(
+            (r["outcome"].as_str(), r["content_events"].as_u64()),
+            (Some("ok"), Some(3)),
+            "{r}"
+        );
     }
     let m = probe.metrics();
     let errors = metric_sum(&m, "llm_probe_parse_errors_total", &[]);

@@ -28,7 +28,9 @@ impl Drop for Kill {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn bench_bin() -> std::path::PathBuf {
@@ -48,7 +50,12 @@ fn wait_port(port: u16) -> Result<()> {
 
 fn client(port: u16, concurrency: usize, seconds: u64) -> Result<Value> {
     let out = Command::new(bench_bin())
-        .args(["client", &format!("127.0.0.1:{port}"), "--concurrency", &concurrency.to_string()])
+        .args([
+            "client",
+            &format!("127.0.0.1:{port}"),
+            "--concurrency",
+            &concurrency.to_string(),
+        ])
         .args(["--seconds", &seconds.to_string()])
         .output()
         .context("running llm-bench client")?;
@@ -59,7 +66,13 @@ fn start_probe(probe: &Path, port: u16) -> Result<(Kill, u16)> {
     let listen = free_port()?;
     let p = Kill(
         Command::new(probe)
-            .args(["run", "--port", &port.to_string(), "--listen", &format!("127.0.0.1:{listen}")])
+            .args([
+                "run",
+                "--port",
+                &port.to_string(),
+                "--listen",
+                &format!("127.0.0.1:{listen}"),
+            ])
             .env("RUST_LOG", "warn")
             .spawn()?,
     );
@@ -68,7 +81,9 @@ fn start_probe(probe: &Path, port: u16) -> Result<(Kill, u16)> {
 }
 
 fn scrape(port: u16, name: &str) -> f64 {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return f64::NAN };
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return f64::NAN;
+    };
     use std::io::{Read as _, Write as _};
     let _ = write!(s, "GET /metrics HTTP/1.0\r\n\r\n");
     let mut body = String::new();
@@ -115,7 +130,12 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
         with_rps.push(w["rps"].as_f64().unwrap_or(0.0));
         with_p99.push(w["p99_ms"].as_f64().unwrap_or(0.0));
     }
-    let (br, bp, wr, wp) = (median(base_rps), median(base_p99), median(with_rps), median(with_p99));
+    let (br, bp, wr, wp) = (
+        median(base_rps),
+        median(base_p99),
+        median(with_rps),
+        median(with_p99),
+    );
     let loss = (1.0 - wr / br) * 100.0;
     let p99_up = (wp / bp - 1.0) * 100.0;
     println!(
@@ -140,7 +160,14 @@ pub fn rss(probe: &Path, streams: usize) -> Result<()> {
     // Slow streams: one event every 100 ms, so all stay open while we measure.
     let _server = Kill(
         Command::new(bench_bin())
-            .args(["server", &port.to_string(), "--events", "100000", "--gap-us", "100000"])
+            .args([
+                "server",
+                &port.to_string(),
+                "--events",
+                "100000",
+                "--gap-us",
+                "100000",
+            ])
             .stderr(Stdio::null())
             .spawn()?,
     );
@@ -150,7 +177,14 @@ pub fn rss(probe: &Path, streams: usize) -> Result<()> {
     step(&format!("rss: {streams} concurrent streams for 15 s"));
     let hold = Kill(
         Command::new(bench_bin())
-            .args(["hold", &format!("127.0.0.1:{port}"), "--streams", &streams.to_string(), "--seconds", "15"])
+            .args([
+                "hold",
+                &format!("127.0.0.1:{port}"),
+                "--streams",
+                &streams.to_string(),
+                "--seconds",
+                "15",
+            ])
             .stderr(Stdio::null())
             .stdout(Stdio::null())
             .spawn()?,
@@ -171,5 +205,13 @@ pub fn rss(probe: &Path, streams: usize) -> Result<()> {
 
 pub fn micro() -> Result<()> {
     step("ingest and render micro-benchmarks (cargo bench -p probe-user)");
-    run(Command::new("cargo").current_dir(root()).args(["bench", "-p", "probe-user", "--bench", "ingest", "--bench", "render"]))
+    run(Command::new("cargo").current_dir(root()).args([
+        "bench",
+        "-p",
+        "probe-user",
+        "--bench",
+        "ingest",
+        "--bench",
+        "render",
+    ]))
 }

@@ -55,7 +55,11 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 fn summary(addr: &str) -> Option<String> {
     let v: Value = serde_json::from_str(&get(addr, "/api/v1/requests")?).ok()?;
     let reqs = v["requests"].as_array()?;
-    let mut ttft: Vec<f64> = reqs.iter().filter_map(|r| r["ttft_ns"].as_f64()).map(|x| x / 1e6).collect();
+    let mut ttft: Vec<f64> = reqs
+        .iter()
+        .filter_map(|r| r["ttft_ns"].as_f64())
+        .map(|x| x / 1e6)
+        .collect();
     let mut tbt: Vec<f64> = reqs
         .iter()
         .filter_map(|r| r["gaps_ns"].as_array())
@@ -94,16 +98,33 @@ pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst)).context("installing Ctrl-C handler")?;
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
+            .context("installing Ctrl-C handler")?;
     }
     let port = free_port()?;
-    step(&format!("starting the engine: llama-cpp-python on 127.0.0.1:{port} with a tiny random llama"));
+    step(&format!(
+        "starting the engine: llama-cpp-python on 127.0.0.1:{port} with a tiny random llama"
+    ));
     let engine = Kill(
         Command::new(cache_dir().join("venv/bin/python"))
             .args(["-m", "llama_cpp.server", "--model"])
             .arg(cache_dir().join("tiny.gguf"))
-            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--n_ctx", "2048", "--verbose", "false"])
-            .args(["--model_alias", "tiny-llama", "--interrupt_requests", "false"])
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--n_ctx",
+                "2048",
+                "--verbose",
+                "false",
+            ])
+            .args([
+                "--model_alias",
+                "tiny-llama",
+                "--interrupt_requests",
+                "false",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -117,7 +138,9 @@ pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    step(&format!("attaching: llm-probe run --port {port} --listen {listen}"));
+    step(&format!(
+        "attaching: llm-probe run --port {port} --listen {listen}"
+    ));
     let probe_proc = Kill(
         Command::new(probe)
             .args(["run", "--port", &port.to_string(), "--listen", listen])
@@ -132,18 +155,36 @@ pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let max_seconds = if duration == 0 { 3600 } else { duration };
-    step(&format!("load: 4 concurrent streams (chat, 3 of 4 streaming) for up to {max_seconds} s"));
+    step(&format!(
+        "load: 4 concurrent streams (chat, 3 of 4 streaming) for up to {max_seconds} s"
+    ));
     let load = Kill(
         Command::new(root().join("target/release/llm-load"))
-            .args(["--addr", &engine_addr, "--concurrency", "4", "--requests", "100000"])
-            .args(["--max-seconds", &max_seconds.to_string(), "--max-tokens", "48"])
+            .args([
+                "--addr",
+                &engine_addr,
+                "--concurrency",
+                "4",
+                "--requests",
+                "100000",
+            ])
+            .args([
+                "--max-seconds",
+                &max_seconds.to_string(),
+                "--max-tokens",
+                "48",
+            ])
             .stdout(Stdio::null())
             .spawn()
             .context("starting llm-load")?,
     );
-    step(&format!("live summary (metrics at http://{listen}/metrics); Ctrl-C to stop"));
+    step(&format!(
+        "live summary (metrics at http://{listen}/metrics); Ctrl-C to stop"
+    ));
     let begin = Instant::now();
-    while !stop.load(Ordering::SeqCst) && (duration == 0 || begin.elapsed() < Duration::from_secs(duration)) {
+    while !stop.load(Ordering::SeqCst)
+        && (duration == 0 || begin.elapsed() < Duration::from_secs(duration))
+    {
         std::thread::sleep(Duration::from_secs(2));
         if let Some(line) = summary(listen) {
             println!("{line}");

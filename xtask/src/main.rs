@@ -58,7 +58,10 @@ enum Task {
 }
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ has a parent")
+        .to_path_buf()
 }
 
 pub fn cache_dir() -> PathBuf {
@@ -104,7 +107,15 @@ fn setup_all() -> Result<()> {
 pub fn build() -> Result<PathBuf> {
     setup_toolchain()?;
     step("building llm-probe (release; the kernel programs are built by probe-user/build.rs)");
-    run(cargo().args(["build", "--release", "-p", "probe-user", "-p", "tests", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "probe-user",
+        "-p",
+        "tests",
+        "--bins",
+    ]))?;
     Ok(root().join("target/release/llm-probe"))
 }
 
@@ -124,13 +135,28 @@ fn main() -> Result<()> {
                 step("not root: tests that load eBPF programs will say SKIP (CI runs as root)");
             }
             step("unit and pure-logic tests");
-            run(cargo().args(["test", "--release", "--workspace", "--exclude", "tests", "--"]).args(&args))?;
+            run(cargo()
+                .args([
+                    "test",
+                    "--release",
+                    "--workspace",
+                    "--exclude",
+                    "tests",
+                    "--",
+                ])
+                .args(&args))?;
             step("integration tests: real eBPF, real servers on 127.0.0.1 (one at a time)");
-            run(cargo().args(["test", "--release", "-p", "tests", "--", "--test-threads=1"]).args(&args))?;
+            run(cargo()
+                .args(["test", "--release", "-p", "tests", "--", "--test-threads=1"])
+                .args(&args))?;
             step("all tests passed");
             Ok(())
         }
-        Task::Bench { only, rounds, seconds } => {
+        Task::Bench {
+            only,
+            rounds,
+            seconds,
+        } => {
             if !is_root() {
                 bail!("the benchmarks load eBPF programs: run them as root");
             }

@@ -24,14 +24,25 @@ fn output(cmd: &mut Command) -> Result<String> {
 }
 
 fn have(program: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {program}")]).output().is_ok_and(|o| o.status.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// LLVM major version of the active rustc (`rustc -vV` → `LLVM version: 22.1.2`).
 fn rustc_llvm_major() -> Result<u32> {
     let v = output(Command::new("rustc").arg("-vV"))?;
-    let line = v.lines().find_map(|l| l.strip_prefix("LLVM version: ")).context("rustc -vV has no LLVM version")?;
-    line.split('.').next().unwrap_or("").trim().parse().context("parsing the LLVM major")
+    let line = v
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("rustc -vV has no LLVM version")?;
+    line.split('.')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .parse()
+        .context("parsing the LLVM major")
 }
 
 pub fn rust_src() -> Result<()> {
@@ -53,14 +64,20 @@ pub fn bpf_linker() -> Result<()> {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
     if version_ok && current.trim() == major.to_string() {
-        step(&format!("bpf-linker {BPF_LINKER_VERSION} (LLVM {major}): present"));
+        step(&format!(
+            "bpf-linker {BPF_LINKER_VERSION} (LLVM {major}): present"
+        ));
         return Ok(());
     }
     let sysroot = PathBuf::from(output(Command::new("rustc").args(["--print", "sysroot"]))?.trim());
     let lib = std::fs::read_dir(sysroot.join("lib"))?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("libLLVM.so.{major}"))))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{major}")))
+        })
         .with_context(|| format!("no libLLVM.so.{major}* in {}/lib", sysroot.display()))?;
     let prefix = cache_dir().join(format!("llvm-{major}"));
     std::fs::create_dir_all(prefix.join("lib"))?;
@@ -72,7 +89,15 @@ pub fn bpf_linker() -> Result<()> {
         lib.display()
     ));
     run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--force", "--no-default-features", "--features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--force",
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix))?;
     std::fs::write(&stamp, major.to_string())?;
@@ -82,7 +107,10 @@ pub fn bpf_linker() -> Result<()> {
 fn apt_install(packages: &[&str]) -> Result<()> {
     step(&format!("apt: installing {}", packages.join(" ")));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(packages).env("DEBIAN_FRONTEND", "noninteractive"))
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 pub fn system_packages() -> Result<()> {
@@ -124,7 +152,9 @@ pub fn venv() -> Result<PathBuf> {
             run(Command::new("python3").args(["-m", "venv"]).arg(&dir))?;
         }
     }
-    step("python venv: installing llama-cpp-python (compiles llama.cpp: about 6 minutes on 2 cores)");
+    step(
+        "python venv: installing llama-cpp-python (compiles llama.cpp: about 6 minutes on 2 cores)",
+    );
     let jobs = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
     run(Command::new(dir.join("bin/pip"))
         .args(["install", "--progress-bar", "off"])
@@ -143,6 +173,8 @@ pub fn tiny_model(py: &Path, root: &Path) -> Result<PathBuf> {
         return Ok(model);
     }
     step("tiny GGUF model: writing a random-weight llama");
-    run(Command::new(py).arg(root.join("tests/engine/make_tiny_gguf.py")).arg(&model))?;
+    run(Command::new(py)
+        .arg(root.join("tests/engine/make_tiny_gguf.py"))
+        .arg(&model))?;
     Ok(model)
 }

@@ -92,7 +92,8 @@ async fn serve_conn(mut sock: TcpStream, events: usize, gap: Duration) -> std::i
             }
             sock.write_all(chunk.as_bytes()).await?;
         }
-        sock.write_all(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n").await?;
+        sock.write_all(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+            .await?;
     }
     Ok(())
 }
@@ -133,7 +134,11 @@ fn pct(v: &mut [u64], p: f64) -> f64 {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Server { port, events, gap_us } => {
+        Cmd::Server {
+            port,
+            events,
+            gap_us,
+        } => {
             let l = TcpListener::bind(("127.0.0.1", port)).await?;
             eprintln!("llm-bench server on 127.0.0.1:{port}");
             loop {
@@ -141,7 +146,11 @@ async fn main() -> anyhow::Result<()> {
                 tokio::spawn(serve_conn(s, events, Duration::from_micros(gap_us)));
             }
         }
-        Cmd::Client { addr, concurrency, seconds } => {
+        Cmd::Client {
+            addr,
+            concurrency,
+            seconds,
+        } => {
             anyhow::ensure!(addr.starts_with("127."), "loopback only");
             let stop = Arc::new(AtomicBool::new(false));
             let mut tasks = Vec::new();
@@ -149,7 +158,9 @@ async fn main() -> anyhow::Result<()> {
                 let (addr, stop) = (addr.clone(), stop.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut lat = Vec::new();
-                    let Ok(mut sock) = TcpStream::connect(&addr).await else { return lat };
+                    let Ok(mut sock) = TcpStream::connect(&addr).await else {
+                        return lat;
+                    };
                     let _ = sock.set_nodelay(true);
                     let req = request_bytes(&addr);
                     let mut buf = Vec::new();
@@ -179,7 +190,11 @@ async fn main() -> anyhow::Result<()> {
                 })
             );
         }
-        Cmd::Hold { addr, streams, seconds } => {
+        Cmd::Hold {
+            addr,
+            streams,
+            seconds,
+        } => {
             anyhow::ensure!(addr.starts_with("127."), "loopback only");
             let mut socks = Vec::new();
             let req = request_bytes(&addr);

@@ -32,7 +32,10 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    anyhow::ensure!(a.addr.starts_with("127.") || a.addr.starts_with("localhost"), "loopback only");
+    anyhow::ensure!(
+        a.addr.starts_with("127.") || a.addr.starts_with("localhost"),
+        "loopback only"
+    );
     let deadline = Instant::now() + Duration::from_secs(a.max_seconds);
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -71,7 +74,10 @@ async fn main() -> anyhow::Result<()> {
     for t in tasks {
         all.extend(t.await?);
     }
-    let ok = all.iter().filter(|s| s.error.is_none() && s.status == 200).count();
+    let ok = all
+        .iter()
+        .filter(|s| s.error.is_none() && s.status == 200)
+        .count();
     eprintln!("llm-load: {} requests, {ok} ok", all.len());
     Ok(())
 }
