@@ -45,8 +45,11 @@ pub fn python() -> PathBuf {
     cache_dir().join("venv/bin/python")
 }
 
+/// Must match xtask's `TINY_MODEL` (the file `cargo xtask setup` writes).
+pub const TINY_MODEL: &str = "tiny-v2.gguf";
+
 pub fn tiny_model() -> PathBuf {
-    cache_dir().join("tiny.gguf")
+    cache_dir().join(TINY_MODEL)
 }
 
 /// Root is needed to load eBPF programs. CI runs as root; elsewhere these tests say why they

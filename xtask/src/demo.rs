@@ -94,7 +94,8 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<()> {
+/// Returns the number of requests llm-probe recorded.
+pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<u64> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -108,7 +109,7 @@ pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<()> {
     let engine = Kill(
         Command::new(cache_dir().join("venv/bin/python"))
             .args(["-m", "llama_cpp.server", "--model"])
-            .arg(cache_dir().join("tiny.gguf"))
+            .arg(cache_dir().join(crate::TINY_MODEL))
             .args([
                 "--host",
                 "127.0.0.1",
@@ -203,7 +204,11 @@ pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<()> {
     }) {
         println!("  {l}");
     }
+    let recorded = get(listen, "/api/v1/requests")
+        .and_then(|b| serde_json::from_str::<Value>(&b).ok())
+        .and_then(|v| v["finished_total"].as_u64())
+        .unwrap_or(0);
     drop(probe_proc);
     drop(engine);
-    Ok(())
+    Ok(recorded)
 }

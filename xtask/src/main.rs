@@ -64,6 +64,10 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// File name of the tiny model in the cache; the version changes whenever
+/// tests/engine/make_tiny_gguf.py does, so a stale model is never reused.
+pub const TINY_MODEL: &str = "tiny-v2.gguf";
+
 pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("LLM_PROBE_CACHE") {
         return PathBuf::from(d);
@@ -117,6 +121,49 @@ pub fn build() -> Result<PathBuf> {
         "--bins",
     ]))?;
     Ok(root().join("target/release/llm-probe"))
+}
+
+/// Run `cargo test`, forwarding its output, and add up its `test result:` lines:
+/// (passed, failed, ignored).
+fn cargo_test(cmd: &mut Command) -> Result<(u64, u64, u64)> {
+    use std::io::BufRead as _;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let mut sums = (0, 0, 0);
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let num = |word: &str| -> u64 {
+                    rest.split(';')
+                        .find_map(|part| {
+                            part.trim()
+                                .trim_start_matches("ok. ")
+                                .trim_start_matches("FAILED. ")
+                                .strip_suffix(word)
+                        })
+                        .and_then(|n| n.trim().parse().ok())
+                        .unwrap_or(0)
+                };
+                sums.0 += num(" passed");
+                sums.1 += num(" failed");
+                sums.2 += num(" ignored");
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        println!(
+            "tests: {} passed, {} failed, {} skipped",
+            sums.0,
+            sums.1.max(1),
+            sums.2
+        );
+        bail!("cargo test failed ({status})");
+    }
+    Ok(sums)
 }
 
 fn is_root() -> bool {
@@ -179,7 +226,7 @@ fn main() -> Result<()> {
             }
             setup_all()?;
             let bin = build()?;
-            demo::run(&bin, duration, &listen)
+            demo::run(&bin, duration, &listen).map(|_| ())
         }
     }
 }

@@ -167,7 +167,7 @@ pub fn venv() -> Result<PathBuf> {
 }
 
 pub fn tiny_model(py: &Path, root: &Path) -> Result<PathBuf> {
-    let model = cache_dir().join("tiny.gguf");
+    let model = cache_dir().join(crate::TINY_MODEL);
     if model.exists() {
         step("tiny GGUF model: present");
         return Ok(model);
