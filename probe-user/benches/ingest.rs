@@ -11,7 +11,12 @@ use std::{
 
 use probe_common::EventHeader;
 use probe_user::{
-    agent::Ingest, events::encode_data, health::Health, metrics::Metrics, requests::Recent,
+    agent::Ingest,
+    events::{decode, encode_data, Event},
+    health::Health,
+    http::{ConnId, ConnTracker, ParseErrorKind, RequestMeta, RequestRecord},
+    metrics::Metrics,
+    requests::Recent,
 };
 use prometheus_client::registry::Registry;
 
@@ -59,8 +64,58 @@ fn recorded() -> Vec<Vec<u8>> {
     out
 }
 
+/// Observer that does nothing: isolates decode + HTTP/SSE parsing + connection state.
+struct Null;
+impl probe_user::http::Observer for Null {
+    fn request_started(&mut self, _: ConnId, _: &RequestMeta, _: u64) {}
+    fn first_token(&mut self, _: ConnId, _: &RequestMeta, _: u64) {}
+    fn token_gap(&mut self, _: ConnId, _: &RequestMeta, _: u64) {}
+    fn request_finished(&mut self, r: RequestRecord) {
+        black_box(r);
+    }
+    fn parse_error(&mut self, _: ConnId, _: ParseErrorKind) {}
+}
+
+fn parse_only(records: &[Vec<u8>]) -> f64 {
+    let mut rates = Vec::new();
+    for _ in 0..15 {
+        let mut tracker = ConnTracker::new();
+        let t = Instant::now();
+        for r in records {
+            if let Ok(Event::Data {
+                header,
+                fd,
+                egress,
+                ret,
+                payload,
+                ..
+            }) = decode(black_box(r))
+            {
+                let conn = ConnId {
+                    tgid: header.tgid,
+                    fd,
+                };
+                if egress {
+                    tracker.on_egress(conn, header.ts_ns, ret as u64, payload, &mut Null);
+                } else {
+                    tracker.on_ingress(conn, header.ts_ns, ret as u64, payload, &mut Null);
+                }
+            }
+        }
+        rates.push(records.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    rates.sort_by(f64::total_cmp);
+    rates[rates.len() / 2]
+}
+
 fn main() {
     let records = recorded();
+    let parse = parse_only(&records);
+    println!(
+        "ingest (decode + HTTP/SSE parse + connection state, no metrics): median {:.2} M events/s = {:.0} ns/event",
+        parse / 1e6,
+        1e9 / parse
+    );
     let health = Arc::new(Mutex::new(Health::default()));
     let mut rates = Vec::new();
     for _ in 0..15 {

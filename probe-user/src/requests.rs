@@ -3,11 +3,12 @@
 //! (timings only, never text) for `/api/v1/requests` and the demo summary.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     sync::{Arc, Mutex},
 };
 
 use prometheus_client::metrics::histogram::Histogram;
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::{
@@ -89,11 +90,34 @@ impl TokenWindow {
     }
 }
 
+/// One exported model label with its cached metric handles and token window.
+struct ModelEntry {
+    label: String,
+    /// TTFT/TBT handles per `Endpoint` (indexed by `Endpoint as usize`), created on first use so
+    /// the hot path does no label hashing or allocation.
+    handles: [Option<Handles>; Endpoint::ALL.len()],
+    window: TokenWindow,
+}
+
+impl ModelEntry {
+    fn new(label: &str) -> Self {
+        Self {
+            label: label.to_owned(),
+            handles: Default::default(),
+            window: TokenWindow::default(),
+        }
+    }
+}
+
+/// Index of the `unknown` (no model field) and `other` (over `MAX_MODELS`) entries.
+const UNKNOWN: usize = 0;
+const OTHER: usize = 1;
+
 pub struct RequestStats {
     metrics: Metrics,
-    models: Vec<String>,
-    handles: HashMap<Endpoint, HashMap<String, Handles>>,
-    windows: HashMap<String, TokenWindow>,
+    /// Raw model name → index in `entries`; at most `MAX_MODELS` names.
+    names: FxHashMap<String, usize>,
+    entries: Vec<ModelEntry>,
     waiting: i64,
     streaming: i64,
     seq: u64,
@@ -109,9 +133,8 @@ impl RequestStats {
     pub fn new(metrics: Metrics, recent: SharedRecent) -> Self {
         Self {
             metrics,
-            models: Vec::new(),
-            handles: HashMap::new(),
-            windows: HashMap::new(),
+            names: FxHashMap::default(),
+            entries: vec![ModelEntry::new("unknown"), ModelEntry::new("other")],
             waiting: 0,
             streaming: 0,
             seq: 0,
@@ -122,66 +145,48 @@ impl RequestStats {
     }
 
     /// Bounded model label: the first `MAX_MODELS` names as themselves, then `other`.
-    fn model_label(&mut self, meta: &RequestMeta) -> String {
+    fn entry(&mut self, meta: &RequestMeta) -> usize {
         let Some(m) = meta.model.as_deref() else {
-            return "unknown".to_owned();
+            return UNKNOWN;
         };
-        if self.models.iter().any(|k| k == m) {
-            return m.to_owned();
+        if let Some(&i) = self.names.get(m) {
+            return i;
         }
-        if self.models.len() < MAX_MODELS {
-            self.models.push(m.to_owned());
-            return m.to_owned();
+        if self.names.len() >= MAX_MODELS {
+            return OTHER;
         }
-        "other".to_owned()
+        self.entries.push(ModelEntry::new(m));
+        let i = self.entries.len() - 1;
+        self.names.insert(m.to_owned(), i);
+        i
     }
 
-    fn model_str<'a>(&self, meta: &'a RequestMeta) -> &'a str {
-        match meta.model.as_deref() {
-            None => "unknown",
-            Some(m) if self.models.iter().any(|k| k == m) => m,
-            Some(_) => "other",
-        }
-    }
-
-    fn handles(&mut self, meta: &RequestMeta) -> Option<&Handles> {
-        let endpoint = meta.endpoint?;
-        let model = self.model_str(meta).to_owned();
-        let per = self.handles.entry(endpoint).or_default();
-        if !per.contains_key(&model) {
+    fn handles(&mut self, i: usize, endpoint: Endpoint) -> &Handles {
+        let metrics = &self.metrics;
+        let e = &mut self.entries[i];
+        e.handles[endpoint as usize].get_or_insert_with(|| {
             let labels = ReqLabels {
-                model: model.clone(),
+                model: e.label.clone(),
                 endpoint: endpoint.as_str(),
             };
-            let h = Handles {
-                ttft: self.metrics.ttft.get_or_create(&labels).clone(),
-                tbt: self.metrics.tbt.get_or_create(&labels).clone(),
-            };
-            per.insert(model.clone(), h);
-        }
-        per.get(&model)
-    }
-
-    fn add_tokens(&mut self, meta: &RequestMeta, ts_ns: u64, n: u64) {
-        let model = self.model_str(meta);
-        if let Some(w) = self.windows.get_mut(model) {
-            w.add(ts_ns, n);
-        } else {
-            let mut w = TokenWindow::default();
-            w.add(ts_ns, n);
-            self.windows.insert(model.to_owned(), w);
-        }
+            Handles {
+                ttft: metrics.ttft.get_or_create(&labels).clone(),
+                tbt: metrics.tbt.get_or_create(&labels).clone(),
+            }
+        })
     }
 
     /// Refresh the sliding-window gauges; called about once a second.
     pub fn tick(&mut self, now_ns: u64) {
-        for (model, w) in &self.windows {
-            self.metrics
-                .tokens_per_second
-                .get_or_create(&ModelLabels {
-                    model: model.clone(),
-                })
-                .set(w.rate(now_ns));
+        for e in &self.entries {
+            if e.window.secs.iter().any(|&s| s != 0) {
+                self.metrics
+                    .tokens_per_second
+                    .get_or_create(&ModelLabels {
+                        model: e.label.clone(),
+                    })
+                    .set(e.window.rate(now_ns));
+            }
         }
     }
 
@@ -197,16 +202,18 @@ impl RequestStats {
 impl Observer for RequestStats {
     fn request_started(&mut self, _conn: ConnId, meta: &RequestMeta, _arrival_ns: u64) {
         // Register the model name now so that every later event of this request agrees on it.
-        let _ = self.model_label(meta);
+        let _ = self.entry(meta);
         self.waiting += 1;
         self.metrics.queue_depth.set(self.waiting);
     }
 
     fn first_token(&mut self, _conn: ConnId, meta: &RequestMeta, ttft_ns: u64) {
-        if let Some(h) = self.handles(meta) {
-            h.ttft.observe(ttft_ns as f64 / 1e9);
+        let i = self.entry(meta);
+        if let Some(ep) = meta.endpoint {
+            self.handles(i, ep).ttft.observe(ttft_ns as f64 / 1e9);
         }
-        self.add_tokens(meta, self.now_ns, 1);
+        let now = self.now_ns;
+        self.entries[i].window.add(now, 1);
         self.waiting -= 1;
         self.streaming += 1;
         self.metrics.queue_depth.set(self.waiting);
@@ -214,10 +221,12 @@ impl Observer for RequestStats {
     }
 
     fn token_gap(&mut self, _conn: ConnId, meta: &RequestMeta, gap_ns: u64) {
-        if let Some(h) = self.handles(meta) {
-            h.tbt.observe(gap_ns as f64 / 1e9);
+        let i = self.entry(meta);
+        if let Some(ep) = meta.endpoint {
+            self.handles(i, ep).tbt.observe(gap_ns as f64 / 1e9);
         }
-        self.add_tokens(meta, self.now_ns, 1);
+        let now = self.now_ns;
+        self.entries[i].window.add(now, 1);
     }
 
     fn request_finished(&mut self, r: RequestRecord) {
@@ -231,7 +240,8 @@ impl Observer for RequestStats {
         let Some(endpoint) = r.meta.endpoint else {
             return;
         };
-        let model = self.model_str(&r.meta).to_owned();
+        let i = self.entry(&r.meta);
+        let model = self.entries[i].label.clone();
         let status = r.outcome.as_str();
         let labels = StatusLabels {
             model: model.clone(),
@@ -262,7 +272,9 @@ impl Observer for RequestStats {
             self.metrics.prompt_tokens.get_or_create(&ml).inc_by(p);
         }
         // Content events were already counted into the window as they streamed.
-        self.add_tokens(&r.meta, r.end_ns, tokens.saturating_sub(r.content_events));
+        self.entries[i]
+            .window
+            .add(r.end_ns, tokens.saturating_sub(r.content_events));
         self.seq += 1;
         let view = RequestView {
             seq: self.seq,
