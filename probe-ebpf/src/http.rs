@@ -228,7 +228,10 @@ fn on_exit(ctx: &TracePointContext) {
     // SAFETY: `len` < SCRATCH_BYTES (header + ≤ 2 * MAX_CAPTURE).
     let record = unsafe { slice::from_raw_parts(base, len) };
     bump(counter::EVENTS_SEEN);
-    if EVENTS.output::<[u8]>(record, submit_flags()).is_err() {
+    if EVENTS
+        .output::<[u8]>(record, submit_flags(len as u64))
+        .is_err()
+    {
         bump(counter::LOST_RINGBUF_FULL);
     }
 }

@@ -94,6 +94,21 @@ fn scrape(port: u16, name: &str) -> f64 {
         .sum()
 }
 
+/// utime + stime of a process, in seconds (/proc/PID/stat fields 14 and 15, in clock ticks).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // SAFETY: plain getter.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    // After the comm field: state(0) ppid(1) … utime(11) stime(12); `state` is not numeric, so
+    // parsed indexes shift by one.
+    (f.get(10).unwrap_or(&0.0) + f.get(11).unwrap_or(&0.0)) / hz.max(1.0)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -112,10 +127,13 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
     let (mut base_rps, mut base_p99, mut with_rps, mut with_p99) = (vec![], vec![], vec![], vec![]);
     let _ = client(port, 8, 1)?; // warm-up
     let mut events = 0.0;
+    let mut agent_cpu = Vec::new();
     for r in 0..rounds {
         let b = client(port, 8, seconds)?;
         let (p, listen) = start_probe(probe, port)?;
+        let cpu0 = cpu_seconds(p.0.id());
         let w = client(port, 8, seconds)?;
+        agent_cpu.push((cpu_seconds(p.0.id()) - cpu0) / seconds as f64 * 100.0);
         events += scrape(listen, "llm_probe_events_total");
         drop(p);
         println!(
@@ -141,7 +159,82 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
     println!(
         "overhead: median without {br:.0} req/s p99 {bp:.3} ms; with {wr:.0} req/s p99 {wp:.3} ms; \
          throughput loss {loss:.1} % (goal <= 2 %), p99 increase {p99_up:.1} % (goal <= 5 %); \
-         the probe processed {events:.0} kernel events"
+         the probe processed {events:.0} kernel events; its agent used {:.0} % of one core \
+         (median) on this {}-core machine",
+        median(agent_cpu),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+    );
+    Ok(())
+}
+
+/// The same comparison on a real engine (llama-cpp-python, tiny llama, 4 concurrent streams):
+/// what a user of a CPU-bound LLM server pays, as opposed to the syscall-bound SSE server above.
+pub fn engine_overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
+    let port = free_port()?;
+    let _engine = Kill(
+        Command::new(crate::cache_dir().join("venv/bin/python"))
+            .args(["-m", "llama_cpp.server", "--model"])
+            .arg(crate::cache_dir().join(crate::TINY_MODEL))
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--verbose",
+                "false",
+            ])
+            .args(["--interrupt_requests", "false", "--n_threads", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_port(port)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let load = |secs: u64| -> Result<Value> {
+        let out = Command::new(root().join("target/release/llm-load"))
+            .args([
+                "--addr",
+                &format!("127.0.0.1:{port}"),
+                "--concurrency",
+                "4",
+                "--requests",
+                "1000000",
+            ])
+            .args([
+                "--max-seconds",
+                &secs.to_string(),
+                "--max-tokens",
+                "32",
+                "--summary",
+            ])
+            .stderr(Stdio::null())
+            .output()?;
+        serde_json::from_slice(&out.stdout).context("llm-load summary")
+    };
+    let _ = load(2)?; // warm-up
+    step(&format!("engine overhead: {rounds} rounds x ({seconds} s without, {seconds} s with), llama-cpp-python, 4 streams"));
+    let (mut b_tps, mut w_tps, mut b_p99, mut w_p99) = (vec![], vec![], vec![], vec![]);
+    for r in 0..rounds {
+        let b = load(seconds)?;
+        let (p, _) = start_probe(probe, port)?;
+        let w = load(seconds)?;
+        drop(p);
+        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+        println!(
+            "  round {r}: without {:>7.1} tok/s e2e p99 {:>7.2} ms | with {:>7.1} tok/s e2e p99 {:>7.2} ms",
+            f(&b, "tokens_per_s"), f(&b, "p99_ms"), f(&w, "tokens_per_s"), f(&w, "p99_ms")
+        );
+        b_tps.push(f(&b, "tokens_per_s"));
+        w_tps.push(f(&w, "tokens_per_s"));
+        b_p99.push(f(&b, "p99_ms"));
+        w_p99.push(f(&w, "p99_ms"));
+    }
+    let (bt, wt, bp, wp) = (median(b_tps), median(w_tps), median(b_p99), median(w_p99));
+    println!(
+        "engine overhead: median without {bt:.1} tok/s e2e p99 {bp:.2} ms; with {wt:.1} tok/s p99 {wp:.2} ms; \
+         throughput loss {:.1} % (goal <= 2 %), p99 increase {:.1} % (goal <= 5 %)",
+        (1.0 - wt / bt) * 100.0,
+        (wp / bp - 1.0) * 100.0
     );
     Ok(())
 }

@@ -37,7 +37,7 @@ enum Task {
     /// Benchmarks (docs/BENCHMARKS.md): overhead with/without the probe in the same run, RSS with
     /// 1k streams, ingestion and /metrics render micro-benchmarks. Needs root.
     Bench {
-        /// Only this one: overhead, rss, micro.
+        /// Only this one: micro, overhead, engine, rss.
         #[arg(long)]
         only: Option<String>,
         /// Rounds of the overhead benchmark (each: without, then with the probe).
@@ -214,6 +214,9 @@ fn main() -> Result<()> {
             }
             if want("overhead") {
                 bench::overhead(&bin, rounds, seconds)?;
+            }
+            if want("engine") {
+                bench::engine_overhead(&bin, rounds, seconds.max(8))?;
             }
             if want("rss") {
                 bench::rss(&bin, 1000)?;

@@ -27,6 +27,9 @@ struct Args {
     /// Print one JSON line per request.
     #[arg(long)]
     json: bool,
+    /// Print one JSON summary line (requests/s, p50/p99 end-to-end and TTFT) at the end.
+    #[arg(long)]
+    summary: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -36,7 +39,8 @@ async fn main() -> anyhow::Result<()> {
         a.addr.starts_with("127.") || a.addr.starts_with("localhost"),
         "loopback only"
     );
-    let deadline = Instant::now() + Duration::from_secs(a.max_seconds);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(a.max_seconds);
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..a.concurrency {
@@ -79,5 +83,25 @@ async fn main() -> anyhow::Result<()> {
         .filter(|s| s.error.is_none() && s.status == 200)
         .count();
     eprintln!("llm-load: {} requests, {ok} ok", all.len());
+    if a.summary {
+        let secs = start.elapsed().as_secs_f64();
+        let pct = |mut v: Vec<u64>, q: f64| -> f64 {
+            v.sort_unstable();
+            v.get(((v.len().max(1) - 1) as f64 * q) as usize)
+                .map_or(0.0, |&x| x as f64 / 1e6)
+        };
+        let e2e: Vec<u64> = all.iter().map(|s| s.duration_ns).collect();
+        let ttft: Vec<u64> = all.iter().filter_map(|s| s.ttft_ns).collect();
+        let tokens: u64 = all.iter().map(|s| s.content_events).sum();
+        println!(
+            "{}",
+            serde_json::json!({
+                "requests": all.len(), "ok": ok, "rps": all.len() as f64 / secs,
+                "tokens_per_s": tokens as f64 / secs,
+                "p50_ms": pct(e2e.clone(), 0.5), "p99_ms": pct(e2e, 0.99),
+                "ttft_p99_ms": pct(ttft, 0.99),
+            })
+        );
+    }
     Ok(())
 }
