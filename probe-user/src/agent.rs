@@ -399,6 +399,12 @@ fn housekeeping(
     ingest.metrics.targets.set(live);
     if live == 0 {
         if let Some(port) = opts.port {
+            // The full /proc scan also finds listeners in other network namespaces (containers),
+            // but costs more; do it every 10th tick unless the cheap check says the port is back.
+            let tick = now / HOUSEKEEPING_INTERVAL.as_nanos() as u64;
+            if !attach::listening_in_own_netns(port) && tick % 10 != 0 {
+                return;
+            }
             if let Ok(pids) = attach::pids_listening_on(port) {
                 log::info!("a process listens on port {port} again: re-attaching to {pids:?}");
                 if let Err(e) = add_targets(kernel, health, &pids, ports, "port") {
