@@ -1,6 +1,6 @@
-//! Builds the kernel programs (`probe-ebpf`) for the BPF target and leaves the object in OUT_DIR,
+//! Builds the kernel programs (`probe-ebpf`) for the BPF target and leaves the object in `OUT_DIR`,
 //! where `ebpf.rs` embeds it. Needs `bpf-linker` and `rust-src` (`cargo xtask setup` installs both)
-//! and RUSTC_BOOTSTRAP=1 on a stable toolchain (set in .cargo/config.toml) for `-Z build-std=core`.
+//! and `RUSTC_BOOTSTRAP=1` on a stable toolchain (set in .cargo/config.toml) for `-Z build-std=core`.
 use std::{env, fs, path::PathBuf};
 
 use anyhow::Context as _;

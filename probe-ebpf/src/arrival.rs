@@ -52,17 +52,17 @@ fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let sport: u16 = field(&ctx, 24);
     // SAFETY: presence test only.
-    if unsafe { LISTEN_PORTS.get(&sport) }.is_none() || field::<u16>(&ctx, 30) != IPPROTO_TCP {
+    if unsafe { LISTEN_PORTS.get(sport) }.is_none() || field::<u16>(&ctx, 30) != IPPROTO_TCP {
         return 0;
     }
     let sk: u64 = field(&ctx, 8);
     match field::<i32>(&ctx, 20) {
         TCP_ESTABLISHED => {
-            let _ = SERVER_SOCKS.insert(&sk, &1, 0);
+            let _ = SERVER_SOCKS.insert(sk, 1, 0);
         }
         TCP_CLOSE => {
-            let _ = SERVER_SOCKS.remove(&sk);
-            let _ = ARRIVAL.remove(&sk);
+            let _ = SERVER_SOCKS.remove(sk);
+            let _ = ARRIVAL.remove(sk);
         }
         _ => {}
     }
@@ -73,13 +73,13 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 pub fn sk_data_ready(ctx: TracePointContext) -> u32 {
     let sk: u64 = field(&ctx, 8);
     // SAFETY: presence test only.
-    if unsafe { SERVER_SOCKS.get(&sk) }.is_none() {
+    if unsafe { SERVER_SOCKS.get(sk) }.is_none() {
         return 0;
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     // NOEXIST keeps the oldest stamp while earlier data is still unread.
-    let _ = ARRIVAL.insert(&sk, &now, u64::from(BPF_NOEXIST));
+    let _ = ARRIVAL.insert(sk, now, u64::from(BPF_NOEXIST));
     0
 }
 
@@ -90,13 +90,13 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // A pending entry exists only for reads on tracked server-side connections.
-    let Some(p) = PENDING.get_ptr_mut(&tid) else {
+    let Some(p) = PENDING.get_ptr_mut(tid) else {
         return 0;
     };
     let sk: u64 = field(&ctx, 8);
     // SAFETY: this thread's own pending entry, written by its own sys_enter program.
     unsafe { (*p).sk = sk };
     // Connections accepted before attach are learned here, on their first read.
-    let _ = SERVER_SOCKS.insert(&sk, &1, 0);
+    let _ = SERVER_SOCKS.insert(sk, 1, 0);
     0
 }

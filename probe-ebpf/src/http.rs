@@ -40,7 +40,7 @@ fn arg(ctx: &TracePointContext, i: usize) -> u64 {
 #[inline(always)]
 fn tracked(tgid: u32, fd: u32) -> bool {
     // SAFETY: presence test only.
-    unsafe { CONNS.get(&ConnKey { tgid, fd }).is_some() }
+    unsafe { CONNS.get(ConnKey { tgid, fd }).is_some() }
 }
 
 /// How a syscall passes its buffer.
@@ -93,7 +93,7 @@ fn on_enter(ctx: &TracePointContext, syscall: u32, dir: u32, kind: Buf) {
         dir,
         sk: 0,
     };
-    if PENDING.insert(&tid, &pending, 0).is_err() {
+    if PENDING.insert(tid, pending, 0).is_err() {
         bump(counter::EVENTS_SEEN);
         bump(counter::LOST_MAP_FULL);
     }
@@ -176,10 +176,10 @@ fn on_exit(ctx: &TracePointContext) {
         return;
     }
     // SAFETY: the entry is copied out before it is removed.
-    let Some(p) = (unsafe { PENDING.get(&tid) }).copied() else {
+    let Some(p) = (unsafe { PENDING.get(tid) }).copied() else {
         return;
     };
-    let _ = PENDING.remove(&tid);
+    let _ = PENDING.remove(tid);
     let ret = arg(ctx, 0) as i64;
     if ret == -EAGAIN || ret == -EINTR {
         // Non-blocking socket with nothing to move: no event (epoll servers do this constantly).
@@ -197,10 +197,10 @@ fn on_exit(ctx: &TracePointContext) {
     let mut arrival_ns = 0;
     if p.sk != 0 {
         // SAFETY: value copied out before the entry is removed.
-        if let Some(t) = unsafe { ARRIVAL.get(&p.sk) } {
+        if let Some(t) = unsafe { ARRIVAL.get(p.sk) } {
             arrival_ns = *t;
         }
-        let _ = ARRIVAL.remove(&p.sk);
+        let _ = ARRIVAL.remove(p.sk);
     }
     if ret > 0 && ret as usize > cap {
         bump(counter::TRUNCATED);
@@ -319,7 +319,7 @@ fn on_accept(ctx: &TracePointContext, _syscall: u32) {
         return;
     }
     let fd = ret as u32;
-    if CONNS.insert(&ConnKey { tgid, fd }, &1, 0).is_err() {
+    if CONNS.insert(ConnKey { tgid, fd }, 1, 0).is_err() {
         // The connection cannot be traced: account for it as a lost event, so that
         // seen = delivered + lost stays exact.
         bump(counter::EVENTS_SEEN);
@@ -359,7 +359,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     }
     let fd = arg(&ctx, 0) as u32;
     let key = ConnKey { tgid, fd };
-    if CONNS.remove(&key).is_err() {
+    if CONNS.remove(key).is_err() {
         return 0;
     }
     emit(&ConnEvent {

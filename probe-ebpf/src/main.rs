@@ -67,7 +67,7 @@ fn current_tgid_tid() -> (u32, u32) {
 #[inline(always)]
 fn is_target(tgid: u32) -> bool {
     // SAFETY: the value is only tested for presence, never read.
-    unsafe { TARGETS.get(&tgid).is_some() }
+    unsafe { TARGETS.get(tgid).is_some() }
 }
 
 #[inline(always)]

@@ -49,7 +49,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     }
     let child: i32 = field(&ctx, NEWTASK_PID);
     let child = child as u32;
-    if TARGETS.insert(&child, &1, 0).is_err() {
+    if TARGETS.insert(child, 1, 0).is_err() {
         bump(counter::EVENTS_SEEN);
         bump(counter::LOST_MAP_FULL);
     }
@@ -68,7 +68,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if group_dead == 0 {
         return 0;
     }
-    let _ = TARGETS.remove(&tgid);
+    let _ = TARGETS.remove(tgid);
     emit(&proc_event(EventKind::Exit, tgid, tid, 0));
     0
 }

@@ -46,7 +46,7 @@ pub fn monotonic_ns() -> u64 {
         tv_nsec: 0,
     };
     // SAFETY: valid pointer to a local timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -402,7 +402,7 @@ fn housekeeping(
             // The full /proc scan also finds listeners in other network namespaces (containers),
             // but costs more; do it every 10th tick unless the cheap check says the port is back.
             let tick = now / HOUSEKEEPING_INTERVAL.as_nanos() as u64;
-            if !attach::listening_in_own_netns(port) && tick % 10 != 0 {
+            if !attach::listening_in_own_netns(port) && !tick.is_multiple_of(10) {
                 return;
             }
             if let Ok(pids) = attach::pids_listening_on(port) {

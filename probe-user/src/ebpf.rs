@@ -9,7 +9,7 @@ use aya::{
 };
 use probe_common::{counter, ConnKey};
 
-/// The kernel object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
+/// The kernel object built by build.rs (empty when built with `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe"));
 
 /// (program = tracepoint name, tracepoint category, required). `required` programs are the socket path
@@ -188,8 +188,7 @@ impl Kernel {
         let sum = |i: u32| -> u64 {
             self.counters
                 .get(&i, 0)
-                .map(|v| v.iter().copied().sum())
-                .unwrap_or(0)
+                .map_or(0, |v| v.iter().copied().sum())
         };
         Counters {
             seen: sum(counter::EVENTS_SEEN),
@@ -202,14 +201,14 @@ impl Kernel {
     }
 }
 
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memcg and ignore it.
+/// Kernels before 5.11 charge BPF maps to `RLIMIT_MEMLOCK`; newer ones use memcg and ignore it.
 fn raise_memlock() {
     let rlim = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: plain syscall with a valid pointer to a local.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) } != 0 {
         log::debug!("setrlimit(RLIMIT_MEMLOCK) failed; fine on kernels ≥ 5.11");
     }
 }

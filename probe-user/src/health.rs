@@ -1,5 +1,5 @@
 //! `/health`: a JSON verdict on the probe itself — are the targets alive, are the programs
-//! attached, are events being lost. Shaped like the seed's HealthChecker (`overall`, `timestamp`,
+//! attached, are events being lost. Shaped like the seed's `HealthChecker` (`overall`, `timestamp`,
 //! `checks.{name}.{status,value,issues}`); HTTP 503 when critical.
 
 use std::{

@@ -63,7 +63,7 @@ struct Handles {
 #[derive(Default)]
 struct TokenWindow {
     buckets: [u64; TOKEN_WINDOW_S],
-    /// Second (CLOCK_MONOTONIC) that `buckets[sec % N]` holds, per slot.
+    /// Second (`CLOCK_MONOTONIC`) that `buckets[sec % N]` holds, per slot.
     secs: [u64; TOKEN_WINDOW_S],
 }
 
@@ -315,5 +315,101 @@ impl Observer for RequestStats {
 
     fn untrack(&mut self, conn: ConnId) {
         self.untrack.push(conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::http::Outcome;
+
+    fn meta(model: Option<&str>) -> RequestMeta {
+        RequestMeta {
+            endpoint: Some(Endpoint::ChatCompletions),
+            model: model.map(str::to_owned),
+            ..RequestMeta::default()
+        }
+    }
+
+    fn record(m: RequestMeta) -> RequestRecord {
+        RequestRecord {
+            conn: ConnId { tgid: 1, fd: 3 },
+            meta: m,
+            status: Some(200),
+            outcome: Outcome::Ok,
+            arrival_ns: 1_000,
+            first_token_ns: Some(2_000),
+            end_ns: 5_000,
+            content_events: 3,
+            gaps_ns: vec![1_000, 1_000],
+            prompt_tokens: Some(4),
+            completion_tokens: Some(5),
+        }
+    }
+
+    #[test]
+    fn model_labels_are_capped_and_gauges_balance() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let mut s = RequestStats::new(metrics, SharedRecent::default());
+        let conn = ConnId { tgid: 1, fd: 3 };
+        for i in 0..(MAX_MODELS + 5) {
+            let m = meta(Some(&format!("model-{i}")));
+            s.request_started(conn, &m, 1_000);
+            s.first_token(conn, &m, 1_000);
+            s.token_gap(conn, &m, 1_000);
+            s.request_finished(record(m));
+        }
+        let m = meta(None);
+        s.request_started(conn, &m, 1_000);
+        assert_eq!((s.queue_depth(), s.batch_size()), (1, 0));
+        s.request_finished(RequestRecord {
+            first_token_ns: None,
+            ..record(m)
+        });
+        assert_eq!((s.queue_depth(), s.batch_size()), (0, 0));
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let models: std::collections::BTreeSet<_> = text
+            .lines()
+            .filter(|l| l.starts_with("llm_requests_total{"))
+            .filter_map(|l| l.split("model=\"").nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(
+            models.len(),
+            MAX_MODELS + 2,
+            "32 names + other + unknown: {models:?}"
+        );
+        assert!(models.contains("other") && models.contains("unknown"));
+        assert!(text.contains("llm_requests_total{model=\"other\",endpoint=\"/v1/chat/completions\",status=\"ok\"} 5"), "{text}");
+        // usage.completion_tokens (5) wins over content events (3).
+        assert!(
+            text.contains("llm_generated_tokens_total{model=\"model-0\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("llm_prompt_tokens_total{model=\"model-0\"} 4"),
+            "{text}"
+        );
+        assert_eq!(
+            s.recent.lock().unwrap().finished_total,
+            MAX_MODELS as u64 + 6
+        );
+    }
+
+    #[test]
+    fn token_window_rate() {
+        let mut w = TokenWindow::default();
+        for sec in 0..10u64 {
+            w.add(sec * 1_000_000_000 + 5, 20);
+        }
+        assert!((w.rate(10 * 1_000_000_000) - 20.0).abs() < 1e-9);
+        assert!(
+            w.rate(30 * 1_000_000_000).abs() < 1e-9,
+            "old seconds fall out of the window"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! A load client that measures what a user feels, independently of the probe: its own HTTP/1.1
-//! framing and SSE/NDJSON handling (no code shared with probe-user), CLOCK_MONOTONIC timestamps
+//! framing and SSE/NDJSON handling (no code shared with probe-user), `CLOCK_MONOTONIC` timestamps
 //! taken as each read returns. Content events are counted the way benchmarking clients count them
-//! (vLLM's benchmark_serving): an event with non-empty generated text.
+//! (vLLM's `benchmark_serving)`: an event with non-empty generated text.
 
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ pub fn monotonic_ns() -> u64 {
         tv_nsec: 0,
     };
     // SAFETY: valid pointer to a local timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -75,15 +75,15 @@ struct Body {
     decoded: Vec<u8>,
     done: bool,
     content_length: Option<usize>,
-    body_seen: usize,
+    seen: usize,
 }
 
 impl Body {
     fn push(&mut self, bytes: &[u8]) {
         if !self.chunked {
-            self.body_seen += bytes.len();
+            self.seen += bytes.len();
             self.decoded.extend_from_slice(bytes);
-            if self.content_length.is_some_and(|n| self.body_seen >= n) {
+            if self.content_length.is_some_and(|n| self.seen >= n) {
                 self.done = true;
             }
             return;

@@ -240,13 +240,13 @@ pub fn start_llama(port: u16) -> Proc {
     let addr = format!("127.0.0.1:{port}");
     wait_for(
         "llama-cpp-python to serve /v1/models",
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         || http_get(&addr, "/v1/models").is_ok_and(|(s, _)| s == 200),
     );
     p
 }
 
-/// The second stack: a Node.js `http` server with controlled delays (tests/servers/mock_llm.js).
+/// The second stack: a Node.js `http` server with controlled delays (`tests/servers/mock_llm.js`).
 pub fn start_node(port: u16) -> Proc {
     let script = workspace_root().join("tests/servers/mock_llm.js");
     let p = Proc::spawn(
@@ -319,7 +319,7 @@ impl Probe {
         (s, serde_json::from_str(&b).unwrap_or(Value::Null))
     }
 
-    /// Finished requests the probe recorded: (finished_total, list).
+    /// Finished requests the probe recorded: (`finished_total`, list).
     pub fn requests(&self) -> (u64, Vec<Value>) {
         let (_, b) = http_get(&self.addr, "/api/v1/requests").expect("GET /api/v1/requests");
         let v: Value = serde_json::from_str(&b).unwrap_or(Value::Null);

@@ -1,17 +1,17 @@
-//! End-to-end against a real engine nobody here wrote: llama-cpp-python's OpenAI server with a tiny
+//! End-to-end against a real engine nobody here wrote: llama-cpp-python's `OpenAI` server with a tiny
 //! random-weight llama. The probe's per-request TTFT and every token gap must agree with what the
 //! client measured within 1 ms, and every request must be accounted for, at 1 and 64 streams.
 //! Needs root (eBPF).
 
 mod common;
 
-use common::{by_id, chat_body, compare, records, req, run_concurrent};
+use common::{by_id, chat_body, records, req, run_concurrent};
 use harness::{free_port, metric_sum, require_root, start_llama, Probe};
 use serde_json::json;
 
-/// llama-cpp-python (starlette-context's RequestIdPlugin) rejects an X-Request-Id that is not a UUID.
+/// llama-cpp-python (starlette-context's `RequestIdPlugin`) rejects an X-Request-Id that is not a UUID.
 fn id(kind: u64, i: u64) -> String {
-    format!("00000000-0000-4000-8000-{:06x}{i:06x}", kind)
+    format!("00000000-0000-4000-8000-{kind:06x}{i:06x}")
 }
 
 /// Tolerance between the probe's and the client's view of the same request (loopback).

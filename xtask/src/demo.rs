@@ -134,7 +134,7 @@ pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<u64> {
     let engine_addr = format!("127.0.0.1:{port}");
     let start = Instant::now();
     while get(&engine_addr, "/v1/models").is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
+        if start.elapsed() > Duration::from_mins(1) {
             bail!("the engine did not come up in 60 s");
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -65,7 +65,7 @@ pub fn root() -> PathBuf {
 }
 
 /// File name of the tiny model in the cache; the version changes whenever
-/// tests/engine/make_tiny_gguf.py does, so a stale model is never reused.
+/// `tests/engine/make_tiny_gguf.py` does, so a stale model is never reused.
 pub const TINY_MODEL: &str = "tiny-v2.gguf";
 
 pub fn cache_dir() -> PathBuf {
@@ -182,21 +182,56 @@ fn main() -> Result<()> {
                 step("not root: tests that load eBPF programs will say SKIP (CI runs as root)");
             }
             step("unit and pure-logic tests");
-            run(cargo()
-                .args([
-                    "test",
-                    "--release",
-                    "--workspace",
-                    "--exclude",
-                    "tests",
-                    "--",
-                ])
-                .args(&args))?;
+            let mut total = cargo_test(
+                cargo()
+                    .args([
+                        "test",
+                        "--release",
+                        "--workspace",
+                        "--exclude",
+                        "tests",
+                        "--tests",
+                        "--",
+                    ])
+                    .args(&args),
+            )?;
             step("integration tests: real eBPF, real servers on 127.0.0.1 (one at a time)");
-            run(cargo()
-                .args(["test", "--release", "-p", "tests", "--", "--test-threads=1"])
-                .args(&args))?;
-            step("all tests passed");
+            let t = cargo_test(
+                cargo()
+                    .args([
+                        "test",
+                        "--release",
+                        "-p",
+                        "tests",
+                        "--tests",
+                        "--",
+                        "--test-threads=1",
+                    ])
+                    .args(&args),
+            )?;
+            total = (total.0 + t.0, total.1 + t.1, total.2 + t.2);
+            if args.is_empty() {
+                step("demo smoke test: `cargo xtask demo --duration 8` on a free port");
+                let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port();
+                let probe = root().join("target/release/llm-probe");
+                let recorded = demo::run(&probe, 8, &format!("127.0.0.1:{port}"))?;
+                if recorded == 0 {
+                    total.1 += 1;
+                    eprintln!("demo smoke test FAILED: llm-probe recorded no request");
+                } else {
+                    total.0 += 1;
+                    step(&format!("demo smoke test: {recorded} requests recorded"));
+                }
+            }
+            println!(
+                "tests: {} passed, {} failed, {} skipped",
+                total.0, total.1, total.2
+            );
+            if total.1 > 0 {
+                bail!("{} tests failed", total.1);
+            }
             Ok(())
         }
         Task::Bench {

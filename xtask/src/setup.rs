@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: install what a fresh machine lacks, idempotently, saying what it does.
-//! The eBPF toolchain recipe: stable rustc with RUSTC_BOOTSTRAP=1 and `-Z build-std=core` needs
+//! The eBPF toolchain recipe: stable rustc with `RUSTC_BOOTSTRAP=1` and `-Z build-std=core` needs
 //! `rust-src`, and bpf-linker must be built against rustc's own libLLVM (same LLVM major), which
-//! `cargo install bpf-linker --no-default-features --features llvm-N` finds through LLVM_PREFIX.
+//! `cargo install bpf-linker --no-default-features --features llvm-N` finds through `LLVM_PREFIX`.
 use std::{
     path::{Path, PathBuf},
     process::Command,

@@ -164,7 +164,7 @@ struct Conn {
 /// Tracks every connection of the traced servers. See the module docs.
 #[derive(Debug)]
 pub struct ConnTracker {
-    /// FxHash: keys are small trusted integers (tgid, fd), and SipHash showed up at 3 % of the
+    /// `FxHash`: keys are small trusted integers (tgid, fd), and `SipHash` showed up at 3 % of the
     /// ingest profile.
     conns: FxHashMap<ConnId, Conn>,
     /// Bumped on every event; `Conn::tick` holds the value at its last use. Eviction (only when

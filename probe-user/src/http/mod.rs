@@ -27,7 +27,7 @@ pub struct ConnId {
 /// `/metrics`, `/health`, `/v1/models`, …) is parsed to keep pipelining in step but not timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Endpoint {
-    /// `/v1/chat/completions` (OpenAI, vLLM, SGLang, llama.cpp, TGI Messages API, Ollama).
+    /// `/v1/chat/completions` (`OpenAI`, vLLM, `SGLang`, llama.cpp, TGI Messages API, Ollama).
     ChatCompletions,
     /// `/v1/completions`.
     Completions,
@@ -35,7 +35,7 @@ pub enum Endpoint {
     Embeddings,
     /// `/v1/responses`.
     Responses,
-    /// TGI `/generate`, SGLang `/generate`.
+    /// TGI `/generate`, `SGLang` `/generate`.
     Generate,
     /// TGI `/generate_stream`.
     GenerateStream,
@@ -136,7 +136,7 @@ pub const MAX_FIELD_LEN: usize = 128;
 /// Gaps kept per request for `/api/v1/requests` (TBT histograms see every gap regardless).
 pub const MAX_GAPS_KEPT: usize = 4096;
 
-/// One finished request, with the timings the probe measured. Timestamps are CLOCK_MONOTONIC ns.
+/// One finished request, with the timings the probe measured. Timestamps are `CLOCK_MONOTONIC` ns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestRecord {
     pub conn: ConnId,

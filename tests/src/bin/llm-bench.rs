@@ -101,7 +101,7 @@ async fn serve_conn(mut sock: TcpStream, events: usize, gap: Duration) -> std::i
 async fn one_request(sock: &mut TcpStream, body: &[u8], buf: &mut Vec<u8>) -> std::io::Result<()> {
     sock.write_all(body).await?;
     buf.clear();
-    let mut tmp = [0u8; 16384];
+    let mut tmp = vec![0u8; 16384];
     loop {
         let n = sock.read(&mut tmp).await?;
         if n == 0 {

@@ -64,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
                     // UUID-shaped: llama-cpp-python rejects any other X-Request-Id.
                     request_id: format!("00000000-0000-4000-8000-{i:012x}"),
                     abort_after: None,
-                    timeout: Duration::from_secs(60),
+                    timeout: Duration::from_mins(1),
                 };
                 let s = client::run(&addr, &req).await;
                 if json {

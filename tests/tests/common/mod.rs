@@ -29,7 +29,7 @@ pub fn req(path: &str, body: String, id: &str) -> Req {
         body,
         request_id: id.into(),
         abort_after: None,
-        timeout: Duration::from_secs(60),
+        timeout: Duration::from_mins(1),
     }
 }
 
@@ -45,7 +45,7 @@ impl RealtimeGuard {
         unsafe {
             let old = libc::sched_getscheduler(0);
             let param = libc::sched_param { sched_priority: 10 };
-            if libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 {
+            if libc::sched_setscheduler(0, libc::SCHED_FIFO, &raw const param) == 0 {
                 return Self(Some(old));
             }
         }
@@ -58,7 +58,7 @@ impl Drop for RealtimeGuard {
         if let Some(old) = self.0 {
             let param = libc::sched_param { sched_priority: 0 };
             // SAFETY: restores the calling thread's previous policy.
-            unsafe { libc::sched_setscheduler(0, old, &param) };
+            unsafe { libc::sched_setscheduler(0, old, &raw const param) };
         }
     }
 }
