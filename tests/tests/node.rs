@@ -55,6 +55,13 @@ fn node_exact_timing_matches_controlled_delays_and_client() {
 
     let r = by_id(&recs, "exact-1");
     let ttft = ms(&r["ttft_ns"]);
+    let gaps: Vec<f64> = r["gaps_ns"]
+        .as_array()
+        .expect("gaps")
+        .iter()
+        .map(ms)
+        .collect();
+    eprintln!("node: server waits 80 ms then 25 ms per token; probe TTFT {ttft:.3} ms, gaps {gaps:.3?} ms");
     assert!(
         (80.0..90.0).contains(&ttft),
         "ttft {ttft} ms for a server that waits 80 ms: {r}"
