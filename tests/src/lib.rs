@@ -206,37 +206,39 @@ impl Drop for Proc {
 }
 
 /// A real engine: llama-cpp-python's OpenAI-compatible server with the tiny GGUF.
+/// The engine's command line, shared by the tests, `cargo xtask demo` and `cargo xtask bench`:
+/// llama-cpp-python's `OpenAI` server on loopback with the tiny model, one thread, and concurrent
+/// requests queued (by default a new request interrupts the one streaming: `interrupt_requests`).
+pub fn llama_command(port: u16) -> Command {
+    let mut c = Command::new(python());
+    c.args(["-m", "llama_cpp.server", "--model"])
+        .arg(tiny_model())
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--n_ctx",
+            "2048",
+            "--n_threads",
+            "1",
+            "--verbose",
+            "false",
+            "--interrupt_requests",
+            "false",
+        ]);
+    c
+}
+
 pub fn start_llama(port: u16) -> Proc {
-    let py = python();
-    let model = tiny_model();
+    let (py, model) = (python(), tiny_model());
     assert!(
         py.exists() && model.exists(),
         "{} or {} missing: run `cargo xtask setup` first",
         py.display(),
         model.display()
     );
-    let p = Proc::spawn(
-        "llama-cpp-python",
-        Command::new(py)
-            .args(["-m", "llama_cpp.server", "--model"])
-            .arg(model)
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--n_ctx",
-                "2048",
-                "--n_threads",
-                "1",
-                "--verbose",
-                "false",
-                // By default a new request interrupts the one streaming (llama-cpp-python's
-                // `interrupt_requests`); concurrent streams must queue instead.
-                "--interrupt_requests",
-                "false",
-            ]),
-    );
+    let p = Proc::spawn("llama-cpp-python", &mut llama_command(port));
     let addr = format!("127.0.0.1:{port}");
     wait_for(
         "llama-cpp-python to serve /v1/models",

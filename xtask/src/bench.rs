@@ -172,18 +172,7 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
 pub fn engine_overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
     let port = free_port()?;
     let _engine = Kill(
-        Command::new(crate::cache_dir().join("venv/bin/python"))
-            .args(["-m", "llama_cpp.server", "--model"])
-            .arg(crate::cache_dir().join(crate::TINY_MODEL))
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--verbose",
-                "false",
-            ])
-            .args(["--interrupt_requests", "false", "--n_threads", "1"])
+        harness::llama_command(port)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 
-use crate::{cache_dir, root, step};
+use crate::{root, step};
 
 struct Kill(Child);
 impl Drop for Kill {
@@ -107,25 +107,8 @@ pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<u64> {
         "starting the engine: llama-cpp-python on 127.0.0.1:{port} with a tiny random llama"
     ));
     let engine = Kill(
-        Command::new(cache_dir().join("venv/bin/python"))
-            .args(["-m", "llama_cpp.server", "--model"])
-            .arg(cache_dir().join(crate::TINY_MODEL))
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--n_ctx",
-                "2048",
-                "--verbose",
-                "false",
-            ])
-            .args([
-                "--model_alias",
-                "tiny-llama",
-                "--interrupt_requests",
-                "false",
-            ])
+        harness::llama_command(port)
+            .args(["--model_alias", "tiny-llama"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

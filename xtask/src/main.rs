@@ -64,17 +64,7 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// File name of the tiny model in the cache; the version changes whenever
-/// `tests/engine/make_tiny_gguf.py` does, so a stale model is never reused.
-pub const TINY_MODEL: &str = "tiny-v2.gguf";
-
-pub fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("LLM_PROBE_CACHE") {
-        return PathBuf::from(d);
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
-    home.join(".cache/llm-probe")
-}
+pub use harness::{cache_dir, TINY_MODEL};
 
 pub fn step(msg: &str) {
     eprintln!("\x1b[1m==>\x1b[0m {msg}");
