@@ -19,7 +19,10 @@ use tokio::io::{unix::AsyncFd, Interest};
 use crate::{
     attach,
     ebpf::{Counters, Kernel},
+    engine::{Bridge, EngineMetrics, EngineUrl},
     events::{decode, Event},
+    gpu::{self, GpuInventory, GpuMetrics, NvmlInventory},
+    health::{GpuView, Thresholds},
     health::{Health, SharedHealth, TargetView},
     http::{ConnId, ConnTracker},
     metrics::{Metrics, ProgramLabels, ReasonLabels},
@@ -38,6 +41,10 @@ pub struct Options {
     pub pids: Vec<u32>,
     pub port: Option<u16>,
     pub listen: SocketAddr,
+    /// NVML and engine-page sampling interval.
+    pub sample_interval: Duration,
+    pub engine_urls: Vec<EngineUrl>,
+    pub thresholds: Thresholds,
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -239,8 +246,11 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
     let (kernel, ring) = Kernel::load().context("attaching the kernel programs")?;
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
+    let gpu_metrics = GpuMetrics::new(&mut registry);
+    let engine_metrics = EngineMetrics::new(&mut registry);
     let health: SharedHealth = Arc::new(Mutex::new(Health {
         port: opts.port,
+        thresholds: opts.thresholds.clone(),
         ..Health::default()
     }));
     for a in &kernel.attached {
@@ -314,6 +324,22 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
     });
     let server = tokio::spawn(server::serve(listener, state.clone()));
 
+    start_gpu_sampler(
+        opts.sample_interval,
+        gpu_metrics,
+        metrics.clone(),
+        health.clone(),
+    );
+    let engines = if opts.engine_urls.is_empty() {
+        None
+    } else {
+        let bridge = Bridge::new(opts.engine_urls.clone(), engine_metrics);
+        Some(tokio::spawn(run_bridge(
+            bridge,
+            opts.sample_interval,
+            health.clone(),
+        )))
+    };
     let mut ingest = Ingest::new(metrics.clone(), recent);
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer, and
     // nothing else closes it.
@@ -347,6 +373,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
     }
     log::info!("shutting down: detaching kernel programs");
     server.abort();
+    if let Some(e) = engines {
+        e.abort();
+    }
     drop(ring);
     drop(kernel);
     Ok(())
@@ -376,6 +405,9 @@ fn housekeeping(
         .metrics
         .connections
         .set(ingest.tracker.open_connections() as i64);
+    if let Ok(mut h) = health.lock() {
+        h.queue_depth = ingest.stats.queue_depth() as f64;
+    }
     let mut live = 0;
     let mut died = Vec::new();
     if let Ok(mut h) = health.lock() {
@@ -411,6 +443,84 @@ fn housekeeping(
                     log::warn!("re-attach failed: {e:#}");
                 }
             }
+        }
+    }
+}
+
+/// NVML on a thread of its own (its calls block): one log line and `llm_probe_attached{program=
+/// "nvml"} 0` when unavailable, else a sample every `interval` into the `llm_gpu_*` families and
+/// the health view.
+fn start_gpu_sampler(interval: Duration, gm: GpuMetrics, metrics: Metrics, health: SharedHealth) {
+    let spawned = std::thread::Builder::new()
+        .name("nvml".into())
+        .spawn(move || {
+            let nvml = ProgramLabels { program: "nvml" };
+            let mut inv = match NvmlInventory::new() {
+                Ok(inv) => inv,
+                Err(e) => {
+                    log::info!("GPU metrics off: {e} (no NVIDIA driver on this machine?)");
+                    metrics.attached.get_or_create(&nvml).set(0);
+                    if let Ok(mut h) = health.lock() {
+                        h.gpus = Some(Err(format!("unavailable: {e}")));
+                    }
+                    return;
+                }
+            };
+            metrics.attached.get_or_create(&nvml).set(1);
+            let host = gpu::hostname();
+            let mut prev = Vec::new();
+            loop {
+                let traced: Vec<u32> = health
+                    .lock()
+                    .map(|h| {
+                        h.targets
+                            .values()
+                            .filter(|t| t.alive)
+                            .map(|t| t.pid)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                match inv.sample() {
+                    Ok(samples) => {
+                        gm.update(&samples, &host, &traced, &prev);
+                        if let Ok(mut h) = health.lock() {
+                            h.gpus = Some(Ok(samples
+                                .iter()
+                                .map(|s| GpuView {
+                                    index: s.index,
+                                    utilization: s.utilization,
+                                })
+                                .collect()));
+                        }
+                        prev = samples;
+                    }
+                    Err(e) => {
+                        log::warn!("NVML sample failed: {e}");
+                        gm.clear();
+                        prev.clear();
+                        if let Ok(mut h) = health.lock() {
+                            h.gpus = Some(Err(format!("sample failed: {e}")));
+                        }
+                    }
+                }
+                std::thread::sleep(interval);
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot start the NVML thread: {e}");
+    }
+}
+
+/// Scrape the engines' own metrics pages every `interval` and feed the health view.
+async fn run_bridge(mut bridge: Bridge, interval: Duration, health: SharedHealth) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        bridge.poll_once().await;
+        if let Ok(mut h) = health.lock() {
+            h.kv_cache_max = bridge.max_kv_utilization();
+            h.engine_queue_max = bridge.max_queue_depth();
+            h.engine_failures = bridge.failing();
         }
     }
 }

@@ -2,8 +2,11 @@
 //! (TTFT, TBT, end-to-end, outcome, tokens) and exports them as Prometheus `llm_*` metrics.
 pub mod agent;
 pub mod attach;
+pub mod client;
 pub mod ebpf;
+pub mod engine;
 pub mod events;
+pub mod gpu;
 pub mod health;
 pub mod http;
 pub mod metrics;

@@ -39,20 +39,66 @@ enum Command {
         /// Address for /metrics, /health and /api/v1/requests.
         #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR")]
         listen: SocketAddr,
+        /// How often to sample NVML and scrape the engines' own metrics pages (e.g. 5s, 500ms).
+        #[arg(long = "nvml-interval", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+        sample_interval: std::time::Duration,
+        /// An engine's own Prometheus page to scrape and re-export normalised (KV-cache
+        /// utilization, preemptions, engine queue and batch): vLLM, SGLang, TGI, llama.cpp.
+        /// Repeatable. Example: --engine-metrics http://127.0.0.1:8000/metrics
+        #[arg(long = "engine-metrics", value_name = "URL")]
+        engine_metrics: Vec<probe_user::engine::EngineUrl>,
+        /// Config file; its `[health]` table overrides the health thresholds (see docs/health.md).
+        #[arg(long, value_name = "FILE")]
+        config: Option<std::path::PathBuf>,
     },
+    /// Ask a running `llm-probe run` for its health verdict. Exit status: 0 healthy, 1 warning,
+    /// 2 critical, 3 unreachable — for scripts and Kubernetes probes.
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:9464")]
+        url: String,
+        /// Print the whole JSON verdict instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one NVML sample of every GPU as JSON (what `run` exports as llm_gpu_*).
+    Gpu,
 }
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { pids, port, listen } => {
+        Command::Run {
+            pids,
+            port,
+            listen,
+            sample_interval,
+            engine_metrics,
+            config,
+        } => {
             if pids.is_empty() && port.is_none() {
                 eprintln!("error: say what to trace: --pid PID and/or --port PORT (see --help)");
                 std::process::exit(2);
             }
-            run(agent::Options { pids, port, listen })
+            let thresholds = match config.as_deref().map(probe_user::health::Config::load) {
+                None => probe_user::health::Thresholds::default(),
+                Some(Ok(c)) => c.health,
+                Some(Err(e)) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(2);
+                }
+            };
+            run(agent::Options {
+                pids,
+                port,
+                listen,
+                sample_interval,
+                engine_urls: engine_metrics,
+                thresholds,
+            })
         }
+        Command::Health { url, json } => std::process::exit(health_cli(&url, json)),
+        Command::Gpu => gpu_cli(),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -82,4 +128,54 @@ async fn shutdown_signal() {
         _ = int.recv() => log::info!("SIGINT"),
         _ = term.recv() => log::info!("SIGTERM"),
     }
+}
+
+/// `llm-probe health`: 0 healthy, 1 warning, 2 critical, 3 unreachable or unreadable.
+fn health_cli(url: &str, json: bool) -> i32 {
+    let body = match probe_user::client::get(url, "/health") {
+        Ok((_, body)) => body,
+        Err(e) => {
+            eprintln!("llm-probe health: {url}: {e:#}");
+            return 3;
+        }
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+        eprintln!("llm-probe health: {url}/health did not answer JSON");
+        return 3;
+    };
+    let overall = v["overall"].as_str().unwrap_or("unknown");
+    if json {
+        println!("{body}");
+    } else {
+        println!("{overall}");
+        if let Some(checks) = v["checks"].as_object() {
+            for (name, c) in checks {
+                let status = c["status"].as_str().unwrap_or("?");
+                let issues: Vec<&str> = c["issues"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i.as_str())
+                    .collect();
+                println!("  {name:<9} {status:<11} {}", issues.join("; "));
+            }
+        }
+    }
+    match overall {
+        "healthy" => 0,
+        "warning" => 1,
+        "critical" => 2,
+        _ => 3,
+    }
+}
+
+fn gpu_cli() -> anyhow::Result<()> {
+    use probe_user::gpu::{GpuInventory as _, NvmlInventory};
+    let mut inv = NvmlInventory::new().context("NVML")?;
+    // GPM (SM activity) needs two samples; the second one reports it.
+    let _ = inv.sample();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let samples = inv.sample().context("NVML sample")?;
+    println!("{}", serde_json::to_string_pretty(&samples)?);
+    Ok(())
 }

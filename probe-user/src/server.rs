@@ -49,9 +49,9 @@ fn handle(state: &ServerState, req: &Request<Incoming>) -> Response<Full<Bytes>>
         ),
         "/health" => {
             (state.refresh)();
-            let (code, body) = match state.health.lock() {
-                Ok(h) => h.verdict(),
-                Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "{}".to_owned()),
+            let (code, body) = match (state.health.lock(), state.recent.lock()) {
+                (Ok(h), Ok(r)) => h.verdict(&r),
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "{}".to_owned()),
             };
             reply(code, "application/json", body)
         }
