@@ -8,8 +8,9 @@
 use std::{collections::HashMap, sync::atomic::AtomicU64};
 
 use nvml_wrapper::{
+    bitmasks::event::EventTypes,
     enum_wrappers::device::{Clock, EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor},
-    enums::device::UsedGpuMemory,
+    enums::{device::UsedGpuMemory, event::XidError},
     Nvml,
 };
 use prometheus_client::{
@@ -40,6 +41,8 @@ pub struct GpuSample {
     pub ecc_uncorrected_total: Option<u64>,
     /// GPM SM activity (Hopper and newer), 0–1, over the interval since the previous sample.
     pub sm_activity: Option<f64>,
+    /// Critical XID events seen since the probe started (None when the device cannot report them).
+    pub xid_errors_total: Option<u64>,
     /// (pid, used bytes) of the compute processes on this device.
     pub processes: Vec<(u32, u64)>,
 }
@@ -62,6 +65,9 @@ pub trait GpuInventory: Send {
 pub struct NvmlInventory {
     nvml: &'static Nvml,
     gpm_prev: HashMap<u32, nvml_wrapper::gpm::GpmSample<'static>>,
+    /// One XID event set per device that supports critical-XID events (registration consumes the
+    /// set on failure, so they are not shared), with the count seen so far.
+    xid: HashMap<u32, (nvml_wrapper::EventSet<'static>, u64)>,
 }
 
 impl NvmlInventory {
@@ -71,10 +77,49 @@ impl NvmlInventory {
         if count == 0 {
             return Err(GpuError::Other("NVML found no GPU".into()));
         }
+        let nvml: &'static Nvml = Box::leak(Box::new(nvml));
+        let mut xid = HashMap::new();
+        for index in 0..count {
+            let Ok(d) = nvml.device_by_index(index) else {
+                continue;
+            };
+            let xid_ok = d
+                .supported_event_types()
+                .is_ok_and(|t| t.contains(EventTypes::CRITICAL_XID_ERROR));
+            if !xid_ok {
+                continue;
+            }
+            let registered = nvml
+                .create_event_set()
+                .map_err(|e| e.to_string())
+                .and_then(|set| {
+                    d.register_events(EventTypes::CRITICAL_XID_ERROR, set)
+                        .map_err(|e| e.error.to_string())
+                });
+            match registered {
+                Ok(set) => {
+                    xid.insert(index, (set, 0));
+                }
+                Err(e) => log::info!("GPU {index}: XID events not available: {e}"),
+            }
+        }
         Ok(Self {
-            nvml: Box::leak(Box::new(nvml)),
+            nvml,
             gpm_prev: HashMap::new(),
+            xid,
         })
+    }
+
+    /// Drain pending XID events without blocking; returns the running count for `index`.
+    fn drain_xid(&mut self, index: u32) -> Option<u64> {
+        let (set, count) = self.xid.get_mut(&index)?;
+        while let Ok(ev) = set.wait(0) {
+            *count += 1;
+            if let Some(XidError::Value(code)) = ev.event_data {
+                log::warn!("GPU {index}: XID {code} (see NVIDIA's XID catalog)");
+            }
+        }
+        Some(*count)
     }
 }
 
@@ -112,7 +157,9 @@ impl GpuInventory for NvmlInventory {
                     self.gpm_prev.insert(index, now);
                 }
             }
+            let xid_errors_total = self.drain_xid(index);
             out.push(GpuSample {
+                xid_errors_total,
                 index,
                 uuid: d.uuid().unwrap_or_default(),
                 pci_bus_id: d.pci_info().map(|p| p.bus_id).unwrap_or_default(),
@@ -193,6 +240,7 @@ pub struct GpuMetrics {
     pub pcie_rx: Family<GpuLabels, F64Gauge>,
     pub ecc_corrected: Family<GpuLabels, Counter>,
     pub ecc_uncorrected: Family<GpuLabels, Counter>,
+    pub xid: Family<GpuLabels, Counter>,
     pub sm_activity: Family<GpuLabels, F64Gauge>,
     pub process_memory: Family<PidLabels, F64Gauge>,
 }
@@ -210,6 +258,7 @@ impl GpuMetrics {
             pcie_rx: Family::default(),
             ecc_corrected: Family::default(),
             ecc_uncorrected: Family::default(),
+            xid: Family::default(),
             sm_activity: Family::default(),
             process_memory: Family::default(),
         };
@@ -254,6 +303,11 @@ impl GpuMetrics {
             "llm_gpu_ecc_uncorrected_errors",
             "Uncorrected ECC errors since driver load",
             m.ecc_uncorrected.clone(),
+        );
+        r.register(
+            "llm_gpu_xid_errors",
+            "Critical XID events since the probe started",
+            m.xid.clone(),
         );
         r.register(
             "llm_gpu_sm_activity",
@@ -301,6 +355,11 @@ impl GpuMetrics {
                     &self.ecc_uncorrected,
                     s.ecc_uncorrected_total,
                     before.and_then(|p| p.ecc_uncorrected_total),
+                ),
+                (
+                    &self.xid,
+                    s.xid_errors_total,
+                    before.and_then(|p| p.xid_errors_total),
                 ),
             ] {
                 if let Some(now) = now {
@@ -385,6 +444,7 @@ mod tests {
             power_watts: Some(120.5),
             sm_clock_hertz: Some(1.98e9),
             ecc_corrected_total: Some(ecc),
+            xid_errors_total: Some(1),
             processes: vec![(42, 6 << 30), (43, 1 << 30)],
             ..GpuSample::default()
         }

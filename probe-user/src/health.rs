@@ -1,5 +1,5 @@
 //! `/health` and `llm-probe health`: a verdict modelled on the seed's `HealthChecker` — `overall`
-//! ∈ healthy/warning/critical, `timestamp`, and `checks` for gpu, kv_cache, latency, errors and
+//! ∈ healthy/warning/critical, `timestamp`, and `checks` for gpu, `kv_cache`, latency, errors and
 //! queue (each with status, value, issues) — plus the probe's own checks (targets, programs,
 //! events). Thresholds are the seed's, overridable in a config file (`[health]` in llm-probe.toml,
 //! every key documented on `Thresholds`). HTTP 200 for healthy/warning, 503 for critical.

@@ -1,5 +1,10 @@
 //! `llm-probe`: per-request TTFT/TBT of an unmodified, running LLM inference server, measured from
 //! its own sockets through eBPF, exported as Prometheus `llm_*` metrics.
+// Doc comments on the CLI types are clap's `--help` text for operators: plain prose, no Markdown.
+#![expect(
+    clippy::doc_markdown,
+    reason = "clap help text is shown verbatim in --help"
+)]
 use std::net::SocketAddr;
 
 use anyhow::Context as _;

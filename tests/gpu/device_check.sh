@@ -8,6 +8,8 @@ BIN=$1
 OUT=$2
 mkdir -p "$OUT"
 chmod +x "$BIN"
+# Tracepoints need tracefs; some GPU hosts do not mount it.
+[ -d /sys/kernel/tracing/events ] || mount -t tracefs nodev /sys/kernel/tracing 2>&1 | head -2
 nvidia-smi -L | tee "$OUT/gpus.txt"
 python3 - <<'PY' > "$OUT/torch.log" 2>&1 &
 import time, torch
@@ -45,4 +47,9 @@ PY
 nvidia-smi --query-gpu=$Q --format=csv,noheader,nounits >> "$OUT/nvidia-smi-during-run.csv"
 grep -E '^llm_gpu|llm_probe_attached' "$OUT/metrics.txt" | head -40
 kill -INT $PROBE; kill $TORCH; wait
+# At most 8 files come back from the device tool: fold the small ones into one report.
+for f in gpus.txt apps.csv nvidia-smi.csv nvidia-smi-during-run.csv torch.log run.log llm-probe-gpu.err; do
+  echo "=== $f"; cat "$OUT/$f" 2>/dev/null
+done > "$OUT/report.txt"
+rm -f "$OUT"/gpus.txt "$OUT"/apps.csv "$OUT"/nvidia-smi*.csv "$OUT"/torch.log "$OUT"/run.log "$OUT"/llm-probe-gpu.err "$OUT"/llm-probe-gpu-2.json
 echo done
