@@ -12,7 +12,14 @@ use anyhow::{bail, Context as _, Result};
 use crate::{cache_dir, run, step};
 
 /// Pinned so that every machine builds the same engine (llama.cpp is compiled from source).
-const PY_PACKAGES: &[&str] = &["llama-cpp-python[server]==0.3.36", "gguf==0.19.0", "numpy"];
+const PY_PACKAGES: &[&str] = &[
+    "llama-cpp-python[server]==0.3.36",
+    "gguf==0.19.0",
+    "numpy",
+    // tests/deploy/check_deploy.py validates the Kubernetes manifests offline.
+    "kubernetes-validate",
+    "pyyaml",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn output(cmd: &mut Command) -> Result<String> {
@@ -125,11 +132,23 @@ pub fn system_packages() -> Result<()> {
     if !have("cc") || !have("c++") {
         missing.extend(["build-essential"]);
     }
+    // A real Prometheus and promtool for the rules and dashboard tests.
+    if !have("promtool") || !std::path::Path::new("/usr/bin/prometheus").exists() {
+        missing.push("prometheus");
+    }
     if missing.is_empty() {
-        step("system packages (node, python3, C/C++ compiler): present");
+        step("system packages (node, python3, C/C++ compiler, prometheus): present");
         return Ok(());
     }
-    apt_install(&missing)
+    apt_install(&missing)?;
+    if missing.contains(&"prometheus") {
+        // The package enables a system service; the tests start their own instance on loopback.
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", "prometheus"])
+            .output();
+        let _ = Command::new("pkill").args(["-x", "prometheus"]).output();
+    }
+    Ok(())
 }
 
 pub fn venv() -> Result<PathBuf> {
@@ -137,12 +156,15 @@ pub fn venv() -> Result<PathBuf> {
     let py = dir.join("bin/python");
     let check = || {
         Command::new(&py)
-            .args(["-c", "import llama_cpp.server, gguf, numpy"])
+            .args([
+                "-c",
+                "import llama_cpp.server, gguf, numpy, kubernetes_validate, yaml",
+            ])
             .output()
             .is_ok_and(|o| o.status.success())
     };
     if py.exists() && check() {
-        step("python venv with llama-cpp-python: present");
+        step("python venv with llama-cpp-python and kubernetes-validate: present");
         return Ok(py);
     }
     if !py.exists() {

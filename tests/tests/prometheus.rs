@@ -1,0 +1,216 @@
+//! Dashboards and alert rules meet a real Prometheus: Debian's `prometheus`, started on loopback
+//! with a temporary config, scrapes `llm-probe` attached to the real tiny engine under load (plus
+//! an engine metrics page for the KV-cache panels). Every panel query of
+//! deploy/grafana/llm-probe.json is evaluated through the HTTP API and must return data, except
+//! panels documented as GPU-only (skipped, with the reason printed, when no GPU exists); every rule
+//! of deploy/prometheus/llm-probe-rules.yml must load and evaluate. Needs root (eBPF).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpListener,
+    process::Command,
+    time::Duration,
+};
+
+use harness::{
+    free_port, http_get, require_root, start_llama, wait_for, workspace_root, Probe, Proc,
+};
+use serde_json::Value;
+
+fn engine_page_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut preemptions = 0u64;
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = s.read(&mut [0u8; 4096]);
+            preemptions += 1;
+            let body = format!(
+                "vllm:kv_cache_usage_perc{{engine=\"0\"}} 0.42\nvllm:num_requests_waiting{{engine=\"0\"}} 1\n\
+                 vllm:num_requests_running{{engine=\"0\"}} 2\nvllm:num_preemptions_total{{engine=\"0\"}} {preemptions}\n"
+            );
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+fn encode(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn prom_query(addr: &str, q: &str) -> Value {
+    let (_, body) =
+        http_get(addr, &format!("/api/v1/query?query={}", encode(q))).expect("query Prometheus");
+    serde_json::from_str(&body).unwrap_or(Value::Null)
+}
+
+#[test]
+fn every_dashboard_query_returns_data_and_every_rule_evaluates() {
+    if !require_root("every_dashboard_query_returns_data_and_every_rule_evaluates") {
+        return;
+    }
+    let prometheus = ["/usr/bin/prometheus", "/usr/sbin/prometheus"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("prometheus missing: run `cargo xtask setup` (Debian package `prometheus`)");
+    let root = workspace_root();
+    let engine_port = free_port();
+    let engine = start_llama(engine_port);
+    let page_port = engine_page_server();
+    let probe = Probe::start(&[
+        "--pid".into(),
+        engine.pid().to_string(),
+        "--engine-metrics".into(),
+        format!("http://127.0.0.1:{page_port}/metrics"),
+        "--nvml-interval".into(),
+        "1s".into(),
+    ]);
+
+    let dir = std::env::temp_dir().join(format!("llm-probe-prom-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("data")).expect("temp dir");
+    let prom_port = free_port();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
+         scrape_configs:\n  - job_name: llm-probe\n    static_configs:\n      - targets: ['{}']\n",
+        root.join("deploy/prometheus/llm-probe-rules.yml").display(),
+        probe.addr
+    );
+    std::fs::write(dir.join("prometheus.yml"), config).expect("write config");
+    let _prom = Proc::spawn(
+        "prometheus",
+        Command::new(prometheus)
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}")),
+    );
+    let prom = format!("127.0.0.1:{prom_port}");
+    wait_for("Prometheus ready", Duration::from_secs(30), || {
+        http_get(&prom, "/-/ready").is_ok_and(|(s, _)| s == 200)
+    });
+
+    // Load for ~12 s while Prometheus scrapes every second (bounded: 400 requests at most).
+    let load = Command::new(root.join("target/release/llm-load"))
+        .args([
+            "--addr",
+            &format!("127.0.0.1:{engine_port}"),
+            "--concurrency",
+            "4",
+            "--requests",
+            "400",
+        ])
+        .args(["--max-seconds", "12", "--max-tokens", "16"])
+        .output()
+        .expect("llm-load");
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let up = prom_query(&prom, "up{job=\"llm-probe\"}");
+    assert_eq!(
+        up["data"]["result"][0]["value"][1], "1",
+        "Prometheus scrapes the probe: {up}"
+    );
+
+    let gpu = !prom_query(&prom, "llm_gpu_utilization")["data"]["result"]
+        .as_array()
+        .is_none_or(Vec::is_empty);
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/llm-probe.json")).expect("dashboard"),
+    )
+    .expect("dashboard is JSON");
+    let exported = probe.metrics();
+    let (mut checked, mut skipped) = (0, 0);
+    let mut failures = Vec::new();
+    for p in dash["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .filter(|p| p["type"] != "row")
+    {
+        let title = p["title"].as_str().unwrap_or("?");
+        let gpu_only = p["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("GPU-only"));
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            assert!(
+                !expr.contains("histogram_quantile") || expr.contains("sum by (le"),
+                "{title}: histogram_quantile must aggregate with sum by (le, …): {expr}"
+            );
+            let q = expr.replace("$instance", ".*").replace("$model", ".*");
+            let v = prom_query(&prom, &q);
+            assert_eq!(v["status"], "success", "{title}: {q} → {v}");
+            let empty = v["data"]["result"].as_array().is_none_or(Vec::is_empty);
+            let family = q
+                .split(['{', '(', ' '])
+                .find(|w| w.starts_with("llm_"))
+                .unwrap_or("");
+            let family = family.trim_end_matches("_bucket");
+            if gpu_only && !gpu {
+                eprintln!("SKIP panel {title:?}: GPU-only and this machine has no GPU ({q})");
+                skipped += 1;
+            } else if gpu_only && empty && !exported.contains(family) {
+                // The CUDA probes (llm_cuda_*, live/leak-suspect bytes) are not built yet.
+                eprintln!("SKIP panel {title:?}: {family} is not exported by this build ({q})");
+                skipped += 1;
+            } else if empty {
+                failures.push(format!("{title}: {q}"));
+            } else {
+                checked += 1;
+            }
+        }
+    }
+    eprintln!("dashboard: {checked} queries returned data, {skipped} GPU-only skipped");
+    assert!(
+        failures.is_empty(),
+        "queries without data:\n{}",
+        failures.join("\n")
+    );
+    assert!(checked >= 15, "{checked}");
+
+    // Every rule loaded and evaluated without error.
+    let rules_file =
+        std::fs::read_to_string(root.join("deploy/prometheus/llm-probe-rules.yml")).expect("rules");
+    let expected = rules_file.matches("- alert:").count();
+    wait_for("rules evaluated", Duration::from_secs(20), || {
+        let (_, body) = http_get(&prom, "/api/v1/rules").expect("rules API");
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        let rules: Vec<&Value> = v["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+            .collect();
+        rules.len() == expected
+            && rules.iter().all(|r| {
+                r["health"] == "ok"
+                    && r["lastEvaluation"]
+                        .as_str()
+                        .is_some_and(|t| !t.starts_with("0001"))
+            })
+    });
+    eprintln!("rules: {expected} alert rules loaded and evaluated (health ok)");
+    let _ = std::fs::remove_dir_all(dir);
+}
