@@ -380,31 +380,9 @@ impl GpuMetrics {
         }
     }
 
-    fn clear_absent(&self, samples: &[GpuSample], prev: &[GpuSample], host: &str) {
-        for p in prev
-            .iter()
-            .filter(|p| !samples.iter().any(|s| s.uuid == p.uuid))
-        {
-            let l = labels(p, host);
-            for f in [
-                &self.utilization,
-                &self.memory_used,
-                &self.memory_total,
-                &self.temperature,
-                &self.power,
-                &self.sm_clock,
-                &self.pcie_tx,
-                &self.pcie_rx,
-                &self.sm_activity,
-            ] {
-                f.remove(&l);
-            }
-        }
-    }
-
-    /// NVML went away: drop every device series.
-    pub fn clear(&self) {
-        for f in [
+    /// Every per-device gauge family.
+    fn gauges(&self) -> [&Family<GpuLabels, F64Gauge>; 9] {
+        [
             &self.utilization,
             &self.memory_used,
             &self.memory_total,
@@ -414,7 +392,24 @@ impl GpuMetrics {
             &self.pcie_tx,
             &self.pcie_rx,
             &self.sm_activity,
-        ] {
+        ]
+    }
+
+    fn clear_absent(&self, samples: &[GpuSample], prev: &[GpuSample], host: &str) {
+        for p in prev
+            .iter()
+            .filter(|p| !samples.iter().any(|s| s.uuid == p.uuid))
+        {
+            let l = labels(p, host);
+            for f in self.gauges() {
+                f.remove(&l);
+            }
+        }
+    }
+
+    /// NVML went away: drop every device series.
+    pub fn clear(&self) {
+        for f in self.gauges() {
             f.clear();
         }
         self.process_memory.clear();
