@@ -1,7 +1,7 @@
 //! The deployment files, checked offline with real tools: `promtool check rules` and
 //! `promtool test rules` (every alert fires on series that should fire it and stays silent on
-//! healthy ones), and tests/deploy/check_deploy.py (kubernetes-validate on every manifest, the
-//! PrometheusRule equal to the rules file, selectors and ports consistent, the systemd unit).
+//! healthy ones), and `tests/deploy/check_deploy.py` (kubernetes-validate on every manifest, the
+//! `PrometheusRule` equal to the rules file, selectors and ports consistent, the systemd unit).
 use std::process::Command;
 
 use harness::{python, workspace_root};

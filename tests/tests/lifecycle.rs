@@ -26,6 +26,14 @@ fn children_forked_after_attach_are_traced() {
             .arg("-c")
             .arg(format!("sleep 2; node {} {port}; true", script.display())),
     );
+    // Dropping the shell does not stop the node it forked: this guard does, even on panic.
+    struct KillChild(String);
+    impl Drop for KillChild {
+        fn drop(&mut self) {
+            let _ = Command::new("pkill").args(["-f", &self.0]).status();
+        }
+    }
+    let _child = KillChild(format!("mock_llm.js {port}"));
     let probe = Probe::start(&["--pid".into(), parent.pid().to_string()]);
     let addr = format!("127.0.0.1:{port}");
     wait_for("node forked by the target", Duration::from_secs(20), || {

@@ -62,17 +62,21 @@ fn node_exact_timing_matches_controlled_delays_and_client() {
         .map(ms)
         .collect();
     eprintln!("node: server waits 80 ms then 25 ms per token; probe TTFT {ttft:.3} ms, gaps {gaps:.3?} ms");
+    // The first token cannot come before the server's 80 ms wait; the upper bound leaves room for
+    // a loaded CI machine. libuv arms timers from its cached loop time, so one gap can come out up
+    // to ~1 ms short of 25 ms (24.69 ms seen); their mean cannot.
     assert!(
-        (80.0..90.0).contains(&ttft),
+        (80.0..100.0).contains(&ttft),
         "ttft {ttft} ms for a server that waits 80 ms: {r}"
     );
-    for g in r["gaps_ns"].as_array().expect("gaps") {
-        let g = ms(g);
+    for &g in &gaps {
         assert!(
-            (24.0..35.0).contains(&g),
+            (23.0..40.0).contains(&g),
             "gap {g} ms for a server that waits 25 ms: {r}"
         );
     }
+    let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+    assert!((24.5..30.0).contains(&mean), "mean gap {mean} ms: {r}");
     assert_eq!(
         r["content_events"], 10,
         "role-only first chunk and usage chunk are not content: {r}"
