@@ -234,6 +234,20 @@ impl CounterSync {
             .events_lost
             .get_or_create(&ReasonLabels { reason: "map_full" })
             .inc_by(d(now.lost_map_full, self.last.lost_map_full));
+        for (reason, now, last) in [
+            ("truncated", now.truncated, self.last.truncated),
+            ("iov_skipped", now.iov_skipped, self.last.iov_skipped),
+            (
+                "read_user_failed",
+                now.read_user_failed,
+                self.last.read_user_failed,
+            ),
+        ] {
+            metrics
+                .capture_incomplete
+                .get_or_create(&ReasonLabels { reason })
+                .inc_by(d(now, last));
+        }
         self.last = now;
         if let Ok(mut h) = health.lock() {
             h.events_delivered = metrics.events.get();

@@ -104,6 +104,7 @@ pub struct Metrics {
     pub events_seen: Counter,
     pub events_lost: Family<ReasonLabels, Counter>,
     pub parse_errors: Family<KindLabels, Counter>,
+    pub capture_incomplete: Family<ReasonLabels, Counter>,
     pub targets: Gauge,
     pub connections: Gauge,
     pub build_info: Family<BuildLabels, Gauge>,
@@ -127,6 +128,7 @@ impl Metrics {
             events_seen: Counter::default(),
             events_lost: Family::default(),
             parse_errors: Family::default(),
+            capture_incomplete: Family::default(),
             targets: Gauge::default(),
             connections: Gauge::default(),
             build_info: Family::default(),
@@ -206,6 +208,12 @@ impl Metrics {
             "llm_probe_parse_errors",
             "Bytes on traced sockets that could not be parsed, by kind",
             m.parse_errors.clone(),
+        );
+        registry.register(
+            "llm_probe_capture_incomplete",
+            "Delivered records whose payload is incomplete: truncated at 4 KiB, iovecs past the \
+             walked limit, or user memory that could not be read",
+            m.capture_incomplete.clone(),
         );
         registry.register(
             "llm_probe_targets",

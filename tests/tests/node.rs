@@ -298,6 +298,14 @@ fn node_pipelining_keepalive_before_attach_and_bad_input() {
     let m = probe.metrics();
     let errors = metric_sum(&m, "llm_probe_parse_errors_total", &[]);
     assert!(errors >= 3.0, "bad input counted:\n{m}");
+    assert!(
+        metric_sum(
+            &m,
+            "llm_probe_capture_incomplete_total",
+            &[("reason", "truncated")]
+        ) >= 1.0,
+        "the 20 KB header was captured truncated, and that is counted:\n{m}"
+    );
     assert!(probe.proc.alive(), "the probe survived bad input");
     assert_eq!(probe.health().0, 200);
 }
