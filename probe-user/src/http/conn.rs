@@ -204,10 +204,16 @@ impl ConnTracker {
         data: &[u8],
         obs: &mut impl Observer,
     ) {
-        if self.touch(conn, ts_ns, false, obs) {
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.ingress(conn, ts_ns, Seg::new(data, len), &mut self.next_seq, obs);
-            }
+        if let Some(c) = touch(
+            &mut self.conns,
+            &mut self.tick,
+            self.max_conns,
+            conn,
+            ts_ns,
+            false,
+            obs,
+        ) {
+            c.ingress(conn, ts_ns, Seg::new(data, len), &mut self.next_seq, obs);
         }
     }
 
@@ -220,10 +226,16 @@ impl ConnTracker {
         data: &[u8],
         obs: &mut impl Observer,
     ) {
-        if self.touch(conn, ts_ns, false, obs) {
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.egress(conn, ts_ns, Seg::new(data, len), &mut self.next_seq, obs);
-            }
+        if let Some(c) = touch(
+            &mut self.conns,
+            &mut self.tick,
+            self.max_conns,
+            conn,
+            ts_ns,
+            false,
+            obs,
+        ) {
+            c.egress(conn, ts_ns, Seg::new(data, len), &mut self.next_seq, obs);
         }
     }
 
@@ -256,7 +268,15 @@ impl ConnTracker {
         if let Some(c) = self.remove(conn) {
             c.reset_all(conn, ts_ns, obs);
         }
-        self.touch(conn, ts_ns, true, obs);
+        touch(
+            &mut self.conns,
+            &mut self.tick,
+            self.max_conns,
+            conn,
+            ts_ns,
+            true,
+            obs,
+        );
     }
 
     /// The process exited: its connections' in-flight requests end as `ServerReset`.
@@ -287,35 +307,35 @@ impl ConnTracker {
     fn remove(&mut self, id: ConnId) -> Option<Conn> {
         self.conns.remove(&id)
     }
+}
 
-    /// Finds or creates a connection's state and marks it most recently used; `accepted` says a
-    /// state created now follows an accept. False for connections no longer parsed.
-    fn touch(&mut self, id: ConnId, ts: u64, accepted: bool, obs: &mut impl Observer) -> bool {
-        self.tick += 1;
-        let tick = self.tick;
-        if let Some(c) = self.conns.get_mut(&id) {
-            c.tick = tick;
-            return c.mode == Mode::Active;
-        }
-        while self.conns.len() >= self.max_conns {
-            let Some(victim) = self
-                .conns
-                .iter()
-                .min_by_key(|(_, c)| c.tick)
-                .map(|(k, _)| *k)
-            else {
+/// Finds or creates a connection's state and marks it most recently used (one hash lookup on the
+/// hot path); `accepted` says a state created now follows an accept. `None` for connections no
+/// longer parsed. A free function over the tracker's fields so that the caller can borrow
+/// `next_seq` next to the returned state.
+fn touch<'a>(
+    conns: &'a mut FxHashMap<ConnId, Conn>,
+    tick: &mut u64,
+    max_conns: usize,
+    id: ConnId,
+    ts: u64,
+    accepted: bool,
+    obs: &mut impl Observer,
+) -> Option<&'a mut Conn> {
+    *tick += 1;
+    if conns.len() >= max_conns && !conns.contains_key(&id) {
+        while conns.len() >= max_conns {
+            let Some(victim) = conns.iter().min_by_key(|(_, c)| c.tick).map(|(k, _)| *k) else {
                 break;
             };
-            if let Some(c) = self.conns.remove(&victim) {
+            if let Some(c) = conns.remove(&victim) {
                 c.reset_all(victim, ts, obs);
             }
         }
-        let mut c = Conn::new(accepted);
-        c.tick = tick;
-        let active = c.mode == Mode::Active;
-        self.conns.insert(id, c);
-        active
     }
+    let c = conns.entry(id).or_insert_with(|| Conn::new(accepted));
+    c.tick = *tick;
+    (c.mode == Mode::Active).then_some(c)
 }
 
 /// Fills in a request's body fields if that has not happened yet (its response began, or it ended,
