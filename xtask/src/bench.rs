@@ -27,12 +27,6 @@ impl Drop for Kill {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn bench_bin() -> std::path::PathBuf {
     root().join("target/release/llm-bench")
 }
@@ -63,7 +57,7 @@ fn client(port: u16, concurrency: usize, seconds: u64) -> Result<Value> {
 }
 
 fn start_probe(probe: &Path, port: u16) -> Result<(Kill, u16)> {
-    let listen = free_port()?;
+    let listen = harness::free_port();
     let p = Kill(
         Command::new(probe)
             .args([
@@ -81,17 +75,8 @@ fn start_probe(probe: &Path, port: u16) -> Result<(Kill, u16)> {
 }
 
 fn scrape(port: u16, name: &str) -> f64 {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return f64::NAN;
-    };
-    use std::io::{Read as _, Write as _};
-    let _ = write!(s, "GET /metrics HTTP/1.0\r\n\r\n");
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-        .sum()
+    harness::http_get(&format!("127.0.0.1:{port}"), "/metrics")
+        .map_or(f64::NAN, |(_, body)| harness::metric_sum(&body, name, &[]))
 }
 
 /// utime + stime of a process, in seconds (/proc/PID/stat fields 14 and 15, in clock ticks).
@@ -115,7 +100,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
-    let port = free_port()?;
+    let port = harness::free_port();
     let _server = Kill(
         Command::new(bench_bin())
             .args(["server", &port.to_string(), "--events", "16"])
@@ -170,7 +155,7 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
 /// The same comparison on a real engine (llama-cpp-python, tiny llama, 4 concurrent streams):
 /// what a user of a CPU-bound LLM server pays, as opposed to the syscall-bound SSE server above.
 pub fn engine_overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
-    let port = free_port()?;
+    let port = harness::free_port();
     let _engine = Kill(
         harness::llama_command(port)
             .stdout(Stdio::null())
@@ -238,7 +223,7 @@ fn rss_kib(pid: u32, key: &str) -> u64 {
 }
 
 pub fn rss(probe: &Path, streams: usize) -> Result<()> {
-    let port = free_port()?;
+    let port = harness::free_port();
     // Slow streams: one event every 100 ms, so all stay open while we measure.
     let _server = Kill(
         Command::new(bench_bin())

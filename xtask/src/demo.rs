@@ -1,8 +1,6 @@
 //! `cargo xtask demo`: a real tiny engine (llama-cpp-python + a random-weight llama GGUF), a bounded
 //! load on loopback, llm-probe attached by port, and a live summary of what it measures.
 use std::{
-    io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
     path::Path,
     process::{Child, Command, Stdio},
     sync::{
@@ -35,12 +33,7 @@ impl Drop for Kill {
 }
 
 fn get(addr: &str, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+    harness::http_get(addr, path).ok().map(|(_, body)| body)
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -69,13 +62,7 @@ fn summary(addr: &str) -> Option<String> {
         .collect();
     let errors = reqs.iter().filter(|r| r["outcome"] != "ok").count();
     let metrics = get(addr, "/metrics").unwrap_or_default();
-    let series = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-            .sum()
-    };
+    let series = |name: &str| harness::metric_sum(&metrics, name, &[]);
     Some(format!(
         "requests {:>5} (errors {errors})  TTFT p50 {:>7.2} ms p99 {:>7.2} ms  TBT p50 {:>6.2} ms p99 {:>6.2} ms  \
          {:>7.1} tok/s  queue {} batch {}",
@@ -90,10 +77,6 @@ fn summary(addr: &str) -> Option<String> {
     ))
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// Returns the number of requests llm-probe recorded.
 pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<u64> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -102,7 +85,7 @@ pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<u64> {
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
             .context("installing Ctrl-C handler")?;
     }
-    let port = free_port()?;
+    let port = harness::free_port();
     step(&format!(
         "starting the engine: llama-cpp-python on 127.0.0.1:{port} with a tiny random llama"
     ));
