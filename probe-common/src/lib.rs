@@ -35,6 +35,10 @@ pub enum EventKind {
     Fork = 4,
     /// A traced process exited (`ProcEvent`).
     Exit = 5,
+    /// A CUDA memory call returned: allocation, free, VMM reserve/create/map/unmap (`CudaMemEvent`).
+    CudaMem = 6,
+    /// A CUDA synchronisation call returned (`CudaSyncEvent`).
+    CudaSync = 7,
 }
 
 impl EventKind {
@@ -45,6 +49,8 @@ impl EventKind {
             3 => Some(Self::Close),
             4 => Some(Self::Fork),
             5 => Some(Self::Exit),
+            6 => Some(Self::CudaMem),
+            7 => Some(Self::CudaSync),
             _ => None,
         }
     }
@@ -189,6 +195,9 @@ pub const MAX_TARGETS: u32 = 1024;
 /// TCP ports the traced servers listen on (for socket-arrival stamping).
 pub const MAX_LISTEN_PORTS: u32 = 64;
 
+pub mod cuda;
+pub use cuda::{CudaMemEvent, CudaSyncEvent, CudaThread, STACK_DEPTH};
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers, and has no padding
@@ -196,4 +205,6 @@ mod user {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::PendingIo {}
     unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::CudaThread {}
+    unsafe impl aya::Pod for super::CudaMemEvent {}
 }

@@ -148,6 +148,7 @@ impl Ingest {
                     );
                 }
             }
+            Event::CudaMem(_) | Event::CudaSync(_) => {}
             Event::Exit { header } => {
                 log::warn!("traced process {} exited", header.tgid);
                 self.tracker

@@ -3,7 +3,10 @@
 
 use std::mem::size_of;
 
-use probe_common::{ConnEvent, DataEvent, EventHeader, EventKind, ProcEvent, DIR_EGRESS};
+use probe_common::{
+    ConnEvent, CudaMemEvent, CudaSyncEvent, DataEvent, EventHeader, EventKind, ProcEvent,
+    DIR_EGRESS,
+};
 
 /// One decoded record. `payload` borrows the ring-buffer slot: it is parsed, never kept.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,6 +36,10 @@ pub enum Event<'a> {
     Exit {
         header: EventHeader,
     },
+    /// A CUDA memory call returned (boxed: 208 bytes, rare).
+    CudaMem(Box<CudaMemEvent>),
+    /// A CUDA synchronisation call returned.
+    CudaSync(CudaSyncEvent),
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +110,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             })
         }
         Some(EventKind::Exit) => Ok(Event::Exit { header }),
+        Some(EventKind::CudaMem) => Ok(Event::CudaMem(Box::new(read(bytes)?))),
+        Some(EventKind::CudaSync) => Ok(Event::CudaSync(read(bytes)?)),
         None => Err(DecodeError::UnknownKind(header.kind)),
     }
 }

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod attach;
 pub mod client;
+pub mod cuda;
 pub mod ebpf;
 pub mod engine;
 pub mod events;

@@ -1,0 +1,9 @@
+//! CUDA driver/runtime probes, user side: find the CUDA libraries a target maps or would load
+//! (`libs`), keep a ledger of device memory per process (`ledger`), name call sites (`symbolize`),
+//! and group launches into engine steps (`steps`).
+//!
+//! Data path: uprobe → `CudaMemEvent` / `CudaSyncEvent` (ring buffer) and per-thread launch
+//! counters (`CUDA_THREADS` map) → ledger / steps → `llm_cuda_*`, `llm_gpu_memory_*` metrics.
+pub mod ledger;
+pub mod libs;
+pub mod symbolize;
