@@ -4,6 +4,7 @@
 //! Everything runs on 127.0.0.1 and is bounded in count and time.
 
 pub mod client;
+pub mod fake_cuda;
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},

@@ -1,1 +1,772 @@
-//! placeholder: being written
+//! Find every CUDA library file a target process maps now or would load later.
+//!
+//! PyTorch (through libcudart) `dlopen`s `libcuda.so.1` lazily, at first CUDA use, which can be
+//! after our uprobes were attached. A uprobe attached to a file (its inode) also fires in a later
+//! mapping of that same file, so besides the files mapped now we predict which file the target's
+//! dynamic loader would pick, following glibc's search order for a name without a slash
+//! (`ld.so(8)`, `elf/dl-load.c:_dl_map_object`): `DT_RPATH` (only without `DT_RUNPATH`),
+//! `LD_LIBRARY_PATH`, `DT_RUNPATH`, `/etc/ld.so.cache`, then the default directories. Every
+//! existing candidate is kept, not only the first: attaching to an unused file costs nothing, and
+//! the loader's choice depends on details we don't model (which object calls `dlopen`, hwcaps).
+//!
+//! Every path is taken from the target's view and resolved under its root (`/proc/PID/root`),
+//! absolute symlinks included, so a container's libraries are found in the container.
+//! Nothing here fails: a missing or unreadable piece is logged at debug level and skipped.
+
+use std::{
+    collections::HashSet,
+    ffi::{OsStr, OsString},
+    fs::{self, File},
+    io::{self, Read},
+    os::unix::{ffi::OsStrExt, fs::MetadataExt},
+    path::{Component, Path, PathBuf},
+};
+
+use object::{
+    elf,
+    read::elf::{Dyn, FileHeader, ProgramHeader},
+    Endianness, FileKind, ReadCache, ReadRef,
+};
+
+/// Which CUDA library a file is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LibKind {
+    /// The driver API, `libcuda.so.1` (`cuLaunchKernel`, `cuMemAlloc_v2`, …).
+    Driver,
+    /// The runtime API, `libcudart.so.<major>` (`cudaLaunchKernel`, `cudaMalloc`, …).
+    Runtime,
+}
+
+/// Why we think a library is (or will be) loaded by the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// Mapped now (`/proc/PID/maps`).
+    Mapped,
+    /// Found in a directory of the target's `LD_LIBRARY_PATH`.
+    LdLibraryPath,
+    /// Found in a `DT_RUNPATH` (or `DT_RPATH`) directory of the executable or of a mapped object.
+    RunPath,
+    /// Named by the target root's `/etc/ld.so.cache`.
+    LdSoCache,
+    /// Found in one of the loader's default directories.
+    DefaultDir,
+}
+
+/// One CUDA library file of a target process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CudaLib {
+    pub kind: LibKind,
+    /// A path this (host) process can open: for a process in another mount namespace it is
+    /// `/proc/PID/root/<path inside>`. Symlinks are already resolved: it names the file itself.
+    pub path: PathBuf,
+    /// The path as the target process sees it (for logs).
+    pub shown: PathBuf,
+    /// Identity of the file (`stat` of `path`); results are deduplicated on `(dev, ino)`.
+    pub dev: u64,
+    pub ino: u64,
+    pub how: Source,
+}
+
+/// The driver's soname, the only name the runtime `dlopen`s (CUDA driver API docs, "Driver
+/// Entry Point Access"; libcudart's `dlopen("libcuda.so.1")`).
+const DRIVER_SONAME: &str = "libcuda.so.1";
+
+/// Directories glibc searches last, for x86-64 and aarch64 (`ld.so --help` "system search path"
+/// on Debian/Ubuntu multiarch and on Fedora/RHEL `lib64` layouts).
+const DEFAULT_DIRS: [&str; 8] = [
+    "/lib64",
+    "/usr/lib64",
+    "/lib",
+    "/usr/lib",
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib/aarch64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+];
+
+/// Symlinks followed while resolving one path: the kernel's `MAXSYMLINKS` (`include/linux/namei.h`).
+const MAX_SYMLINK_HOPS: u32 = 40;
+
+/// Mapped objects whose dynamic section we read: a PyTorch process maps a few hundred shared
+/// objects, and only the headers are read (through a `ReadCache`), so this bounds the work to a
+/// few hundred small reads.
+const MAX_OBJECTS: usize = 256;
+
+/// Largest `PT_DYNAMIC` segment we read; real ones are a few hundred bytes to a few KiB.
+const MAX_DYNAMIC_BYTES: u64 = 1 << 20;
+
+/// Largest `/etc/ld.so.cache` we read; a desktop distribution's is ~100 KiB.
+const MAX_LD_SO_CACHE_BYTES: u64 = 64 << 20;
+
+/// Largest `/proc/PID/environ` or `/proc/PID/maps` we read. The environment is bounded by the
+/// kernel's argument limit (a quarter of the stack rlimit); maps of a big process are a few MiB.
+const MAX_PROC_FILE_BYTES: u64 = 64 << 20;
+
+/// Find the CUDA libraries process `pid` maps now or would load later: mapped ones first, then
+/// predictions in the loader's search order, deduplicated by `(dev, ino)`.
+pub fn find_cuda_libs(pid: u32) -> Vec<CudaLib> {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    find_cuda_libs_in(&proc_dir.join("root"), &proc_dir)
+}
+
+/// [`find_cuda_libs`] with the process's root directory (`/proc/PID/root`) and its proc directory
+/// (`/proc/PID`, from which `maps`, `environ`, `exe` and `map_files/` are read) given.
+pub fn find_cuda_libs_in(root: &Path, proc_dir: &Path) -> Vec<CudaLib> {
+    let mut found = Found::default();
+    let maps = read_maps(proc_dir);
+
+    // Mapped now: the file a uprobe must cover today.
+    let mut mapped_seen = HashSet::new();
+    for m in &maps {
+        if !mapped_seen.insert(m.path.as_path()) {
+            continue;
+        }
+        let Some(kind) = m.path.file_name().and_then(mapped_kind) else {
+            continue;
+        };
+        let host = match resolve_in_root(root, &m.path) {
+            Ok(inside) => under_root(root, &inside),
+            // A root we cannot walk (chroot seen from outside, unusual mounts): the kernel's
+            // `map_files` link names the mapped file itself.
+            Err(e) => {
+                log::debug!("{}: {e}; trying map_files", m.path.display());
+                proc_dir.join("map_files").join(&m.range)
+            }
+        };
+        found.add(kind, host, m.path.clone(), Source::Mapped, false);
+    }
+
+    // Predictions, in the loader's order.
+    let exe = read_exe(root, proc_dir);
+    let origin_of_exe = exe
+        .as_ref()
+        .and_then(|e| e.shown.parent().map(Path::to_path_buf));
+    let objects = dynamic_objects(root, proc_dir, exe.as_ref(), &maps);
+    let mut dirs = SearchDirs::new(root);
+    for o in &objects {
+        // glibc ignores DT_RPATH in an object that has DT_RUNPATH (`elf/dl-load.c`).
+        if o.runpath.is_empty() {
+            for entry in &o.rpath {
+                dirs.add_list(entry, o.origin.as_deref(), Source::RunPath);
+            }
+        }
+    }
+    if let Some(value) = read_ld_library_path(proc_dir) {
+        // glibc expands `$ORIGIN` in LD_LIBRARY_PATH as the executable's directory and accepts
+        // both ':' and ';' as separators (`elf/dl-load.c:_dl_init_paths`).
+        for part in value.split(';') {
+            dirs.add_list(part, origin_of_exe.as_deref(), Source::LdLibraryPath);
+        }
+    }
+    for o in &objects {
+        for entry in &o.runpath {
+            dirs.add_list(entry, o.origin.as_deref(), Source::RunPath);
+        }
+    }
+    for (dir, how) in std::mem::take(&mut dirs.list) {
+        found.scan_dir(root, &dir, how);
+    }
+
+    for (soname, path) in read_ld_so_cache(root) {
+        let kind = if soname == DRIVER_SONAME {
+            LibKind::Driver
+        } else if is_versioned_cudart(&soname) {
+            LibKind::Runtime
+        } else {
+            continue;
+        };
+        found.add_inside(root, kind, Path::new(&path), Source::LdSoCache);
+    }
+
+    for dir in DEFAULT_DIRS {
+        // On merged-/usr systems `/lib64` is a link to `usr/lib64`: each real directory once.
+        if let Some(real) = dirs.admit(Path::new(dir)) {
+            found.scan_dir(root, &real, Source::DefaultDir);
+        }
+    }
+    found.libs
+}
+
+/// The libraries found so far and their identities.
+#[derive(Default)]
+struct Found {
+    libs: Vec<CudaLib>,
+    seen: HashSet<(u64, u64)>,
+}
+
+impl Found {
+    /// Add the file at `host` unless its identity is already known. Predicted files must be ELF
+    /// objects for this machine: a 32-bit `libcuda.so.1` from `/usr/lib/i386-linux-gnu` (listed
+    /// in ld.so.cache) is never loaded by a 64-bit process.
+    fn add(&mut self, kind: LibKind, host: PathBuf, shown: PathBuf, how: Source, check_elf: bool) {
+        let md = match fs::metadata(&host) {
+            Ok(md) => md,
+            Err(e) => {
+                log::debug!("{}: {e}", host.display());
+                return;
+            }
+        };
+        if !md.is_file() || self.seen.contains(&(md.dev(), md.ino())) {
+            return;
+        }
+        if check_elf && !is_host_elf(&host) {
+            log::debug!("{}: not an ELF object for this machine", host.display());
+            return;
+        }
+        self.seen.insert((md.dev(), md.ino()));
+        self.libs.push(CudaLib {
+            kind,
+            path: host,
+            shown,
+            dev: md.dev(),
+            ino: md.ino(),
+            how,
+        });
+    }
+
+    /// Add the file at `inside` (the target's view), resolving symlinks under `root`.
+    fn add_inside(&mut self, root: &Path, kind: LibKind, inside: &Path, how: Source) {
+        match resolve_in_root(root, inside) {
+            Ok(real) => self.add(kind, under_root(root, &real), real, how, true),
+            Err(e) => log::debug!("{}: {e}", inside.display()),
+        }
+    }
+
+    /// Add the driver and every versioned runtime in directory `dir` (the target's view, already
+    /// resolved).
+    fn scan_dir(&mut self, root: &Path, dir: &Path, how: Source) {
+        let host = under_root(root, dir);
+        let entries = match fs::read_dir(&host) {
+            Ok(entries) => entries,
+            Err(e) => {
+                log::debug!("{}: {e}", host.display());
+                return;
+            }
+        };
+        let mut runtimes: Vec<OsString> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .filter(|name| name.to_str().is_some_and(is_versioned_cudart))
+            .collect();
+        // Directory order is arbitrary; sorted, the soname link (`libcudart.so.12`) comes before
+        // the file it names (`libcudart.so.12.4.127`), and results are reproducible.
+        runtimes.sort();
+        self.add_inside(root, LibKind::Driver, &dir.join(DRIVER_SONAME), how);
+        for name in runtimes {
+            self.add_inside(root, LibKind::Runtime, &dir.join(name), how);
+        }
+    }
+}
+
+/// The kind of a mapped file, by its file name: `libcuda.so`, `libcuda.so.1`,
+/// `libcuda.so.<driver version>` are the driver; `libcudart.so*` the runtime.
+fn mapped_kind(name: &OsStr) -> Option<LibKind> {
+    let name = name.as_bytes();
+    if name == b"libcuda.so" || name.starts_with(b"libcuda.so.") {
+        Some(LibKind::Driver)
+    } else if name.starts_with(b"libcudart.so") {
+        Some(LibKind::Runtime)
+    } else {
+        None
+    }
+}
+
+/// `libcudart.so.<digits>[.<digits>…]`: a versioned runtime (`libcudart.so.12`,
+/// `libcudart.so.11.0`, `libcudart.so.12.4.127`), not the unversioned development link.
+fn is_versioned_cudart(name: &str) -> bool {
+    name.strip_prefix("libcudart.so.").is_some_and(|version| {
+        version
+            .split('.')
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// The ELF machine this agent runs on; `None` where we don't know it (then any ELF passes).
+const HOST_MACHINE: Option<u16> = if cfg!(target_arch = "x86_64") {
+    Some(elf::EM_X86_64)
+} else if cfg!(target_arch = "aarch64") {
+    Some(elf::EM_AARCH64)
+} else {
+    None
+};
+
+/// Whether `path` starts with a 64-bit little-endian ELF header for this machine's architecture
+/// (CUDA supports no 32-bit or big-endian Linux targets).
+fn is_host_elf(path: &Path) -> bool {
+    let mut header = [0_u8; 20];
+    let read = File::open(path).and_then(|mut f| f.read_exact(&mut header));
+    if read.is_err() || header[..4] != elf::ELFMAG || header[4] != elf::ELFCLASS64 {
+        return false;
+    }
+    header[5] == elf::ELFDATA2LSB
+        && HOST_MACHINE.is_none_or(|m| u16::from_le_bytes([header[18], header[19]]) == m)
+}
+
+/// `root` joined with `inside`, an absolute path in the target's view.
+fn under_root(root: &Path, inside: &Path) -> PathBuf {
+    root.join(inside.strip_prefix("/").unwrap_or(inside))
+}
+
+/// Resolve `path` (the target's view; relative means relative to its `/`) under `root`, following
+/// symlinks one component at a time so that absolute links stay inside `root` (std's
+/// `canonicalize` of a `/proc/PID/root/…` path would follow them on the host). Returns the
+/// resolved path in the target's view: absolute, free of symlinks, `.` and `..`; the file must
+/// exist. `..` at the root stays at the root, as in the kernel.
+pub fn resolve_in_root(root: &Path, path: &Path) -> io::Result<PathBuf> {
+    let mut done = PathBuf::from("/");
+    // Components still to walk, the next one last.
+    let mut todo: Vec<OsString> = Vec::new();
+    push_components(&mut todo, path);
+    let mut hops = 0;
+    while let Some(part) = todo.pop() {
+        if part == ".." {
+            done.pop();
+            continue;
+        }
+        let next = done.join(&part);
+        let host = under_root(root, &next);
+        let md = fs::symlink_metadata(&host)?;
+        if !md.file_type().is_symlink() {
+            done = next;
+            continue;
+        }
+        hops += 1;
+        if hops > MAX_SYMLINK_HOPS {
+            return Err(io::Error::from_raw_os_error(libc::ELOOP));
+        }
+        let target = fs::read_link(&host)?;
+        if target.is_absolute() {
+            done = PathBuf::from("/");
+        }
+        push_components(&mut todo, &target);
+    }
+    Ok(done)
+}
+
+/// Push `path`'s normal and `..` components onto `todo` so that they pop in order.
+fn push_components(todo: &mut Vec<OsString>, path: &Path) {
+    let start = todo.len();
+    for c in path.components() {
+        match c {
+            Component::Normal(s) => todo.push(s.to_os_string()),
+            Component::ParentDir => todo.push(OsString::from("..")),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    todo[start..].reverse();
+}
+
+/// One mapping of a file, from `/proc/PID/maps`.
+struct Mapping {
+    /// `start-end` in hex, the name of its `/proc/PID/map_files/` link.
+    range: String,
+    exec: bool,
+    path: PathBuf,
+}
+
+/// The file-backed mappings of `/proc/PID/maps`, in order; deleted files are left out.
+fn read_maps(proc_dir: &Path) -> Vec<Mapping> {
+    let bytes = match read_bounded(&proc_dir.join("maps"), MAX_PROC_FILE_BYTES) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            log::debug!("{}/maps: {e}", proc_dir.display());
+            return Vec::new();
+        }
+    };
+    bytes
+        .split(|&b| b == b'\n')
+        .filter_map(parse_maps_line)
+        .collect()
+}
+
+/// `address perms offset dev inode   pathname` (`proc(5)`); the path is everything after the
+/// padding that follows the inode, and may contain spaces.
+fn parse_maps_line(line: &[u8]) -> Option<Mapping> {
+    let mut rest = line;
+    let mut fields = [&[][..]; 5];
+    for field in &mut fields {
+        let start = rest.iter().position(|&b| b != b' ')?;
+        rest = &rest[start..];
+        let end = rest.iter().position(|&b| b == b' ')?;
+        *field = &rest[..end];
+        rest = &rest[end..];
+    }
+    let path = &rest[rest.iter().position(|&b| b != b' ')?..];
+    if path.first() != Some(&b'/') || path.ends_with(b" (deleted)") {
+        return None;
+    }
+    Some(Mapping {
+        range: String::from_utf8_lossy(fields[0]).into_owned(),
+        exec: fields[1].get(2) == Some(&b'x'),
+        path: PathBuf::from(OsStr::from_bytes(path)),
+    })
+}
+
+/// The target's executable: its path in the target's view and a path we can open.
+struct Exe {
+    shown: PathBuf,
+    host: PathBuf,
+}
+
+fn read_exe(root: &Path, proc_dir: &Path) -> Option<Exe> {
+    let link = proc_dir.join("exe");
+    let shown = match fs::read_link(&link) {
+        Ok(shown) => shown,
+        Err(e) => {
+            log::debug!("{}: {e}", link.display());
+            return None;
+        }
+    };
+    if shown.as_os_str().as_bytes().ends_with(b" (deleted)") {
+        return None;
+    }
+    match resolve_in_root(root, &shown) {
+        Ok(real) => Some(Exe {
+            host: under_root(root, &real),
+            shown: real,
+        }),
+        // `exe` is a magic link to the file itself when the root cannot be walked.
+        Err(_) => Some(Exe { shown, host: link }),
+    }
+}
+
+/// An object whose search paths the loader would use.
+struct DynObject {
+    /// `$ORIGIN`: the object's directory in the target's view.
+    origin: Option<PathBuf>,
+    rpath: Vec<String>,
+    runpath: Vec<String>,
+}
+
+/// The executable then the mapped executable objects, at most [`MAX_OBJECTS`], with their
+/// `DT_RPATH`/`DT_RUNPATH`.
+fn dynamic_objects(
+    root: &Path,
+    proc_dir: &Path,
+    exe: Option<&Exe>,
+    maps: &[Mapping],
+) -> Vec<DynObject> {
+    let mut seen = HashSet::new();
+    let mut mapped: Vec<&Mapping> = maps
+        .iter()
+        .filter(|m| m.exec && Some(m.path.as_path()) != exe.map(|e| e.shown.as_path()))
+        .filter(|m| seen.insert(m.path.as_path()))
+        .collect();
+    // The object that calls `dlopen("libcuda.so.1")` is CUDA-related (libcudart, libtorch_cuda,
+    // libc10_cuda, NVIDIA's pip wheels): read those first should the cap cut the list.
+    mapped.sort_by_key(|m| !likely_cuda_user(&m.path));
+
+    let mut files: Vec<(PathBuf, PathBuf)> = Vec::new();
+    if let Some(e) = exe {
+        files.push((e.shown.clone(), e.host.clone()));
+    }
+    for m in mapped {
+        let host = match resolve_in_root(root, &m.path) {
+            Ok(real) => under_root(root, &real),
+            Err(_) => proc_dir.join("map_files").join(&m.range),
+        };
+        files.push((m.path.clone(), host));
+    }
+    files.truncate(MAX_OBJECTS);
+
+    files
+        .into_iter()
+        .filter_map(|(shown, host)| {
+            // Regular files only: a mapped device (`/dev/nvidia0`) must not be opened.
+            if !fs::metadata(&host).is_ok_and(|md| md.is_file()) {
+                return None;
+            }
+            let (rpath, runpath) = read_search_paths(&host)?;
+            Some(DynObject {
+                origin: shown.parent().map(Path::to_path_buf),
+                rpath,
+                runpath,
+            })
+        })
+        .collect()
+}
+
+fn likely_cuda_user(path: &Path) -> bool {
+    let bytes = path.as_os_str().as_bytes();
+    [&b"cuda"[..], b"nvidia", b"torch", b"c10"]
+        .iter()
+        .any(|needle| bytes.windows(needle.len()).any(|w| w == *needle))
+}
+
+/// `DT_RPATH` and `DT_RUNPATH` strings of the ELF object at `path`, unexpanded; `None` if it is
+/// not an ELF object or cannot be read. Only the headers, the dynamic segment and the strings are
+/// read: `libtorch_cuda.so` is over 1 GiB.
+pub(crate) fn read_search_paths(path: &Path) -> Option<(Vec<String>, Vec<String>)> {
+    let file = File::open(path).ok()?;
+    let cache = ReadCache::new(file);
+    let paths = match FileKind::parse(&cache) {
+        Ok(FileKind::Elf64) => dynamic_paths::<elf::FileHeader64<Endianness>, _>(&cache),
+        Ok(FileKind::Elf32) => dynamic_paths::<elf::FileHeader32<Endianness>, _>(&cache),
+        _ => None,
+    };
+    if paths.is_none() {
+        log::debug!("{}: no readable ELF dynamic section", path.display());
+    }
+    paths
+}
+
+fn dynamic_paths<'data, Elf, R>(data: R) -> Option<(Vec<String>, Vec<String>)>
+where
+    Elf: FileHeader<Endian = Endianness>,
+    R: ReadRef<'data>,
+{
+    let header = Elf::parse(data).ok()?;
+    let endian = header.endian().ok()?;
+    let phdrs = header.program_headers(endian, data).ok()?;
+    let Some(dynamic_phdr) = phdrs.iter().find(|p| p.p_type(endian) == elf::PT_DYNAMIC) else {
+        // A static executable: no search paths, but nothing wrong either.
+        return Some((Vec::new(), Vec::new()));
+    };
+    if dynamic_phdr.p_filesz(endian).into() > MAX_DYNAMIC_BYTES {
+        return None;
+    }
+    let dynamic = dynamic_phdr.dynamic(endian, data).ok()??;
+
+    let (mut strtab, mut rpath, mut runpath) = (None, Vec::new(), Vec::new());
+    for d in dynamic {
+        match d.tag(endian) {
+            elf::DT_NULL => break,
+            elf::DT_STRTAB => strtab = Some(d.val(endian)),
+            elf::DT_RPATH => rpath.push(d.val(endian)),
+            elf::DT_RUNPATH => runpath.push(d.val(endian)),
+            _ => {}
+        }
+    }
+    if rpath.is_empty() && runpath.is_empty() {
+        return Some((Vec::new(), Vec::new()));
+    }
+    // DT_STRTAB holds an address: find the PT_LOAD segment that maps it from the file.
+    let strtab = strtab?;
+    let strtab_offset = phdrs.iter().find_map(|p| {
+        let vaddr: u64 = p.p_vaddr(endian).into();
+        let filesz: u64 = p.p_filesz(endian).into();
+        let inside = p.p_type(endian) == elf::PT_LOAD && strtab >= vaddr && strtab - vaddr < filesz;
+        inside.then(|| p.p_offset(endian).into() + (strtab - vaddr))
+    })?;
+    let len = data.len().ok()?;
+    let string = |offset: u64| -> Option<String> {
+        let start = strtab_offset.checked_add(offset)?;
+        let bytes = data.read_bytes_at_until(start..len, 0).ok()?;
+        String::from_utf8(bytes.to_vec()).ok()
+    };
+    Some((
+        rpath.into_iter().filter_map(string).collect(),
+        runpath.into_iter().filter_map(string).collect(),
+    ))
+}
+
+/// Directories to search, in order, each once (by its resolved path).
+struct SearchDirs<'a> {
+    root: &'a Path,
+    list: Vec<(PathBuf, Source)>,
+    seen: HashSet<PathBuf>,
+}
+
+impl<'a> SearchDirs<'a> {
+    fn new(root: &'a Path) -> Self {
+        Self {
+            root,
+            list: Vec::new(),
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Add each directory of the ':'-separated `list`, with `$ORIGIN` expanded to `origin`.
+    fn add_list(&mut self, list: &str, origin: Option<&Path>, how: Source) {
+        for entry in list.split(':') {
+            let Some(dir) = expand_origin(entry, origin) else {
+                log::debug!("search path entry {entry:?} left out");
+                continue;
+            };
+            if let Some(real) = self.admit(&dir) {
+                self.list.push((real, how));
+            }
+        }
+    }
+
+    /// `dir` resolved under the root, if it exists and was not admitted before.
+    fn admit(&mut self, dir: &Path) -> Option<PathBuf> {
+        match resolve_in_root(self.root, dir) {
+            Ok(real) => self.seen.insert(real.clone()).then_some(real),
+            Err(e) => {
+                log::debug!("{}: {e}", dir.display());
+                None
+            }
+        }
+    }
+}
+
+/// Expand `$ORIGIN` / `${ORIGIN}` in a search path entry (`ld.so(8)` "Dynamic string tokens").
+/// `None` for entries we don't follow: empty or relative ones (relative to the target's working
+/// directory, which is rare and whose view from here is unreliable), ones with `$LIB` or
+/// `$PLATFORM` (their expansion depends on the distribution and CPU), and `$ORIGIN` without an
+/// origin.
+fn expand_origin(entry: &str, origin: Option<&Path>) -> Option<PathBuf> {
+    let mut out = String::new();
+    let mut rest = entry;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let tail = if let Some(t) = after.strip_prefix("{ORIGIN}") {
+            t
+        } else {
+            // "$ORIGIN" only counts as the token when followed by '/' or the end.
+            let t = after.strip_prefix("ORIGIN")?;
+            if !(t.is_empty() || t.starts_with('/')) {
+                return None;
+            }
+            t
+        };
+        out.push_str(origin?.to_str()?);
+        rest = tail;
+    }
+    out.push_str(rest);
+    let path = PathBuf::from(out);
+    path.is_absolute().then_some(path)
+}
+
+/// The first `LD_LIBRARY_PATH` of `/proc/PID/environ` (the one `getenv` returns).
+fn read_ld_library_path(proc_dir: &Path) -> Option<String> {
+    let bytes = match read_bounded(&proc_dir.join("environ"), MAX_PROC_FILE_BYTES) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            log::debug!("{}/environ: {e}", proc_dir.display());
+            return None;
+        }
+    };
+    bytes
+        .split(|&b| b == 0)
+        .find_map(|var| var.strip_prefix(b"LD_LIBRARY_PATH="))
+        .map(|value| String::from_utf8_lossy(value).into_owned())
+}
+
+/// The `(soname, path)` entries of the target root's `/etc/ld.so.cache`.
+fn read_ld_so_cache(root: &Path) -> Vec<(String, String)> {
+    let path = Path::new("/etc/ld.so.cache");
+    let read = resolve_in_root(root, path)
+        .and_then(|real| read_bounded(&under_root(root, &real), MAX_LD_SO_CACHE_BYTES));
+    match read {
+        Ok(bytes) => parse_ld_so_cache(&bytes),
+        Err(e) => {
+            log::debug!("{}/etc/ld.so.cache: {e}", root.display());
+            Vec::new()
+        }
+    }
+}
+
+fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    File::open(path)?.take(limit).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// `struct cache_file` of glibc's `sysdeps/generic/dl-cache.h`: magic, `nlibs`, then 12-byte
+/// `struct file_entry { int32 flags; uint32 key, value; }` whose strings are relative to the end
+/// of the entries.
+const OLD_MAGIC: &[u8] = b"ld.so-1.7.0";
+const OLD_HEADER_LEN: usize = 16;
+const OLD_ENTRY_LEN: usize = 12;
+/// `struct cache_file_new`: magic and version, `nlibs`, `len_strings`, `flags`, padding,
+/// `extension_offset`, `unused[3]`, then 24-byte `struct file_entry_new` (flags, key, value,
+/// osversion, hwcap) whose strings are relative to the start of this header (glibc
+/// `elf/dl-cache.c`: `cache_data = (const char *) cache_new`).
+const NEW_MAGIC: &[u8] = b"glibc-ld.so.cache1.1";
+const NEW_HEADER_LEN: usize = 48;
+const NEW_ENTRY_LEN: usize = 24;
+/// `flags` of the new header: the low two bits give the byte order `ldconfig` wrote
+/// (`cache_file_new_flags_endian_*`: 0 unset, 1 invalid, 2 little, 3 big).
+const NEW_FLAGS_ENDIAN_MASK: u8 = 3;
+const NEW_FLAGS_ENDIAN_OURS: u8 = if cfg!(target_endian = "little") { 2 } else { 3 };
+
+/// The `(soname, path)` entries of an `/etc/ld.so.cache` in glibc's format: the new
+/// `glibc-ld.so.cache1.1` one, alone or after the old `ld.so-1.7.0` one (as glibc before 2.32
+/// writes by default); an old-only cache is read too. Entries whose strings are not UTF-8 or out
+/// of bounds are skipped; garbage gives an empty list, never a panic.
+pub fn parse_ld_so_cache(bytes: &[u8]) -> Vec<(String, String)> {
+    if bytes.starts_with(NEW_MAGIC) {
+        return parse_new_cache(bytes, 0);
+    }
+    if !bytes.starts_with(OLD_MAGIC) {
+        return Vec::new();
+    }
+    let Some(nlibs) = read_u32(bytes, 12) else {
+        return Vec::new();
+    };
+    let Some(strings) = (nlibs as usize)
+        .checked_mul(OLD_ENTRY_LEN)
+        .and_then(|n| n.checked_add(OLD_HEADER_LEN))
+        .filter(|&end| end <= bytes.len())
+    else {
+        return Vec::new();
+    };
+    // The new cache follows the old entries, aligned as `struct cache_file_new` (8 bytes:
+    // glibc's ALIGN_CACHE).
+    let embedded = strings.next_multiple_of(8);
+    if bytes
+        .get(embedded..)
+        .is_some_and(|b| b.starts_with(NEW_MAGIC))
+    {
+        return parse_new_cache(bytes, embedded);
+    }
+    (0..nlibs as usize)
+        .filter_map(|i| {
+            let at = OLD_HEADER_LEN + i * OLD_ENTRY_LEN;
+            let key = read_u32(bytes, at + 4)?;
+            let value = read_u32(bytes, at + 8)?;
+            Some((
+                cache_string(bytes, strings, key)?,
+                cache_string(bytes, strings, value)?,
+            ))
+        })
+        .collect()
+}
+
+fn parse_new_cache(bytes: &[u8], base: usize) -> Vec<(String, String)> {
+    let Some(header) = bytes.get(base..).filter(|b| b.len() >= NEW_HEADER_LEN) else {
+        return Vec::new();
+    };
+    let endian = header[28] & NEW_FLAGS_ENDIAN_MASK;
+    if endian != 0 && endian != NEW_FLAGS_ENDIAN_OURS {
+        // Written for the other byte order (or marked invalid): every offset would be wrong.
+        return Vec::new();
+    }
+    let Some(nlibs) = read_u32(header, 20) else {
+        return Vec::new();
+    };
+    // Entries that don't fit are garbage; bound the walk by the bytes present.
+    let fit = (header.len() - NEW_HEADER_LEN) / NEW_ENTRY_LEN;
+    (0..(nlibs as usize).min(fit))
+        .filter_map(|i| {
+            let at = NEW_HEADER_LEN + i * NEW_ENTRY_LEN;
+            let key = read_u32(header, at + 4)?;
+            let value = read_u32(header, at + 8)?;
+            Some((
+                cache_string(header, 0, key)?,
+                cache_string(header, 0, value)?,
+            ))
+        })
+        .collect()
+}
+
+fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    let b = bytes.get(at..at.checked_add(4)?)?;
+    Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// The NUL-terminated UTF-8 string at `base + offset`.
+fn cache_string(bytes: &[u8], base: usize, offset: u32) -> Option<String> {
+    let start = base.checked_add(offset as usize)?;
+    let tail = bytes.get(start..)?;
+    let len = tail.iter().position(|&b| b == 0)?;
+    String::from_utf8(tail[..len].to_vec()).ok()
+}
+
+// Tests are long (fixture builders for ELF objects, caches and fake /proc trees): kept apart.
+#[cfg(test)]
+#[path = "libs_tests.rs"]
+mod tests;
