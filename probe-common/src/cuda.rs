@@ -170,8 +170,10 @@ pub struct CudaThread {
     pub nested: u64,
     /// Launches by API id (`api::CU_LAUNCH_KERNEL..api::LAUNCH_COUNT`), cumulative.
     pub launches: [u64; 12],
+    /// Time of this thread's first launch since its last sync returned (0: none yet): a step's start.
+    pub step_start_ns: u64,
 }
-const _: () = assert!(size_of::<CudaThread>() == 120);
+const _: () = assert!(size_of::<CudaThread>() == 128);
 
 /// A memory call, recorded at its return. Also the pending entry between entry and return (then
 /// `addr`..`aux2` hold the raw arguments 0..3).
@@ -225,5 +227,8 @@ pub struct CudaSyncEvent {
     pub graph_launches: u64,
     pub nested: u32,
     pub _pad: u32,
+    /// The thread's first launch since its previous sync (0: no launch in between): with `ts_ns`,
+    /// the span of one engine step.
+    pub step_start_ns: u64,
 }
-const _: () = assert!(size_of::<CudaSyncEvent>() == 64);
+const _: () = assert!(size_of::<CudaSyncEvent>() == 72);

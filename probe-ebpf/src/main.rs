@@ -1,6 +1,6 @@
 //! llm-probe's kernel programs. Maps and shared helpers live here; each probe family has its file:
 //! `http.rs` (socket syscalls of the traced server), `arrival.rs` (when request bytes reach the
-//! socket), `sched.rs` (process tree of the targets).
+//! socket), `sched.rs` (process tree of the targets), `cuda.rs` (CUDA driver/runtime uprobes).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // On the host (a `cargo build --workspace`) this is an empty program; the real build targets
@@ -8,6 +8,7 @@
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
 mod arrival;
+mod cuda;
 mod http;
 mod sched;
 

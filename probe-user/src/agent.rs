@@ -18,6 +18,11 @@ use tokio::io::{unix::AsyncFd, Interest};
 
 use crate::{
     attach,
+    cuda::{
+        ledger::LedgerConfig,
+        metrics::CudaMetrics,
+        state::{CudaState, SharedCuda},
+    },
     ebpf::{Counters, Kernel},
     engine::{Bridge, EngineMetrics, EngineUrl},
     events::{decode, Event},
@@ -45,6 +50,8 @@ pub struct Options {
     pub sample_interval: Duration,
     pub engine_urls: Vec<EngineUrl>,
     pub thresholds: Thresholds,
+    /// Leak age/window and KV-pool age of the GPU memory ledger.
+    pub ledger: LedgerConfig,
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -62,6 +69,8 @@ pub struct Ingest {
     pub tracker: ConnTracker,
     pub stats: RequestStats,
     pub metrics: Metrics,
+    /// CUDA ledger, steps and launches (`None`: records of that kind are only counted).
+    pub cuda: Option<SharedCuda>,
 }
 
 impl Ingest {
@@ -70,6 +79,7 @@ impl Ingest {
             tracker: ConnTracker::new(),
             stats: RequestStats::new(metrics.clone(), recent),
             metrics,
+            cuda: None,
         }
     }
 
@@ -116,6 +126,14 @@ impl Ingest {
                     (0, true) => {}
                     (n, _) => self.tracker.on_io_error(conn, ts, (-n) as i32, s),
                 }
+                if !self.stats.first_tokens.is_empty() {
+                    if let Some(Ok(mut c)) = self.cuda.as_ref().map(|c| c.lock()) {
+                        for &t in &self.stats.first_tokens {
+                            c.on_first_token(t);
+                        }
+                    }
+                    self.stats.first_tokens.clear();
+                }
             }
             Event::Accept { header, fd } => {
                 let conn = ConnId {
@@ -148,7 +166,17 @@ impl Ingest {
                     );
                 }
             }
-            Event::CudaMem(_) | Event::CudaSync(_) => {}
+            Event::CudaMem(ev) => {
+                if let Some(Ok(mut c)) = self.cuda.as_ref().map(|c| c.lock()) {
+                    c.on_mem(&ev);
+                }
+            }
+            Event::CudaSync(ev) => {
+                let waiting = self.stats.queue_depth() > 0;
+                if let Some(Ok(mut c)) = self.cuda.as_ref().map(|c| c.lock()) {
+                    c.on_sync(&ev, waiting);
+                }
+            }
             Event::Exit { header } => {
                 log::warn!("traced process {} exited", header.tgid);
                 self.tracker
@@ -157,6 +185,9 @@ impl Ingest {
                     if let Some(t) = h.targets.get_mut(&header.tgid) {
                         t.alive = false;
                     }
+                }
+                if let Some(Ok(mut c)) = self.cuda.as_ref().map(|c| c.lock()) {
+                    c.forget(header.tgid);
                 }
             }
         }
@@ -178,6 +209,9 @@ fn add_targets(
         .map_err(|_| anyhow::anyhow!("kernel lock poisoned"))?;
     for &pid in &all {
         k.add_target(pid)?;
+    }
+    for &pid in &all {
+        k.attach_cuda_for(pid);
     }
     for &pid in &all {
         match attach::scan_sockets(pid, ports) {
@@ -263,6 +297,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
     let metrics = Metrics::new(&mut registry);
     let gpu_metrics = GpuMetrics::new(&mut registry);
     let engine_metrics = EngineMetrics::new(&mut registry);
+    let cuda_metrics = CudaMetrics::new(&mut registry);
     let health: SharedHealth = Arc::new(Mutex::new(Health {
         port: opts.port,
         thresholds: opts.thresholds.clone(),
@@ -274,6 +309,16 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
             .get_or_create(&ProgramLabels { program: a.program })
             .set(i64::from(a.ok));
     }
+    metrics
+        .attached
+        .get_or_create(&ProgramLabels {
+            program: "cuda_uprobes",
+        })
+        .set(i64::from(kernel.cuda_loaded()));
+    let cuda: SharedCuda = Arc::new(Mutex::new(CudaState::new(
+        cuda_metrics.clone(),
+        opts.ledger,
+    )));
     if let Ok(mut h) = health.lock() {
         h.programs_total = kernel.attached.len();
         h.programs_attached = kernel.attached.iter().filter(|a| a.ok).count();
@@ -311,14 +356,20 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
         last: Counters::default(),
     }));
     let refresh = {
-        let (kernel, metrics, health, cs) = (
+        let (kernel, metrics, health, cs, cuda) = (
             kernel.clone(),
             metrics.clone(),
             health.clone(),
             counter_sync.clone(),
+            cuda.clone(),
         );
         Box::new(move || {
-            let now = kernel.lock().map(|k| k.counters()).unwrap_or_default();
+            let Ok(mut k) = kernel.lock() else { return };
+            let now = k.counters();
+            if let Ok(mut c) = cuda.lock() {
+                c.fold_launches(&mut k);
+            }
+            drop(k);
             if let Ok(mut cs) = cs.lock() {
                 cs.sync(now, &metrics, &health);
             }
@@ -336,6 +387,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
         recent: recent.clone(),
         health: health.clone(),
         refresh,
+        cuda: Some(cuda.clone()),
     });
     let server = tokio::spawn(server::serve(listener, state.clone()));
 
@@ -356,6 +408,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
         )))
     };
     let mut ingest = Ingest::new(metrics.clone(), recent);
+    ingest.cuda = Some(cuda.clone());
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer, and
     // nothing else closes it.
     let mut ring: AsyncFd<RingBuf<MapData>> =
@@ -442,6 +495,12 @@ fn housekeeping(
         if let Ok(mut k) = kernel.lock() {
             k.remove_target(pid);
         }
+        if let Some(Ok(mut c)) = ingest.cuda.as_ref().map(|c| c.lock()) {
+            c.forget(pid);
+        }
+    }
+    if let Some(cuda) = &ingest.cuda {
+        crate::cuda::state::housekeeping(kernel, health, cuda, now);
     }
     ingest.metrics.targets.set(live);
     if live == 0 {

@@ -69,12 +69,15 @@ pub struct Attached {
 
 /// The loaded object. Dropping it detaches every program (aya owns the links).
 pub struct Kernel {
-    _ebpf: Ebpf,
+    /// Owns the programs and their links (the CUDA uprobes are attached later, per library).
+    pub(crate) ebpf: Ebpf,
     targets: HashMap<MapData, u32, u32>,
     conns: HashMap<MapData, ConnKey, u32>,
     listen_ports: HashMap<MapData, u16, u32>,
     counters: PerCpuArray<MapData, u64>,
     pub attached: Vec<Attached>,
+    /// CUDA uprobe state (`crate::cuda::uprobes`); `None` when its programs failed to load.
+    pub(crate) cuda: Option<crate::cuda::uprobes::CudaProbes>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
@@ -139,14 +142,18 @@ impl Kernel {
         let conns = take(&mut ebpf, "CONNS")?;
         let listen_ports = take(&mut ebpf, "LISTEN_PORTS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
+        let cuda = crate::cuda::uprobes::CudaProbes::load(&mut ebpf)
+            .inspect_err(|e| log::warn!("CUDA probes unavailable: {e:#}"))
+            .ok();
         Ok((
             Self {
-                _ebpf: ebpf,
+                ebpf,
                 targets,
                 conns,
                 listen_ports,
                 counters,
                 attached,
+                cuda,
             },
             ring,
         ))

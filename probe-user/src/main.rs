@@ -11,6 +11,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use probe_user::agent;
 
+mod memleak;
+
 #[derive(Parser)]
 #[command(
     name = "llm-probe",
@@ -27,6 +29,32 @@ use probe_user::agent;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// GPU memory ledger settings of `run`.
+#[derive(clap::Args, Clone)]
+struct LedgerArgs {
+    /// Live allocations at least this old, at call sites whose live bytes grew over
+    /// --leak-window, count as leak suspects (llm_gpu_memory_leak_suspect_bytes).
+    #[arg(long = "leak-age", default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    leak_age: std::time::Duration,
+    /// Window over which a call site's growth is judged.
+    #[arg(long = "leak-window", default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    leak_window: std::time::Duration,
+    /// A VMM reservation must live this long before it is reported as the KV-cache pool
+    /// (llm_kv_cache_pool_bytes).
+    #[arg(long = "kv-pool-min-age", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    kv_pool_min_age: std::time::Duration,
+}
+
+impl LedgerArgs {
+    fn config(&self) -> probe_user::cuda::ledger::LedgerConfig {
+        probe_user::cuda::ledger::LedgerConfig {
+            leak_age_ns: self.leak_age.as_nanos() as u64,
+            window_ns: self.leak_window.as_nanos() as u64,
+            kv_pool_min_age_ns: self.kv_pool_min_age.as_nanos() as u64,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -55,6 +83,32 @@ enum Command {
         /// Config file; its `[health]` table overrides the health thresholds (see docs/health.md).
         #[arg(long, value_name = "FILE")]
         config: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        ledger: LedgerArgs,
+    },
+    /// Where did GPU memory go? Outstanding CUDA allocations of a process grouped by call site
+    /// (bytes, count, oldest age, growth), then VMM fragmentation, size classes and churn. Asks the
+    /// `llm-probe run` at --url; with none running there, attaches itself for --duration and sees
+    /// only what is allocated from then on.
+    Memleak {
+        /// The process (an attached target of the running agent).
+        #[arg(long)]
+        pid: u32,
+        /// The running agent.
+        #[arg(long, default_value = "http://127.0.0.1:9464")]
+        url: String,
+        /// Only allocations at least this old (e.g. 30s, 5m, 0s for all).
+        #[arg(long = "older-than", default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+        older_than: std::time::Duration,
+        /// Call sites to show, largest first.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Without a running agent: how long to watch before reporting.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+        duration: std::time::Duration,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Ask a running `llm-probe run` for its health verdict. Exit status: 0 healthy, 1 warning,
     /// 2 critical, 3 unreachable — for scripts and Kubernetes probes.
@@ -80,6 +134,7 @@ fn main() {
             sample_interval,
             engine_metrics,
             config,
+            ledger,
         } => {
             if pids.is_empty() && port.is_none() {
                 eprintln!("error: say what to trace: --pid PID and/or --port PORT (see --help)");
@@ -100,8 +155,24 @@ fn main() {
                 sample_interval,
                 engine_urls: engine_metrics,
                 thresholds,
+                ledger: ledger.config(),
             })
         }
+        Command::Memleak {
+            pid,
+            url,
+            older_than,
+            top,
+            duration,
+            json,
+        } => memleak::run(&memleak::Args {
+            pid,
+            url,
+            older_than,
+            top,
+            duration,
+            json,
+        }),
         Command::Health { url, json } => std::process::exit(health_cli(&url, json)),
         Command::Gpu => gpu_cli(),
     };

@@ -127,6 +127,9 @@ pub struct RequestStats {
     /// Kernel timestamp of the record being processed (set by the agent before each dispatch),
     /// so live token counts land in the right second of the window.
     pub now_ns: u64,
+    /// Times of first tokens since the agent last looked (engine steps before them are prefill
+    /// steps); drained by the agent after every record.
+    pub first_tokens: Vec<u64>,
 }
 
 impl RequestStats {
@@ -141,6 +144,7 @@ impl RequestStats {
             recent,
             untrack: Vec::new(),
             now_ns: 0,
+            first_tokens: Vec::new(),
         }
     }
 
@@ -214,6 +218,9 @@ impl Observer for RequestStats {
         }
         let now = self.now_ns;
         self.entries[i].window.add(now, 1);
+        if self.first_tokens.len() < 1024 {
+            self.first_tokens.push(now);
+        }
         self.waiting -= 1;
         self.streaming += 1;
         self.metrics.queue_depth.set(self.waiting);

@@ -20,6 +20,8 @@ pub struct ServerState {
     pub recent: SharedRecent,
     pub health: SharedHealth,
     pub refresh: Box<dyn Fn() + Send + Sync>,
+    /// The GPU memory ledger (`/api/v1/memleak`); `None` in tests without CUDA state.
+    pub cuda: Option<crate::cuda::state::SharedCuda>,
 }
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -65,10 +67,12 @@ fn handle(state: &ServerState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             );
             reply(StatusCode::OK, "application/json", body)
         }
+        "/api/v1/memleak" => memleak(state, req.uri().query().unwrap_or("")),
         "/" => reply(
             StatusCode::OK,
             "text/plain",
-            "llm-probe: /metrics (Prometheus), /health (JSON verdict), /api/v1/requests (recent requests)\n",
+            "llm-probe: /metrics (Prometheus), /health (JSON verdict), /api/v1/requests (recent \
+             requests), /api/v1/memleak?pid=PID&older_than=30s&top=10 (GPU memory ledger)\n",
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
@@ -99,4 +103,52 @@ pub async fn serve(listener: TcpListener, state: Arc<ServerState>) {
             }
         });
     }
+}
+
+/// `/api/v1/memleak?pid=PID[&older_than=30s][&top=10]`: the ledger's report for one process, or
+/// without `pid` the list of processes the ledger knows.
+fn memleak(state: &ServerState, query: &str) -> Response<Full<Bytes>> {
+    let Some(cuda) = &state.cuda else {
+        return reply(StatusCode::NOT_FOUND, "text/plain", "no CUDA ledger\n");
+    };
+    let mut pid = None;
+    let mut older_than = std::time::Duration::from_secs(30);
+    let mut top = 10usize;
+    for kv in query.split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let bad = |what: &str| {
+            reply(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("bad {what}: {v:?}\n"),
+            )
+        };
+        match k {
+            "pid" => match v.parse() {
+                Ok(p) => pid = Some(p),
+                Err(_) => return bad("pid"),
+            },
+            "older_than" => match humantime::parse_duration(v) {
+                Ok(d) => older_than = d,
+                Err(_) => return bad("older_than (e.g. 30s, 5m)"),
+            },
+            "top" => match v.parse() {
+                Ok(t) => top = t,
+                Err(_) => return bad("top"),
+            },
+            _ => {}
+        }
+    }
+    let Ok(mut c) = cuda.lock() else {
+        return reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "ledger lock poisoned\n");
+    };
+    let body = match pid {
+        None => serde_json::json!({ "pids": c.pids() }).to_string(),
+        Some(pid) => {
+            let now = crate::agent::monotonic_ns();
+            let r = c.report(pid, now, older_than.as_nanos() as u64, top);
+            serde_json::to_string(&r).unwrap_or_else(|_| "{}".to_owned())
+        }
+    };
+    reply(StatusCode::OK, "application/json", body)
 }

@@ -7,3 +7,8 @@
 pub mod ledger;
 pub mod libs;
 pub mod symbolize;
+pub mod uprobes;
+pub mod metrics;
+pub mod steps;
+pub mod launches;
+pub mod state;

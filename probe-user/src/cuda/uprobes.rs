@@ -1,0 +1,305 @@
+//! Attaching the CUDA uprobes: the five programs of probe-ebpf/src/cuda.rs are loaded once, then
+//! attached to every symbol of `probe_common::cuda::api::NAMES` in each library file found by
+//! `libs` (by file offset, with the API id as the attach cookie). A file is attached once however
+//! many processes map it; the kernel filters by tgid.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::{
+    maps::{HashMap, MapData},
+    programs::{
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        UProbe,
+    },
+    Ebpf,
+};
+use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
+use probe_common::{cuda::api, CudaThread};
+
+use super::libs::{CudaLib, LibKind};
+use crate::ebpf::Kernel;
+
+/// (program, is it the return probe). Launches get the entry program only.
+const LAUNCH: &[&str] = &["cuda_launch"];
+const MEM: &[&str] = &["cuda_mem_enter", "cuda_mem_return"];
+const SYNC: &[&str] = &["cuda_sync_enter", "cuda_sync_return"];
+const PROGRAMS: [&str; 5] = [
+    "cuda_launch",
+    "cuda_mem_enter",
+    "cuda_mem_return",
+    "cuda_sync_enter",
+    "cuda_sync_return",
+];
+
+fn programs_for(id: u32) -> &'static [&'static str] {
+    if api::is_launch(id) {
+        LAUNCH
+    } else if api::is_mem(id) {
+        MEM
+    } else {
+        SYNC
+    }
+}
+
+/// What attaching one library file gave.
+#[derive(Clone, Debug)]
+pub struct FileAttach {
+    pub kind: LibKind,
+    pub shown: PathBuf,
+    /// Entry points probed in this file.
+    pub symbols: Vec<&'static str>,
+    /// Entry points of this library kind that the file does not export (older drivers lack some).
+    pub missing: Vec<&'static str>,
+    /// Attach failures (symbol: error).
+    pub errors: Vec<String>,
+}
+
+pub struct CudaProbes {
+    threads: HashMap<MapData, u32, CudaThread>,
+    /// Attached files by (device, inode).
+    files: StdHashMap<(u64, u64), FileAttach>,
+}
+
+impl CudaProbes {
+    /// Load (not attach) the CUDA programs and take the per-thread counter map.
+    pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        for name in PROGRAMS {
+            let prog: &mut UProbe = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+        }
+        let map = ebpf
+            .take_map("CUDA_THREADS")
+            .context("map CUDA_THREADS missing from the object")?;
+        Ok(Self {
+            threads: HashMap::try_from(map)?,
+            files: StdHashMap::new(),
+        })
+    }
+
+    pub fn files(&self) -> impl Iterator<Item = &FileAttach> {
+        self.files.values()
+    }
+
+    /// Every thread's launch counters (key: thread id).
+    pub fn threads(&self) -> Vec<(u32, CudaThread)> {
+        self.threads.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn forget_thread(&mut self, tid: u32) {
+        let _ = self.threads.remove(&tid);
+    }
+}
+
+/// File offsets of the wanted exported symbols (uprobes take offsets into the file).
+fn symbol_offsets_in(
+    data: &[u8],
+    path: &Path,
+    wanted: &[&'static str],
+) -> anyhow::Result<Vec<(&'static str, u64)>> {
+    let file = object::File::parse(data).with_context(|| format!("parsing {}", path.display()))?;
+    let mut addrs: StdHashMap<&str, u64> = StdHashMap::new();
+    for sym in file.dynamic_symbols().chain(file.symbols()) {
+        if sym.is_undefined() || sym.address() == 0 {
+            continue;
+        }
+        if let Ok(name) = sym.name() {
+            // Versioned names (`cuMemAlloc_v2@@libcuda.so.1`) are stored without the version.
+            if let Some(w) = wanted.iter().find(|w| **w == name) {
+                addrs.entry(w).or_insert(sym.address());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for &w in wanted {
+        let Some(&addr) = addrs.get(w) else { continue };
+        let seg = file.segments().find(|s| {
+            let (start, size) = (s.address(), s.size());
+            addr >= start && addr < start + size
+        });
+        if let Some(seg) = seg {
+            let (file_off, _) = seg.file_range();
+            out.push((w, addr - seg.address() + file_off));
+        }
+    }
+    Ok(out)
+}
+
+/// x86 uprobes refuse an instruction with a LOCK (or segment-override) prefix: the attach
+/// succeeds, but the probe is never installed in a process. Say so instead of counting nothing.
+fn unprobeable(data: &[u8], off: u64) -> Option<&'static str> {
+    if !cfg!(target_arch = "x86_64") {
+        return None;
+    }
+    match data.get(off as usize)? {
+        0xf0 => Some("its first instruction has a LOCK prefix, which x86 uprobes refuse"),
+        0x26 | 0x2e | 0x36 | 0x3e => {
+            Some("its first instruction has a segment prefix, which x86 uprobes refuse")
+        }
+        _ => None,
+    }
+}
+
+/// (symbol, file offset, why it cannot be probed).
+type Offsets = Vec<(&'static str, u64, Option<&'static str>)>;
+
+fn symbol_offsets_checked(path: &Path, wanted: &[&'static str]) -> anyhow::Result<Offsets> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (w, off) in symbol_offsets_in(&data, path, wanted)? {
+        out.push((w, off, unprobeable(&data, off)));
+    }
+    Ok(out)
+}
+
+impl Kernel {
+    /// Attach every CUDA entry point `lib` exports. `None` when the file was attached before (or the
+    /// CUDA programs are not loaded).
+    pub fn attach_cuda_lib(&mut self, lib: &CudaLib) -> Option<FileAttach> {
+        let cuda = self.cuda.as_mut()?;
+        if cuda.files.contains_key(&(lib.dev, lib.ino)) {
+            return None;
+        }
+        let ids: Vec<u32> = (0..api::COUNT)
+            .filter(|&id| api::is_runtime(id) == (lib.kind == LibKind::Runtime))
+            .collect();
+        let wanted: Vec<&'static str> = ids.iter().map(|&id| api::NAMES[id as usize]).collect();
+        let mut fa = FileAttach {
+            kind: lib.kind,
+            shown: lib.shown.clone(),
+            symbols: Vec::new(),
+            missing: Vec::new(),
+            errors: Vec::new(),
+        };
+        let offsets = match symbol_offsets_checked(&lib.path, &wanted) {
+            Ok(o) => o,
+            Err(e) => {
+                fa.errors.push(format!("{e:#}"));
+                cuda.files.insert((lib.dev, lib.ino), fa.clone());
+                return Some(fa);
+            }
+        };
+        for (&id, &name) in ids.iter().zip(&wanted) {
+            let Some(&(_, off, bad)) = offsets.iter().find(|(n, _, _)| *n == name) else {
+                fa.missing.push(name);
+                continue;
+            };
+            if let Some(why) = bad {
+                fa.errors.push(format!("{name} cannot be probed: {why}"));
+                continue;
+            }
+            let mut ok = true;
+            for &prog_name in programs_for(id) {
+                let result = (|| -> anyhow::Result<()> {
+                    let prog: &mut UProbe = self
+                        .ebpf
+                        .program_mut(prog_name)
+                        .context("program missing")?
+                        .try_into()?;
+                    prog.attach(
+                        UProbeAttachPoint {
+                            location: UProbeAttachLocation::AbsoluteOffset(off),
+                            cookie: Some(u64::from(id)),
+                        },
+                        &lib.path,
+                        UProbeScope::AllProcesses,
+                    )?;
+                    Ok(())
+                })();
+                if let Err(e) = result {
+                    fa.errors.push(format!("{name} ({prog_name}): {e:#}"));
+                    ok = false;
+                }
+            }
+            if ok {
+                fa.symbols.push(name);
+            }
+        }
+        cuda.files.insert((lib.dev, lib.ino), fa.clone());
+        Some(fa)
+    }
+
+    pub fn cuda_loaded(&self) -> bool {
+        self.cuda.is_some()
+    }
+}
+
+/// Paths of CUDA libraries in `/proc/PID/maps` (the cheap periodic check; `libs` does the full
+/// resolution when one appears that was not predicted).
+pub fn mapped_cuda_paths(pid: u32) -> Vec<String> {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| {
+            let name = p.rsplit('/').next().unwrap_or("");
+            name.starts_with("libcuda.so") || name.starts_with("libcudart.so")
+        })
+        .map(str::to_owned)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+impl Kernel {
+    /// Find (mapped now or predicted) and attach the CUDA libraries of `pid`. Returns how many
+    /// library files were newly attached.
+    pub fn attach_cuda_for(&mut self, pid: u32) -> usize {
+        if !self.cuda_loaded() {
+            return 0;
+        }
+        let libs = super::libs::find_cuda_libs(pid);
+        if libs.is_empty() {
+            log::info!(
+                "pid {pid}: no CUDA library mapped or found on its library path; CUDA probes idle \
+                 for it (it will be attached if one is mapped later)"
+            );
+        }
+        let mut n = 0;
+        for lib in &libs {
+            let Some(fa) = self.attach_cuda_lib(lib) else {
+                continue;
+            };
+            n += 1;
+            log::info!(
+                "CUDA: {} entry points probed in {} ({:?}, {:?}){}",
+                fa.symbols.len(),
+                lib.shown.display(),
+                lib.kind,
+                lib.how,
+                if fa.missing.is_empty() {
+                    String::new()
+                } else {
+                    format!("; not exported there: {}", fa.missing.join(", "))
+                }
+            );
+            for e in &fa.errors {
+                log::warn!("CUDA: {}: {e}", lib.shown.display());
+            }
+        }
+        n
+    }
+
+    pub fn cuda_files(&self) -> usize {
+        self.cuda.as_ref().map_or(0, |c| c.files.len())
+    }
+
+    pub fn cuda_threads(&self) -> Vec<(u32, CudaThread)> {
+        self.cuda.as_ref().map(CudaProbes::threads).unwrap_or_default()
+    }
+
+    pub fn forget_cuda_thread(&mut self, tid: u32) {
+        if let Some(c) = self.cuda.as_mut() {
+            c.forget_thread(tid);
+        }
+    }
+}

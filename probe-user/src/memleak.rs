@@ -1,0 +1,83 @@
+//! `llm-probe memleak`: the GPU memory ledger of one process, from the running agent or, with none
+//! running, from an agent this command runs for `--duration`.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use probe_user::{agent, cuda::ledger::LeakReport};
+
+pub struct Args {
+    pub pid: u32,
+    pub url: String,
+    pub older_than: Duration,
+    pub top: usize,
+    pub duration: Duration,
+    pub json: bool,
+}
+
+fn path(a: &Args) -> String {
+    format!(
+        "/api/v1/memleak?pid={}&older_than={}ms&top={}",
+        a.pid,
+        a.older_than.as_millis(),
+        a.top
+    )
+}
+
+pub fn run(a: &Args) -> anyhow::Result<()> {
+    let body = match probe_user::client::get(&a.url, &path(a)) {
+        Ok((200, body)) => body,
+        Ok((status, body)) => anyhow::bail!("{}: HTTP {status}: {}", a.url, body.trim()),
+        Err(e) => {
+            eprintln!(
+                "llm-probe memleak: no agent at {} ({e:#}); attaching to pid {} for {} — only \
+                 allocations made from now on are seen",
+                a.url,
+                a.pid,
+                humantime::format_duration(a.duration)
+            );
+            watch_self(a)?
+        }
+    };
+    if a.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let report: LeakReport = serde_json::from_str(&body).context("reading the ledger report")?;
+    print!("{}", probe_user::cuda::ledger::render_text(&report));
+    Ok(())
+}
+
+/// Run an agent on an ephemeral local port for `duration`, then ask it.
+fn watch_self(a: &Args) -> anyhow::Result<String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let opts = agent::Options {
+        pids: vec![a.pid],
+        port: None,
+        listen,
+        sample_interval: Duration::from_secs(5),
+        engine_urls: Vec::new(),
+        thresholds: probe_user::health::Thresholds::default(),
+        ledger: probe_user::cuda::ledger::LedgerConfig::default(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = rt.spawn(agent::run(opts, async {
+        let _ = rx.await;
+    }));
+    std::thread::sleep(a.duration);
+    let url = format!("http://{listen}");
+    let result = probe_user::client::get(&url, &path(a));
+    let _ = tx.send(());
+    let joined = rt.block_on(agent);
+    match (result, joined) {
+        (Ok((200, body)), _) => Ok(body),
+        (_, Ok(Err(e))) => Err(e.context("the agent failed")),
+        (Ok((status, body)), _) => anyhow::bail!("HTTP {status}: {}", body.trim()),
+        (Err(e), _) => Err(e.context("asking the agent")),
+    }
+}

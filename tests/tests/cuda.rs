@@ -1,0 +1,238 @@
+//! CUDA uprobes end to end, without a GPU: the stand-in `libcuda.so.1` / `libcudart.so.12` built
+//! from tests/cuda/*.c export the real names and signatures; `fake_engine` dlopens them only after
+//! the probe attached (found through its `LD_LIBRARY_PATH`, which the probe must predict), replays
+//! prefill bursts, graph decode steps, syncs, a freed pool, a leak from `leak_kv_scratch`, bad
+//! frees, VMM reserve/create/map/unmap and allocations from 4 threads, and prints what it did. Every
+//! count the probe exports must equal it exactly. Needs root (CI runs as root).
+
+use std::time::Duration;
+
+use harness::{
+    fake_cuda::{self, FakeEngine},
+    metric_sum, probe_bin, require_root, wait_for, Probe,
+};
+use serde_json::Value;
+
+fn calls(truth: &Value, api: &str) -> f64 {
+    truth["calls"][api].as_f64().unwrap_or(0.0)
+}
+
+#[test]
+fn cuda_calls_ledger_and_memleak_match_the_engine() {
+    if !require_root("cuda_calls_ledger_and_memleak_match_the_engine") {
+        return;
+    }
+    let fc = fake_cuda::build().expect("building the stand-in CUDA libraries");
+    let mut engine = FakeEngine::start(&fc, "full", &[], 2000).expect("fake engine");
+    let pid = engine.pid.to_string();
+    let probe = Probe::start(&[
+        "--pid".into(),
+        pid.clone(),
+        "--kv-pool-min-age".into(),
+        "0s".into(),
+        "--leak-age".into(),
+        "0s".into(),
+    ]);
+    // Both libraries are predicted from the engine's LD_LIBRARY_PATH before it loads them.
+    wait_for("CUDA libraries attached", Duration::from_secs(20), || {
+        metric_sum(&probe.metrics(), "llm_probe_cuda_libraries", &[]) >= 2.0
+    });
+    let log = probe.proc.log_text();
+    assert!(log.contains("LdLibraryPath"), "prediction not logged:\n{log}");
+
+    let truth = engine.go().expect("scenario");
+    eprintln!("engine truth: {truth}");
+    // Launch counters are folded every second and at scrape; ring records within 10 ms.
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = probe.metrics();
+    let by_api = |name: &str, api: &str| metric_sum(&m, name, &[("api", api)]);
+    let mut mismatches = Vec::new();
+    let mut check = |what: String, got: f64, want: f64| {
+        if (got - want).abs() > 1e-9 {
+            mismatches.push(format!("{what}: probe {got}, engine {want}"));
+        }
+    };
+
+    for api in [
+        "cuLaunchKernel",
+        "cuLaunchKernel_ptsz",
+        "cuLaunchKernelEx",
+        "cuLaunchKernelEx_ptsz",
+        "cuLaunchCooperativeKernel",
+        "cuLaunchCooperativeKernel_ptsz",
+        "cudaLaunchKernel",
+        "cudaLaunchKernel_ptsz",
+    ] {
+        let got = by_api("llm_cuda_kernel_launches_total", api);
+        check(format!("launches {api}"), got, calls(&truth, api));
+    }
+    for api in ["cuGraphLaunch", "cuGraphLaunch_ptsz", "cudaGraphLaunch"] {
+        let got = by_api("llm_cuda_graph_launches_total", api);
+        check(format!("graph launches {api}"), got, calls(&truth, api));
+    }
+    check(
+        "all kernel launches".into(),
+        metric_sum(&m, "llm_cuda_kernel_launches_total", &[]),
+        truth["kernel_launches"].as_f64().unwrap(),
+    );
+    // Each runtime launch reached the exported driver launch once: counted once, nested once.
+    let runtime_launches = calls(&truth, "cudaLaunchKernel")
+        + calls(&truth, "cudaLaunchKernel_ptsz")
+        + calls(&truth, "cudaGraphLaunch");
+    check(
+        "nested launches".into(),
+        by_api("llm_probe_cuda_nested_calls_total", "launch"),
+        runtime_launches,
+    );
+    for api in [
+        "cuStreamSynchronize",
+        "cuStreamSynchronize_ptsz",
+        "cuCtxSynchronize",
+        "cuEventSynchronize",
+        "cudaStreamSynchronize",
+        "cudaDeviceSynchronize",
+    ] {
+        let got = by_api("llm_cuda_sync_wait_seconds_count", api);
+        check(format!("syncs {api}"), got, calls(&truth, api));
+    }
+    // Every sync slept sync_us: the probe's mean wait is at least that, and not far above.
+    let (n, sum) = (
+        metric_sum(&m, "llm_cuda_sync_wait_seconds_count", &[]),
+        metric_sum(&m, "llm_cuda_sync_wait_seconds_sum", &[]),
+    );
+    let want_s = truth["sync_us"].as_f64().unwrap() / 1e6;
+    assert!(
+        sum / n >= want_s && sum / n < want_s * 2.0,
+        "mean sync wait {} s for {want_s} s sleeps",
+        sum / n
+    );
+
+    for api in [
+        "cuMemAlloc_v2",
+        "cuMemAllocPitch_v2",
+        "cuMemAllocManaged",
+        "cuMemAllocAsync",
+        "cuMemAllocAsync_ptsz",
+        "cuMemAllocFromPoolAsync",
+        "cuMemAllocFromPoolAsync_ptsz",
+        "cudaMalloc",
+        "cudaMallocAsync",
+        "cuMemCreate",
+    ] {
+        check(
+            format!("allocs {api}"),
+            by_api("llm_cuda_alloc_total", api),
+            calls(&truth, api),
+        );
+    }
+    // The two bad cuMemFree_v2 calls (double, unknown) free nothing.
+    for (api, bad) in [
+        ("cuMemFree_v2", 2.0),
+        ("cuMemFreeAsync", 0.0),
+        ("cuMemFreeAsync_ptsz", 0.0),
+        ("cudaFree", 0.0),
+        ("cudaFreeAsync", 0.0),
+        ("cuMemRelease", 0.0),
+    ] {
+        check(
+            format!("frees {api}"),
+            by_api("llm_cuda_free_total", api),
+            calls(&truth, api) - bad,
+        );
+    }
+    check(
+        "double frees".into(),
+        metric_sum(&m, "llm_probe_cuda_bad_frees_total", &[("reason", "double")]),
+        truth["double_frees"].as_f64().unwrap(),
+    );
+    check(
+        "unknown frees".into(),
+        metric_sum(&m, "llm_probe_cuda_bad_frees_total", &[("reason", "unknown")]),
+        truth["unknown_frees"].as_f64().unwrap(),
+    );
+    let pid_l = [("pid", pid.as_str())];
+    check(
+        "live bytes".into(),
+        metric_sum(&m, "llm_gpu_memory_live_bytes", &pid_l),
+        truth["live_bytes"].as_f64().unwrap(),
+    );
+    check(
+        "fragmentation".into(),
+        (metric_sum(&m, "llm_gpu_memory_fragmentation_ratio", &pid_l) * 1e6).round(),
+        (truth["vmm"]["fragmentation_ratio"].as_f64().unwrap() * 1e6).round(),
+    );
+    check(
+        "KV pool (largest reservation's mapped bytes)".into(),
+        metric_sum(&m, "llm_kv_cache_pool_bytes", &pid_l),
+        truth["vmm"]["mapped"].as_f64().unwrap(),
+    );
+    assert!(
+        mismatches.is_empty(),
+        "probe and engine disagree:\n  {}\nmetrics:\n{}",
+        mismatches.join("\n  "),
+        m.lines()
+            .filter(|l| l.starts_with("llm_cuda") || l.starts_with("llm_probe_cuda"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Steps: every sync that follows launches closes one; nothing was served, so all are decode.
+    let steps = metric_sum(&m, "llm_engine_step_seconds_count", &[("phase", "decode")]);
+    assert!(steps >= 28.0, "engine steps seen: {steps}");
+    assert_eq!(
+        metric_sum(&m, "llm_engine_step_seconds_count", &[("phase", "prefill")]),
+        0.0
+    );
+
+    // memleak: the leak is found by its function's name, with its exact bytes and count.
+    let out = std::process::Command::new(probe_bin())
+        .args(["memleak", "--pid", &pid, "--url"])
+        .arg(format!("http://{}", probe.addr))
+        .args(["--older-than", "0s", "--json"])
+        .output()
+        .expect("llm-probe memleak");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("memleak --json");
+    let leak_fn = truth["leak_function"].as_str().unwrap();
+    let site = report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f.as_str().unwrap_or("").contains(leak_fn))
+        })
+        .unwrap_or_else(|| panic!("no call site names {leak_fn}: {report:#}"));
+    assert_eq!(site["bytes"].as_f64(), truth["leak_bytes"].as_f64(), "{site:#}");
+    assert_eq!(site["count"].as_f64(), truth["leak_calls"].as_f64(), "{site:#}");
+    let frag = &report["fragmentation"];
+    let r = frag["reservations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["reserved_bytes"] == truth["vmm"]["reserved"])
+        .unwrap_or_else(|| panic!("no 64 MiB reservation: {frag:#}"));
+    assert_eq!(r["mapped_bytes"], truth["vmm"]["mapped"], "{r:#}");
+    assert_eq!(r["holes"], truth["vmm"]["holes"], "{r:#}");
+    assert_eq!(
+        r["largest_free_extent"], truth["vmm"]["largest_free_extent"],
+        "{r:#}"
+    );
+    let text = std::process::Command::new(probe_bin())
+        .args(["memleak", "--pid", &pid, "--url"])
+        .arg(format!("http://{}", probe.addr))
+        .args(["--older-than", "0s"])
+        .output()
+        .expect("llm-probe memleak");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(leak_fn), "human report lacks {leak_fn}:\n{text}");
+    eprintln!("{text}");
+
+    // The process exits: its pid series go away.
+    engine.finish().expect("engine exit");
+    wait_for("pid series removed", Duration::from_secs(5), || {
+        !probe.metrics().contains(&format!("pid=\"{pid}\""))
+    });
+}
