@@ -36,8 +36,8 @@ pub enum Event<'a> {
     Exit {
         header: EventHeader,
     },
-    /// A CUDA memory call returned (boxed: 208 bytes, rare).
-    CudaMem(Box<CudaMemEvent>),
+    /// A CUDA memory call returned.
+    CudaMem(CudaMemEvent),
     /// A CUDA synchronisation call returned.
     CudaSync(CudaSyncEvent),
 }
@@ -110,7 +110,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             })
         }
         Some(EventKind::Exit) => Ok(Event::Exit { header }),
-        Some(EventKind::CudaMem) => Ok(Event::CudaMem(Box::new(read(bytes)?))),
+        Some(EventKind::CudaMem) => Ok(Event::CudaMem(read(bytes)?)),
         Some(EventKind::CudaSync) => Ok(Event::CudaSync(read(bytes)?)),
         None => Err(DecodeError::UnknownKind(header.kind)),
     }

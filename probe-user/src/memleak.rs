@@ -50,7 +50,9 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
 
 /// Run an agent on an ephemeral local port for `duration`, then ask it.
 fn watch_self(a: &Args) -> anyhow::Result<String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let opts = agent::Options {
         pids: vec![a.pid],

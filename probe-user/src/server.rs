@@ -140,7 +140,11 @@ fn memleak(state: &ServerState, query: &str) -> Response<Full<Bytes>> {
         }
     }
     let Ok(mut c) = cuda.lock() else {
-        return reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "ledger lock poisoned\n");
+        return reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            "ledger lock poisoned\n",
+        );
     };
     let body = match pid {
         None => serde_json::json!({ "pids": c.pids() }).to_string(),

@@ -219,7 +219,13 @@ static void sync_sleep(void) {
  * identical and none can be folded into another (two symbols at one address would fire one
  * uprobe twice). Relaxed atomics: entry points are called from many threads. */
 static unsigned long long g_calls[38];
-#define HIT(i) __atomic_fetch_add(&g_calls[i], 1, __ATOMIC_RELAXED)
+/* Out of line, so that every entry point is a non-leaf function and opens like the real driver's
+ * (`endbr64; push %rbp` with -fcf-protection and frame pointers) instead of with a LOCK-prefixed
+ * add, which x86 uprobes refuse. */
+__attribute__((noinline)) static void hit(int i) {
+    __atomic_fetch_add(&g_calls[i], 1, __ATOMIC_RELAXED);
+}
+#define HIT(i) hit(i)
 
 API CUresult cuInit(unsigned int flags) {
     HIT(37);

@@ -54,10 +54,9 @@ const STEPS: [Step; 3] = [
         out: "libcuda.so.1",
         src: "fake_cuda.c",
         // Each entry point has its own body; -fno-ipa-icf keeps it so (two symbols at one address
-        // would fire one uprobe for both). Every function opens with `endbr64`, as CET-built
-        // libraries do: without it a leaf entry point starts with its `lock add` counter, and x86
-        // uprobes refuse LOCK-prefixed instructions (the probe then never fires; llm-probe warns
-        // about such entry points).
+        // would fire one uprobe for both). Every entry point opens with `endbr64; push %rbp`, as
+        // CET-built libraries with frame pointers do (llm-probe probes the push, which the kernel
+        // emulates; see docs/cuda.md).
         flags: &[
             "-O2",
             "-Wall",

@@ -38,7 +38,10 @@ fn cuda_calls_ledger_and_memleak_match_the_engine() {
         metric_sum(&probe.metrics(), "llm_probe_cuda_libraries", &[]) >= 2.0
     });
     let log = probe.proc.log_text();
-    assert!(log.contains("LdLibraryPath"), "prediction not logged:\n{log}");
+    assert!(
+        log.contains("LdLibraryPath"),
+        "prediction not logged:\n{log}"
+    );
 
     let truth = engine.go().expect("scenario");
     eprintln!("engine truth: {truth}");
@@ -142,12 +145,20 @@ fn cuda_calls_ledger_and_memleak_match_the_engine() {
     }
     check(
         "double frees".into(),
-        metric_sum(&m, "llm_probe_cuda_bad_frees_total", &[("reason", "double")]),
+        metric_sum(
+            &m,
+            "llm_probe_cuda_bad_frees_total",
+            &[("reason", "double")],
+        ),
         truth["double_frees"].as_f64().unwrap(),
     );
     check(
         "unknown frees".into(),
-        metric_sum(&m, "llm_probe_cuda_bad_frees_total", &[("reason", "unknown")]),
+        metric_sum(
+            &m,
+            "llm_probe_cuda_bad_frees_total",
+            &[("reason", "unknown")],
+        ),
         truth["unknown_frees"].as_f64().unwrap(),
     );
     let pid_l = [("pid", pid.as_str())];
@@ -190,7 +201,11 @@ fn cuda_calls_ledger_and_memleak_match_the_engine() {
         .args(["--older-than", "0s", "--json"])
         .output()
         .expect("llm-probe memleak");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: Value = serde_json::from_slice(&out.stdout).expect("memleak --json");
     let leak_fn = truth["leak_function"].as_str().unwrap();
     let site = report["sites"]
@@ -205,8 +220,16 @@ fn cuda_calls_ledger_and_memleak_match_the_engine() {
                 .any(|f| f.as_str().unwrap_or("").contains(leak_fn))
         })
         .unwrap_or_else(|| panic!("no call site names {leak_fn}: {report:#}"));
-    assert_eq!(site["bytes"].as_f64(), truth["leak_bytes"].as_f64(), "{site:#}");
-    assert_eq!(site["count"].as_f64(), truth["leak_calls"].as_f64(), "{site:#}");
+    assert_eq!(
+        site["bytes"].as_f64(),
+        truth["leak_bytes"].as_f64(),
+        "{site:#}"
+    );
+    assert_eq!(
+        site["count"].as_f64(),
+        truth["leak_calls"].as_f64(),
+        "{site:#}"
+    );
     let frag = &report["fragmentation"];
     let r = frag["reservations"]
         .as_array()
@@ -227,7 +250,10 @@ fn cuda_calls_ledger_and_memleak_match_the_engine() {
         .output()
         .expect("llm-probe memleak");
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains(leak_fn), "human report lacks {leak_fn}:\n{text}");
+    assert!(
+        text.contains(leak_fn),
+        "human report lacks {leak_fn}:\n{text}"
+    );
     eprintln!("{text}");
 
     // The process exits: its pid series go away.

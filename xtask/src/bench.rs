@@ -280,5 +280,7 @@ pub fn micro() -> Result<()> {
         "ingest",
         "--bench",
         "render",
+        "--bench",
+        "ledger",
     ]))
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask …`: everything that runs llm-probe's pieces. The two commands a fresh machine needs:
 //! `cargo xtask demo` (the main job on an embedded default) and `cargo xtask test` (every test).
 mod bench;
+mod bench_cuda;
 mod demo;
 mod setup;
 
@@ -32,12 +33,10 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Start a real tiny engine (llama-cpp-python), put load on it, attach llm-probe, and print a
-    /// live summary until Ctrl-C.
     /// Benchmarks (docs/BENCHMARKS.md): overhead with/without the probe in the same run, RSS with
     /// 1k streams, ingestion and /metrics render micro-benchmarks. Needs root.
     Bench {
-        /// Only this one: micro, overhead, engine, rss.
+        /// Only this one: micro, overhead, engine, rss, cuda.
         #[arg(long)]
         only: Option<String>,
         /// Rounds of the overhead benchmark (each: without, then with the probe).
@@ -47,6 +46,8 @@ enum Task {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Start a real tiny engine (llama-cpp-python), put load on it, attach llm-probe, and print a
+    /// live summary until Ctrl-C.
     Demo {
         /// Stop by itself after this many seconds (0 = run until Ctrl-C).
         #[arg(long, default_value_t = 0)]
@@ -245,6 +246,9 @@ fn main() -> Result<()> {
             }
             if want("rss") {
                 bench::rss(&bin, 1000)?;
+            }
+            if want("cuda") {
+                bench_cuda::uprobe_cost(&bin, rounds)?;
             }
             Ok(())
         }

@@ -47,9 +47,7 @@ impl LaunchTracker {
                 if d == 0 {
                     continue;
                 }
-                let labels = ApiLabels {
-                    api: api::NAMES[i],
-                };
+                let labels = ApiLabels { api: api::NAMES[i] };
                 if api::is_graph_launch(id) {
                     m.graph_launches.get_or_create(&labels).inc_by(d);
                     totals.1 += d;
@@ -101,13 +99,30 @@ mod tests {
         let m = CudaMetrics::new(&mut Registry::default());
         let mut t = LaunchTracker::default();
         let get = |m: &CudaMetrics, api| m.kernel_launches.get_or_create(&ApiLabels { api }).get();
-        assert!(t.fold_with(&[(10, thread(1, 5, 1, 0))], &m, |_, _| true).is_empty());
-        assert!(t.fold_with(&[(10, thread(1, 8, 1, 2))], &m, |_, _| true).is_empty());
+        assert!(t
+            .fold_with(&[(10, thread(1, 5, 1, 0))], &m, |_, _| true)
+            .is_empty());
+        assert!(t
+            .fold_with(&[(10, thread(1, 8, 1, 2))], &m, |_, _| true)
+            .is_empty());
         assert_eq!(get(&m, "cuLaunchKernel"), 8);
-        assert_eq!(m.graph_launches.get_or_create(&ApiLabels { api: "cuGraphLaunch" }).get(), 1);
-        assert_eq!(m.nested.get_or_create(&ApiLabels { api: "launch" }).get(), 2);
+        assert_eq!(
+            m.graph_launches
+                .get_or_create(&ApiLabels {
+                    api: "cuGraphLaunch"
+                })
+                .get(),
+            1
+        );
+        assert_eq!(
+            m.nested.get_or_create(&ApiLabels { api: "launch" }).get(),
+            2
+        );
         // The thread exits with 2 more launches: folded, then reported for deletion.
-        assert_eq!(t.fold_with(&[(10, thread(1, 10, 1, 2))], &m, |_, _| false), vec![10]);
+        assert_eq!(
+            t.fold_with(&[(10, thread(1, 10, 1, 2))], &m, |_, _| false),
+            vec![10]
+        );
         assert_eq!(get(&m, "cuLaunchKernel"), 10);
         // Thread id 10 reused by process 2: counted from zero.
         t.fold_with(&[(10, thread(2, 3, 0, 0))], &m, |_, _| true);

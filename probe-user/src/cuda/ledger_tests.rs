@@ -593,3 +593,39 @@ proptest! {
         }
     }
 }
+
+/// The driver rejects a double or unknown free with an error: still a double / unknown free, not a
+/// plain failure; a rejected free of a live pointer is a failure and the pointer stays live.
+#[test]
+fn rejected_frees_are_told_apart() {
+    let mut l = ledger();
+    l.apply(&ev(CU_MEM_ALLOC, 0x1000, 4096, 1));
+    l.apply(&ev(CU_MEM_ALLOC, 0x2000, 4096, 1));
+    assert!(matches!(
+        l.apply(&ev(CU_MEM_FREE, 0x1000, 0, 2)),
+        Applied::Free { bytes: 4096, .. }
+    ));
+    let rejected = |api, addr| {
+        let mut e = ev(api, addr, 0, 3);
+        e.result = 1; // CUDA_ERROR_INVALID_VALUE
+        e
+    };
+    assert!(matches!(
+        l.apply(&rejected(CU_MEM_FREE, 0x1000)),
+        Applied::DoubleFree { .. }
+    ));
+    assert!(matches!(
+        l.apply(&rejected(CUDA_FREE, 0xdead_0000)),
+        Applied::UnknownFree { .. }
+    ));
+    assert!(matches!(
+        l.apply(&rejected(CU_MEM_FREE, 0x2000)),
+        Applied::Failed { .. }
+    ));
+    assert_eq!(l.live_bytes(PID), 4096);
+    let c = l.counters(PID).unwrap();
+    assert_eq!(
+        (c.double_frees, c.unknown_frees, c.failed_calls, c.frees),
+        (1, 1, 1, 1)
+    );
+}

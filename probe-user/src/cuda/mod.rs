@@ -4,11 +4,11 @@
 //!
 //! Data path: uprobe → `CudaMemEvent` / `CudaSyncEvent` (ring buffer) and per-thread launch
 //! counters (`CUDA_THREADS` map) → ledger / steps → `llm_cuda_*`, `llm_gpu_memory_*` metrics.
+pub mod launches;
 pub mod ledger;
 pub mod libs;
+pub mod metrics;
+pub mod state;
+pub mod steps;
 pub mod symbolize;
 pub mod uprobes;
-pub mod metrics;
-pub mod steps;
-pub mod launches;
-pub mod state;

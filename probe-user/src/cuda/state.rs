@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use probe_common::{cuda::api, CudaMemEvent, CudaSyncEvent, STACK_DEPTH};
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use rustc_hash::FxHashSet;
 
 use super::{
@@ -18,6 +19,9 @@ use crate::{ebpf::Kernel, health::SharedHealth, metrics::PidLabels};
 
 pub type SharedCuda = Arc<Mutex<CudaState>>;
 
+/// End of the user half of a 48-bit address space (x86-64 and arm64 with 4-level tables).
+const USER_ADDR_END: u64 = 0x8000_0000_0000;
+
 pub struct CudaState {
     pub ledger: Ledger,
     pub steps: Steps,
@@ -30,6 +34,49 @@ pub struct CudaState {
     /// (pid, path) of CUDA libraries already seen in /proc/PID/maps.
     seen_maps: FxHashSet<(u32, String)>,
     ticks: u64,
+    handles: Handles,
+}
+
+/// Metric handles per API id, looked up in their families once (a family lookup hashes the labels
+/// under a lock; this path runs per allocation).
+#[derive(Default)]
+struct Handles {
+    alloc: Vec<Option<(Counter, Counter)>>,
+    free: Vec<Option<(Counter, Counter)>>,
+    sync: Vec<Option<Histogram>>,
+}
+
+fn slot<T>(v: &mut Vec<Option<T>>, id: u32, make: impl FnOnce(ApiLabels) -> T) -> Option<&T> {
+    let i = id as usize;
+    let label = *api::NAMES.get(i)?;
+    if v.len() <= i {
+        v.resize_with(i + 1, || None);
+    }
+    Some(v[i].get_or_insert_with(|| make(ApiLabels { api: label })))
+}
+
+impl Handles {
+    fn alloc(&mut self, m: &CudaMetrics, id: u32) -> Option<&(Counter, Counter)> {
+        slot(&mut self.alloc, id, |l| {
+            (
+                m.alloc.get_or_create(&l).clone(),
+                m.alloc_bytes.get_or_create(&l).clone(),
+            )
+        })
+    }
+    fn free(&mut self, m: &CudaMetrics, id: u32) -> Option<&(Counter, Counter)> {
+        slot(&mut self.free, id, |l| {
+            (
+                m.free.get_or_create(&l).clone(),
+                m.free_bytes.get_or_create(&l).clone(),
+            )
+        })
+    }
+    fn sync(&mut self, m: &CudaMetrics, id: u32) -> Option<&Histogram> {
+        slot(&mut self.sync, id, |l| {
+            m.sync_wait.get_or_create(&l).clone()
+        })
+    }
 }
 
 fn name(id: u32) -> &'static str {
@@ -48,6 +95,7 @@ impl CudaState {
             out: Vec::new(),
             seen_maps: FxHashSet::default(),
             ticks: 0,
+            handles: Handles::default(),
         }
     }
 
@@ -56,12 +104,23 @@ impl CudaState {
         // Kernels that know a uprobe sits on a function's first instruction (`push %rbp`) add the
         // caller's return address to the frame-pointer walk themselves: the record already has it
         // in stack[0], so drop the repeat.
+        // Code without frame pointers leaves junk in the walk (seen on an H100 host: 0xc8 after a
+        // Rust frame): the stack ends at the first address no user code can have.
+        let n = (ev.nframes as usize).min(STACK_DEPTH);
+        let valid = ev.stack[..n]
+            .iter()
+            .take_while(|&&a| (0x10000..USER_ADDR_END).contains(&a))
+            .count()
+            .max(n.min(1)) as u32;
         let dedup;
-        let ev = if ev.nframes >= 2 && ev.stack[1] == ev.stack[0] {
+        let ev = if valid != ev.nframes || (ev.nframes >= 2 && ev.stack[1] == ev.stack[0]) {
             let mut e = *ev;
-            e.stack.copy_within(2.., 1);
-            e.stack[STACK_DEPTH - 1] = 0;
-            e.nframes -= 1;
+            e.nframes = valid;
+            if e.nframes >= 2 && e.stack[1] == e.stack[0] {
+                e.stack.copy_within(2.., 1);
+                e.stack[STACK_DEPTH - 1] = 0;
+                e.nframes -= 1;
+            }
             dedup = e;
             &dedup
         } else {
@@ -69,14 +128,16 @@ impl CudaState {
         };
         match self.ledger.apply(ev) {
             Applied::Alloc { api, bytes } => {
-                let l = ApiLabels { api: name(api) };
-                m.alloc.get_or_create(&l).inc();
-                m.alloc_bytes.get_or_create(&l).inc_by(bytes);
+                if let Some((n, b)) = self.handles.alloc(m, api) {
+                    n.inc();
+                    b.inc_by(bytes);
+                }
             }
             Applied::Free { api, bytes } => {
-                let l = ApiLabels { api: name(api) };
-                m.free.get_or_create(&l).inc();
-                m.free_bytes.get_or_create(&l).inc_by(bytes);
+                if let Some((n, b)) = self.handles.free(m, api) {
+                    n.inc();
+                    b.inc_by(bytes);
+                }
             }
             Applied::Nested { api } => {
                 m.nested.get_or_create(&ApiLabels { api: name(api) }).inc();
@@ -106,7 +167,9 @@ impl CudaState {
             return;
         }
         let wait = ev.header.ts_ns.saturating_sub(ev.enter_ns) as f64 / 1e9;
-        self.metrics.sync_wait.get_or_create(&l).observe(wait);
+        if let Some(h) = self.handles.sync(&self.metrics, ev.api) {
+            h.observe(wait);
+        }
         self.steps.on_sync(ev, waiting, &mut self.out);
         self.flush_steps();
     }
@@ -210,7 +273,13 @@ pub fn housekeeping(kernel: &Mutex<Kernel>, health: &SharedHealth, cuda: &Shared
     if c.ticks % 2 == 0 && k.cuda_loaded() {
         let pids: Vec<u32> = health
             .lock()
-            .map(|h| h.targets.values().filter(|t| t.alive).map(|t| t.pid).collect())
+            .map(|h| {
+                h.targets
+                    .values()
+                    .filter(|t| t.alive)
+                    .map(|t| t.pid)
+                    .collect()
+            })
             .unwrap_or_default();
         for pid in pids {
             let new: Vec<String> = super::uprobes::mapped_cuda_paths(pid)
@@ -220,10 +289,11 @@ pub fn housekeeping(kernel: &Mutex<Kernel>, health: &SharedHealth, cuda: &Shared
             if new.is_empty() {
                 continue;
             }
-            if k.attach_cuda_for(pid) > 0 {
+            let attached = k.attach_cuda_for(pid);
+            if !attached.is_empty() {
                 log::warn!(
-                    "pid {pid} mapped {new:?}, which was not predicted at attach: its calls before \
-                     now were not seen"
+                    "pid {pid} loaded {attached:?}, which was not predicted at attach: calls made \
+                     through it before now were not seen"
                 );
             }
             for p in new {

@@ -102,7 +102,14 @@ impl Steps {
         let n = self.held.iter().take_while(|s| s.end_ns <= ts_ns).count();
         for i in 0..n {
             let s = self.held.pop_front().expect("counted above");
-            out.push((s, if i + 1 == n { Phase::Prefill } else { Phase::Decode }));
+            out.push((
+                s,
+                if i + 1 == n {
+                    Phase::Prefill
+                } else {
+                    Phase::Decode
+                },
+            ));
         }
     }
 
@@ -152,7 +159,13 @@ mod tests {
         s.on_sync(&sync(7, 0, 1_200, 250, 0), false, &mut out); // sync with no launch: no step
         s.on_sync(&sync(7, 2_000, 5_000, 250, 1), false, &mut out);
         assert_eq!(out.len(), 2);
-        assert_eq!((out[0].0.kernel_launches, out[0].0.end_ns - out[0].0.start_ns), (250, 1_000));
+        assert_eq!(
+            (
+                out[0].0.kernel_launches,
+                out[0].0.end_ns - out[0].0.start_ns
+            ),
+            (250, 1_000)
+        );
         assert_eq!((out[1].0.graph_launches, out[1].1), (1, Phase::Decode));
     }
 

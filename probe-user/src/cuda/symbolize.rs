@@ -87,7 +87,10 @@ impl BlazeSymbolizer {
         let missing: Vec<usize> = (0..names.len()).filter(|&i| names[i].is_none()).collect();
         if !missing.is_empty() {
             let again: Vec<u64> = missing.iter().map(|&i| lookups[i]).collect();
-            for (i, n) in missing.into_iter().zip(self.resolve_with(pid, &again, false)) {
+            for (i, n) in missing
+                .into_iter()
+                .zip(self.resolve_with(pid, &again, false))
+            {
                 names[i] = n;
             }
         }
