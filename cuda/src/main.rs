@@ -54,6 +54,11 @@ pub struct Args {
     /// Skip NVRTC and load the embedded PTX.
     #[arg(long)]
     pub no_nvrtc: bool,
+    /// Before the rest: time this many host-side cuLaunchKernel calls of an empty spin (in batches
+    /// of 256, each followed by an untimed sync so the launch queue never fills), for the probe's
+    /// per-launch cost on a real driver. 0 = skip.
+    #[arg(long, default_value_t = 0)]
+    pub launch_bench: u64,
 }
 
 fn main() -> ExitCode {

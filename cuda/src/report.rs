@@ -94,6 +94,8 @@ pub struct Report {
     pub vmm: VmmSummary,
     pub hold_secs: u64,
     pub pid: u32,
+    /// Host ns per cuLaunchKernel in the `--launch-bench` loop (null when not run).
+    pub launch_bench_ns_per_call: Option<f64>,
 }
 
 #[cfg(test)]
@@ -174,6 +176,7 @@ mod tests {
             },
             hold_secs: 0,
             pid: 42,
+            launch_bench_ns_per_call: None,
         };
         let line = serde_json::to_string(&r).unwrap();
         assert!(!line.contains('\n'));

@@ -268,6 +268,7 @@ pub fn run(args: &Args) -> Result<Report> {
         Some(why) => eprintln!("kernel: embedded PTX (NVRTC not used: {why})"),
     }
 
+    let launch_bench_ns_per_call = launch_bench(&gpu, kernel.func, args.launch_bench)?;
     let (prefill_gpu_ms, prefill_waits) = prefill(&gpu, kernel.func, args).context("prefill")?;
     eprintln!(
         "prefill: {} bursts x {} launches, GPU ms {prefill_gpu_ms:?}",
@@ -347,5 +348,29 @@ pub fn run(args: &Args) -> Result<Report> {
         vmm: vmm_summary,
         hold_secs: args.hold_secs,
         pid,
+        launch_bench_ns_per_call,
     })
+}
+
+/// `--launch-bench N`: host ns per `cuLaunchKernel` of `spin(0)`, launches timed in batches of 256
+/// with an untimed sync after each batch.
+fn launch_bench(gpu: &Gpu, func: CUfunction, n: u64) -> Result<Option<f64>> {
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut launch_ns = 0u128;
+    let mut done = 0u64;
+    while done < n {
+        let batch = (n - done).min(256);
+        let t = Instant::now();
+        for _ in 0..batch {
+            launch(func, gpu.stream, 0).context("launch bench")?;
+        }
+        launch_ns += t.elapsed().as_nanos();
+        timed_sync(gpu.stream).context("launch bench sync")?;
+        done += batch;
+    }
+    let per = launch_ns as f64 / n as f64;
+    eprintln!("launch bench: {n} cuLaunchKernel, {per:.0} ns each (host)");
+    Ok(Some(per))
 }

@@ -1,3 +1,4 @@
+use std::fmt::Write as _;
 use std::{
     fs,
     os::unix::fs::{symlink, MetadataExt},
@@ -9,6 +10,7 @@ use std::{
 use proptest::prelude::*;
 
 use super::*;
+use crate::cuda::ldcache::*;
 
 /// A directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -78,11 +80,12 @@ impl Fake {
             String::from("55d0c0000000-55d0c0021000 rw-p 00000000 00:00 0          [heap]\n");
         for (i, (perms, path)) in paths.iter().enumerate() {
             let start = 0x7f00_0000_0000_u64 + (i as u64) * 0x10_0000;
-            text.push_str(&format!(
-                "{start:x}-{:x} {perms} 00000000 fd:01 {}                      {path}\n",
+            let _ = writeln!(
+                text,
+                "{start:x}-{:x} {perms} 00000000 fd:01 {}                      {path}",
                 start + 0x1000,
                 1000 + i
-            ));
+            );
         }
         fs::write(self.proc.join("maps"), text).unwrap();
     }

@@ -5,6 +5,7 @@
 //! Data path: uprobe → `CudaMemEvent` / `CudaSyncEvent` (ring buffer) and per-thread launch
 //! counters (`CUDA_THREADS` map) → ledger / steps → `llm_cuda_*`, `llm_gpu_memory_*` metrics.
 pub mod launches;
+pub mod ldcache;
 pub mod ledger;
 pub mod libs;
 pub mod metrics;

@@ -56,6 +56,10 @@ pub struct FileAttach {
     pub missing: Vec<&'static str>,
     /// Attach failures (symbol: error).
     pub errors: Vec<String>,
+    /// Entry points opening with `endbr64`, probed at the next instruction.
+    pub past_endbr64: usize,
+    /// Entry points whose probed instruction the kernel single-steps instead of emulating.
+    pub single_stepped: usize,
 }
 
 pub struct CudaProbes {
@@ -146,6 +150,19 @@ fn past_endbr64(data: &[u8], off: u64) -> u64 {
     }
 }
 
+/// Whether x86 uprobes emulate the instruction at `off` (push of a register, nop, call, jmp)
+/// instead of single-stepping a copy of it, which costs several times more per hit in a VM.
+fn emulated(data: &[u8], off: u64) -> bool {
+    if !cfg!(target_arch = "x86_64") {
+        return true;
+    }
+    let o = off as usize;
+    matches!(
+        (data.get(o), data.get(o + 1)),
+        (Some(0x50..=0x57 | 0x90 | 0xe8 | 0xe9 | 0xeb), _) | (Some(0x41), Some(0x50..=0x57))
+    )
+}
+
 /// x86 uprobes refuse an instruction with a LOCK (or segment-override) prefix: the attach
 /// succeeds, but the probe is never installed in a process. Say so instead of counting nothing.
 fn unprobeable(data: &[u8], off: u64) -> Option<&'static str> {
@@ -161,15 +178,22 @@ fn unprobeable(data: &[u8], off: u64) -> Option<&'static str> {
     }
 }
 
-/// (symbol, file offset, why it cannot be probed).
-type Offsets = Vec<(&'static str, u64, Option<&'static str>)>;
+/// (symbol, file offset to probe, why it cannot be probed, probed past an `endbr64`).
+type Offsets = Vec<(&'static str, u64, Option<&'static str>, bool)>;
 
 fn symbol_offsets_checked(path: &Path, wanted: &[&'static str]) -> anyhow::Result<Offsets> {
     let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
-    for (w, off) in symbol_offsets_in(&data, path, wanted)? {
-        let off = past_endbr64(&data, off);
-        out.push((w, off, unprobeable(&data, off)));
+    for (w, entry) in symbol_offsets_in(&data, path, wanted)? {
+        let off = past_endbr64(&data, entry);
+        out.push((w, off, unprobeable(&data, off), off != entry));
+        if !emulated(&data, off) {
+            log::debug!(
+                "{}: {w} opens with {:02x?}, which the kernel single-steps (slower per hit)",
+                path.display(),
+                data.get(off as usize..off as usize + 4).unwrap_or_default()
+            );
+        }
     }
     Ok(out)
 }
@@ -192,6 +216,8 @@ impl Kernel {
             symbols: Vec::new(),
             missing: Vec::new(),
             errors: Vec::new(),
+            past_endbr64: 0,
+            single_stepped: 0,
         };
         let offsets = match symbol_offsets_checked(&lib.path, &wanted) {
             Ok(o) => o,
@@ -202,13 +228,23 @@ impl Kernel {
             }
         };
         for (&id, &name) in ids.iter().zip(&wanted) {
-            let Some(&(_, off, bad)) = offsets.iter().find(|(n, _, _)| *n == name) else {
+            let Some(&(_, off, bad, skipped)) = offsets.iter().find(|(n, ..)| *n == name) else {
                 fa.missing.push(name);
                 continue;
             };
             if let Some(why) = bad {
                 fa.errors.push(format!("{name} cannot be probed: {why}"));
                 continue;
+            }
+            fa.past_endbr64 += usize::from(skipped);
+            if let Ok(data) = std::fs::File::open(&lib.path).and_then(|mut f| {
+                use std::io::{Read as _, Seek as _};
+                let mut b = [0u8; 2];
+                f.seek(std::io::SeekFrom::Start(off))?;
+                f.read_exact(&mut b)?;
+                Ok(b)
+            }) {
+                fa.single_stepped += usize::from(!emulated(&data, 0));
             }
             let mut ok = true;
             for &prog_name in programs_for(id) {
@@ -287,11 +323,13 @@ impl Kernel {
             };
             new.push(lib.shown.clone());
             log::info!(
-                "CUDA: {} entry points probed in {} ({:?}, {:?}){}",
+                "CUDA: {} entry points probed in {} ({:?}, {:?}; {} past endbr64, {} single-stepped){}",
                 fa.symbols.len(),
                 lib.shown.display(),
                 lib.kind,
                 lib.how,
+                fa.past_endbr64,
+                fa.single_stepped,
                 if fa.missing.is_empty() {
                     String::new()
                 } else {
