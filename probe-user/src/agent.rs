@@ -16,6 +16,9 @@ use aya::maps::{MapData, RingBuf};
 use prometheus_client::registry::Registry;
 use tokio::io::{unix::AsyncFd, Interest};
 
+mod samplers;
+use samplers::{run_bridge, start_gpu_sampler};
+
 use crate::{
     attach,
     cuda::{
@@ -26,8 +29,8 @@ use crate::{
     ebpf::{Counters, Kernel},
     engine::{Bridge, EngineMetrics, EngineUrl},
     events::{decode, Event},
-    gpu::{self, GpuInventory, GpuMetrics, NvmlInventory},
-    health::{GpuView, Thresholds},
+    gpu::GpuMetrics,
+    health::Thresholds,
     health::{Health, SharedHealth, TargetView},
     http::{ConnId, ConnTracker},
     metrics::{Metrics, ProgramLabels, ReasonLabels},
@@ -396,6 +399,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
         gpu_metrics,
         metrics.clone(),
         health.clone(),
+        cuda.clone(),
     );
     let engines = if opts.engine_urls.is_empty() {
         None
@@ -517,84 +521,6 @@ fn housekeeping(
                     log::warn!("re-attach failed: {e:#}");
                 }
             }
-        }
-    }
-}
-
-/// NVML on a thread of its own (its calls block): one log line and `llm_probe_attached{program=
-/// "nvml"} 0` when unavailable, else a sample every `interval` into the `llm_gpu_*` families and
-/// the health view.
-fn start_gpu_sampler(interval: Duration, gm: GpuMetrics, metrics: Metrics, health: SharedHealth) {
-    let spawned = std::thread::Builder::new()
-        .name("nvml".into())
-        .spawn(move || {
-            let nvml = ProgramLabels { program: "nvml" };
-            let mut inv = match NvmlInventory::new() {
-                Ok(inv) => inv,
-                Err(e) => {
-                    log::info!("GPU metrics off: {e} (no NVIDIA driver on this machine?)");
-                    metrics.attached.get_or_create(&nvml).set(0);
-                    if let Ok(mut h) = health.lock() {
-                        h.gpus = Some(Err(format!("unavailable: {e}")));
-                    }
-                    return;
-                }
-            };
-            metrics.attached.get_or_create(&nvml).set(1);
-            let host = gpu::hostname();
-            let mut prev = Vec::new();
-            loop {
-                let traced: Vec<u32> = health
-                    .lock()
-                    .map(|h| {
-                        h.targets
-                            .values()
-                            .filter(|t| t.alive)
-                            .map(|t| t.pid)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                match inv.sample() {
-                    Ok(samples) => {
-                        gm.update(&samples, &host, &traced, &prev);
-                        if let Ok(mut h) = health.lock() {
-                            h.gpus = Some(Ok(samples
-                                .iter()
-                                .map(|s| GpuView {
-                                    index: s.index,
-                                    utilization: s.utilization,
-                                })
-                                .collect()));
-                        }
-                        prev = samples;
-                    }
-                    Err(e) => {
-                        log::warn!("NVML sample failed: {e}");
-                        gm.clear();
-                        prev.clear();
-                        if let Ok(mut h) = health.lock() {
-                            h.gpus = Some(Err(format!("sample failed: {e}")));
-                        }
-                    }
-                }
-                std::thread::sleep(interval);
-            }
-        });
-    if let Err(e) = spawned {
-        log::warn!("cannot start the NVML thread: {e}");
-    }
-}
-
-/// Scrape the engines' own metrics pages every `interval` and feed the health view.
-async fn run_bridge(mut bridge: Bridge, interval: Duration, health: SharedHealth) {
-    let mut tick = tokio::time::interval(interval);
-    loop {
-        tick.tick().await;
-        bridge.poll_once().await;
-        if let Ok(mut h) = health.lock() {
-            h.kv_cache_max = bridge.max_kv_utilization();
-            h.engine_queue_max = bridge.max_queue_depth();
-            h.engine_failures = bridge.failing();
         }
     }
 }

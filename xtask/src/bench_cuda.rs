@@ -30,10 +30,9 @@ fn once(fc: &fake_cuda::FakeCuda, probe: Option<&Path>) -> Result<(f64, f64)> {
         agent = Some(child);
         let start = Instant::now();
         loop {
-            let attached = harness::http_get(&listen, "/metrics")
-                .map_or(0.0, |(_, b)| {
-                    harness::metric_sum(&b, "llm_probe_cuda_libraries", &[])
-                });
+            let attached = harness::http_get(&listen, "/metrics").map_or(0.0, |(_, b)| {
+                harness::metric_sum(&b, "llm_probe_cuda_libraries", &[])
+            });
             if attached >= 2.0 {
                 break;
             }

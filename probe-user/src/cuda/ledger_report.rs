@@ -30,6 +30,13 @@ pub struct LeakReport {
     pub unknown_frees: u64,
     /// Allocations, reservations and mappings not recorded because a per-process cap was hit.
     pub dropped: u64,
+    /// What NVML says the process uses on all GPUs (the agent fills this in; `None` without NVML).
+    #[serde(default)]
+    pub nvml_used_bytes: Option<u64>,
+    /// NVML's figure minus the ledger's: memory allocated before the probe attached, the CUDA
+    /// context itself, and anything allocated by calls the probe does not see.
+    #[serde(default)]
+    pub unattributed_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -309,6 +316,15 @@ pub fn render_text(r: &LeakReport) -> String {
         r.leak_age_s,
         r.window_s,
     );
+    if let (Some(n), Some(u)) = (r.nvml_used_bytes, r.unattributed_bytes) {
+        let _ = writeln!(
+            o,
+            "NVML: {} used by the process; {} unattributed (allocated before attach, the CUDA \
+             context, or through calls the probe does not see)",
+            human_bytes(n),
+            human_bytes(u),
+        );
+    }
     let _ = writeln!(
         o,
         "\nOutstanding allocations at least {:.0} s old, by call site:",

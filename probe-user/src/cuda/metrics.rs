@@ -60,6 +60,7 @@ pub struct CudaMetrics {
     pub leak_suspect_bytes: Family<PidLabels, Gauge>,
     pub fragmentation: Family<PidLabels, Gauge<f64, AtomicU64>>,
     pub kv_pool_bytes: Family<PidLabels, Gauge>,
+    pub unattributed_bytes: Family<PidLabels, Gauge>,
     pub sync_wait: HistFamily<ApiLabels>,
     pub step: HistFamily<PhaseLabels>,
     pub libraries: Gauge,
@@ -81,6 +82,7 @@ impl CudaMetrics {
             leak_suspect_bytes: Family::default(),
             fragmentation: Family::default(),
             kv_pool_bytes: Family::default(),
+            unattributed_bytes: Family::default(),
             sync_wait: Family::new_with_constructor(sync_hist),
             step: Family::new_with_constructor(step_hist),
             libraries: Gauge::default(),
@@ -133,6 +135,12 @@ impl CudaMetrics {
             "llm_gpu_memory_fragmentation_ratio",
             "1 - largest free extent / free bytes inside the process's VMM reservations",
             m.fragmentation.clone(),
+        );
+        r.register(
+            "llm_gpu_memory_unattributed_bytes",
+            "NVML's per-process GPU memory minus the ledger's live bytes: allocations made before \
+             attach, the CUDA context, and calls the probe does not see",
+            m.unattributed_bytes.clone(),
         );
         r.register(
             "llm_kv_cache_pool_bytes",

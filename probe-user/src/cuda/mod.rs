@@ -8,6 +8,7 @@ pub mod launches;
 pub mod ldcache;
 pub mod ledger;
 pub mod libs;
+mod libs_elf;
 pub mod metrics;
 pub mod state;
 pub mod steps;

@@ -35,6 +35,8 @@ pub struct CudaState {
     seen_maps: FxHashSet<(u32, String)>,
     ticks: u64,
     handles: Handles,
+    /// NVML's per-process GPU memory (summed over devices), from the NVML sampler.
+    nvml_used: rustc_hash::FxHashMap<u32, u64>,
 }
 
 /// Metric handles per API id, looked up in their families once (a family lookup hashes the labels
@@ -96,6 +98,7 @@ impl CudaState {
             seen_maps: FxHashSet::default(),
             ticks: 0,
             handles: Handles::default(),
+            nvml_used: rustc_hash::FxHashMap::default(),
         }
     }
 
@@ -223,6 +226,16 @@ impl CudaState {
                     m.fragmentation.remove(&l);
                 }
             }
+            match self.nvml_used.get(&pid) {
+                Some(&n) => {
+                    m.unattributed_bytes
+                        .get_or_create(&l)
+                        .set(n.saturating_sub(self.ledger.live_bytes(pid)) as i64);
+                }
+                None => {
+                    m.unattributed_bytes.remove(&l);
+                }
+            }
             match self.ledger.kv_pool_bytes(pid, now_ns) {
                 Some(b) => {
                     m.kv_pool_bytes.get_or_create(&l).set(b as i64);
@@ -231,6 +244,14 @@ impl CudaState {
                     m.kv_pool_bytes.remove(&l);
                 }
             }
+        }
+    }
+
+    /// NVML's latest per-process memory: (pid, bytes) over all devices.
+    pub fn set_nvml_usage(&mut self, per_pid: impl IntoIterator<Item = (u32, u64)>) {
+        self.nvml_used.clear();
+        for (pid, bytes) in per_pid {
+            *self.nvml_used.entry(pid).or_default() += bytes;
         }
     }
 
@@ -247,12 +268,19 @@ impl CudaState {
             m.leak_suspect_bytes.remove(&l);
             m.fragmentation.remove(&l);
             m.kv_pool_bytes.remove(&l);
+            m.unattributed_bytes.remove(&l);
         }
     }
 
     pub fn report(&mut self, pid: u32, now_ns: u64, older_than_ns: u64, top: usize) -> LeakReport {
-        self.ledger
-            .report(pid, now_ns, older_than_ns, top, &mut self.symbolizer)
+        let mut r = self
+            .ledger
+            .report(pid, now_ns, older_than_ns, top, &mut self.symbolizer);
+        if let Some(&n) = self.nvml_used.get(&pid) {
+            r.nvml_used_bytes = Some(n);
+            r.unattributed_bytes = Some(n.saturating_sub(r.live_bytes));
+        }
+        r
     }
 
     /// Processes the ledger knows.
