@@ -20,7 +20,7 @@ echo "=== 1. cudarc workload" >> "$R"
 LD_LIBRARY_PATH=${NV}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} sh -c 'sleep 3; exec "$0" --hold-secs 8' "$WL" \
   > "$OUT/wl.json" 2> "$OUT/wl.err" &
 W=$!
-RUST_LOG=info "$BIN" run --pid $W --listen 127.0.0.1:9464 --kv-pool-min-age 1s --leak-age 1s > "$OUT/run-wl.log" 2>&1 &
+RUST_LOG=info,probe_user::cuda::uprobes=debug "$BIN" run --pid $W --listen 127.0.0.1:9464 --kv-pool-min-age 1s --leak-age 1s > "$OUT/run-wl.log" 2>&1 &
 P=$!
 for i in $(seq 1 100); do grep -q "^hold:" "$OUT/wl.err" 2>/dev/null && break; sleep 0.2; done
 sleep 1.2
@@ -32,7 +32,7 @@ sleep 1.5
 fetch http://127.0.0.1:9464/metrics | grep -E '^llm_(cuda|engine|probe_cuda|gpu_memory|kv)' | grep -v _bucket > "$OUT/wl-metrics-end.txt"
 kill -INT $P; wait $P
 { echo "--- workload stdout"; cat "$OUT/wl.json"; echo "--- workload stderr"; tail -20 "$OUT/wl.err";
-  echo "--- probe log"; grep -v '^\s*;' "$OUT/run-wl.log" | head -40;
+  echo "--- probe log"; grep -v '^\s*;' "$OUT/run-wl.log" | head -80;
   echo "--- probe metrics at hold"; grep -E '^llm_(cuda|engine|probe_cuda|gpu_memory|kv)' "$OUT/wl-metrics-hold.txt" | grep -v _bucket; } >> "$R"
 
 for CONF in "" "expandable_segments:True"; do
@@ -40,14 +40,14 @@ for CONF in "" "expandable_segments:True"; do
   PYTORCH_CUDA_ALLOC_CONF=$CONF python3 tests/gpu/torch_cuda_check.py http://127.0.0.1:9464 4 \
     > "$OUT/torch.json" 2> "$OUT/torch.err" &
   T=$!
-  RUST_LOG=info "$BIN" run --pid $T --listen 127.0.0.1:9464 > "$OUT/run-torch.log" 2>&1 &
+  RUST_LOG=info,probe_user::cuda::uprobes=debug "$BIN" run --pid $T --listen 127.0.0.1:9464 --nvml-interval 1s > "$OUT/run-torch.log" 2>&1 &
   P=$!
   for i in $(seq 1 300); do [ -s "$OUT/torch.json" ] && break; kill -0 $T 2>/dev/null || break; sleep 0.2; done
   "$BIN" memleak --pid $T --older-than 0s --top 3 >> "$R" 2>&1
   wait $T
   kill -INT $P; wait $P
   { echo "--- torch"; cat "$OUT/torch.json"; tail -5 "$OUT/torch.err";
-    echo "--- probe log"; grep -v '^\s*;' "$OUT/run-torch.log" | grep -iv "connection" | head -30; } >> "$R"
+    echo "--- probe log"; grep -v '^\s*;' "$OUT/run-torch.log" | grep -iv "connection" | head -60; } >> "$R"
 done
 rm -f "$OUT/wl.err" "$OUT/wl.json" "$OUT/run-wl.log" "$OUT/torch.json" "$OUT/torch.err" "$OUT/run-torch.log" "$OUT/wl-metrics-hold.txt"
 echo done
