@@ -14,12 +14,16 @@
  * Build: cc -O1 -g -fno-omit-frame-pointer -rdynamic -pthread -o fake_engine fake_engine.c -ldl
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <dlfcn.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -750,8 +754,114 @@ static void json_error(const char *msg) {
     printf("\"}\n");
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* Scenario `serve <port>`: an HTTP/1.1 SSE server on 127.0.0.1. Every POST is answered with one
+ * eager prefill step (SERVE_PREFILL launches + a stream sync) before its first token, then
+ * SERVE_DECODE decode steps (a graph launch + a sync), each followed by one token, then [DONE] and
+ * close. The probe must call the first step of each request `prefill` and the others `decode`. */
+
+enum { SERVE_PREFILL = 50, SERVE_DECODE = 5 };
+static int g_listen_fd = -1;
+
+static int write_all(int fd, const char *s) {
+    size_t len = strlen(s);
+    while (len > 0) {
+        ssize_t n = write(fd, s, len);
+        if (n <= 0) {
+            return -1;
+        }
+        s += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Reads the request head and a Content-Length body (bounded: 16 KiB). */
+static int read_request(int fd) {
+    char buf[16384];
+    size_t have = 0;
+    char *end = NULL;
+    while (!end) {
+        if (have == sizeof buf - 1) {
+            return -1;
+        }
+        ssize_t n = read(fd, buf + have, sizeof buf - 1 - have);
+        if (n <= 0) {
+            return -1;
+        }
+        have += (size_t)n;
+        buf[have] = 0;
+        end = strstr(buf, "\r\n\r\n");
+    }
+    size_t body = 0;
+    for (char *p = buf; p < end; p++) {
+        if (strncasecmp(p, "\ncontent-length:", 16) == 0) {
+            body = (size_t)strtoul(p + 16, NULL, 10);
+        }
+    }
+    size_t got = have - (size_t)(end + 4 - buf);
+    while (got < body) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n <= 0) {
+            return -1;
+        }
+        got += (size_t)n;
+    }
+    return 0;
+}
+
+static const char TOKEN[] = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tok\"}}]}\n\n";
+
+static void *serve_loop(void *arg) {
+    (void)arg;
+    for (;;) {
+        int c = accept(g_listen_fd, NULL, NULL);
+        if (c < 0) {
+            continue;
+        }
+        if (read_request(c) == 0 &&
+            write_all(c, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         "Cache-Control: no-cache\r\nConnection: close\r\n\r\n") == 0) {
+            for (int i = 0; i < SERVE_PREFILL; i++) {
+                launch_one();
+            }
+            SYNC(CU_STREAM_SYNCHRONIZE, p_cuStreamSynchronize(STREAM));
+            int ok = write_all(c, TOKEN) == 0;
+            for (int s = 0; ok && s < SERVE_DECODE; s++) {
+                CALL(CU_GRAPH_LAUNCH, 0, p_cuGraphLaunch(GRAPH, STREAM));
+                SYNC(CU_STREAM_SYNCHRONIZE, p_cuStreamSynchronize(STREAM));
+                ok = write_all(c, TOKEN) == 0;
+            }
+            if (ok) {
+                write_all(c, "data: [DONE]\n\n");
+            }
+        }
+        close(c);
+    }
+    return NULL;
+}
+
+static void scenario_serve(int port) {
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_port = htons((unsigned short)port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int one = 1;
+    pthread_t t;
+    g_listen_fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (g_listen_fd < 0 ||
+        setsockopt(g_listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+        bind(g_listen_fd, (struct sockaddr *)&a, sizeof a) != 0 || listen(g_listen_fd, 16) != 0 ||
+        pthread_create(&t, NULL, serve_loop, NULL) != 0) {
+        json_error("serve: cannot listen on the port");
+        return;
+    }
+    printf("{\"port\":%d,\"prefill_launches\":%d,\"decode_steps_per_request\":%d}\n", port,
+           SERVE_PREFILL, SERVE_DECODE);
+}
+
 static int usage(void) {
-    fprintf(stderr, "usage: fake_engine full | bench <n> | idle\n");
+    fprintf(stderr, "usage: fake_engine full | bench <n> | serve <port> | idle\n");
     return 2;
 }
 
@@ -761,8 +871,13 @@ int main(int argc, char **argv) {
     }
     const char *scenario = argv[1];
     long bench_n = 0;
+    long port = 0;
     if (strcmp(scenario, "bench") == 0) {
         if (argc < 3 || (bench_n = strtol(argv[2], NULL, 10)) <= 0) {
+            return usage();
+        }
+    } else if (strcmp(scenario, "serve") == 0) {
+        if (argc < 3 || (port = strtol(argv[2], NULL, 10)) <= 0 || port > 65535) {
             return usage();
         }
     } else if (strcmp(scenario, "full") != 0 && strcmp(scenario, "idle") != 0) {
@@ -791,6 +906,8 @@ int main(int argc, char **argv) {
         scenario_full();
     } else if (strcmp(scenario, "bench") == 0) {
         scenario_bench(bench_n);
+    } else if (strcmp(scenario, "serve") == 0) {
+        scenario_serve((int)port);
     } else {
         printf("{}\n");
     }

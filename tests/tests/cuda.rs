@@ -5,7 +5,10 @@
 //! frees, VMM reserve/create/map/unmap and allocations from 4 threads, and prints what it did. Every
 //! count the probe exports must equal it exactly. Needs root (CI runs as root).
 
-use std::time::Duration;
+use std::{
+    io::{Read as _, Write as _},
+    time::Duration,
+};
 
 use harness::{
     fake_cuda::{self, FakeEngine},
@@ -261,4 +264,56 @@ fn cuda_calls_ledger_and_memleak_match_the_engine() {
     wait_for("pid series removed", Duration::from_secs(5), || {
         !probe.metrics().contains(&format!("pid=\"{pid}\""))
     });
+}
+
+/// Steps and requests meet: `fake_engine serve` answers every POST with one eager prefill step
+/// (50 launches + a sync) before the first token and 5 decode steps (graph launch + sync), each
+/// followed by a token. The probe sees the request on the socket, holds the steps that end while it
+/// waits for its first token, and must call exactly one step per request `prefill`.
+#[test]
+fn the_step_before_each_first_token_is_prefill() {
+    if !require_root("the_step_before_each_first_token_is_prefill") {
+        return;
+    }
+    let fc = fake_cuda::build().expect("building the stand-in CUDA libraries");
+    let port = harness::free_port();
+    let mut engine =
+        FakeEngine::start(&fc, "serve", &[&port.to_string()], 2000).expect("fake engine");
+    let probe = Probe::start(&["--pid".into(), engine.pid.to_string()]);
+    wait_for("CUDA libraries attached", Duration::from_secs(20), || {
+        metric_sum(&probe.metrics(), "llm_probe_cuda_libraries", &[]) >= 2.0
+    });
+    let info = engine.go().expect("serve");
+    let decode_per_request = info["decode_steps_per_request"].as_f64().unwrap();
+    let requests = 3;
+    for _ in 0..requests {
+        let body = r#"{"model":"fake","stream":true}"#;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("response");
+        assert!(out.contains("[DONE]"), "{out}");
+    }
+    wait_for("requests recorded", Duration::from_secs(5), || {
+        metric_sum(&probe.metrics(), "llm_requests_total", &[]) >= f64::from(requests)
+    });
+    let m = probe.metrics();
+    let steps = |phase| metric_sum(&m, "llm_engine_step_seconds_count", &[("phase", phase)]);
+    assert_eq!(steps("prefill"), f64::from(requests), "{m}");
+    assert_eq!(
+        steps("decode"),
+        f64::from(requests) * decode_per_request,
+        "{m}"
+    );
+    assert_eq!(
+        metric_sum(&m, "llm_ttft_seconds_count", &[]),
+        f64::from(requests)
+    );
+    engine.finish().expect("engine exit");
 }
