@@ -177,11 +177,6 @@ fn every_dashboard_query_returns_data_and_every_rule_evaluates() {
             let v = prom_query(&prom, &q);
             assert_eq!(v["status"], "success", "{title}: {q} → {v}");
             let empty = v["data"]["result"].as_array().is_none_or(Vec::is_empty);
-            let family = q
-                .split(['{', '(', ' '])
-                .find(|w| w.starts_with("llm_"))
-                .unwrap_or("");
-            let family = family.trim_end_matches("_bucket");
             if gpu_only && !gpu {
                 eprintln!("SKIP panel {title:?}: GPU-only and this machine has no GPU ({q})");
                 skipped += 1;
