@@ -90,26 +90,7 @@ enum Command {
     /// (bytes, count, oldest age, growth), then VMM fragmentation, size classes and churn. Asks the
     /// `llm-probe run` at --url; with none running there, attaches itself for --duration and sees
     /// only what is allocated from then on.
-    Memleak {
-        /// The process (an attached target of the running agent).
-        #[arg(long)]
-        pid: u32,
-        /// The running agent.
-        #[arg(long, default_value = "http://127.0.0.1:9464")]
-        url: String,
-        /// Only allocations at least this old (e.g. 30s, 5m, 0s for all).
-        #[arg(long = "older-than", default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-        older_than: std::time::Duration,
-        /// Call sites to show, largest first.
-        #[arg(long, default_value_t = 10)]
-        top: usize,
-        /// Without a running agent: how long to watch before reporting.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-        duration: std::time::Duration,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Memleak(memleak::Args),
     /// Ask a running `llm-probe run` for its health verdict. Exit status: 0 healthy, 1 warning,
     /// 2 critical, 3 unreachable — for scripts and Kubernetes probes.
     Health {
@@ -158,21 +139,7 @@ fn main() {
                 ledger: ledger.config(),
             })
         }
-        Command::Memleak {
-            pid,
-            url,
-            older_than,
-            top,
-            duration,
-            json,
-        } => memleak::run(&memleak::Args {
-            pid,
-            url,
-            older_than,
-            top,
-            duration,
-            json,
-        }),
+        Command::Memleak(args) => memleak::run(&args),
         Command::Health { url, json } => std::process::exit(health_cli(&url, json)),
         Command::Gpu => gpu_cli(),
     };

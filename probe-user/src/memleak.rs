@@ -6,12 +6,25 @@ use std::time::Duration;
 use anyhow::Context as _;
 use probe_user::{agent, cuda::ledger::LeakReport};
 
+#[derive(clap::Args)]
 pub struct Args {
+    /// The process (an attached target of the running agent).
+    #[arg(long)]
     pub pid: u32,
+    /// The running agent.
+    #[arg(long, default_value = "http://127.0.0.1:9464")]
     pub url: String,
+    /// Only allocations at least this old (e.g. 30s, 5m, 0s for all).
+    #[arg(long = "older-than", default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub older_than: Duration,
+    /// Call sites to show, largest first.
+    #[arg(long, default_value_t = 10)]
     pub top: usize,
+    /// Without a running agent: how long to watch before reporting.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub duration: Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
     pub json: bool,
 }
 

@@ -39,16 +39,7 @@ pub(super) fn start_gpu_sampler(
             let host = gpu::hostname();
             let mut prev = Vec::new();
             loop {
-                let traced: Vec<u32> = health
-                    .lock()
-                    .map(|h| {
-                        h.targets
-                            .values()
-                            .filter(|t| t.alive)
-                            .map(|t| t.pid)
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let traced = crate::health::alive_targets(&health);
                 match inv.sample() {
                     Ok(samples) => {
                         gm.update(&samples, &host, &traced, &prev);

@@ -299,16 +299,7 @@ pub fn housekeeping(kernel: &Mutex<Kernel>, health: &SharedHealth, cuda: &Shared
     c.tick(now_ns);
     c.ticks += 1;
     if c.ticks % 2 == 0 && k.cuda_loaded() {
-        let pids: Vec<u32> = health
-            .lock()
-            .map(|h| {
-                h.targets
-                    .values()
-                    .filter(|t| t.alive)
-                    .map(|t| t.pid)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let pids = crate::health::alive_targets(health);
         for pid in pids {
             let new: Vec<String> = super::uprobes::mapped_cuda_paths(pid)
                 .into_iter()
