@@ -55,6 +55,8 @@ pub struct Options {
     pub thresholds: Thresholds,
     /// Leak age/window and KV-pool age of the GPU memory ledger.
     pub ledger: LedgerConfig,
+    /// Probe the CUDA runtime's launch entry points as well as the driver's.
+    pub cuda_runtime_launches: bool,
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -295,7 +297,8 @@ impl CounterSync {
 }
 
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let (kernel, ring) = Kernel::load().context("attaching the kernel programs")?;
+    let (mut kernel, ring) = Kernel::load().context("attaching the kernel programs")?;
+    kernel.set_cuda_runtime_launches(opts.cuda_runtime_launches);
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     let gpu_metrics = GpuMetrics::new(&mut registry);

@@ -31,7 +31,7 @@ struct Cli {
     command: Command,
 }
 
-/// GPU memory ledger settings of `run`.
+/// GPU memory ledger and CUDA probe settings of `run`.
 #[derive(clap::Args, Clone)]
 struct LedgerArgs {
     /// Live allocations at least this old, at call sites whose live bytes grew over
@@ -45,6 +45,19 @@ struct LedgerArgs {
     /// (llm_kv_cache_pool_bytes).
     #[arg(long = "kv-pool-min-age", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     kv_pool_min_age: std::time::Duration,
+    /// Which CUDA launch entry points to probe. all: driver and runtime (launches counted under
+    /// the API the application called). driver: cuLaunchKernel & co. only - a cudaLaunchKernel
+    /// that reaches the driver (all of them with driver 580) is counted once, under the driver's
+    /// name, with one probe hit per launch instead of two (eager-mode engines launch thousands of
+    /// kernels per step; see docs/cuda.md).
+    #[arg(long = "cuda-launch-probes", value_enum, default_value_t = LaunchProbes::All)]
+    cuda_launch_probes: LaunchProbes,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum LaunchProbes {
+    All,
+    Driver,
 }
 
 impl LedgerArgs {
@@ -137,6 +150,7 @@ fn main() {
                 engine_urls: engine_metrics,
                 thresholds,
                 ledger: ledger.config(),
+                cuda_runtime_launches: ledger.cuda_launch_probes == LaunchProbes::All,
             })
         }
         Command::Memleak(args) => memleak::run(&args),

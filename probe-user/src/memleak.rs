@@ -75,6 +75,7 @@ fn watch_self(a: &Args) -> anyhow::Result<String> {
         engine_urls: Vec::new(),
         thresholds: probe_user::health::Thresholds::default(),
         ledger: probe_user::cuda::ledger::LedgerConfig::default(),
+        cuda_runtime_launches: true,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

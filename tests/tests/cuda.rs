@@ -317,3 +317,51 @@ fn the_step_before_each_first_token_is_prefill() {
     );
     engine.finish().expect("engine exit");
 }
+
+/// `--cuda-launch-probes driver`: the runtime's launch entry points are left alone; every runtime
+/// launch reaches the stand-in driver's exported launch, so each is still counted once, under the
+/// driver's name, and nothing is nested.
+#[test]
+fn driver_only_launch_probes_count_every_launch_once() {
+    if !require_root("driver_only_launch_probes_count_every_launch_once") {
+        return;
+    }
+    let fc = fake_cuda::build().expect("building the stand-in CUDA libraries");
+    let mut engine = FakeEngine::start(&fc, "full", &[], 100).expect("fake engine");
+    let probe = Probe::start(&[
+        "--pid".into(),
+        engine.pid.to_string(),
+        "--cuda-launch-probes".into(),
+        "driver".into(),
+    ]);
+    wait_for("CUDA libraries attached", Duration::from_secs(20), || {
+        metric_sum(&probe.metrics(), "llm_probe_cuda_libraries", &[]) >= 2.0
+    });
+    let truth = engine.go().expect("scenario");
+    let m = probe.metrics();
+    let launches = |api| metric_sum(&m, "llm_cuda_kernel_launches_total", &[("api", api)]);
+    let graphs = |api| metric_sum(&m, "llm_cuda_graph_launches_total", &[("api", api)]);
+    assert_eq!(
+        metric_sum(&m, "llm_cuda_kernel_launches_total", &[]),
+        truth["kernel_launches"].as_f64().unwrap(),
+        "{m}"
+    );
+    assert_eq!(
+        launches("cuLaunchKernel"),
+        calls(&truth, "cuLaunchKernel") + calls(&truth, "cudaLaunchKernel")
+    );
+    assert_eq!(
+        graphs("cuGraphLaunch"),
+        calls(&truth, "cuGraphLaunch") + calls(&truth, "cudaGraphLaunch")
+    );
+    assert_eq!(launches("cudaLaunchKernel"), 0.0);
+    assert_eq!(
+        metric_sum(
+            &m,
+            "llm_probe_cuda_nested_calls_total",
+            &[("api", "launch")]
+        ),
+        0.0
+    );
+    engine.finish().expect("engine exit");
+}

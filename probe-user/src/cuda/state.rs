@@ -322,3 +322,59 @@ pub fn housekeeping(kernel: &Mutex<Kernel>, health: &SharedHealth, cuda: &Shared
     }
     c.metrics.libraries.set(k.cuda_files() as i64);
 }
+
+#[cfg(test)]
+mod tests {
+    use probe_common::{EventHeader, EventKind};
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::cuda::symbolize::NoSymbols;
+
+    fn alloc(addr: u64, stack: &[u64]) -> CudaMemEvent {
+        let mut e = CudaMemEvent {
+            header: EventHeader {
+                kind: EventKind::CudaMem as u32,
+                tgid: 7,
+                tid: 7,
+                _pad: 0,
+                ts_ns: 1_000,
+            },
+            api: api::CU_MEM_ALLOC,
+            addr,
+            size: 4096,
+            nframes: stack.len() as u32,
+            ..CudaMemEvent::default()
+        };
+        e.stack[..stack.len()].copy_from_slice(stack);
+        e
+    }
+
+    /// The kernel's repeat of the caller (uprobe on a `push %rbp`) is dropped, and a frame-pointer
+    /// walk through code without frame pointers ends at the first impossible address.
+    #[test]
+    fn call_stacks_are_cleaned_before_the_ledger() {
+        let mut s = CudaState::new(
+            CudaMetrics::new(&mut Registry::default()),
+            LedgerConfig::default(),
+        );
+        s.on_mem(&alloc(
+            0x1000,
+            &[0x5555_0000_1234, 0x5555_0000_1234, 0x5555_0000_5678],
+        ));
+        s.on_mem(&alloc(0x2000, &[0x5555_0000_9999, 0xc8, 0x5555_0000_1111]));
+        s.on_mem(&alloc(0x3000, &[0x5555_0000_7777, 0x14fa_80c3_450f_e484]));
+        let r = s.ledger.report(7, 2_000, 0, 10, &mut NoSymbols);
+        let mut frames: Vec<Vec<String>> = r.sites.iter().map(|x| x.frames.clone()).collect();
+        frames.sort();
+        assert_eq!(
+            frames,
+            vec![
+                vec!["0x555500001234".to_owned(), "0x555500005678".to_owned()],
+                vec!["0x555500007777".to_owned()],
+                vec!["0x555500009999".to_owned()],
+            ]
+        );
+        assert_eq!(s.ledger.live_bytes(7), 3 * 4096);
+    }
+}

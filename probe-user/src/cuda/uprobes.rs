@@ -64,6 +64,10 @@ pub struct FileAttach {
 
 pub struct CudaProbes {
     threads: HashMap<MapData, u32, CudaThread>,
+    /// Probe the runtime's launch entry points too (`--cuda-launch-probes all`); without them a
+    /// runtime launch that reaches the driver is counted once, under the driver's name, at half the
+    /// probe cost.
+    pub runtime_launches: bool,
     /// Attached files by (device, inode).
     files: StdHashMap<(u64, u64), FileAttach>,
 }
@@ -83,6 +87,7 @@ impl CudaProbes {
             .context("map CUDA_THREADS missing from the object")?;
         Ok(Self {
             threads: HashMap::try_from(map)?,
+            runtime_launches: true,
             files: StdHashMap::new(),
         })
     }
@@ -206,8 +211,10 @@ impl Kernel {
         if cuda.files.contains_key(&(lib.dev, lib.ino)) {
             return None;
         }
+        let runtime_launches = cuda.runtime_launches;
         let ids: Vec<u32> = (0..api::COUNT)
             .filter(|&id| api::is_runtime(id) == (lib.kind == LibKind::Runtime))
+            .filter(|&id| runtime_launches || !(api::is_runtime(id) && api::is_launch(id)))
             .collect();
         let wanted: Vec<&'static str> = ids.iter().map(|&id| api::NAMES[id as usize]).collect();
         let mut fa = FileAttach {
@@ -279,6 +286,13 @@ impl Kernel {
 
     pub fn cuda_loaded(&self) -> bool {
         self.cuda.is_some()
+    }
+
+    /// `false`: leave `cudaLaunchKernel(_ptsz)` / `cudaGraphLaunch` unprobed (see `CudaProbes`).
+    pub fn set_cuda_runtime_launches(&mut self, on: bool) {
+        if let Some(c) = self.cuda.as_mut() {
+            c.runtime_launches = on;
+        }
     }
 }
 
