@@ -172,8 +172,10 @@ pub struct CudaThread {
     pub launches: [u64; 12],
     /// Time of this thread's first launch since its last sync returned (0: none yet): a step's start.
     pub step_start_ns: u64,
+    /// Stack pointer at this thread's last runtime launch entry (the nesting test's depth check).
+    pub rt_launch_sp: u64,
 }
-const _: () = assert!(size_of::<CudaThread>() == 128);
+const _: () = assert!(size_of::<CudaThread>() == 136);
 
 /// A memory call, recorded at its return. Also the pending entry between entry and return (then
 /// `addr`..`aux2` hold the raw arguments 0..3).

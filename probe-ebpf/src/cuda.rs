@@ -40,7 +40,7 @@ static CUDA_THREADS: HashMap<u32, CudaThread> = HashMap::with_max_entries(MAX_CU
 
 /// Memory/sync calls between entry and return (key: thread id << 1 | level).
 #[map]
-static CUDA_PENDING: HashMap<u64, CudaMemEvent> = HashMap::with_max_entries(MAX_PENDING, 0);
+pub(crate) static CUDA_PENDING: HashMap<u64, CudaMemEvent> = HashMap::with_max_entries(MAX_PENDING, 0);
 
 /// Where an entry record is assembled before it is copied into `CUDA_PENDING` (208 bytes is too
 /// much for the 512-byte BPF stack next to the helpers' frames).
@@ -114,12 +114,6 @@ fn thread_entry(tgid: u32, tid: u32) -> Option<*mut CudaThread> {
     CUDA_THREADS.get_ptr_mut(tid)
 }
 
-/// Stack pointer of this thread's last runtime launch entry (per CPU is enough: the check below
-/// only trusts it together with the thread's own timestamp, and a thread that migrated between the
-/// runtime entry and its driver call just loses the depth test, not the count).
-#[map]
-static RT_LAUNCH_SP: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
 #[uprobe]
 pub fn cuda_launch(ctx: ProbeContext) -> u32 {
     let id = cookie(&ctx);
@@ -142,10 +136,7 @@ pub fn cuda_launch(ctx: ProbeContext) -> u32 {
     }
     if api::is_runtime(id) {
         t.rt_launch_ns = now();
-        if let Some(sp) = RT_LAUNCH_SP.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot.
-            unsafe { *sp = stack_pointer(&ctx) };
-        }
+        t.rt_launch_sp = stack_pointer(&ctx);
         t.launches[slot] += 1;
         if t.step_start_ns == 0 {
             t.step_start_ns = t.rt_launch_ns;
@@ -154,10 +145,8 @@ pub fn cuda_launch(ctx: ProbeContext) -> u32 {
     }
     if t.rt_launch_ns != 0 {
         let since = now().wrapping_sub(t.rt_launch_ns);
-        // SAFETY: per-CPU slot read.
-        let rt_sp = RT_LAUNCH_SP.get(0).map_or(0, |v| *v);
         // Nested: soon after the runtime entry and deeper on the stack (stacks grow down).
-        let deeper = rt_sp == 0 || stack_pointer(&ctx) < rt_sp;
+        let deeper = stack_pointer(&ctx) < t.rt_launch_sp;
         t.rt_launch_ns = 0;
         if since < NEST_WINDOW_NS && deeper {
             t.nested += 1;
@@ -189,9 +178,12 @@ fn save_entry(ctx: &ProbeContext, kind: EventKind, want_stack: bool) -> u32 {
         return 0;
     }
     let key = (u64::from(tid) << 1) | level(id);
-    // A driver call while this thread is inside a runtime call: the runtime's own call.
-    // SAFETY: presence test only.
-    let nested = level(id) == 1 && unsafe { CUDA_PENDING.get(u64::from(tid) << 1).is_some() };
+    // A driver call while this thread is inside a runtime call: the runtime's own call. (Entries
+    // are deleted when their thread exits; the tgid test guards against one left by a thread that
+    // died before the sched program was attached.)
+    // SAFETY: map value read.
+    let nested = level(id) == 1
+        && unsafe { CUDA_PENDING.get(u64::from(tid) << 1) }.is_some_and(|p| p.header.tgid == tgid);
     let Some(e) = CUDA_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
@@ -228,7 +220,7 @@ fn save_entry(ctx: &ProbeContext, kind: EventKind, want_stack: bool) -> u32 {
         e.stack[0] = return_address(ctx);
         e.nframes = if n > 8 { (n / 8) as u32 } else { 1 };
     }
-    if CUDA_PENDING.insert(key, *e, 0).is_err() {
+    if CUDA_PENDING.insert(key, &*e, 0).is_err() {
         bump(counter::EVENTS_SEEN);
         bump(counter::LOST_MAP_FULL);
     }
@@ -247,14 +239,14 @@ pub fn cuda_mem_enter(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn cuda_mem_return(ctx: RetProbeContext) -> u32 {
     let id = cookie(&ctx);
-    let (_, tid) = current_tgid_tid();
+    let (tgid, tid) = current_tgid_tid();
     let key = (u64::from(tid) << 1) | level(id);
     let Some(e) = CUDA_PENDING.get_ptr_mut(key) else {
         return 0;
     };
     // SAFETY: map value of this thread's pending call.
     let e = unsafe { &mut *e };
-    if e.api == id {
+    if e.api == id && e.header.tgid == tgid {
         e.result = ctx.ret::<i32>();
         e.header.ts_ns = now();
         if e.result == 0 && api::writes_out_ptr(id) {
@@ -297,9 +289,9 @@ pub fn cuda_sync_return(ctx: RetProbeContext) -> u32 {
     let Some(p) = (unsafe { CUDA_PENDING.get(key) }) else {
         return 0;
     };
-    let (api_seen, enter_ns, nested) = (p.api, p.enter_ns, p.nested);
+    let (api_seen, enter_ns, nested, owner) = (p.api, p.enter_ns, p.nested, p.header.tgid);
     let _ = CUDA_PENDING.remove(key);
-    if api_seen != id {
+    if api_seen != id || owner != tgid {
         return 0;
     }
     let mut ev = CudaSyncEvent {

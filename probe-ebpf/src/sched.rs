@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use probe_common::{counter, EventHeader, EventKind, ProcEvent};
 
-use crate::{bump, current_tgid_tid, emit, is_target, TARGETS};
+use crate::{bump, cuda::CUDA_PENDING, current_tgid_tid, emit, is_target, TARGETS};
 
 /// include/uapi/linux/sched.h
 const CLONE_THREAD: u64 = 0x0001_0000;
@@ -64,6 +64,10 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if !is_target(tgid) {
         return 0;
     }
+    // A thread that dies inside a probed CUDA call (the process killed during a sync) leaves its
+    // pending entry; a later thread with the same id would read it as its own.
+    let _ = CUDA_PENDING.remove(u64::from(tid) << 1);
+    let _ = CUDA_PENDING.remove((u64::from(tid) << 1) | 1);
     let group_dead: u8 = field(&ctx, EXIT_GROUP_DEAD);
     if group_dead == 0 {
         return 0;

@@ -394,6 +394,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::R
         health: health.clone(),
         refresh,
         cuda: Some(cuda.clone()),
+        symbolizer: Mutex::new(crate::cuda::symbolize::BlazeSymbolizer::new()),
     });
     let server = tokio::spawn(server::serve(listener, state.clone()));
 

@@ -63,6 +63,23 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
 
 /// Run an agent on an ephemeral local port for `duration`, then ask it.
 fn watch_self(a: &Args) -> anyhow::Result<String> {
+    // Nothing it sees can be older than the watch: keep --older-than below it, or the report is
+    // empty by construction.
+    let older_than = if a.older_than >= a.duration {
+        eprintln!(
+            "llm-probe memleak: --older-than {} is not shorter than --duration; showing every \
+             allocation seen",
+            humantime::format_duration(a.older_than)
+        );
+        Duration::ZERO
+    } else {
+        a.older_than
+    };
+    let path = path(&Args {
+        older_than,
+        url: a.url.clone(),
+        ..*a
+    });
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -87,7 +104,7 @@ fn watch_self(a: &Args) -> anyhow::Result<String> {
     }));
     std::thread::sleep(a.duration);
     let url = format!("http://{listen}");
-    let result = probe_user::client::get(&url, &path(a));
+    let result = probe_user::client::get(&url, &path);
     let _ = tx.send(());
     let joined = rt.block_on(agent);
     match (result, joined) {

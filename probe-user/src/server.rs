@@ -22,6 +22,8 @@ pub struct ServerState {
     pub refresh: Box<dyn Fn() + Send + Sync>,
     /// The GPU memory ledger (`/api/v1/memleak`); `None` in tests without CUDA state.
     pub cuda: Option<crate::cuda::state::SharedCuda>,
+    /// Names call sites for `/api/v1/memleak`, outside the ledger's lock.
+    pub symbolizer: std::sync::Mutex<crate::cuda::symbolize::BlazeSymbolizer>,
 }
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -139,20 +141,28 @@ fn memleak(state: &ServerState, query: &str) -> Response<Full<Bytes>> {
             _ => {}
         }
     }
-    let Ok(mut c) = cuda.lock() else {
-        return reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            "ledger lock poisoned\n",
-        );
+    let (mut report, exited) = {
+        let Ok(mut c) = cuda.lock() else {
+            return reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                "ledger lock poisoned\n",
+            );
+        };
+        let Some(pid) = pid else {
+            let body = serde_json::json!({ "pids": c.pids() }).to_string();
+            return reply(StatusCode::OK, "application/json", body);
+        };
+        let now = crate::agent::monotonic_ns();
+        let r = c.report(pid, now, older_than.as_nanos() as u64, top);
+        (r, std::mem::take(&mut c.exited))
     };
-    let body = match pid {
-        None => serde_json::json!({ "pids": c.pids() }).to_string(),
-        Some(pid) => {
-            let now = crate::agent::monotonic_ns();
-            let r = c.report(pid, now, older_than.as_nanos() as u64, top);
-            serde_json::to_string(&r).unwrap_or_else(|_| "{}".to_owned())
+    if let Ok(mut sym) = state.symbolizer.lock() {
+        for p in exited {
+            sym.forget(p);
         }
-    };
+        crate::cuda::state::symbolize_report(&mut report, &mut *sym);
+    }
+    let body = serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_owned());
     reply(StatusCode::OK, "application/json", body)
 }

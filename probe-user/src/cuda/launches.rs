@@ -15,17 +15,9 @@ pub struct LaunchTracker {
     pub per_pid: FxHashMap<u32, (u64, u64)>,
 }
 
-fn thread_alive(tgid: u32, tid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
-}
-
 impl LaunchTracker {
     /// Fold `threads` (tid, counters) into the metrics. Returns the thread ids whose entries can be
-    /// deleted from the kernel map (the thread is gone and its last counts are folded).
-    pub fn fold(&mut self, threads: &[(u32, CudaThread)], m: &CudaMetrics) -> Vec<u32> {
-        self.fold_with(threads, m, thread_alive)
-    }
-
+    /// deleted from the kernel map (`alive` says the thread is gone and its last counts are folded).
     pub fn fold_with(
         &mut self,
         threads: &[(u32, CudaThread)],
@@ -40,7 +32,7 @@ impl LaunchTracker {
                 Some(l) if l.tgid == now.tgid => l,
                 _ => &zero,
             };
-            let totals = self.per_pid.entry(now.tgid).or_default();
+            let mut totals = (0u64, 0u64);
             for id in 0..api::LAUNCH_COUNT {
                 let i = id as usize;
                 let d = now.launches[i].saturating_sub(last.launches[i]);
@@ -55,6 +47,13 @@ impl LaunchTracker {
                     m.kernel_launches.get_or_create(&labels).inc_by(d);
                     totals.0 += d;
                 }
+            }
+            // Only on new launches: the last fold of an exited process's threads must not bring
+            // back the entry `forget_pid` removed.
+            if totals != (0, 0) {
+                let t = self.per_pid.entry(now.tgid).or_default();
+                t.0 += totals.0;
+                t.1 += totals.1;
             }
             let nested = now.nested.saturating_sub(last.nested);
             if nested > 0 {

@@ -13,11 +13,27 @@ use super::{
     ledger::{Applied, LeakReport, Ledger, LedgerConfig},
     metrics::{ApiLabels, CudaMetrics, FreeErrorLabels, PhaseLabels},
     steps::{Phase, Step, Steps},
-    symbolize::BlazeSymbolizer,
+    symbolize::{NoSymbols, Symbolize},
 };
 use crate::{ebpf::Kernel, health::SharedHealth, metrics::PidLabels};
 
 pub type SharedCuda = Arc<Mutex<CudaState>>;
+
+fn thread_alive(tgid: u32, tid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
+}
+
+/// Name the hex frames of `r` (made by `CudaState::report`).
+pub fn symbolize_report(r: &mut LeakReport, sym: &mut dyn Symbolize) {
+    for site in &mut r.sites {
+        let addrs: Vec<u64> = site
+            .frames
+            .iter()
+            .map(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).unwrap_or(0))
+            .collect();
+        site.frames = sym.symbolize(r.pid, &addrs);
+    }
+}
 
 /// End of the user half of a 48-bit address space (x86-64 and arm64 with 4-level tables).
 const USER_ADDR_END: u64 = 0x8000_0000_0000;
@@ -27,7 +43,8 @@ pub struct CudaState {
     pub steps: Steps,
     pub launches: LaunchTracker,
     pub metrics: CudaMetrics,
-    symbolizer: BlazeSymbolizer,
+    /// Processes that exited since the server last symbolized (their cached names are stale).
+    pub exited: Vec<u32>,
     /// Processes with `pid`-labelled gauges (removed when the process goes).
     gauged: FxHashSet<u32>,
     out: Vec<(Step, Phase)>,
@@ -92,7 +109,7 @@ impl CudaState {
             steps: Steps::default(),
             launches: LaunchTracker::default(),
             metrics,
-            symbolizer: BlazeSymbolizer::new(),
+            exited: Vec::new(),
             gauged: FxHashSet::default(),
             out: Vec::new(),
             seen_maps: FxHashSet::default(),
@@ -193,10 +210,22 @@ impl CudaState {
         }
     }
 
-    /// Pull the kernel's per-thread launch counters into the metrics.
+    /// Pull the kernel's per-thread launch counters into the metrics. Threads found dead are read
+    /// again after that finding, so the launches they made just before exiting count too.
     pub fn fold_launches(&mut self, kernel: &mut Kernel) {
-        let threads = kernel.cuda_threads();
-        for tid in self.launches.fold(&threads, &self.metrics) {
+        let mut threads = kernel.cuda_threads();
+        let dead: FxHashSet<u32> = threads
+            .iter()
+            .filter(|(tid, t)| !thread_alive(t.tgid, *tid))
+            .map(|(tid, _)| *tid)
+            .collect();
+        if !dead.is_empty() {
+            threads = kernel.cuda_threads();
+        }
+        let gone = self
+            .launches
+            .fold_with(&threads, &self.metrics, |_, tid| !dead.contains(&tid));
+        for tid in gone {
             kernel.forget_cuda_thread(tid);
             self.steps.forget_thread(tid);
         }
@@ -258,6 +287,10 @@ impl CudaState {
     /// The process exited: drop its ledger and its `pid` series.
     pub fn forget(&mut self, pid: u32) {
         self.ledger.forget(pid);
+        self.steps.forget_process(pid);
+        if self.exited.len() < 4096 {
+            self.exited.push(pid);
+        }
         self.launches.forget_pid(pid);
         if self.gauged.remove(&pid) {
             let l = PidLabels {
@@ -272,10 +305,12 @@ impl CudaState {
         }
     }
 
+    /// The ledger's report with call sites in hex (`symbolize_report` names them, outside this
+    /// state's lock: the first lookup in a big library parses its DWARF for seconds).
     pub fn report(&mut self, pid: u32, now_ns: u64, older_than_ns: u64, top: usize) -> LeakReport {
         let mut r = self
             .ledger
-            .report(pid, now_ns, older_than_ns, top, &mut self.symbolizer);
+            .report(pid, now_ns, older_than_ns, top, &mut NoSymbols);
         if let Some(&n) = self.nvml_used.get(&pid) {
             r.nvml_used_bytes = Some(n);
             r.unattributed_bytes = Some(n.saturating_sub(r.live_bytes));
@@ -289,18 +324,40 @@ impl CudaState {
     }
 }
 
-/// Once a second from the agent's housekeeping: launch counts, ledger tick, and every other second
-/// a look at the targets' maps for CUDA libraries that appeared without being predicted (a dlopen
-/// by absolute path, say); those are resolved and attached then.
+/// Once a second from the agent's housekeeping: launch counts, ledger tick; CUDA probes for traced
+/// processes that have none yet (children forked since) and off for the ones that exited; every
+/// other second a look at the targets' maps for CUDA libraries that appeared without being
+/// predicted (a dlopen by absolute path, say), which are resolved and attached then.
 pub fn housekeeping(kernel: &Mutex<Kernel>, health: &SharedHealth, cuda: &SharedCuda, now_ns: u64) {
     let Ok(mut k) = kernel.lock() else { return };
     let Ok(mut c) = cuda.lock() else { return };
     c.fold_launches(&mut k);
     c.tick(now_ns);
     c.ticks += 1;
-    if c.ticks % 2 == 0 && k.cuda_loaded() {
-        let pids = crate::health::alive_targets(health);
-        for pid in pids {
+    if !k.cuda_loaded() {
+        return;
+    }
+    let alive = crate::health::alive_targets(health);
+    for pid in k.cuda_pids() {
+        if !alive.contains(&pid) {
+            let n = k.detach_cuda_for(pid);
+            log::debug!("pid {pid} is gone: {n} CUDA probe links detached");
+            c.seen_maps.retain(|(p, _)| *p != pid);
+        }
+    }
+    let attached = k.cuda_pids();
+    for &pid in alive.iter().filter(|p| !attached.contains(p)) {
+        k.attach_cuda_for(pid);
+    }
+    for &pid in &alive {
+        if c.nvml_used.contains_key(&pid) {
+            // Gauges for a process that allocates nothing while traced (a warmed-up caching
+            // allocator): its unattributed memory is still worth showing.
+            c.gauged.insert(pid);
+        }
+    }
+    if c.ticks % 2 == 0 {
+        for &pid in &alive {
             let new: Vec<String> = super::uprobes::mapped_cuda_paths(pid)
                 .into_iter()
                 .filter(|p| !c.seen_maps.contains(&(pid, p.clone())))
@@ -329,7 +386,6 @@ mod tests {
     use prometheus_client::registry::Registry;
 
     use super::*;
-    use crate::cuda::symbolize::NoSymbols;
 
     fn alloc(addr: u64, stack: &[u64]) -> CudaMemEvent {
         let mut e = CudaMemEvent {

@@ -50,6 +50,7 @@ impl Step {
 
 #[derive(Default)]
 struct ThreadMark {
+    tgid: u32,
     kernel: u64,
     graph: u64,
 }
@@ -68,6 +69,7 @@ impl Steps {
             return;
         }
         let m = self.threads.entry(ev.header.tid).or_default();
+        m.tgid = ev.header.tgid;
         let kernel = ev.kernel_launches.saturating_sub(m.kernel);
         let graph = ev.graph_launches.saturating_sub(m.graph);
         m.kernel = ev.kernel_launches;
@@ -96,20 +98,19 @@ impl Steps {
         }
     }
 
-    /// A first token was written at `ts_ns`: the last held step that ended before it is a prefill
-    /// step, earlier held ones are decode.
+    /// A first token was written at `ts_ns`: in each process, the last held step that ended before
+    /// it is a prefill step (one per tensor-parallel rank), earlier held ones are decode.
     pub fn on_first_token(&mut self, ts_ns: u64, out: &mut Vec<(Step, Phase)>) {
         let n = self.held.iter().take_while(|s| s.end_ns <= ts_ns).count();
-        for i in 0..n {
-            let s = self.held.pop_front().expect("counted above");
-            out.push((
-                s,
-                if i + 1 == n {
-                    Phase::Prefill
-                } else {
-                    Phase::Decode
-                },
-            ));
+        let done: Vec<Step> = self.held.drain(..n).collect();
+        for (i, s) in done.iter().enumerate() {
+            let last_of_its_process = done[i + 1..].iter().all(|later| later.tgid != s.tgid);
+            let phase = if last_of_its_process {
+                Phase::Prefill
+            } else {
+                Phase::Decode
+            };
+            out.push((*s, phase));
         }
     }
 
@@ -127,6 +128,12 @@ impl Steps {
 
     pub fn forget_thread(&mut self, tid: u32) {
         self.threads.remove(&tid);
+    }
+
+    /// The process exited: drop its threads' marks (threads that sync but never launch have no
+    /// kernel counter entry, so `forget_thread` never sees them).
+    pub fn forget_process(&mut self, tgid: u32) {
+        self.threads.retain(|_, m| m.tgid != tgid);
     }
 }
 
@@ -195,6 +202,22 @@ mod tests {
             kernel_launches: 10,
             graph_launches: 0,
         }
+    }
+
+    #[test]
+    fn each_rank_has_its_prefill_step() {
+        let mut s = Steps::default();
+        let mut out = Vec::new();
+        for tgid in [1, 2] {
+            let mut ev = sync(7 + tgid, 100, 1_000, 10, 0);
+            ev.header.tgid = tgid;
+            s.on_sync(&ev, true, &mut out);
+        }
+        s.on_first_token(2_000, &mut out);
+        assert_eq!(
+            out.iter().map(|(st, p)| (st.tgid, *p)).collect::<Vec<_>>(),
+            vec![(1, Phase::Prefill), (2, Phase::Prefill)]
+        );
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Attaching the CUDA uprobes: the five programs of probe-ebpf/src/cuda.rs are loaded once, then
 //! attached to every symbol of `probe_common::cuda::api::NAMES` in each library file found by
-//! `libs` (by file offset, with the API id as the attach cookie). A file is attached once however
-//! many processes map it; the kernel filters by tgid.
+//! `libs` (by file offset, with the API id as the attach cookie), **for each traced process** (perf
+//! event scoped to that process): a process the agent does not trace never hits these breakpoints,
+//! even when it uses the same `libcuda.so.1`. The programs also filter by tgid. A process's links
+//! are detached when it exits.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -12,7 +14,7 @@ use anyhow::Context as _;
 use aya::{
     maps::{HashMap, MapData},
     programs::{
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
         UProbe,
     },
     Ebpf,
@@ -68,8 +70,14 @@ pub struct CudaProbes {
     /// runtime launch that reaches the driver is counted once, under the driver's name, at half the
     /// probe cost.
     pub runtime_launches: bool,
-    /// Attached files by (device, inode).
+    /// Files attached for at least one process, by (device, inode).
     files: StdHashMap<(u64, u64), FileAttach>,
+    /// (device, inode, pid) attached.
+    attached: std::collections::HashSet<(u64, u64, u32)>,
+    /// Links per process, detached when it exits.
+    links: StdHashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
+    /// Processes whose libraries were resolved (with or without a result).
+    pids: std::collections::HashSet<u32>,
 }
 
 impl CudaProbes {
@@ -89,6 +97,9 @@ impl CudaProbes {
             threads: HashMap::try_from(map)?,
             runtime_launches: true,
             files: StdHashMap::new(),
+            attached: std::collections::HashSet::new(),
+            links: StdHashMap::new(),
+            pids: std::collections::HashSet::new(),
         })
     }
 
@@ -174,13 +185,18 @@ fn unprobeable(data: &[u8], off: u64) -> Option<&'static str> {
     if !cfg!(target_arch = "x86_64") {
         return None;
     }
-    match data.get(off as usize)? {
-        0xf0 => Some("its first instruction has a LOCK prefix, which x86 uprobes refuse"),
-        0x26 | 0x2e | 0x36 | 0x3e => {
-            Some("its first instruction has a segment prefix, which x86 uprobes refuse")
+    // Legacy prefixes come in any order before the opcode (at most 4 that matter here).
+    for &b in data.get(off as usize..)?.iter().take(4) {
+        match b {
+            0xf0 => return Some("its first instruction has a LOCK prefix, which x86 uprobes refuse"),
+            0x26 | 0x2e | 0x36 | 0x3e => {
+                return Some("its first instruction has a segment prefix, which x86 uprobes refuse")
+            }
+            0x64 | 0x65 | 0x66 | 0x67 | 0xf2 | 0xf3 => {}
+            _ => return None,
         }
-        _ => None,
     }
+    None
 }
 
 /// (symbol, file offset to probe, why it cannot be probed, probed past an `endbr64`).
@@ -204,11 +220,12 @@ fn symbol_offsets_checked(path: &Path, wanted: &[&'static str]) -> anyhow::Resul
 }
 
 impl Kernel {
-    /// Attach every CUDA entry point `lib` exports. `None` when the file was attached before (or the
-    /// CUDA programs are not loaded).
-    pub fn attach_cuda_lib(&mut self, lib: &CudaLib) -> Option<FileAttach> {
+    /// Attach every CUDA entry point `lib` exports, for process `pid`. `None` when the file was
+    /// attached for it before (or the CUDA programs are not loaded, or `pid` is 0).
+    pub fn attach_cuda_lib(&mut self, lib: &CudaLib, pid: u32) -> Option<FileAttach> {
+        let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid)?);
         let cuda = self.cuda.as_mut()?;
-        if cuda.files.contains_key(&(lib.dev, lib.ino)) {
+        if !cuda.attached.insert((lib.dev, lib.ino, pid)) {
             return None;
         }
         let runtime_launches = cuda.runtime_launches;
@@ -230,7 +247,6 @@ impl Kernel {
             Ok(o) => o,
             Err(e) => {
                 fa.errors.push(format!("{e:#}"));
-                cuda.files.insert((lib.dev, lib.ino), fa.clone());
                 return Some(fa);
             }
         };
@@ -255,33 +271,68 @@ impl Kernel {
             }
             let mut ok = true;
             for &prog_name in programs_for(id) {
-                let result = (|| -> anyhow::Result<()> {
+                let result = (|| -> anyhow::Result<UProbeLinkId> {
                     let prog: &mut UProbe = self
                         .ebpf
                         .program_mut(prog_name)
                         .context("program missing")?
                         .try_into()?;
-                    prog.attach(
+                    Ok(prog.attach(
                         UProbeAttachPoint {
                             location: UProbeAttachLocation::AbsoluteOffset(off),
                             cookie: Some(u64::from(id)),
                         },
                         &lib.path,
-                        UProbeScope::AllProcesses,
-                    )?;
-                    Ok(())
+                        scope,
+                    )?)
                 })();
-                if let Err(e) = result {
-                    fa.errors.push(format!("{name} ({prog_name}): {e:#}"));
-                    ok = false;
+                match result {
+                    Ok(link) => {
+                        let links = &mut self.cuda.as_mut().expect("checked above").links;
+                        links.entry(pid).or_default().push((prog_name, link));
+                    }
+                    Err(e) => {
+                        fa.errors.push(format!("{name} ({prog_name}): {e:#}"));
+                        ok = false;
+                    }
                 }
             }
             if ok {
                 fa.symbols.push(name);
             }
         }
-        cuda.files.insert((lib.dev, lib.ino), fa.clone());
+        let cuda = self.cuda.as_mut().expect("checked above");
+        cuda.files.entry((lib.dev, lib.ino)).or_insert_with(|| fa.clone());
         Some(fa)
+    }
+
+    /// Detach process `pid`'s CUDA probes (it exited). Returns how many links were removed.
+    pub fn detach_cuda_for(&mut self, pid: u32) -> usize {
+        let Some(cuda) = self.cuda.as_mut() else {
+            return 0;
+        };
+        cuda.pids.remove(&pid);
+        cuda.attached.retain(|&(_, _, p)| p != pid);
+        let links = cuda.links.remove(&pid).unwrap_or_default();
+        let n = links.len();
+        for (prog_name, link) in links {
+            let prog: Option<&mut UProbe> = self
+                .ebpf
+                .program_mut(prog_name)
+                .and_then(|p| p.try_into().ok());
+            if let Some(Err(e)) = prog.map(|p| p.detach(link)) {
+                log::debug!("detaching {prog_name} of pid {pid}: {e}");
+            }
+        }
+        n
+    }
+
+    /// Processes whose CUDA libraries were resolved and attached (see `attach_cuda_for`).
+    pub fn cuda_pids(&self) -> Vec<u32> {
+        self.cuda
+            .as_ref()
+            .map(|c| c.pids.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     pub fn cuda_loaded(&self) -> bool {
@@ -323,6 +374,9 @@ impl Kernel {
         if !self.cuda_loaded() {
             return Vec::new();
         }
+        if let Some(c) = self.cuda.as_mut() {
+            c.pids.insert(pid);
+        }
         let libs = super::libs::find_cuda_libs(pid);
         if libs.is_empty() {
             log::info!(
@@ -332,12 +386,13 @@ impl Kernel {
         }
         let mut new = Vec::new();
         for lib in &libs {
-            let Some(fa) = self.attach_cuda_lib(lib) else {
+            let Some(fa) = self.attach_cuda_lib(lib, pid) else {
                 continue;
             };
             new.push(lib.shown.clone());
             log::info!(
-                "CUDA: {} entry points probed in {} ({:?}, {:?}; {} past endbr64, {} single-stepped){}",
+                "CUDA: {} entry points probed in {} for pid {pid} ({:?}, {:?}; {} past endbr64, {} \
+                 single-stepped){}",
                 fa.symbols.len(),
                 lib.shown.display(),
                 lib.kind,
