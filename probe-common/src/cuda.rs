@@ -150,9 +150,20 @@ pub mod api {
 /// frame-pointer walk of `bpf_get_stack` and are 0 past its end.
 pub const STACK_DEPTH: usize = 16;
 
-/// Calls of a runtime launch that reach an exported driver launch within this time on the same
-/// thread are the runtime's own call into the driver and are counted once (as the runtime API).
-pub const NEST_WINDOW_NS: u64 = 50_000;
+/// Fallback for a process whose runtime's code range is not known yet (`CudartText`): a driver
+/// launch this soon after the same thread's runtime launch, deeper on its stack, is the runtime's
+/// own call into the driver and is counted once (as the runtime API).
+pub const NEST_WINDOW_NS: u64 = 1_000_000;
+
+/// Executable mappings of `libcudart` in one process (map `CUDART_TEXT`, key tgid), written by the
+/// agent from /proc/PID/maps: a driver launch whose return address lies in one of them was made by
+/// the runtime. Unused slots are `[0, 0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CudartText {
+    pub ranges: [[u64; 2]; 4],
+}
+const _: () = assert!(size_of::<CudartText>() == 64);
 
 /// Traced threads that ever called a CUDA launch or memory API.
 pub const MAX_CUDA_THREADS: u32 = 16 * 1024;

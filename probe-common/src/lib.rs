@@ -196,7 +196,7 @@ pub const MAX_TARGETS: u32 = 1024;
 pub const MAX_LISTEN_PORTS: u32 = 64;
 
 pub mod cuda;
-pub use cuda::{CudaMemEvent, CudaSyncEvent, CudaThread, STACK_DEPTH};
+pub use cuda::{CudaMemEvent, CudaSyncEvent, CudaThread, CudartText, STACK_DEPTH};
 
 #[cfg(feature = "user")]
 mod user {
@@ -207,4 +207,5 @@ mod user {
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::CudaThread {}
     unsafe impl aya::Pod for super::CudaMemEvent {}
+    unsafe impl aya::Pod for super::CudartText {}
 }

@@ -4,8 +4,10 @@
 //!
 //! - Launches (`cuda_launch`, entry only): counted in the calling thread's `CUDA_THREADS` entry,
 //!   never on the ring buffer. A runtime launch that reaches an exported driver launch is counted
-//!   once: the runtime entry stamps the thread; a driver launch from the same thread within
-//!   `NEST_WINDOW_NS`, deeper on the stack, is the runtime's own call and counts as `nested`.
+//!   once: the runtime entry stamps the thread; the thread's next driver launch is the runtime's own
+//!   call (counted as `nested`) when its return address lies in the process's libcudart code
+//!   (`CUDART_TEXT`), or, while that range is not known, when it comes within `NEST_WINDOW_NS`
+//!   and deeper on the stack.
 //! - Memory calls (`cuda_mem_enter` / `cuda_mem_return`): arguments saved at entry (with the call
 //!   site for allocating calls), one `CudaMemEvent` at return with the result and the value written
 //!   through the output pointer.
@@ -29,10 +31,15 @@ use aya_ebpf::{
 use probe_common::{
     counter,
     cuda::{api, MAX_CUDA_THREADS, NEST_WINDOW_NS},
-    CudaMemEvent, CudaSyncEvent, CudaThread, EventHeader, EventKind, MAX_PENDING, STACK_DEPTH,
+    CudaMemEvent, CudaSyncEvent, CudaThread, CudartText, EventHeader, EventKind, MAX_PENDING,
+    MAX_TARGETS, STACK_DEPTH,
 };
 
 use crate::{bump, current_tgid_tid, emit, is_target};
+
+/// Code ranges of each traced process's libcudart (key: tgid), from the agent. See `CudartText`.
+#[map]
+static CUDART_TEXT: HashMap<u32, CudartText> = HashMap::with_max_entries(MAX_TARGETS, 0);
 
 /// Launch counters per traced thread (key: thread id). See `CudaThread`.
 #[map]
@@ -40,7 +47,8 @@ static CUDA_THREADS: HashMap<u32, CudaThread> = HashMap::with_max_entries(MAX_CU
 
 /// Memory/sync calls between entry and return (key: thread id << 1 | level).
 #[map]
-pub(crate) static CUDA_PENDING: HashMap<u64, CudaMemEvent> = HashMap::with_max_entries(MAX_PENDING, 0);
+pub(crate) static CUDA_PENDING: HashMap<u64, CudaMemEvent> =
+    HashMap::with_max_entries(MAX_PENDING, 0);
 
 /// Where an entry record is assembled before it is copied into `CUDA_PENDING` (208 bytes is too
 /// much for the 512-byte BPF stack next to the helpers' frames).
@@ -144,11 +152,22 @@ pub fn cuda_launch(ctx: ProbeContext) -> u32 {
         return 0;
     }
     if t.rt_launch_ns != 0 {
-        let since = now().wrapping_sub(t.rt_launch_ns);
-        // Nested: soon after the runtime entry and deeper on the stack (stacks grow down).
-        let deeper = stack_pointer(&ctx) < t.rt_launch_sp;
+        // Nested: called from the runtime's own code when its range is known; else soon after the
+        // thread's runtime entry and deeper on its stack (stacks grow down).
+        // SAFETY: map value read.
+        let nested = if let Some(text) = unsafe { CUDART_TEXT.get(tgid) } {
+            let ra = return_address(&ctx);
+            let r = &text.ranges;
+            (ra >= r[0][0] && ra < r[0][1])
+                || (ra >= r[1][0] && ra < r[1][1])
+                || (ra >= r[2][0] && ra < r[2][1])
+                || (ra >= r[3][0] && ra < r[3][1])
+        } else {
+            now().wrapping_sub(t.rt_launch_ns) < NEST_WINDOW_NS
+                && stack_pointer(&ctx) < t.rt_launch_sp
+        };
         t.rt_launch_ns = 0;
-        if since < NEST_WINDOW_NS && deeper {
+        if nested {
             t.nested += 1;
             return 0;
         }

@@ -57,6 +57,8 @@ pub struct Options {
     pub ledger: LedgerConfig,
     /// Probe the CUDA runtime's launch entry points as well as the driver's.
     pub cuda_runtime_launches: bool,
+    /// CUDA uprobes per traced process instead of per library file.
+    pub cuda_per_process: bool,
 }
 
 pub fn monotonic_ns() -> u64 {
@@ -299,6 +301,7 @@ impl CounterSync {
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let (mut kernel, ring) = Kernel::load().context("attaching the kernel programs")?;
     kernel.set_cuda_runtime_launches(opts.cuda_runtime_launches);
+    kernel.set_cuda_per_process(opts.cuda_per_process);
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     let gpu_metrics = GpuMetrics::new(&mut registry);

@@ -52,6 +52,19 @@ struct LedgerArgs {
     /// kernels per step; see docs/cuda.md).
     #[arg(long = "cuda-launch-probes", value_enum, default_value_t = LaunchProbes::All)]
     cuda_launch_probes: LaunchProbes,
+    /// Where the CUDA uprobes apply. host: each library file once, for every process that maps
+    /// it (also after a later dlopen, fork or exec); untraced processes using the same libcuda
+    /// take each breakpoint (about 1 us) and are filtered out. process: only the traced
+    /// processes pay, but a child is covered from the next second after its fork, and a process
+    /// that execs after attach is not covered again.
+    #[arg(long = "cuda-probe-scope", value_enum, default_value_t = ProbeScope::Host)]
+    cuda_probe_scope: ProbeScope,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum ProbeScope {
+    Host,
+    Process,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +164,7 @@ fn main() {
                 thresholds,
                 ledger: ledger.config(),
                 cuda_runtime_launches: ledger.cuda_launch_probes == LaunchProbes::All,
+                cuda_per_process: ledger.cuda_probe_scope == ProbeScope::Process,
             })
         }
         Command::Memleak(args) => memleak::run(&args),

@@ -93,6 +93,7 @@ fn watch_self(a: &Args) -> anyhow::Result<String> {
         thresholds: probe_user::health::Thresholds::default(),
         ledger: probe_user::cuda::ledger::LedgerConfig::default(),
         cuda_runtime_launches: true,
+        cuda_per_process: false,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -861,7 +861,7 @@ static void scenario_serve(int port) {
 }
 
 static int usage(void) {
-    fprintf(stderr, "usage: fake_engine full | bench <n> | serve <port> | idle\n");
+    fprintf(stderr, "usage: fake_engine full [pause_ms] | bench <n> | serve <port> | idle\n");
     return 2;
 }
 
@@ -883,6 +883,12 @@ int main(int argc, char **argv) {
     } else if (strcmp(scenario, "full") != 0 && strcmp(scenario, "idle") != 0) {
         return usage();
     }
+    /* `full <pause_ms>`: wait that long between loading the libraries and running the scenario
+     * (lets a probe see the libraries mapped before the first call). */
+    long pause_ms = 0;
+    if (strcmp(scenario, "full") == 0 && argc >= 3) {
+        pause_ms = strtol(argv[2], NULL, 10);
+    }
 
     printf("ready %d\n", (int)getpid());
     fflush(stdout);
@@ -903,6 +909,10 @@ int main(int argc, char **argv) {
     if (load_libraries() != 0) {
         json_error(g_load_error);
     } else if (strcmp(scenario, "full") == 0) {
+        if (pause_ms > 0) {
+            struct timespec p = {pause_ms / 1000, (pause_ms % 1000) * 1000000L};
+            nanosleep(&p, NULL);
+        }
         scenario_full();
     } else if (strcmp(scenario, "bench") == 0) {
         scenario_bench(bench_n);

@@ -358,6 +358,7 @@ pub fn housekeeping(kernel: &Mutex<Kernel>, health: &SharedHealth, cuda: &Shared
     }
     if c.ticks % 2 == 0 {
         for &pid in &alive {
+            k.refresh_cudart_text(pid);
             let new: Vec<String> = super::uprobes::mapped_cuda_paths(pid)
                 .into_iter()
                 .filter(|p| !c.seen_maps.contains(&(pid, p.clone())))

@@ -1,9 +1,12 @@
 //! Attaching the CUDA uprobes: the five programs of probe-ebpf/src/cuda.rs are loaded once, then
 //! attached to every symbol of `probe_common::cuda::api::NAMES` in each library file found by
-//! `libs` (by file offset, with the API id as the attach cookie), **for each traced process** (perf
-//! event scoped to that process): a process the agent does not trace never hits these breakpoints,
-//! even when it uses the same `libcuda.so.1`. The programs also filter by tgid. A process's links
-//! are detached when it exits.
+//! `libs` (by file offset, with the API id as the attach cookie). Two scopes (`--cuda-probe-scope`):
+//! `host` (default) attaches each file once for every process that maps it, now or after a later
+//! `dlopen`, `fork` or `exec`, and the programs filter by tgid — untraced processes using the same
+//! file take the breakpoint and leave at the filter; `process` attaches per traced process (perf
+//! event scoped to its pid), so untraced processes never trap, but a process is covered only from
+//! the housekeeping tick after it was forked, and not after it `exec`s (measured: a process that
+//! exec'ed after attach made its calls unseen); its links are detached when it exits.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -20,7 +23,7 @@ use aya::{
     Ebpf,
 };
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
-use probe_common::{cuda::api, CudaThread};
+use probe_common::{cuda::api, CudaThread, CudartText};
 
 use super::libs::{CudaLib, LibKind};
 use crate::ebpf::Kernel;
@@ -66,10 +69,16 @@ pub struct FileAttach {
 
 pub struct CudaProbes {
     threads: HashMap<MapData, u32, CudaThread>,
+    /// libcudart code ranges per traced process, for the kernel's nesting test.
+    cudart_text: HashMap<MapData, u32, CudartText>,
+    /// What was last written there, per process.
+    text_written: StdHashMap<u32, CudartText>,
     /// Probe the runtime's launch entry points too (`--cuda-launch-probes all`); without them a
     /// runtime launch that reaches the driver is counted once, under the driver's name, at half the
     /// probe cost.
     pub runtime_launches: bool,
+    /// Attach per traced process instead of once per file for every process (`--cuda-probe-scope`).
+    pub per_process: bool,
     /// Files attached for at least one process, by (device, inode).
     files: StdHashMap<(u64, u64), FileAttach>,
     /// (device, inode, pid) attached.
@@ -93,9 +102,15 @@ impl CudaProbes {
         let map = ebpf
             .take_map("CUDA_THREADS")
             .context("map CUDA_THREADS missing from the object")?;
+        let text = ebpf
+            .take_map("CUDART_TEXT")
+            .context("map CUDART_TEXT missing from the object")?;
         Ok(Self {
             threads: HashMap::try_from(map)?,
+            cudart_text: HashMap::try_from(text)?,
+            text_written: StdHashMap::new(),
             runtime_launches: true,
+            per_process: false,
             files: StdHashMap::new(),
             attached: std::collections::HashSet::new(),
             links: StdHashMap::new(),
@@ -115,6 +130,54 @@ impl CudaProbes {
     pub fn forget_thread(&mut self, tid: u32) {
         let _ = self.threads.remove(&tid);
     }
+
+    /// Tell the kernel where `pid`'s libcudart code is (from its maps), if that changed.
+    fn update_cudart_text(&mut self, pid: u32) {
+        let mut text = CudartText::default();
+        for (slot, range) in text.ranges.iter_mut().zip(cudart_text_ranges(pid)) {
+            *slot = [range.0, range.1];
+        }
+        if self.text_written.get(&pid) == Some(&text) {
+            return;
+        }
+        let result = if text == CudartText::default() {
+            self.cudart_text.remove(&pid)
+        } else {
+            self.cudart_text.insert(pid, text, 0)
+        };
+        // Removing a key that was never there fails harmlessly; a failed insert is retried.
+        match result {
+            Err(e) if text != CudartText::default() => {
+                log::debug!("CUDART_TEXT for pid {pid}: {e}");
+            }
+            _ => {
+                self.text_written.insert(pid, text);
+            }
+        }
+    }
+}
+
+/// Executable mappings of libcudart in `pid` (at most 4 are used).
+fn cudart_text_ranges(pid: u32) -> Vec<(u64, u64)> {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return Vec::new();
+    };
+    maps.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (range, perms) = (f.next()?, f.next()?);
+            let path = f.nth(3)?;
+            let name = path.rsplit('/').next()?;
+            if !perms.contains('x') || !name.starts_with("libcudart.so") {
+                return None;
+            }
+            let (a, b) = range.split_once('-')?;
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .collect()
 }
 
 /// File offsets of the wanted exported symbols (uprobes take offsets into the file).
@@ -188,7 +251,9 @@ fn unprobeable(data: &[u8], off: u64) -> Option<&'static str> {
     // Legacy prefixes come in any order before the opcode (at most 4 that matter here).
     for &b in data.get(off as usize..)?.iter().take(4) {
         match b {
-            0xf0 => return Some("its first instruction has a LOCK prefix, which x86 uprobes refuse"),
+            0xf0 => {
+                return Some("its first instruction has a LOCK prefix, which x86 uprobes refuse")
+            }
             0x26 | 0x2e | 0x36 | 0x3e => {
                 return Some("its first instruction has a segment prefix, which x86 uprobes refuse")
             }
@@ -223,8 +288,16 @@ impl Kernel {
     /// Attach every CUDA entry point `lib` exports, for process `pid`. `None` when the file was
     /// attached for it before (or the CUDA programs are not loaded, or `pid` is 0).
     pub fn attach_cuda_lib(&mut self, lib: &CudaLib, pid: u32) -> Option<FileAttach> {
-        let scope = UProbeScope::OneProcess(std::num::NonZeroU32::new(pid)?);
         let cuda = self.cuda.as_mut()?;
+        // Host scope: one set of links per file, kept until the agent exits (key pid 0).
+        let (scope, pid) = if cuda.per_process {
+            (
+                UProbeScope::OneProcess(std::num::NonZeroU32::new(pid)?),
+                pid,
+            )
+        } else {
+            (UProbeScope::AllProcesses, 0)
+        };
         if !cuda.attached.insert((lib.dev, lib.ino, pid)) {
             return None;
         }
@@ -302,7 +375,9 @@ impl Kernel {
             }
         }
         let cuda = self.cuda.as_mut().expect("checked above");
-        cuda.files.entry((lib.dev, lib.ino)).or_insert_with(|| fa.clone());
+        cuda.files
+            .entry((lib.dev, lib.ino))
+            .or_insert_with(|| fa.clone());
         Some(fa)
     }
 
@@ -312,6 +387,9 @@ impl Kernel {
             return 0;
         };
         cuda.pids.remove(&pid);
+        if cuda.text_written.remove(&pid).is_some() {
+            let _ = cuda.cudart_text.remove(&pid);
+        }
         cuda.attached.retain(|&(_, _, p)| p != pid);
         let links = cuda.links.remove(&pid).unwrap_or_default();
         let n = links.len();
@@ -325,6 +403,13 @@ impl Kernel {
             }
         }
         n
+    }
+
+    /// Refresh the kernel's view of where `pid`'s libcudart code is (cheap when unchanged).
+    pub fn refresh_cudart_text(&mut self, pid: u32) {
+        if let Some(c) = self.cuda.as_mut() {
+            c.update_cudart_text(pid);
+        }
     }
 
     /// Processes whose CUDA libraries were resolved and attached (see `attach_cuda_for`).
@@ -343,6 +428,13 @@ impl Kernel {
     pub fn set_cuda_runtime_launches(&mut self, on: bool) {
         if let Some(c) = self.cuda.as_mut() {
             c.runtime_launches = on;
+        }
+    }
+
+    /// `true`: uprobes scoped to each traced process (see the module doc).
+    pub fn set_cuda_per_process(&mut self, on: bool) {
+        if let Some(c) = self.cuda.as_mut() {
+            c.per_process = on;
         }
     }
 }
@@ -376,6 +468,7 @@ impl Kernel {
         }
         if let Some(c) = self.cuda.as_mut() {
             c.pids.insert(pid);
+            c.update_cudart_text(pid);
         }
         let libs = super::libs::find_cuda_libs(pid);
         if libs.is_empty() {
@@ -391,8 +484,8 @@ impl Kernel {
             };
             new.push(lib.shown.clone());
             log::info!(
-                "CUDA: {} entry points probed in {} for pid {pid} ({:?}, {:?}; {} past endbr64, {} \
-                 single-stepped){}",
+                "CUDA: {} entry points probed in {} (found for pid {pid}: {:?}, {:?}; {} past \
+                 endbr64, {} single-stepped){}",
                 fa.symbols.len(),
                 lib.shown.display(),
                 lib.kind,
