@@ -69,6 +69,20 @@ impl Reservation {
     }
 }
 
+/// `Some(Dropped)` (counted in `dropped`, warned about once) when a process is at its VMM entry cap.
+fn at_vmm_cap(entries: usize, dropped: &mut u64, warned: &mut u8, api: u32) -> Option<Applied> {
+    if entries < MAX_VMM_PER_PID {
+        return None;
+    }
+    warn_once(
+        warned,
+        4,
+        "VMM reservations and mappings per process at the cap",
+    );
+    *dropped += 1;
+    Some(Applied::Dropped { api })
+}
+
 impl Proc {
     pub(super) fn reserve(&mut self, addr: u64, len: u64, ts: u64, warned: &mut u8) -> Applied {
         if addr == 0 || len == 0 {
@@ -85,16 +99,14 @@ impl Proc {
         {
             self.drop_reservation(k);
         }
-        if self.vmm_entries >= MAX_VMM_PER_PID {
-            warn_once(
-                warned,
-                4,
-                "VMM reservations and mappings per process at the cap",
-            );
-            self.c.dropped += 1;
-            return Applied::Dropped {
-                api: api::CU_MEM_ADDRESS_RESERVE,
-            };
+        let cap = at_vmm_cap(
+            self.vmm_entries,
+            &mut self.c.dropped,
+            warned,
+            api::CU_MEM_ADDRESS_RESERVE,
+        );
+        if let Some(dropped) = cap {
+            return dropped;
         }
         self.reservations.insert(addr, Reservation::new(len, ts));
         self.vmm_entries += 1;
@@ -125,16 +137,14 @@ impl Proc {
         };
         // Mapping over mapped VA fails in the driver; one here means an unmap was lost.
         self.vmm_entries -= res.remove_overlapping(addr, addr.saturating_add(len));
-        if self.vmm_entries >= MAX_VMM_PER_PID {
-            warn_once(
-                warned,
-                4,
-                "VMM reservations and mappings per process at the cap",
-            );
-            self.c.dropped += 1;
-            return Applied::Dropped {
-                api: api::CU_MEM_MAP,
-            };
+        let cap = at_vmm_cap(
+            self.vmm_entries,
+            &mut self.c.dropped,
+            warned,
+            api::CU_MEM_MAP,
+        );
+        if let Some(dropped) = cap {
+            return dropped;
         }
         res.maps.insert(addr, Mapping { len });
         res.mapped += len;
