@@ -255,7 +255,7 @@ impl Found {
 
 /// The kind of a mapped file, by its file name: `libcuda.so`, `libcuda.so.1`,
 /// `libcuda.so.<driver version>` are the driver; `libcudart.so*` the runtime.
-fn mapped_kind(name: &OsStr) -> Option<LibKind> {
+pub(crate) fn mapped_kind(name: &OsStr) -> Option<LibKind> {
     let name = name.as_bytes();
     if name == b"libcuda.so" || name.starts_with(b"libcuda.so.") {
         Some(LibKind::Driver)
@@ -352,15 +352,15 @@ fn push_components(todo: &mut Vec<OsString>, path: &Path) {
 }
 
 /// One mapping of a file, from `/proc/PID/maps`.
-struct Mapping {
+pub(crate) struct Mapping {
     /// `start-end` in hex, the name of its `/proc/PID/map_files/` link.
-    range: String,
-    exec: bool,
-    path: PathBuf,
+    pub(crate) range: String,
+    pub(crate) exec: bool,
+    pub(crate) path: PathBuf,
 }
 
 /// The file-backed mappings of `/proc/PID/maps`, in order; deleted files are left out.
-fn read_maps(proc_dir: &Path) -> Vec<Mapping> {
+pub(crate) fn read_maps(proc_dir: &Path) -> Vec<Mapping> {
     let bytes = match read_bounded(&proc_dir.join("maps"), MAX_PROC_FILE_BYTES) {
         Ok(bytes) => bytes,
         Err(e) => {

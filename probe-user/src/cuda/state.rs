@@ -2,7 +2,10 @@
 //! server (`/api/v1/memleak`). Behind one mutex: CUDA records are rare (allocations, syncs), the
 //! hot launch path never reaches user space.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use probe_common::{cuda::api, CudaMemEvent, CudaSyncEvent, STACK_DEPTH};
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
@@ -49,7 +52,7 @@ pub struct CudaState {
     gauged: FxHashSet<u32>,
     out: Vec<(Step, Phase)>,
     /// (pid, path) of CUDA libraries already seen in /proc/PID/maps.
-    seen_maps: FxHashSet<(u32, String)>,
+    seen_maps: FxHashSet<(u32, PathBuf)>,
     ticks: u64,
     handles: Handles,
     /// NVML's per-process GPU memory (summed over devices), from the NVML sampler.
@@ -358,8 +361,10 @@ pub fn housekeeping(kernel: &Mutex<Kernel>, health: &SharedHealth, cuda: &Shared
     }
     if c.ticks % 2 == 0 {
         for &pid in &alive {
-            k.refresh_cudart_text(pid);
-            let new: Vec<String> = super::uprobes::mapped_cuda_paths(pid)
+            let mapped = super::uprobes::mapped_cuda(pid);
+            k.refresh_cudart_text(pid, &mapped.runtime_text);
+            let new: Vec<PathBuf> = mapped
+                .paths
                 .into_iter()
                 .filter(|p| !c.seen_maps.contains(&(pid, p.clone())))
                 .collect();

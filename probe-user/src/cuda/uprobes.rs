@@ -131,10 +131,10 @@ impl CudaProbes {
         let _ = self.threads.remove(&tid);
     }
 
-    /// Tell the kernel where `pid`'s libcudart code is (from its maps), if that changed.
-    fn update_cudart_text(&mut self, pid: u32) {
+    /// Tell the kernel where `pid`'s libcudart code is, if that changed (at most 4 ranges).
+    fn update_cudart_text(&mut self, pid: u32, ranges: &[(u64, u64)]) {
         let mut text = CudartText::default();
-        for (slot, range) in text.ranges.iter_mut().zip(cudart_text_ranges(pid)) {
+        for (slot, range) in text.ranges.iter_mut().zip(ranges) {
             *slot = [range.0, range.1];
         }
         if self.text_written.get(&pid) == Some(&text) {
@@ -155,29 +155,6 @@ impl CudaProbes {
             }
         }
     }
-}
-
-/// Executable mappings of libcudart in `pid` (at most 4 are used).
-fn cudart_text_ranges(pid: u32) -> Vec<(u64, u64)> {
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return Vec::new();
-    };
-    maps.lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (range, perms) = (f.next()?, f.next()?);
-            let path = f.nth(3)?;
-            let name = path.rsplit('/').next()?;
-            if !perms.contains('x') || !name.starts_with("libcudart.so") {
-                return None;
-            }
-            let (a, b) = range.split_once('-')?;
-            Some((
-                u64::from_str_radix(a, 16).ok()?,
-                u64::from_str_radix(b, 16).ok()?,
-            ))
-        })
-        .collect()
 }
 
 /// File offsets of the wanted exported symbols (uprobes take offsets into the file).
@@ -405,10 +382,10 @@ impl Kernel {
         n
     }
 
-    /// Refresh the kernel's view of where `pid`'s libcudart code is (cheap when unchanged).
-    pub fn refresh_cudart_text(&mut self, pid: u32) {
+    /// Refresh the kernel's view of where `pid`'s libcudart code is (no map write when unchanged).
+    pub fn refresh_cudart_text(&mut self, pid: u32, ranges: &[(u64, u64)]) {
         if let Some(c) = self.cuda.as_mut() {
-            c.update_cudart_text(pid);
+            c.update_cudart_text(pid, ranges);
         }
     }
 
@@ -439,23 +416,34 @@ impl Kernel {
     }
 }
 
-/// Paths of CUDA libraries in `/proc/PID/maps` (the cheap periodic check; `libs` does the full
-/// resolution when one appears that was not predicted).
-pub fn mapped_cuda_paths(pid: u32) -> Vec<String> {
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return Vec::new();
-    };
-    let mut out: Vec<String> = maps
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .filter(|p| {
-            let name = p.rsplit('/').next().unwrap_or("");
-            name.starts_with("libcuda.so") || name.starts_with("libcudart.so")
-        })
-        .map(str::to_owned)
-        .collect();
-    out.sort_unstable();
-    out.dedup();
+/// What `pid` maps of CUDA now: the library paths (as the process sees them) and the executable
+/// ranges of its runtime (for the kernel's nesting test). One read of `/proc/PID/maps`, through the
+/// same parser as `find_cuda_libs`; the agent's periodic rescan.
+#[derive(Default)]
+pub struct MappedCuda {
+    pub paths: Vec<PathBuf>,
+    pub runtime_text: Vec<(u64, u64)>,
+}
+
+pub fn mapped_cuda(pid: u32) -> MappedCuda {
+    let mut out = MappedCuda::default();
+    for m in super::libs::read_maps(Path::new(&format!("/proc/{pid}"))) {
+        let Some(kind) = m.path.file_name().and_then(super::libs::mapped_kind) else {
+            continue;
+        };
+        if kind == LibKind::Runtime && m.exec {
+            let range = m.range.split_once('-').and_then(|(a, b)| {
+                Some((
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                ))
+            });
+            out.runtime_text.extend(range);
+        }
+        out.paths.push(m.path);
+    }
+    out.paths.sort_unstable();
+    out.paths.dedup();
     out
 }
 
@@ -468,7 +456,7 @@ impl Kernel {
         }
         if let Some(c) = self.cuda.as_mut() {
             c.pids.insert(pid);
-            c.update_cudart_text(pid);
+            c.update_cudart_text(pid, &mapped_cuda(pid).runtime_text);
         }
         let libs = super::libs::find_cuda_libs(pid);
         if libs.is_empty() {
