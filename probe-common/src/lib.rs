@@ -196,6 +196,22 @@ pub const MAX_TARGETS: u32 = 1024;
 pub const MAX_LISTEN_PORTS: u32 = 64;
 
 pub mod cuda;
+
+/// The clock of every kernel timestamp (`bpf_ktime_get_ns` is `CLOCK_MONOTONIC`), read from user
+/// space: the agent's housekeeping and the test clients compare their own times with the kernel's.
+#[cfg(feature = "clock")]
+pub mod clock {
+    /// `CLOCK_MONOTONIC` in nanoseconds.
+    pub fn monotonic_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid pointer to a local timespec; CLOCK_MONOTONIC cannot fail.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+}
 pub use cuda::{CudaMemEvent, CudaSyncEvent, CudaThread, CudartText, STACK_DEPTH};
 
 #[cfg(feature = "user")]
