@@ -96,21 +96,24 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
+    /// The workload's shape: (prefill bursts, launches per burst, graph kernels, steps, allocs,
+    /// leaked MiB, hold seconds).
+    fn shape(a: &Args) -> (u64, u64, u64, u64, u64, u64, u64) {
+        (
+            a.prefill_bursts,
+            a.prefill_launches,
+            a.graph_kernels,
+            a.steps,
+            a.allocs,
+            a.leak_mib,
+            a.hold_secs,
+        )
+    }
+
     #[test]
     fn defaults_match_the_spec() {
         let a = Args::try_parse_from(["llm-cuda-workload"]).unwrap();
-        assert_eq!(
-            (
-                a.prefill_bursts,
-                a.prefill_launches,
-                a.graph_kernels,
-                a.steps,
-                a.allocs,
-                a.leak_mib,
-                a.hold_secs
-            ),
-            (3, 200, 8, 50, 100, 64, 0)
-        );
+        assert_eq!(shape(&a), (3, 200, 8, 50, 100, 64, 0));
         assert_eq!(a.spin_cycles, 20_000);
         assert!(!a.no_nvrtc);
     }
@@ -138,18 +141,7 @@ mod tests {
             "--no-nvrtc",
         ])
         .unwrap();
-        assert_eq!(
-            (
-                a.prefill_bursts,
-                a.prefill_launches,
-                a.graph_kernels,
-                a.steps,
-                a.allocs,
-                a.leak_mib,
-                a.hold_secs
-            ),
-            (2, 10, 3, 5, 4, 8, 1)
-        );
+        assert_eq!(shape(&a), (2, 10, 3, 5, 4, 8, 1));
         assert_eq!(a.spin_cycles, 100);
         assert!(a.no_nvrtc);
         assert!(Args::try_parse_from(["x", "--steps", "-1"]).is_err());

@@ -1,26 +1,18 @@
 //! A load client that measures what a user feels, independently of the probe: its own HTTP/1.1
 //! framing and SSE/NDJSON handling (no code shared with probe-user), `CLOCK_MONOTONIC` timestamps
-//! taken as each read returns. Content events are counted the way benchmarking clients count them
-//! (vLLM's `benchmark_serving)`: an event with non-empty generated text.
+//! (probe-common's clock, the one the kernel stamps with) taken as each read returns. Content
+//! events are counted the way benchmarking clients count them (vLLM's `benchmark_serving)`: an
+//! event with non-empty generated text.
 
 use std::time::Duration;
 
+use probe_common::clock::monotonic_ns;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
 };
-
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a local timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 /// One request as the client saw it.
 #[derive(Clone, Debug, Default, Serialize)]

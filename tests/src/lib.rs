@@ -5,12 +5,13 @@
 
 pub mod client;
 pub mod fake_cuda;
+pub mod traffic;
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, Output, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -109,6 +110,20 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
         return Ok((status, out));
     }
     Ok((status, body))
+}
+
+/// Runs `cmd` (`what`, for the messages) to completion; panics with its stderr unless it succeeded.
+pub fn output_ok(what: &str, cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {what} ({cmd:?}): {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
@@ -249,18 +264,51 @@ pub fn start_llama(port: u16) -> Proc {
     p
 }
 
-/// The second stack: a Node.js `http` server with controlled delays (`tests/servers/mock_llm.js`).
+/// The Node.js mock engine: `node mock_llm.js PORT`.
+pub fn mock_llm_js() -> PathBuf {
+    workspace_root().join("tests/fixtures/servers/mock_llm.js")
+}
+
+/// The second stack: a Node.js `http` server with controlled delays ([`mock_llm_js`]).
 pub fn start_node(port: u16) -> Proc {
-    let script = workspace_root().join("tests/servers/mock_llm.js");
     let p = Proc::spawn(
         "node",
-        Command::new("node").arg(script).arg(port.to_string()),
+        Command::new("node")
+            .arg(mock_llm_js())
+            .arg(port.to_string()),
     );
     let addr = format!("127.0.0.1:{port}");
     wait_for("node mock server", Duration::from_secs(20), || {
         http_get(&addr, "/health").is_ok_and(|(s, _)| s == 200)
     });
     p
+}
+
+/// The Node mock server on a free port with `llm-probe run --port` attached to it. Dropped probe
+/// first, then the server.
+pub struct NodeUnderProbe {
+    pub probe: Probe,
+    pub node: Proc,
+    pub port: u16,
+    /// `127.0.0.1:<port>`.
+    pub addr: String,
+}
+
+/// [`start_node`] on a free port and a [`Probe`] on that port; `None` (after saying why) when
+/// `test` cannot load eBPF programs ([`require_root`]).
+pub fn node_under_probe(test: &str) -> Option<NodeUnderProbe> {
+    if !require_root(test) {
+        return None;
+    }
+    let port = free_port();
+    let node = start_node(port);
+    let probe = Probe::start(&["--port".into(), port.to_string()]);
+    Some(NodeUnderProbe {
+        probe,
+        node,
+        port,
+        addr: format!("127.0.0.1:{port}"),
+    })
 }
 
 /// `llm-probe run` against `target_args`, serving on a free port.

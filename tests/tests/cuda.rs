@@ -1,23 +1,32 @@
 //! CUDA uprobes end to end, without a GPU: the stand-in `libcuda.so.1` / `libcudart.so.12` built
-//! from tests/cuda/*.c export the real names and signatures; `fake_engine` dlopens them only after
-//! the probe attached (found through its `LD_LIBRARY_PATH`, which the probe must predict), replays
-//! prefill bursts, graph decode steps, syncs, a freed pool, a leak from `leak_kv_scratch`, bad
-//! frees, VMM reserve/create/map/unmap and allocations from 4 threads, and prints what it did. Every
-//! count the probe exports must equal it exactly. Needs root (CI runs as root).
+//! from tests/fixtures/cuda/*.c export the real names and signatures; `fake_engine` dlopens them
+//! only after the probe attached (found through its `LD_LIBRARY_PATH`, which the probe must
+//! predict), replays prefill bursts, graph decode steps, syncs, a freed pool, a leak from
+//! `leak_kv_scratch`, bad frees, VMM reserve/create/map/unmap and allocations from 4 threads, and
+//! prints what it did. Every count the probe exports must equal it exactly. Needs root (CI runs as
+//! root).
 
 use std::{
     io::{Read as _, Write as _},
     time::Duration,
 };
 
-use harness::{
-    fake_cuda::{self, FakeEngine},
-    metric_sum, probe_bin, require_root, wait_for, Probe,
-};
+use probe_common::cuda::api::{self, NAMES};
 use serde_json::Value;
+use tests::{
+    fake_cuda::{self, FakeEngine},
+    metric_sum, output_ok, probe_bin, require_root, wait_for, Probe,
+};
 
 fn calls(truth: &Value, api: &str) -> f64 {
     truth["calls"][api].as_f64().unwrap_or(0.0)
+}
+
+/// The names of the APIs whose id passes `keep`, in id order.
+fn names(keep: impl Fn(u32) -> bool) -> impl Iterator<Item = &'static str> {
+    (0..api::COUNT)
+        .filter(move |&id| keep(id))
+        .map(|id| NAMES[id as usize])
 }
 
 #[test]
@@ -41,9 +50,7 @@ fn cuda_calls_ledger_and_memleak_match_the_engine() {
         "0s".into(),
     ]);
     // Both libraries are predicted from the engine's LD_LIBRARY_PATH before it loads them.
-    wait_for("CUDA libraries attached", Duration::from_secs(20), || {
-        metric_sum(&probe.metrics(), "llm_probe_cuda_libraries", &[]) >= 2.0
-    });
+    fake_cuda::wait_attached(&probe);
     let log = probe.proc.log_text();
     assert!(
         log.contains("LdLibraryPath"),
@@ -63,20 +70,11 @@ fn cuda_calls_ledger_and_memleak_match_the_engine() {
         }
     };
 
-    for api in [
-        "cuLaunchKernel",
-        "cuLaunchKernel_ptsz",
-        "cuLaunchKernelEx",
-        "cuLaunchKernelEx_ptsz",
-        "cuLaunchCooperativeKernel",
-        "cuLaunchCooperativeKernel_ptsz",
-        "cudaLaunchKernel",
-        "cudaLaunchKernel_ptsz",
-    ] {
+    for api in names(|id| api::is_launch(id) && !api::is_graph_launch(id)) {
         let got = by_api("llm_cuda_kernel_launches_total", api);
         check(format!("launches {api}"), got, calls(&truth, api));
     }
-    for api in ["cuGraphLaunch", "cuGraphLaunch_ptsz", "cudaGraphLaunch"] {
+    for api in names(api::is_graph_launch) {
         let got = by_api("llm_cuda_graph_launches_total", api);
         check(format!("graph launches {api}"), got, calls(&truth, api));
     }
@@ -86,22 +84,15 @@ fn cuda_calls_ledger_and_memleak_match_the_engine() {
         truth["kernel_launches"].as_f64().unwrap(),
     );
     // Each runtime launch reached the exported driver launch once: counted once, nested once.
-    let runtime_launches = calls(&truth, "cudaLaunchKernel")
-        + calls(&truth, "cudaLaunchKernel_ptsz")
-        + calls(&truth, "cudaGraphLaunch");
+    let runtime_launches: f64 = names(|id| api::is_launch(id) && api::is_runtime(id))
+        .map(|api| calls(&truth, api))
+        .sum();
     check(
         "nested launches".into(),
         by_api("llm_probe_cuda_nested_calls_total", "launch"),
         runtime_launches,
     );
-    for api in [
-        "cuStreamSynchronize",
-        "cuStreamSynchronize_ptsz",
-        "cuCtxSynchronize",
-        "cuEventSynchronize",
-        "cudaStreamSynchronize",
-        "cudaDeviceSynchronize",
-    ] {
+    for api in names(api::is_sync) {
         let got = by_api("llm_cuda_sync_wait_seconds_count", api);
         check(format!("syncs {api}"), got, calls(&truth, api));
     }
@@ -117,18 +108,9 @@ fn cuda_calls_ledger_and_memleak_match_the_engine() {
         sum / n
     );
 
-    for api in [
-        "cuMemAlloc_v2",
-        "cuMemAllocPitch_v2",
-        "cuMemAllocManaged",
-        "cuMemAllocAsync",
-        "cuMemAllocAsync_ptsz",
-        "cuMemAllocFromPoolAsync",
-        "cuMemAllocFromPoolAsync_ptsz",
-        "cudaMalloc",
-        "cudaMallocAsync",
-        "cuMemCreate",
-    ] {
+    // Allocations: the calls that write a device pointer or a physical handle (a reservation is
+    // address space, not memory).
+    for api in names(|id| api::writes_out_ptr(id) && id != api::CU_MEM_ADDRESS_RESERVE) {
         check(
             format!("allocs {api}"),
             by_api("llm_cuda_alloc_total", api),
@@ -136,38 +118,28 @@ fn cuda_calls_ledger_and_memleak_match_the_engine() {
         );
     }
     // The two bad cuMemFree_v2 calls (double, unknown) free nothing.
-    for (api, bad) in [
-        ("cuMemFree_v2", 2.0),
-        ("cuMemFreeAsync", 0.0),
-        ("cuMemFreeAsync_ptsz", 0.0),
-        ("cudaFree", 0.0),
-        ("cudaFreeAsync", 0.0),
-        ("cuMemRelease", 0.0),
+    for (id, bad) in [
+        (api::CU_MEM_FREE, 2.0),
+        (api::CU_MEM_FREE_ASYNC, 0.0),
+        (api::CU_MEM_FREE_ASYNC_PTSZ, 0.0),
+        (api::CUDA_FREE, 0.0),
+        (api::CUDA_FREE_ASYNC, 0.0),
+        (api::CU_MEM_RELEASE, 0.0),
     ] {
+        let api = NAMES[id as usize];
         check(
             format!("frees {api}"),
             by_api("llm_cuda_free_total", api),
             calls(&truth, api) - bad,
         );
     }
-    check(
-        "double frees".into(),
-        metric_sum(
-            &m,
-            "llm_probe_cuda_bad_frees_total",
-            &[("reason", "double")],
-        ),
-        truth["double_frees"].as_f64().unwrap(),
-    );
-    check(
-        "unknown frees".into(),
-        metric_sum(
-            &m,
-            "llm_probe_cuda_bad_frees_total",
-            &[("reason", "unknown")],
-        ),
-        truth["unknown_frees"].as_f64().unwrap(),
-    );
+    for reason in ["double", "unknown"] {
+        check(
+            format!("{reason} frees"),
+            metric_sum(&m, "llm_probe_cuda_bad_frees_total", &[("reason", reason)]),
+            truth[format!("{reason}_frees")].as_f64().unwrap(),
+        );
+    }
     let pid_l = [("pid", pid.as_str())];
     check(
         "live bytes".into(),
@@ -202,16 +174,12 @@ fn cuda_calls_ledger_and_memleak_match_the_engine() {
     );
 
     // memleak: the leak is found by its function's name, with its exact bytes and count.
-    let out = std::process::Command::new(probe_bin())
-        .args(["memleak", "--pid", &pid, "--url"])
-        .arg(format!("http://{}", probe.addr))
-        .args(["--older-than", "0s", "--json"])
-        .output()
-        .expect("llm-probe memleak");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_ok(
+        "llm-probe memleak",
+        std::process::Command::new(probe_bin())
+            .args(["memleak", "--pid", &pid, "--url"])
+            .arg(format!("http://{}", probe.addr))
+            .args(["--older-than", "0s", "--json"]),
     );
     let report: Value = serde_json::from_slice(&out.stdout).expect("memleak --json");
     let leak_fn = truth["leak_function"].as_str().unwrap();
@@ -280,13 +248,11 @@ fn the_step_before_each_first_token_is_prefill() {
         return;
     }
     let fc = fake_cuda::build().expect("building the stand-in CUDA libraries");
-    let port = harness::free_port();
+    let port = tests::free_port();
     let mut engine =
         FakeEngine::start(&fc, "serve", &[&port.to_string()], 2000).expect("fake engine");
     let probe = Probe::start(&["--pid".into(), engine.pid.to_string()]);
-    wait_for("CUDA libraries attached", Duration::from_secs(20), || {
-        metric_sum(&probe.metrics(), "llm_probe_cuda_libraries", &[]) >= 2.0
-    });
+    fake_cuda::wait_attached(&probe);
     let info = engine.go().expect("serve");
     let decode_per_request = info["decode_steps_per_request"].as_f64().unwrap();
     let requests = 3;
@@ -341,9 +307,7 @@ fn driver_only_launch_probes_and_per_process_scope() {
         "--cuda-probe-scope".into(),
         "process".into(),
     ]);
-    wait_for("CUDA libraries attached", Duration::from_secs(20), || {
-        metric_sum(&probe.metrics(), "llm_probe_cuda_libraries", &[]) >= 2.0
-    });
+    fake_cuda::wait_attached(&probe);
     let truth = engine.go().expect("scenario");
     let m = probe.metrics();
     let launches = |api| metric_sum(&m, "llm_cuda_kernel_launches_total", &[("api", api)]);

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use harness::{free_port, metric_sum, probe_bin, require_root, start_node, wait_for, Probe};
+use tests::{free_port, metric_sum, probe_bin, require_root, start_node, wait_for, Probe};
 
 fn vllm_page(kv: f64, waiting: u32) -> String {
     format!(
@@ -74,7 +74,7 @@ fn engine_bridge_moves_health_from_healthy_to_warning_to_critical() {
         node_port.to_string(),
         "--engine-metrics".into(),
         format!("http://127.0.0.1:{page_port}/metrics"),
-        "--nvml-interval".into(),
+        "--sample-interval".into(),
         "200ms".into(),
     ]);
     // worker_id = the URL's host:port plus the engine's own `engine` label (two vLLM servers

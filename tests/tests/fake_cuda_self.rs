@@ -9,35 +9,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::fake_cuda::{self, FakeCuda, FakeEngine};
+use probe_common::cuda::api::{self, NAMES};
 use serde_json::Value;
+use tests::fake_cuda::{self, FakeCuda, FakeEngine};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
-
-/// `probe_common::cuda::api::NAMES`, read from its source (this crate does not depend on
-/// probe-common), in id order.
-fn probe_names() -> Vec<String> {
-    let path = harness::workspace_root().join("probe-common/src/cuda.rs");
-    let src = std::fs::read_to_string(&path).expect("probe-common/src/cuda.rs");
-    let start = src.find("pub const NAMES").expect("NAMES in cuda.rs");
-    let body = &src[start..];
-    let open = body.find("= [").expect("NAMES = [") + 3;
-    let close = body[open..].find("];").expect("NAMES ends with ];") + open;
-    let names: Vec<String> = body[open..close]
-        .split('"')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_owned)
-        .collect();
-    assert_eq!(names.len(), 37, "NAMES parsed from {}", path.display());
-    names
-}
-
-/// Runtime (libcudart) entry points are the `cuda*` ones.
-fn is_runtime(name: &str) -> bool {
-    name.starts_with("cuda")
-}
 
 /// Exported code address of `name` in the library loaded as `handle`, if any.
 fn sym(handle: *mut c_void, name: &str) -> Option<usize> {
@@ -63,21 +40,21 @@ fn stand_ins_export_exactly_the_probe_names() {
     assert!(fc.engine.is_file() && fc.libcuda().is_file() && fc.libcudart().is_file());
 
     let (drv, rt) = (open(&fc.libcuda()), open(&fc.libcudart()));
-    let mut seen: BTreeMap<usize, String> = BTreeMap::new();
-    for name in probe_names() {
-        let (home, other) = if is_runtime(&name) {
+    let mut seen: BTreeMap<usize, &str> = BTreeMap::new();
+    for (id, &name) in (0..).zip(&NAMES) {
+        let (home, other) = if api::is_runtime(id) {
             (rt, drv)
         } else {
             (drv, rt)
         };
-        let addr = sym(home, &name)
+        let addr = sym(home, name)
             .unwrap_or_else(|| panic!("{name} is not exported by its stand-in library"));
         assert!(
-            sym(other, &name).is_none(),
+            sym(other, name).is_none(),
             "{name} is exported by both libraries"
         );
         // Two names at one address would make one uprobe hit count as two APIs.
-        if let Some(prev) = seen.insert(addr, name.clone()) {
+        if let Some(prev) = seen.insert(addr, name) {
             panic!("{name} and {prev} share the address {addr:#x}");
         }
     }
@@ -215,10 +192,9 @@ fn full_scenario_truth_adds_up() {
     ]
     .into_iter()
     .collect();
-    let names = probe_names();
     assert_eq!(
         expected.keys().copied().collect::<BTreeSet<_>>(),
-        names.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        NAMES.into_iter().collect::<BTreeSet<_>>(),
         "the expectations cover the probe's API list"
     );
     let calls: BTreeMap<&str, u64> = truth["calls"]
@@ -229,26 +205,29 @@ fn full_scenario_truth_adds_up() {
         .collect();
     assert_eq!(calls, expected);
 
-    // The totals are the sums of their APIs (ids as in probe-common: launches 0..8, graph
-    // launches 8..11, syncs 31..37).
-    let sum = |range: std::ops::Range<usize>| -> u64 {
-        names[range].iter().map(|n| calls[n.as_str()]).sum()
+    // The totals are the sums of their APIs, by probe-common's kinds.
+    let sum = |kind: fn(u32) -> bool| -> u64 {
+        (0..api::COUNT)
+            .filter(|&id| kind(id))
+            .map(|id| calls[NAMES[id as usize]])
+            .sum()
     };
-    assert_eq!(u(&truth, "kernel_launches"), sum(0..8));
+    let kernel = sum(|id| api::is_launch(id) && !api::is_graph_launch(id));
+    assert_eq!(u(&truth, "kernel_launches"), kernel);
     assert_eq!(u(&truth, "kernel_launches"), 3 * 250 + 5 + 1);
-    assert_eq!(u(&truth, "graph_launches"), sum(8..11));
+    assert_eq!(u(&truth, "graph_launches"), sum(api::is_graph_launch));
     assert_eq!(u(&truth, "graph_launches"), 20 + 5 + 1);
-    assert_eq!(u(&truth, "syncs"), sum(31..37));
+    assert_eq!(u(&truth, "syncs"), sum(api::is_sync));
     assert_eq!(u(&truth, "syncs"), 23 + 5 + 4);
-    let allocs: u64 = names
+    let allocs: u64 = NAMES
         .iter()
         .filter(|n| n.starts_with("cuMemAlloc") || n.starts_with("cudaMalloc"))
-        .map(|n| calls[n.as_str()])
+        .map(|n| calls[n])
         .sum();
-    let frees: u64 = names
+    let frees: u64 = NAMES
         .iter()
         .filter(|n| n.starts_with("cuMemFree") || n.starts_with("cudaFree"))
-        .map(|n| calls[n.as_str()])
+        .map(|n| calls[n])
         .sum();
     assert_eq!(u(&truth, "allocs"), allocs);
     assert_eq!(u(&truth, "frees"), frees);

@@ -2,15 +2,14 @@
 //! exits is reported and re-attached when its port comes back, SIGTERM detaches cleanly, and under
 //! ring-buffer pressure every kernel record is either delivered or counted lost. Needs root.
 
-mod common;
-
 use std::{process::Command, time::Duration};
 
-use common::{chat_body, records, req, run_concurrent, run_one};
-use harness::{
-    free_port, metric_sum, require_root, start_node, wait_for, workspace_root, Probe, Proc,
-};
 use serde_json::json;
+use tests::{
+    free_port, metric_sum, mock_llm_js, node_under_probe, require_root, start_node,
+    traffic::{chat_req, records, run_concurrent, run_one},
+    wait_for, Probe, Proc,
+};
 
 #[test]
 fn children_forked_after_attach_are_traced() {
@@ -18,7 +17,7 @@ fn children_forked_after_attach_are_traced() {
         return;
     }
     let port = free_port();
-    let script = workspace_root().join("tests/servers/mock_llm.js");
+    let script = mock_llm_js();
     // The shell is the target; node is forked by it only after the probe has attached.
     let parent = Proc::spawn(
         "sh",
@@ -37,16 +36,9 @@ fn children_forked_after_attach_are_traced() {
     let probe = Probe::start(&["--pid".into(), parent.pid().to_string()]);
     let addr = format!("127.0.0.1:{port}");
     wait_for("node forked by the target", Duration::from_secs(20), || {
-        harness::http_get(&addr, "/health").is_ok_and(|(s, _)| s == 200)
+        tests::http_get(&addr, "/health").is_ok_and(|(s, _)| s == 200)
     });
-    let s = run_one(
-        &addr,
-        req(
-            "/v1/chat/completions",
-            chat_body("kid", true, 4, &json!({})),
-            "child-1",
-        ),
-    );
+    let s = run_one(&addr, chat_req("child-1", "kid", true, 4, &json!({})));
     assert!(s.error.is_none());
     let recs = records(&probe, 1);
     assert_eq!(recs[0]["request_id"], "child-1");
@@ -64,23 +56,16 @@ fn children_forked_after_attach_are_traced() {
 
 #[test]
 fn target_exit_is_reported_and_port_reattached() {
-    if !require_root("target_exit_is_reported_and_port_reattached") {
+    let Some(served) = node_under_probe("target_exit_is_reported_and_port_reattached") else {
         return;
-    }
-    let port = free_port();
-    let node = start_node(port);
-    let probe = Probe::start(&["--port".into(), port.to_string()]);
-    let addr = format!("127.0.0.1:{port}");
+    };
+    let probe = served.probe;
     run_one(
-        &addr,
-        req(
-            "/v1/chat/completions",
-            chat_body("r", true, 3, &json!({})),
-            "first-life",
-        ),
+        &served.addr,
+        chat_req("first-life", "r", true, 3, &json!({})),
     );
     records(&probe, 1);
-    drop(node);
+    drop(served.node);
     wait_for(
         "/health to turn critical after the target exits",
         Duration::from_secs(10),
@@ -90,19 +75,15 @@ fn target_exit_is_reported_and_port_reattached() {
     assert_eq!(h["overall"], "critical", "{h}");
     assert!(probe.proc.log_text().contains("exited") || probe.proc.log_text().contains("gone"));
 
-    let _node2 = start_node(port);
+    let _node2 = start_node(served.port);
     wait_for(
         "re-attach to the new listener",
         Duration::from_secs(10),
         || probe.health().0 == 200,
     );
     run_one(
-        &addr,
-        req(
-            "/v1/chat/completions",
-            chat_body("r", true, 3, &json!({})),
-            "second-life",
-        ),
+        &served.addr,
+        chat_req("second-life", "r", true, 3, &json!({})),
     );
     let recs = records(&probe, 2);
     assert!(
@@ -113,12 +94,10 @@ fn target_exit_is_reported_and_port_reattached() {
 
 #[test]
 fn sigterm_detaches_cleanly() {
-    if !require_root("sigterm_detaches_cleanly") {
+    let Some(mut served) = node_under_probe("sigterm_detaches_cleanly") else {
         return;
-    }
-    let port = free_port();
-    let _node = start_node(port);
-    let mut probe = Probe::start(&["--port".into(), port.to_string()]);
+    };
+    let probe = &mut served.probe;
     probe.proc.signal(libc::SIGTERM);
     wait_for(
         "llm-probe to exit on SIGTERM",
@@ -137,38 +116,31 @@ fn sigterm_detaches_cleanly() {
         probe.proc.log_text()
     );
     // The server keeps serving after the probe went away.
-    let s = run_one(
-        &format!("127.0.0.1:{port}"),
-        req(
-            "/v1/chat/completions",
-            chat_body("x", true, 2, &json!({})),
-            "after",
-        ),
-    );
+    let s = run_one(&served.addr, chat_req("after", "x", true, 2, &json!({})));
     assert!(s.error.is_none(), "{s:?}");
 }
 
 #[test]
 fn ring_pressure_every_event_delivered_or_counted_lost() {
-    if !require_root("ring_pressure_every_event_delivered_or_counted_lost") {
+    let Some(served) = node_under_probe("ring_pressure_every_event_delivered_or_counted_lost")
+    else {
         return;
-    }
-    let port = free_port();
-    let _node = start_node(port);
-    let probe = Probe::start(&["--port".into(), port.to_string()]);
-    let addr = format!("127.0.0.1:{port}");
+    };
+    let probe = &served.probe;
     // Freeze the agent so nothing drains, then push ~20 MB of 3 KB events through an 8 MB ring.
     probe.proc.signal(libc::SIGSTOP);
     let reqs = (0..4)
         .map(|i| {
-            req(
-                "/v1/chat/completions",
-                chat_body("big", true, 1500, &json!({"pad": 3000})),
+            chat_req(
                 &format!("big-{i}"),
+                "big",
+                true,
+                1500,
+                &json!({"pad": 3000}),
             )
         })
         .collect();
-    let samples = run_concurrent(&addr, reqs);
+    let samples = run_concurrent(&served.addr, reqs);
     probe.proc.signal(libc::SIGCONT);
     assert!(samples.iter().all(|s| s.error.is_none()), "{samples:?}");
     // Let the agent drain, then the counters must balance exactly.

@@ -4,11 +4,13 @@
 //! request must be accounted for, at 1 and 64 streams.
 //! Needs root (eBPF).
 
-mod common;
-
-use common::{by_id, chat_body, records, req, run_concurrent};
-use harness::{client::Sample, free_port, metric_sum, require_root, start_llama, Probe};
 use serde_json::{json, Value};
+use tests::{
+    client::Sample,
+    free_port, metric_sum, require_root, start_llama,
+    traffic::{by_id, chat_body, chat_req, compare_parts, records, req, run_concurrent, run_one},
+    Probe,
+};
 
 /// llama-cpp-python (starlette-context's `RequestIdPlugin`) rejects an X-Request-Id that is not a UUID.
 fn id(kind: u64, i: u64) -> String {
@@ -27,7 +29,7 @@ fn llama_cpp_ttft_tbt_agree_with_client_at_1_and_64_streams() {
     let engine = start_llama(port);
     let addr = format!("127.0.0.1:{port}");
     // Warm-up before attaching: the engine's first request pays one-time costs on both sides.
-    common::run_one(
+    run_one(
         &addr,
         req(
             "/v1/completions",
@@ -117,13 +119,7 @@ fn round_of_requests(addr: &str, round: u64) -> Vec<Sample> {
         ));
     }
     let reqs = (0..64u64)
-        .map(|i| {
-            req(
-                "/v1/chat/completions",
-                chat_body("tiny", true, 12, &json!({})),
-                &id(round * 10 + 2, i),
-            )
-        })
+        .map(|i| chat_req(&id(round * 10 + 2, i), "tiny", true, 12, &json!({})))
         .collect();
     samples.extend(run_concurrent(addr, reqs));
     samples
@@ -136,7 +132,7 @@ fn judge(samples: &[Sample], recs: &[Value]) -> Result<String, String> {
         assert_eq!(s.status, 200, "{}: {:?}", s.request_id, s.error);
         let rec = by_id(recs, &s.request_id);
         assert_eq!(rec["outcome"], "ok", "{rec}");
-        let (t, _) = common::compare_parts(s, rec);
+        let (t, _) = compare_parts(s, rec);
         ttft_diffs.push(t);
         for (pg, cg) in rec["gaps_ns"]
             .as_array()

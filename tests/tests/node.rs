@@ -2,27 +2,18 @@
 //! test controls: exact timing, error outcomes, client aborts, Ollama NDJSON, usage chunks,
 //! pipelining, keep-alive connections opened before attach, and bad input. Needs root (eBPF).
 
-mod common;
-
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
     time::Duration,
 };
 
-use common::{by_id, chat_body, compare, records, req, run_concurrent, run_one};
-use harness::{free_port, http_get, metric_sum, require_root, start_node, Probe};
 use serde_json::json;
-
-fn setup(name: &str) -> Option<(harness::Proc, Probe, String)> {
-    if !require_root(name) {
-        return None;
-    }
-    let port = free_port();
-    let node = start_node(port);
-    let probe = Probe::start(&["--port".into(), port.to_string()]);
-    Some((node, probe, format!("127.0.0.1:{port}")))
-}
+use tests::{
+    free_port, http_get, metric_sum, node_under_probe, require_root, start_node,
+    traffic::{by_id, chat_body, chat_req, compare, records, req, run_concurrent, run_one},
+    Probe,
+};
 
 fn ms(ns: &serde_json::Value) -> f64 {
     ns.as_f64().unwrap_or(f64::NAN) / 1e6
@@ -30,28 +21,14 @@ fn ms(ns: &serde_json::Value) -> f64 {
 
 #[test]
 fn node_exact_timing_matches_controlled_delays_and_client() {
-    let Some((_node, probe, addr)) = setup("node_exact_timing") else {
+    let Some(served) = node_under_probe("node_exact_timing") else {
         return;
     };
     let extra = json!({"ttft_ms": 80, "gap_ms": 25, "usage": true});
-    let s = run_one(
-        &addr,
-        req(
-            "/v1/chat/completions",
-            chat_body("m1", true, 10, &extra),
-            "exact-1",
-        ),
-    );
+    let s = run_one(&served.addr, chat_req("exact-1", "m1", true, 10, &extra));
     let batched = json!({"ttft_ms": 10, "gap_ms": 5, "batch": 3});
-    let b = run_one(
-        &addr,
-        req(
-            "/v1/chat/completions",
-            chat_body("m1", true, 9, &batched),
-            "batched",
-        ),
-    );
-    let recs = records(&probe, 2);
+    let b = run_one(&served.addr, chat_req("batched", "m1", true, 9, &batched));
+    let recs = records(&served.probe, 2);
 
     let r = by_id(&recs, "exact-1");
     let ttft = ms(&r["ttft_ns"]);
@@ -102,55 +79,37 @@ fn node_exact_timing_matches_controlled_delays_and_client() {
 
 #[test]
 fn node_errors_aborts_and_ollama() {
-    let Some((_node, probe, addr)) = setup("node_errors_aborts_and_ollama") else {
+    let Some(served) = node_under_probe("node_errors_aborts_and_ollama") else {
         return;
     };
-    let mut abort = req(
-        "/v1/chat/completions",
-        chat_body("m2", true, 20, &json!({"gap_ms": 40})),
-        "abort",
-    );
+    let mut abort = chat_req("abort", "m2", true, 20, &json!({"gap_ms": 40}));
     abort.abort_after = Some(3);
     let reqs = vec![
-        req(
-            "/v1/chat/completions",
-            chat_body("m2", true, 5, &json!({"fail": "503"})),
-            "http503",
-        ),
-        req(
-            "/v1/chat/completions",
-            chat_body(
-                "m2",
-                true,
-                5,
-                &json!({"fail": "stream_error", "fail_after": 2}),
-            ),
+        chat_req("http503", "m2", true, 5, &json!({"fail": "503"})),
+        chat_req(
             "streamerr",
+            "m2",
+            true,
+            5,
+            &json!({"fail": "stream_error", "fail_after": 2}),
         ),
-        req(
-            "/v1/chat/completions",
-            chat_body(
-                "m2",
-                true,
-                5,
-                &json!({"fail": "reset", "fail_after": 2, "gap_ms": 5}),
-            ),
+        chat_req(
             "reset",
+            "m2",
+            true,
+            5,
+            &json!({"fail": "reset", "fail_after": 2, "gap_ms": 5}),
         ),
         req(
             "/api/generate",
             json!({"model": "m2", "prompt": "x", "max_tokens": 6, "gap_ms": 3}).to_string(),
             "ollama",
         ),
-        req(
-            "/v1/chat/completions",
-            chat_body("m2", false, 4, &json!({"ttft_ms": 20})),
-            "nonstream",
-        ),
+        chat_req("nonstream", "m2", false, 4, &json!({"ttft_ms": 20})),
         abort,
     ];
-    let samples = run_concurrent(&addr, reqs);
-    let recs = records(&probe, samples.len());
+    let samples = run_concurrent(&served.addr, reqs);
+    let recs = records(&served.probe, samples.len());
     let outcome = |id: &str| {
         by_id(&recs, id)["outcome"]
             .as_str()
@@ -179,17 +138,21 @@ fn node_errors_aborts_and_ollama() {
     let a = by_id(&recs, "abort");
     assert_eq!(a["content_events"], 3, "events before the abort: {a}");
 
-    let m = probe.metrics();
-    for (t, n) in [
+    let m = served.probe.metrics();
+    for (kind, n) in [
         ("server_error", 1.0),
         ("stream_error", 1.0),
         ("server_reset", 1.0),
         ("client_abort", 1.0),
     ] {
         assert_eq!(
-            metric_sum(&m, "llm_error_total", &[("error_type", t), ("model", "m2")]),
+            metric_sum(
+                &m,
+                "llm_error_total",
+                &[("error_type", kind), ("model", "m2")]
+            ),
             n,
-            "{t}:\n{m}"
+            "{kind}:\n{m}"
         );
     }
     assert_eq!(

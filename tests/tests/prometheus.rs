@@ -3,9 +3,9 @@
 //! an engine metrics page for the KV-cache panels). Every panel query of
 //! deploy/grafana/llm-probe.json is evaluated through the HTTP API and must return data, except
 //! panels documented as GPU-only (NVML; skipped, with the reason printed, when no GPU exists). The
-//! CUDA panels get their data from the stand-in libcuda/libcudart engine (tests/cuda) traced by the
-//! same probe. Every rule of deploy/prometheus/llm-probe-rules.yml must load and evaluate. Needs
-//! root (eBPF).
+//! CUDA panels get their data from the stand-in libcuda/libcudart engine (tests/fixtures/cuda)
+//! traced by the same probe. Every rule of deploy/prometheus/llm-probe-rules.yml must load and
+//! evaluate. Needs root (eBPF).
 
 use std::{
     io::{Read as _, Write as _},
@@ -14,11 +14,12 @@ use std::{
     time::Duration,
 };
 
-use harness::{
-    fake_cuda::{self, FakeEngine},
-    free_port, http_get, require_root, start_llama, wait_for, workspace_root, Probe, Proc,
-};
 use serde_json::Value;
+use tests::{
+    fake_cuda::{self, FakeEngine},
+    free_port, http_get, output_ok, require_root, start_llama, wait_for, workspace_root, Probe,
+    Proc,
+};
 
 fn engine_page_server() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -86,7 +87,7 @@ fn every_dashboard_query_returns_data_and_every_rule_evaluates() {
         "1s".into(),
         "--engine-metrics".into(),
         format!("http://127.0.0.1:{page_port}/metrics"),
-        "--nvml-interval".into(),
+        "--sample-interval".into(),
         "1s".into(),
     ]);
 
@@ -118,28 +119,22 @@ fn every_dashboard_query_returns_data_and_every_rule_evaluates() {
         http_get(&prom, "/-/ready").is_ok_and(|(s, _)| s == 200)
     });
 
-    wait_for("CUDA libraries attached", Duration::from_secs(20), || {
-        harness::metric_sum(&probe.metrics(), "llm_probe_cuda_libraries", &[]) >= 2.0
-    });
+    fake_cuda::wait_attached(&probe);
     cuda_engine.go().expect("CUDA scenario");
 
     // Load for ~12 s while Prometheus scrapes every second (bounded: 400 requests at most).
-    let load = Command::new(root.join("target/release/llm-load"))
-        .args([
-            "--addr",
-            &format!("127.0.0.1:{engine_port}"),
-            "--concurrency",
-            "4",
-            "--requests",
-            "400",
-        ])
-        .args(["--max-seconds", "12", "--max-tokens", "16"])
-        .output()
-        .expect("llm-load");
-    assert!(
-        load.status.success(),
-        "{}",
-        String::from_utf8_lossy(&load.stderr)
+    output_ok(
+        "llm-load",
+        Command::new(root.join("target/release/llm-load"))
+            .args([
+                "--addr",
+                &format!("127.0.0.1:{engine_port}"),
+                "--concurrency",
+                "4",
+                "--requests",
+                "400",
+            ])
+            .args(["--max-seconds", "12", "--max-tokens", "16"]),
     );
     std::thread::sleep(Duration::from_secs(3));
     let up = prom_query(&prom, "up{job=\"llm-probe\"}");

@@ -57,7 +57,7 @@ fn client(port: u16, concurrency: usize, seconds: u64) -> Result<Value> {
 }
 
 fn start_probe(probe: &Path, port: u16) -> Result<(Kill, u16)> {
-    let listen = harness::free_port();
+    let listen = tests::free_port();
     let p = Kill(
         Command::new(probe)
             .args([
@@ -75,8 +75,8 @@ fn start_probe(probe: &Path, port: u16) -> Result<(Kill, u16)> {
 }
 
 fn scrape(port: u16, name: &str) -> f64 {
-    harness::http_get(&format!("127.0.0.1:{port}"), "/metrics")
-        .map_or(f64::NAN, |(_, body)| harness::metric_sum(&body, name, &[]))
+    tests::http_get(&format!("127.0.0.1:{port}"), "/metrics")
+        .map_or(f64::NAN, |(_, body)| tests::metric_sum(&body, name, &[]))
 }
 
 /// utime + stime of a process, in seconds (/proc/PID/stat fields 14 and 15, in clock ticks).
@@ -100,7 +100,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
-    let port = harness::free_port();
+    let port = tests::free_port();
     let _server = Kill(
         Command::new(bench_bin())
             .args(["server", &port.to_string(), "--events", "16"])
@@ -155,9 +155,9 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
 /// The same comparison on a real engine (llama-cpp-python, tiny llama, 4 concurrent streams):
 /// what a user of a CPU-bound LLM server pays, as opposed to the syscall-bound SSE server above.
 pub fn engine_overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
-    let port = harness::free_port();
+    let port = tests::free_port();
     let _engine = Kill(
-        harness::llama_command(port)
+        tests::llama_command(port)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
@@ -223,7 +223,7 @@ fn rss_kib(pid: u32, key: &str) -> u64 {
 }
 
 pub fn rss(probe: &Path, streams: usize) -> Result<()> {
-    let port = harness::free_port();
+    let port = tests::free_port();
     // Slow streams: one event every 100 ms, so all stay open while we measure.
     let _server = Kill(
         Command::new(bench_bin())

@@ -1,5 +1,5 @@
 //! `cargo xtask bench --only cuda`: what the CUDA uprobes cost a traced thread. The stand-in
-//! `libcuda.so.1` (tests/cuda, a few instructions per call) is called in a tight loop by
+//! `libcuda.so.1` (tests/fixtures/cuda, a few instructions per call) is called in a tight loop by
 //! `fake_engine bench N`, alternating rounds without and with `llm-probe run` attached → ns added
 //! per `cuLaunchKernel` (goal ≤ 500 ns) and per `cuMemAlloc_v2` + `cuMemFree_v2` pair (entry and
 //! return probes on both). Needs root.
@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use harness::fake_cuda::{self, FakeEngine};
+use tests::fake_cuda::{self, FakeEngine};
 
 use crate::step;
 
@@ -20,7 +20,7 @@ fn once(fc: &fake_cuda::FakeCuda, probe: Option<&Path>) -> Result<(f64, f64)> {
     let mut engine = FakeEngine::start(fc, "bench", &[CALLS], 0)?;
     let mut agent = None;
     if let Some(bin) = probe {
-        let listen = format!("127.0.0.1:{}", harness::free_port());
+        let listen = format!("127.0.0.1:{}", tests::free_port());
         let child = Command::new(bin)
             .args(["run", "--pid", &engine.pid.to_string(), "--listen", &listen])
             .stdout(Stdio::null())
@@ -30,8 +30,8 @@ fn once(fc: &fake_cuda::FakeCuda, probe: Option<&Path>) -> Result<(f64, f64)> {
         agent = Some(child);
         let start = Instant::now();
         loop {
-            let attached = harness::http_get(&listen, "/metrics").map_or(0.0, |(_, b)| {
-                harness::metric_sum(&b, "llm_probe_cuda_libraries", &[])
+            let attached = tests::http_get(&listen, "/metrics").map_or(0.0, |(_, b)| {
+                tests::metric_sum(&b, "llm_probe_cuda_libraries", &[])
             });
             if attached >= 2.0 {
                 break;

@@ -33,7 +33,7 @@ impl Drop for Kill {
 }
 
 fn get(addr: &str, path: &str) -> Option<String> {
-    harness::http_get(addr, path).ok().map(|(_, body)| body)
+    tests::http_get(addr, path).ok().map(|(_, body)| body)
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -62,7 +62,7 @@ fn summary(addr: &str) -> Option<String> {
         .collect();
     let errors = reqs.iter().filter(|r| r["outcome"] != "ok").count();
     let metrics = get(addr, "/metrics").unwrap_or_default();
-    let series = |name: &str| harness::metric_sum(&metrics, name, &[]);
+    let series = |name: &str| tests::metric_sum(&metrics, name, &[]);
     Some(format!(
         "requests {:>5} (errors {errors})  TTFT p50 {:>7.2} ms p99 {:>7.2} ms  TBT p50 {:>6.2} ms p99 {:>6.2} ms  \
          {:>7.1} tok/s  queue {} batch {}",
@@ -85,12 +85,12 @@ pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<u64> {
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
             .context("installing Ctrl-C handler")?;
     }
-    let port = harness::free_port();
+    let port = tests::free_port();
     step(&format!(
         "starting the engine: llama-cpp-python on 127.0.0.1:{port} with a tiny random llama"
     ));
     let engine = Kill(
-        harness::llama_command(port)
+        tests::llama_command(port)
             .args(["--model_alias", "tiny-llama"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -65,7 +65,7 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-pub use harness::{cache_dir, TINY_MODEL};
+pub use tests::{cache_dir, TINY_MODEL};
 
 pub fn step(msg: &str) {
     eprintln!("\x1b[1m==>\x1b[0m {msg}");
@@ -157,6 +157,40 @@ fn cargo_test(cmd: &mut Command) -> Result<(u64, u64, u64)> {
     Ok(sums)
 }
 
+/// Commits after this one keep their subjects within `MAX_SUBJECT` characters (CONTRIBUTING.md).
+const SUBJECTS_CHECKED_AFTER: &str = "24665a4";
+const MAX_SUBJECT: usize = 72;
+
+/// Fail on a commit subject over `MAX_SUBJECT` characters; skipped (with a line saying so) where
+/// there is no git history to read.
+fn commit_subjects() -> Result<()> {
+    let out = Command::new("git")
+        .current_dir(root())
+        .args([
+            "log",
+            "--format=%h %s",
+            &format!("{SUBJECTS_CHECKED_AFTER}..HEAD"),
+        ])
+        .output();
+    let Some(out) = out.ok().filter(|o| o.status.success()) else {
+        step("commit subjects: no git history here, not checked");
+        return Ok(());
+    };
+    let long: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.split_once(' ').is_some_and(|(_, s)| s.chars().count() > MAX_SUBJECT))
+        .map(str::to_owned)
+        .collect();
+    if !long.is_empty() {
+        bail!(
+            "commit subjects over {MAX_SUBJECT} characters (put the detail in the body):\n  {}",
+            long.join("\n  ")
+        );
+    }
+    step(&format!("commit subjects: all within {MAX_SUBJECT} characters"));
+    Ok(())
+}
+
 fn is_root() -> bool {
     // SAFETY: plain getter.
     unsafe { libc::geteuid() == 0 }
@@ -172,6 +206,7 @@ fn main() -> Result<()> {
             if !is_root() {
                 step("not root: tests that load eBPF programs will say SKIP (CI runs as root)");
             }
+            commit_subjects()?;
             step("unit and pure-logic tests");
             let mut total = cargo_test(
                 cargo()

@@ -16,7 +16,7 @@ const PY_PACKAGES: &[&str] = &[
     "llama-cpp-python[server]==0.3.36",
     "gguf==0.19.0",
     "numpy",
-    // tests/deploy/check_deploy.py validates the Kubernetes manifests offline.
+    // tests/fixtures/deploy/check_deploy.py validates the Kubernetes manifests offline.
     "kubernetes-validate",
     "pyyaml",
 ];
@@ -196,7 +196,7 @@ pub fn tiny_model(py: &Path, root: &Path) -> Result<PathBuf> {
     }
     step("tiny GGUF model: writing a random-weight llama");
     run(Command::new(py)
-        .arg(root.join("tests/engine/make_tiny_gguf.py"))
+        .arg(root.join("tests/fixtures/engine/make_tiny_gguf.py"))
         .arg(&model))?;
     Ok(model)
 }

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use harness::client::{self, Req};
+use tests::client::{self, Req};
 
 #[derive(Parser)]
 #[command(about = "Bounded streaming load against a local LLM server (loopback only)")]

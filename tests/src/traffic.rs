@@ -1,15 +1,18 @@
-//! Shared by the integration test files: run a batch of client requests and match them with what
-//! the probe recorded (by X-Request-Id), asserting accounting and agreement.
-#![allow(dead_code, reason = "each test binary uses a different subset")]
+//! Client traffic for the integration tests: build requests, run a batch of them with the
+//! reference client, and match them with what the probe recorded (by X-Request-Id), asserting
+//! accounting and agreement.
 
 use std::time::Duration;
 
-use harness::{
+use serde_json::Value;
+
+use crate::{
     client::{self, Req, Sample},
     Probe,
 };
-use serde_json::Value;
 
+/// An `OpenAI` chat body with one user message; `extra`'s keys are added to it (the Node mock
+/// server reads its delays and failures from them).
 pub fn chat_body(model: &str, stream: bool, max_tokens: u32, extra: &Value) -> String {
     let mut v = serde_json::json!({
         "model": model, "stream": stream, "max_tokens": max_tokens,
@@ -23,6 +26,7 @@ pub fn chat_body(model: &str, stream: bool, max_tokens: u32, extra: &Value) -> S
     v.to_string()
 }
 
+/// A request to `path` with `body`, tagged `id` (its X-Request-Id), with a minute to finish.
 pub fn req(path: &str, body: String, id: &str) -> Req {
     Req {
         path: path.into(),
@@ -31,6 +35,15 @@ pub fn req(path: &str, body: String, id: &str) -> Req {
         abort_after: None,
         timeout: Duration::from_mins(1),
     }
+}
+
+/// `POST /v1/chat/completions` with [`chat_body`], tagged `id`.
+pub fn chat_req(id: &str, model: &str, stream: bool, max_tokens: u32, extra: &Value) -> Req {
+    req(
+        "/v1/chat/completions",
+        chat_body(model, stream, max_tokens, extra),
+        id,
+    )
 }
 
 /// The client is the reference clock: on a 2-core machine shared with the engine and the probe,
