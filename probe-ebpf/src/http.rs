@@ -19,8 +19,8 @@ use probe_common::{
 };
 
 use crate::{
-    arrival::ARRIVAL, bump, current_tgid_tid, emit, is_target, submit_flags, CONNS, EVENTS,
-    PENDING, SCRATCH,
+    arrival::ARRIVAL, bump, current_tgid_tid, emit, header_now, is_target, submit_flags, CONNS,
+    EVENTS, PENDING, SCRATCH,
 };
 
 const EAGAIN: i64 = 11;
@@ -331,15 +331,14 @@ fn on_accept(ctx: &TracePointContext, _syscall: u32) {
         bump(counter::EVENTS_SEEN);
         bump(counter::LOST_MAP_FULL);
     }
+    emit_conn(EventKind::Accept, tgid, tid, fd);
+}
+
+/// An accept or close of a tracked connection, stamped now.
+#[inline(always)]
+fn emit_conn(kind: EventKind, tgid: u32, tid: u32, fd: u32) {
     emit(&ConnEvent {
-        header: EventHeader {
-            kind: EventKind::Accept as u32,
-            tgid,
-            tid,
-            _pad: 0,
-            // SAFETY: plain helper call.
-            ts_ns: unsafe { bpf_ktime_get_ns() },
-        },
+        header: header_now(kind, tgid, tid),
         fd,
         _pad: 0,
     });
@@ -368,17 +367,6 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     if CONNS.remove(key).is_err() {
         return 0;
     }
-    emit(&ConnEvent {
-        header: EventHeader {
-            kind: EventKind::Close as u32,
-            tgid,
-            tid,
-            _pad: 0,
-            // SAFETY: plain helper call.
-            ts_ns: unsafe { bpf_ktime_get_ns() },
-        },
-        fd,
-        _pad: 0,
-    });
+    emit_conn(EventKind::Close, tgid, tid, fd);
     0
 }

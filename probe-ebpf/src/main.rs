@@ -14,12 +14,12 @@ mod sched;
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use probe_common::{
-    counter, ConnKey, PendingIo, MAX_CAPTURE, MAX_CONNS, MAX_PENDING, MAX_TARGETS, RING_BYTES,
+    counter, ConnKey, EventHeader, EventKind, PendingIo, MAX_CAPTURE, MAX_CONNS, MAX_PENDING, MAX_TARGETS, RING_BYTES,
     WAKEUP_BYTES,
 };
 
@@ -89,6 +89,19 @@ fn submit_flags(len: u64) -> u64 {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)
+    }
+}
+
+/// The header of a record of `kind` from the current task, stamped now.
+#[inline(always)]
+fn header_now(kind: EventKind, tgid: u32, tid: u32) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        tgid,
+        tid,
+        _pad: 0,
+        // SAFETY: plain helper call.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
     }
 }
 

@@ -2,12 +2,12 @@
 //! engine core are separate processes), and exits are reported. Offsets from
 //! /sys/kernel/tracing/events/{task/task_newtask,sched/sched_process_exit}/format.
 
-use aya_ebpf::{
-    helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext, EbpfContext,
-};
-use probe_common::{counter, EventHeader, EventKind, ProcEvent};
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext, EbpfContext};
+use probe_common::{counter, EventKind, ProcEvent};
 
-use crate::{bump, cuda::CUDA_PENDING, current_tgid_tid, emit, is_target, TARGETS};
+use crate::{
+    bump, cuda::CUDA_PENDING, current_tgid_tid, emit, header_now, is_target, TARGETS,
+};
 
 /// include/uapi/linux/sched.h
 const CLONE_THREAD: u64 = 0x0001_0000;
@@ -23,14 +23,7 @@ fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
 
 fn proc_event(kind: EventKind, tgid: u32, tid: u32, other: u32) -> ProcEvent {
     ProcEvent {
-        header: EventHeader {
-            kind: kind as u32,
-            tgid,
-            tid,
-            _pad: 0,
-            // SAFETY: plain helper call.
-            ts_ns: unsafe { bpf_ktime_get_ns() },
-        },
+        header: header_now(kind, tgid, tid),
         other,
         _pad: 0,
     }

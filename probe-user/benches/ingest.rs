@@ -11,11 +11,11 @@ use std::{
 
 use probe_common::EventHeader;
 use probe_user::{
-    agent::Ingest,
-    events::{decode, encode_data, Event},
+    agent::{Ingest, Targets},
     health::Health,
     http::{ConnId, ConnTracker, ParseErrorKind, RequestMeta, RequestRecord},
-    metrics::Metrics,
+    metrics::{ProbeMetrics, RequestMetrics},
+    record::{decode, encode_data, Event},
     requests::Recent,
 };
 use prometheus_client::registry::Registry;
@@ -116,15 +116,16 @@ fn main() {
         parse / 1e6,
         1e9 / parse
     );
-    let health = Arc::new(Mutex::new(Health::default()));
+    let mut targets = Targets::new(Arc::new(Mutex::new(Health::default())));
     let mut rates = Vec::new();
     for _ in 0..15 {
         let mut registry = Registry::default();
-        let metrics = Metrics::new(&mut registry);
-        let mut ingest = Ingest::new(metrics, Arc::new(Mutex::new(Recent::default())));
+        let requests = RequestMetrics::new(&mut registry);
+        let probe = ProbeMetrics::new(&mut registry);
+        let mut ingest = Ingest::new(requests, probe, Arc::new(Mutex::new(Recent::default())));
         let t = Instant::now();
         for r in &records {
-            ingest.handle(black_box(r), &health);
+            ingest.handle(black_box(r), &mut targets);
         }
         let dt = t.elapsed().as_secs_f64();
         assert_eq!(ingest.tracker.in_flight(), 0, "every stream finished");

@@ -9,10 +9,10 @@ use probe_common::{cuda::api, CudaMemEvent, CudaSyncEvent, EventHeader, EventKin
 use probe_user::{
     cuda::{
         ledger::{Ledger, LedgerConfig},
-        metrics::CudaMetrics,
         state::CudaState,
     },
-    events::{decode, Event},
+    metrics::cuda::CudaMetrics,
+    record::{decode, Event},
 };
 use prometheus_client::registry::Registry;
 

@@ -6,13 +6,13 @@ use std::time::Instant;
 
 use probe_user::{
     http::{Endpoint, Outcome},
-    metrics::{Metrics, ReqLabels, StatusLabels},
+    metrics::{ReqLabels, RequestMetrics, StatusLabels},
 };
 use prometheus_client::registry::Registry;
 
 fn main() {
     let mut registry = Registry::default();
-    let m = Metrics::new(&mut registry);
+    let m = RequestMetrics::new(&mut registry);
     for model in 0..32 {
         for e in Endpoint::ALL {
             let model = format!("model-{model}");

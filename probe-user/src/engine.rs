@@ -1,41 +1,14 @@
-//! The engine-metrics bridge: scrapes each inference engine's own Prometheus page
-//! (`--engine-metrics URL`) and re-exports what it says under engine-neutral names —
-//! `llm_kv_cache_utilization`, `llm_engine_queue_depth`, `llm_engine_batch_size` (gauges, per
-//! `worker_id`) and `llm_preemption_total` (counter, per `worker_id` and `reason`) — plus
-//! `llm_probe_engine_scrape_errors_total{url}`.
-//!
-//! A failed scrape removes every gauge that URL exported, so a dead engine shows as missing data
-//! rather than as its last good values; counters stay (Prometheus treats their disappearance as a
-//! reset anyway) and resume by delta.
+//! What an inference engine's own Prometheus page says, engine-neutrally: `EngineUrl` (an
+//! `--engine-metrics` URL), the Prometheus-text parser (`promtext`) and the normalisation of vLLM,
+//! `SGLang`, TGI and llama.cpp pages into `WorkerSample`s (`normalize`). Pure; `crate::scrape`
+//! fetches the pages and exports the samples.
 
-mod client;
 mod normalize;
-mod promtext;
+pub mod promtext;
 
-use std::{
-    fmt, future::Future, pin::Pin, str::FromStr, sync::atomic::AtomicU64, task::Poll,
-    time::Duration,
-};
+use std::{fmt, str::FromStr};
 
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
-};
-use rustc_hash::FxHashMap;
-
-pub use normalize::{worker_id, DEFAULT_REASON, WORKER_LABELS};
-
-/// Per-scrape limit, connect through last body byte. Engines render their page in milliseconds;
-/// 2 s is well under any sensible scrape interval, so one hung engine cannot delay the next poll.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Largest page accepted. vLLM's page with per-model histograms is ~100 KiB; 8 MiB leaves room for
-/// many models and workers while bounding what one misbehaving endpoint can make us hold.
-pub const MAX_PAGE_BYTES: usize = 8 * 1024 * 1024;
-/// Counter series (worker × reason) remembered per URL for delta export. Pages are already capped
-/// per worker and per reason; this bounds what workers that come and go (restarts renumbering
-/// them) can accumulate over the agent's life.
-const MAX_COUNTER_SERIES_PER_URL: usize = 1024;
+pub use normalize::{normalize_counted, worker_id, PageStats, DEFAULT_REASON, WORKER_LABELS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -48,18 +21,6 @@ pub enum EngineError {
     UnsupportedScheme { url: String, scheme: String },
     #[error("{url:?} is not an engine metrics URL: {reason} (expected http://host[:port][/path])")]
     InvalidUrl { url: String, reason: &'static str },
-    #[error("connect: {0}")]
-    Connect(std::io::Error),
-    #[error("read/write: {0}")]
-    Io(std::io::Error),
-    #[error("no complete response within {0:?}")]
-    Timeout(Duration),
-    #[error("HTTP status {0} (expected 200)")]
-    Status(u16),
-    #[error("page larger than {limit} bytes")]
-    BodyTooLarge { limit: usize },
-    #[error("bad HTTP response: {0}")]
-    BadResponse(&'static str),
     #[error(
         "page has no known engine metric ({samples} samples, {malformed} malformed lines): \
          not a vLLM, SGLang, TGI or llama.cpp metrics page?"
@@ -88,18 +49,13 @@ impl EngineUrl {
         &self.path
     }
 
-    /// The Host header value (RFC 9110 §7.2: port omitted when it is the default).
-    fn authority(&self) -> String {
-        if self.port == 80 {
-            self.host.clone()
-        } else {
-            self.host_port()
-        }
+    /// The host as written (IPv6 in brackets), lower-cased.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
-    /// The host for `connect`, without IPv6 brackets.
-    fn connect_host(&self) -> &str {
-        self.host.trim_start_matches('[').trim_end_matches(']')
+    pub fn port(&self) -> u16 {
+        self.port
     }
 }
 
@@ -215,319 +171,75 @@ pub fn normalize(page: &str, default_worker: &str) -> Result<Vec<WorkerSample>, 
     normalize::normalize_counted(page, default_worker).map(|(w, _)| w)
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct WorkerLabels {
-    worker_id: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PreemptionLabels {
-    worker_id: String,
-    reason: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct UrlLabels {
-    url: String,
-}
-
-type GaugeF = Gauge<f64, AtomicU64>;
-
-/// The bridge's families. Cheap to clone (families are `Arc`s inside).
-#[derive(Clone)]
-pub struct EngineMetrics {
-    kv_cache_utilization: Family<WorkerLabels, GaugeF>,
-    queue_depth: Family<WorkerLabels, GaugeF>,
-    batch_size: Family<WorkerLabels, GaugeF>,
-    preemptions: Family<PreemptionLabels, Counter<f64, AtomicU64>>,
-    scrape_errors: Family<UrlLabels, Counter>,
-}
-
-impl EngineMetrics {
-    pub fn new(registry: &mut Registry) -> Self {
-        let m = Self {
-            kv_cache_utilization: Family::default(),
-            queue_depth: Family::default(),
-            batch_size: Family::default(),
-            preemptions: Family::default(),
-            scrape_errors: Family::default(),
-        };
-        registry.register(
-            "llm_kv_cache_utilization",
-            "KV-cache utilization (0-1) reported by the inference engine",
-            m.kv_cache_utilization.clone(),
-        );
-        registry.register(
-            "llm_engine_queue_depth",
-            "Requests waiting in the engine's scheduler queue, as the engine reports",
-            m.queue_depth.clone(),
-        );
-        registry.register(
-            "llm_engine_batch_size",
-            "Requests in the engine's running batch, as the engine reports",
-            m.batch_size.clone(),
-        );
-        // prometheus-client appends `_total` to counters.
-        registry.register(
-            "llm_preemption",
-            "Requests preempted by the engine (re-exported from its own counter)",
-            m.preemptions.clone(),
-        );
-        registry.register(
-            "llm_probe_engine_scrape_errors",
-            "Failed scrapes of an engine metrics page",
-            m.scrape_errors.clone(),
-        );
-        m
-    }
-}
-
-/// Gauges one URL exported for one worker at its last good scrape.
-#[derive(Clone, Copy, Debug, Default)]
-struct Exported {
-    kv: Option<f64>,
-    queue: Option<f64>,
-    batch: Option<f64>,
-}
-
-struct Target {
-    url: EngineUrl,
-    labels: UrlLabels,
-    default_worker: String,
-    exported: FxHashMap<String, Exported>,
-    /// Last engine total per (worker, reason), for delta export.
-    counters: FxHashMap<(String, String), f64>,
-    last_error: Option<String>,
-}
-
-/// Owns the URLs and their state; `poll_once` scrapes them all and updates the families.
-pub struct Bridge {
-    targets: Vec<Target>,
-    metrics: EngineMetrics,
-    timeout: Duration,
-    max_page: usize,
-}
-
-type Scrape<'a> = Pin<Box<dyn Future<Output = Result<String, EngineError>> + Send + 'a>>;
-
-impl Bridge {
-    pub fn new(urls: Vec<EngineUrl>, metrics: EngineMetrics) -> Self {
-        Self::with_limits(urls, metrics, DEFAULT_TIMEOUT, MAX_PAGE_BYTES)
-    }
-
-    /// [`Bridge::new`] with another timeout and page cap (tests use short ones).
-    pub(crate) fn with_limits(
-        urls: Vec<EngineUrl>,
-        metrics: EngineMetrics,
-        timeout: Duration,
-        max_page: usize,
-    ) -> Self {
-        let targets = urls
-            .into_iter()
-            .map(|url| {
-                let labels = UrlLabels {
-                    url: url.to_string(),
-                };
-                // Present from the start at 0, so a rate over it exists before the first error.
-                let _ = metrics.scrape_errors.get_or_create(&labels);
-                Target {
-                    default_worker: url.host_port(),
-                    url,
-                    labels,
-                    exported: FxHashMap::default(),
-                    counters: FxHashMap::default(),
-                    last_error: None,
-                }
-            })
-            .collect();
-        Self {
-            targets,
-            metrics,
-            timeout,
-            max_page,
-        }
-    }
-
-    /// Scrapes every URL concurrently, each within the timeout, then updates the families.
-    pub async fn poll_once(&mut self) {
-        let timeout = self.timeout;
-        let max_page = self.max_page;
-        let mut pending: Vec<Option<Scrape<'_>>> = self
-            .targets
-            .iter()
-            .map(|t| {
-                let url = &t.url;
-                let fut: Scrape<'_> = Box::pin(async move {
-                    match tokio::time::timeout(timeout, client::get(url, max_page)).await {
-                        Ok(r) => r,
-                        Err(_) => Err(EngineError::Timeout(timeout)),
-                    }
-                });
-                Some(fut)
-            })
-            .collect();
-        // A join on the caller's task rather than spawned tasks: no 'static clones, and nothing
-        // keeps running if the caller drops the poll.
-        let mut results: Vec<Option<Result<String, EngineError>>> = std::iter::repeat_with(|| None)
-            .take(pending.len())
-            .collect();
-        std::future::poll_fn(|cx| {
-            let mut busy = false;
-            for (slot, result) in pending.iter_mut().zip(results.iter_mut()) {
-                if let Some(fut) = slot {
-                    if let Poll::Ready(r) = fut.as_mut().poll(cx) {
-                        *result = Some(r);
-                        *slot = None;
-                    } else {
-                        busy = true;
-                    }
-                }
-            }
-            if busy {
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
-        })
-        .await;
-        drop(pending);
-        for (target, result) in self.targets.iter_mut().zip(results) {
-            let page = result.unwrap_or(Err(EngineError::BadResponse("scrape did not finish")));
-            match page.and_then(|p| normalize::normalize_counted(&p, &target.default_worker)) {
-                Ok((workers, stats)) => {
-                    if stats.malformed > 0 || stats.dropped > 0 {
-                        log::debug!(
-                            "engine metrics {}: {} malformed lines, {} known samples dropped",
-                            target.url,
-                            stats.malformed,
-                            stats.dropped
-                        );
-                    }
-                    target.apply(&workers, &self.metrics);
-                }
-                Err(e) => target.fail(&e, &self.metrics),
-            }
-        }
-    }
-
-    /// Largest KV-cache utilization currently exported (None when no engine reports it).
-    pub fn max_kv_utilization(&self) -> Option<f64> {
-        self.max_of(|e| e.kv)
-    }
-
-    /// Largest engine queue depth currently exported.
-    pub fn max_queue_depth(&self) -> Option<f64> {
-        self.max_of(|e| e.queue)
-    }
-
-    fn max_of(&self, field: impl Fn(&Exported) -> Option<f64>) -> Option<f64> {
-        self.targets
-            .iter()
-            .flat_map(|t| t.exported.values())
-            .filter_map(field)
-            .reduce(f64::max)
-    }
-
-    /// (url, last error) for URLs whose last scrape failed.
-    pub fn failing(&self) -> Vec<(String, String)> {
-        self.targets
-            .iter()
-            .filter_map(|t| Some((t.labels.url.clone(), t.last_error.clone()?)))
-            .collect()
-    }
-}
-
-impl Target {
-    fn apply(&mut self, workers: &[WorkerSample], m: &EngineMetrics) {
-        if self.last_error.take().is_some() {
-            log::info!("engine metrics {}: scraping again", self.url);
-        }
-        let mut now: FxHashMap<String, Exported> = FxHashMap::default();
-        for w in workers {
-            let labels = WorkerLabels {
-                worker_id: w.worker_id.clone(),
-            };
-            let e = Exported {
-                kv: w.kv_cache_utilization,
-                queue: w.queue_depth,
-                batch: w.batch_size,
-            };
-            for (value, family) in gauges(&e, m) {
-                if let Some(v) = value {
-                    family.get_or_create(&labels).set(v);
-                }
-            }
-            now.insert(w.worker_id.clone(), e);
-            for (reason, total) in &w.preemptions {
-                self.count(&w.worker_id, reason, *total, m);
-            }
-        }
-        // A worker gone from the page, or a metric gone from a worker, takes its gauge with it.
-        for (worker, old) in &self.exported {
-            let cur = now.get(worker).copied().unwrap_or_default();
-            let labels = WorkerLabels {
-                worker_id: worker.clone(),
-            };
-            for ((was, family), (is, _)) in gauges(old, m).into_iter().zip(gauges(&cur, m)) {
-                if was.is_some() && is.is_none() {
-                    family.remove(&labels);
-                }
-            }
-        }
-        self.exported = now;
-    }
-
-    /// Re-exports an engine counter by delta; a drop means the engine restarted from zero.
-    fn count(&mut self, worker: &str, reason: &str, total: f64, m: &EngineMetrics) {
-        let key = (worker.to_owned(), reason.to_owned());
-        let last = match self.counters.get(&key) {
-            Some(&last) => last,
-            None if self.counters.len() >= MAX_COUNTER_SERIES_PER_URL => return,
-            // First sight: the whole total, so the re-export mirrors the engine's count.
-            None => 0.0,
-        };
-        let delta = if total >= last { total - last } else { total };
-        self.counters.insert(key, total);
-        let labels = PreemptionLabels {
-            worker_id: worker.to_owned(),
-            reason: reason.to_owned(),
-        };
-        m.preemptions.get_or_create(&labels).inc_by(delta);
-    }
-
-    fn fail(&mut self, e: &EngineError, m: &EngineMetrics) {
-        m.scrape_errors.get_or_create(&self.labels).inc();
-        // Once per failure streak: a down engine would otherwise log every interval.
-        if self.last_error.is_none() {
-            log::warn!(
-                "engine metrics {}: scrape failed: {e}; its gauges are withdrawn until it answers \
-                 (further failures are counted in llm_probe_engine_scrape_errors_total)",
-                self.url
-            );
-        }
-        for (worker, old) in self.exported.drain() {
-            let labels = WorkerLabels { worker_id: worker };
-            for (was, family) in gauges(&old, m) {
-                if was.is_some() {
-                    family.remove(&labels);
-                }
-            }
-        }
-        self.last_error = Some(e.to_string());
-    }
-}
-
-/// Each gauge field with its family, in one fixed order.
-fn gauges<'m>(
-    e: &Exported,
-    m: &'m EngineMetrics,
-) -> [(Option<f64>, &'m Family<WorkerLabels, GaugeF>); 3] {
-    [
-        (e.kv, &m.kv_cache_utilization),
-        (e.queue, &m.queue_depth),
-        (e.batch, &m.batch_size),
-    ]
-}
-
 #[cfg(test)]
-mod tests;
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> EngineUrl {
+        s.parse().unwrap_or_else(|e| panic!("{s:?}: {e}"))
+    }
+
+    #[test]
+    fn url_parsing() {
+        let u = parse("http://localhost:8000/metrics");
+        assert_eq!(
+            (u.host_port().as_str(), u.path()),
+            ("localhost:8000", "/metrics")
+        );
+        assert_eq!(u.to_string(), "http://localhost:8000/metrics");
+        let u = parse("http://10.0.0.7/metrics");
+        assert_eq!((u.host_port().as_str(), u.port()), ("10.0.0.7:80", 80));
+        assert_eq!(parse("http://sglang:30000").path(), "/metrics");
+        assert_eq!(parse("HTTP://Host:1/").host_port(), "host:1");
+        assert_eq!(parse("http://h:1/").path(), "/");
+        assert_eq!(parse("http://h:1/m?x=1#frag").path(), "/m?x=1");
+        assert_eq!(parse("http://h:1?x=1").path(), "/?x=1");
+        let u = parse("http://[::1]:9000/m");
+        assert_eq!((u.host_port().as_str(), u.host()), ("[::1]:9000", "[::1]"));
+        assert_eq!(parse("http://[fe80::1]/m").host(), "[fe80::1]");
+    }
+
+    #[test]
+    fn url_errors_say_why() {
+        let err = |s: &str| match s.parse::<EngineUrl>() {
+            Ok(u) => panic!("{s:?} parsed as {u:?}"),
+            Err(e) => e,
+        };
+        assert!(matches!(err("https://h/metrics"), EngineError::Tls { .. }));
+        assert!(err("https://h/metrics").to_string().contains("TLS"));
+        assert!(matches!(
+            err("ftp://h/x"),
+            EngineError::UnsupportedScheme { .. }
+        ));
+        for bad in [
+            "",
+            "garbage",
+            "localhost:8000/metrics",
+            "://h",
+            "http://",
+            "http:///metrics",
+            "http://:80/",
+            "http://h:0/",
+            "http://h:65536/",
+            "http://h:/x",
+            "http://h:8a/",
+            "http://h:-1/",
+            "http://u:p@h/",
+            "http://h/a b",
+            "http://h/a\nb",
+            "http://h h/",
+            "http://[::1/",
+            "http://[]/",
+            "http://[::1]x/",
+            "http://ho$t/",
+            "<html>://x",
+        ] {
+            let e = err(bad);
+            assert!(
+                matches!(e, EngineError::InvalidUrl { .. }),
+                "{bad:?}: {e:?}"
+            );
+            assert!(e.to_string().contains("expected http://"), "{e}");
+        }
+    }
+}

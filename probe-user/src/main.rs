@@ -9,7 +9,11 @@ use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use probe_user::agent;
+use probe_user::{
+    agent::{self, LaunchProbes, ProbeScope},
+    cuda::ledger::LedgerConfig,
+    server, webclient,
+};
 
 mod memleak;
 
@@ -31,87 +35,94 @@ struct Cli {
     command: Command,
 }
 
-/// GPU memory ledger and CUDA probe settings of `run`.
+/// A duration flag's default, shown by --help in humantime form.
+fn human(ns: u64) -> humantime::Duration {
+    std::time::Duration::from_nanos(ns).into()
+}
+
+/// CUDA probe and GPU memory ledger settings of `run`.
 #[derive(clap::Args, Clone)]
-struct LedgerArgs {
+#[command(next_help_heading = "CUDA probes and GPU memory ledger")]
+struct CudaArgs {
     /// Live allocations at least this old, at call sites whose live bytes grew over
     /// --leak-window, count as leak suspects (llm_gpu_memory_leak_suspect_bytes).
-    #[arg(long = "leak-age", default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    leak_age: std::time::Duration,
+    #[arg(long = "leak-age", default_value_t = human(LedgerConfig::default().leak_age_ns), value_name = "DURATION")]
+    leak_age: humantime::Duration,
     /// Window over which a call site's growth is judged.
-    #[arg(long = "leak-window", default_value = "5m", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    leak_window: std::time::Duration,
+    #[arg(long = "leak-window", default_value_t = human(LedgerConfig::default().window_ns), value_name = "DURATION")]
+    leak_window: humantime::Duration,
     /// A VMM reservation must live this long before it is reported as the KV-cache pool
     /// (llm_kv_cache_pool_bytes).
-    #[arg(long = "kv-pool-min-age", default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    kv_pool_min_age: std::time::Duration,
+    #[arg(long = "kv-pool-min-age", default_value_t = human(LedgerConfig::default().kv_pool_min_age_ns), value_name = "DURATION")]
+    kv_pool_min_age: humantime::Duration,
     /// Which CUDA launch entry points to probe. all: driver and runtime (launches counted under
     /// the API the application called). driver: cuLaunchKernel & co. only - a cudaLaunchKernel
     /// that reaches the driver (all of them with driver 580) is counted once, under the driver's
     /// name, with one probe hit per launch instead of two (eager-mode engines launch thousands of
     /// kernels per step; see docs/cuda.md).
-    #[arg(long = "cuda-launch-probes", value_enum, default_value_t = LaunchProbes::All)]
+    #[arg(long = "cuda-launch-probes", value_enum, default_value_t = LaunchProbes::default())]
     cuda_launch_probes: LaunchProbes,
     /// Where the CUDA uprobes apply. host: each library file once, for every process that maps
     /// it (also after a later dlopen, fork or exec); untraced processes using the same libcuda
     /// take each breakpoint (about 1 us) and are filtered out. process: only the traced
     /// processes pay, but a child is covered from the next second after its fork, and a process
     /// that execs after attach is not covered again.
-    #[arg(long = "cuda-probe-scope", value_enum, default_value_t = ProbeScope::Host)]
+    #[arg(long = "cuda-probe-scope", value_enum, default_value_t = ProbeScope::default())]
     cuda_probe_scope: ProbeScope,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
-enum ProbeScope {
-    Host,
-    Process,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
-enum LaunchProbes {
-    All,
-    Driver,
-}
-
-impl LedgerArgs {
-    fn config(&self) -> probe_user::cuda::ledger::LedgerConfig {
-        probe_user::cuda::ledger::LedgerConfig {
-            leak_age_ns: self.leak_age.as_nanos() as u64,
-            window_ns: self.leak_window.as_nanos() as u64,
-            kv_pool_min_age_ns: self.kv_pool_min_age.as_nanos() as u64,
+impl CudaArgs {
+    fn options(&self) -> agent::CudaOptions {
+        let ns = |d: humantime::Duration| d.as_nanos() as u64;
+        agent::CudaOptions {
+            ledger: LedgerConfig {
+                leak_age_ns: ns(self.leak_age),
+                window_ns: ns(self.leak_window),
+                kv_pool_min_age_ns: ns(self.kv_pool_min_age),
+            },
+            launch_probes: self.cuda_launch_probes,
+            scope: self.cuda_probe_scope,
         }
     }
 }
 
+/// `llm-probe run`'s flags.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Process to trace, with all its descendants, including ones forked later (vLLM's API
+    /// server and engine core are separate processes). Repeatable.
+    #[arg(long = "pid", value_name = "PID")]
+    pids: Vec<u32>,
+    /// Trace whichever process listens on this TCP port; if it exits, re-attach when a process
+    /// listens on the port again.
+    #[arg(long, value_name = "PORT")]
+    port: Option<u16>,
+    /// Address for /metrics, /health and /api/v1/*.
+    #[arg(long, default_value_t = server::DEFAULT_LISTEN, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// How often to sample the GPUs (NVML) and scrape the engines' own metrics pages
+    /// (e.g. 5s, 500ms).
+    #[arg(long = "sample-interval", visible_alias = "nvml-interval", default_value_t = human(DEFAULT_SAMPLE_INTERVAL_NS), value_name = "DURATION")]
+    sample_interval: humantime::Duration,
+    /// An engine's own Prometheus page to scrape and re-export normalised (KV-cache
+    /// utilization, preemptions, engine queue and batch): vLLM, SGLang, TGI, llama.cpp.
+    /// Repeatable. Example: --engine-metrics http://127.0.0.1:8000/metrics
+    #[arg(long = "engine-metrics", value_name = "URL")]
+    engine_metrics: Vec<probe_user::engine::EngineUrl>,
+    /// Config file; its `[health]` table overrides the health thresholds (see docs/health.md).
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    cuda: CudaArgs,
+}
+
+/// NVML sampling and engine scraping, every 5 s unless told otherwise.
+const DEFAULT_SAMPLE_INTERVAL_NS: u64 = 5_000_000_000;
+
 #[derive(Subcommand)]
 enum Command {
     /// Attach to a server and export metrics until interrupted (SIGINT/SIGTERM detach cleanly).
-    Run {
-        /// Process to trace, with all its descendants, including ones forked later (vLLM's API
-        /// server and engine core are separate processes). Repeatable.
-        #[arg(long = "pid", value_name = "PID")]
-        pids: Vec<u32>,
-        /// Trace whichever process listens on this TCP port; if it exits, re-attach when a process
-        /// listens on the port again.
-        #[arg(long, value_name = "PORT")]
-        port: Option<u16>,
-        /// Address for /metrics, /health and /api/v1/requests.
-        #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR")]
-        listen: SocketAddr,
-        /// How often to sample NVML and scrape the engines' own metrics pages (e.g. 5s, 500ms).
-        #[arg(long = "nvml-interval", default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-        sample_interval: std::time::Duration,
-        /// An engine's own Prometheus page to scrape and re-export normalised (KV-cache
-        /// utilization, preemptions, engine queue and batch): vLLM, SGLang, TGI, llama.cpp.
-        /// Repeatable. Example: --engine-metrics http://127.0.0.1:8000/metrics
-        #[arg(long = "engine-metrics", value_name = "URL")]
-        engine_metrics: Vec<probe_user::engine::EngineUrl>,
-        /// Config file; its `[health]` table overrides the health thresholds (see docs/health.md).
-        #[arg(long, value_name = "FILE")]
-        config: Option<std::path::PathBuf>,
-        #[command(flatten)]
-        ledger: LedgerArgs,
-    },
+    Run(RunArgs),
     /// Where did GPU memory go? Outstanding CUDA allocations of a process grouped by call site
     /// (bytes, count, oldest age, growth), then VMM fragmentation, size classes and churn. Asks the
     /// `llm-probe run` at --url; with none running there, attaches itself for --duration and sees
@@ -120,7 +131,8 @@ enum Command {
     /// Ask a running `llm-probe run` for its health verdict. Exit status: 0 healthy, 1 warning,
     /// 2 critical, 3 unreachable — for scripts and Kubernetes probes.
     Health {
-        #[arg(long, default_value = "http://127.0.0.1:9464")]
+        /// The running agent.
+        #[arg(long, default_value_t = format!("http://{}", server::DEFAULT_LISTEN))]
         url: String,
         /// Print the whole JSON verdict instead of a summary.
         #[arg(long)]
@@ -134,39 +146,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run {
-            pids,
-            port,
-            listen,
-            sample_interval,
-            engine_metrics,
-            config,
-            ledger,
-        } => {
-            if pids.is_empty() && port.is_none() {
-                eprintln!("error: say what to trace: --pid PID and/or --port PORT (see --help)");
-                std::process::exit(2);
-            }
-            let thresholds = match config.as_deref().map(probe_user::health::Config::load) {
-                None => probe_user::health::Thresholds::default(),
-                Some(Ok(c)) => c.health,
-                Some(Err(e)) => {
-                    eprintln!("error: {e}");
-                    std::process::exit(2);
-                }
-            };
-            run(agent::Options {
-                pids,
-                port,
-                listen,
-                sample_interval,
-                engine_urls: engine_metrics,
-                thresholds,
-                ledger: ledger.config(),
-                cuda_runtime_launches: ledger.cuda_launch_probes == LaunchProbes::All,
-                cuda_per_process: ledger.cuda_probe_scope == ProbeScope::Process,
-            })
-        }
+        Command::Run(args) => run_agent(args),
         Command::Memleak(args) => memleak::run(&args),
         Command::Health { url, json } => std::process::exit(health_cli(&url, json)),
         Command::Gpu => gpu_cli(),
@@ -177,13 +157,46 @@ fn main() {
     }
 }
 
+fn run_agent(args: RunArgs) -> anyhow::Result<()> {
+    if args.pids.is_empty() && args.port.is_none() {
+        eprintln!("error: say what to trace: --pid PID and/or --port PORT (see --help)");
+        std::process::exit(2);
+    }
+    let thresholds = match args.config.as_deref().map(load_config) {
+        None => probe_user::health::Thresholds::default(),
+        Some(Ok(c)) => c.health,
+        Some(Err(e)) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let interval: std::time::Duration = args.sample_interval.into();
+    run(agent::Options {
+        pids: args.pids,
+        port: args.port,
+        listen: args.listen,
+        gpu_interval: interval,
+        engine_interval: interval,
+        engine_urls: args.engine_metrics,
+        thresholds,
+        cuda: args.cuda.options(),
+    })
+}
+
+/// The operator's `--config` file (a few lines of TOML).
+fn load_config(path: &std::path::Path) -> anyhow::Result<probe_user::health::Config> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    probe_user::health::Config::from_toml(&text).with_context(|| path.display().to_string())
+}
+
 fn run(opts: agent::Options) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(agent::run(opts, shutdown_signal()))
+    Ok(rt.block_on(agent::run(opts, shutdown_signal()))?)
 }
 
 async fn shutdown_signal() {
@@ -203,7 +216,7 @@ async fn shutdown_signal() {
 
 /// `llm-probe health`: 0 healthy, 1 warning, 2 critical, 3 unreachable or unreadable.
 fn health_cli(url: &str, json: bool) -> i32 {
-    let body = match probe_user::client::get(url, "/health") {
+    let body = match ask(url, "/health") {
         Ok((_, body)) => body,
         Err(e) => {
             eprintln!("llm-probe health: {url}: {e:#}");
@@ -240,8 +253,30 @@ fn health_cli(url: &str, json: bool) -> i32 {
     }
 }
 
+/// Largest answer read from a running agent (a /health verdict is a few KiB; a memleak report
+/// tens).
+const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+/// A running agent answers in milliseconds; this bounds a hung one.
+const ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// GET `path` from the agent at `url` (`http://host[:port]`): (status, body).
+fn ask(url: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    let parsed: probe_user::engine::EngineUrl = url.parse()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let server = webclient::Server {
+        host: parsed.host(),
+        port: parsed.port(),
+    };
+    let r = rt.block_on(webclient::get(server, path, MAX_ANSWER_BYTES, ASK_TIMEOUT))?;
+    Ok((r.status, r.body))
+}
+
 fn gpu_cli() -> anyhow::Result<()> {
-    use probe_user::gpu::{GpuInventory as _, NvmlInventory};
+    use probe_user::{gpu::GpuInventory as _, nvml::NvmlInventory};
+
     let mut inv = NvmlInventory::new().context("NVML")?;
     // GPM (SM activity) needs two samples; the second one reports it.
     let _ = inv.sample();

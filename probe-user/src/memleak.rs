@@ -12,7 +12,7 @@ pub struct Args {
     #[arg(long)]
     pub pid: u32,
     /// The running agent.
-    #[arg(long, default_value = "http://127.0.0.1:9464")]
+    #[arg(long, default_value_t = format!("http://{}", probe_user::server::DEFAULT_LISTEN))]
     pub url: String,
     /// Only allocations at least this old (e.g. 30s, 5m, 0s for all).
     #[arg(long = "older-than", default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -38,7 +38,7 @@ fn path(a: &Args) -> String {
 }
 
 pub fn run(a: &Args) -> anyhow::Result<()> {
-    let body = match probe_user::client::get(&a.url, &path(a)) {
+    let body = match crate::ask(&a.url, &path(a)) {
         Ok((200, body)) => body,
         Ok((status, body)) => anyhow::bail!("{}: HTTP {status}: {}", a.url, body.trim()),
         Err(e) => {
@@ -88,12 +88,11 @@ fn watch_self(a: &Args) -> anyhow::Result<String> {
         pids: vec![a.pid],
         port: None,
         listen,
-        sample_interval: Duration::from_secs(5),
+        gpu_interval: Duration::from_secs(5),
+        engine_interval: Duration::from_secs(5),
         engine_urls: Vec::new(),
         thresholds: probe_user::health::Thresholds::default(),
-        ledger: probe_user::cuda::ledger::LedgerConfig::default(),
-        cuda_runtime_launches: true,
-        cuda_per_process: false,
+        cuda: agent::CudaOptions::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -105,12 +104,12 @@ fn watch_self(a: &Args) -> anyhow::Result<String> {
     }));
     std::thread::sleep(a.duration);
     let url = format!("http://{listen}");
-    let result = probe_user::client::get(&url, &path);
+    let result = crate::ask(&url, &path);
     let _ = tx.send(());
     let joined = rt.block_on(agent);
     match (result, joined) {
         (Ok((200, body)), _) => Ok(body),
-        (_, Ok(Err(e))) => Err(e.context("the agent failed")),
+        (_, Ok(Err(e))) => Err(anyhow::Error::new(e).context("the agent failed")),
         (Ok((status, body)), _) => anyhow::bail!("HTTP {status}: {}", body.trim()),
         (Err(e), _) => Err(e.context("asking the agent")),
     }

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::{
     http::{ConnId, Endpoint, Observer, ParseErrorKind, RequestMeta, RequestRecord},
-    metrics::{ErrorLabels, KindLabels, Metrics, ModelLabels, ReqLabels, StatusLabels},
+    metrics::{ErrorLabels, KindLabels, ModelLabels, ReqLabels, RequestMetrics, StatusLabels},
 };
 
 /// Distinct model label values; later ones are exported as `other` (bounded cardinality).
@@ -114,7 +114,7 @@ const UNKNOWN: usize = 0;
 const OTHER: usize = 1;
 
 pub struct RequestStats {
-    metrics: Metrics,
+    metrics: RequestMetrics,
     /// Raw model name → index in `entries`; at most `MAX_MODELS` names.
     names: FxHashMap<String, usize>,
     entries: Vec<ModelEntry>,
@@ -133,7 +133,7 @@ pub struct RequestStats {
 }
 
 impl RequestStats {
-    pub fn new(metrics: Metrics, recent: SharedRecent) -> Self {
+    pub fn new(metrics: RequestMetrics, recent: SharedRecent) -> Self {
         Self {
             metrics,
             names: FxHashMap::default(),
@@ -359,7 +359,7 @@ mod tests {
     #[test]
     fn model_labels_are_capped_and_gauges_balance() {
         let mut registry = Registry::default();
-        let metrics = Metrics::new(&mut registry);
+        let metrics = RequestMetrics::new(&mut registry);
         let mut s = RequestStats::new(metrics, SharedRecent::default());
         let conn = ConnId { tgid: 1, fd: 3 };
         for i in 0..(MAX_MODELS + 5) {

@@ -1,5 +1,8 @@
-//! The agent's HTTP face: `/metrics` (Prometheus text), `/health` (JSON verdict), and
-//! `/api/v1/requests` (recent finished requests: timings and ids, never text).
+//! The agent's HTTP face: `/metrics` (Prometheus text), `/health` (JSON verdict),
+//! `/api/v1/requests` (recent finished requests: timings and ids, never text) and
+//! `/api/v1/memleak` (the GPU memory ledger). Reads snapshots the agent keeps current; never
+//! imports the agent or the system side (kernel counters reach `/metrics` through the registry's
+//! collectors).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -12,18 +15,29 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::{health::SharedHealth, requests::SharedRecent};
+use crate::{
+    cuda::{
+        ledger::Symbolize,
+        state::{symbolize_report, SharedCuda},
+    },
+    health::SharedHealth,
+    requests::SharedRecent,
+};
 
-/// What the handlers read. `refresh` pulls kernel-side counters into the registry before a scrape.
+/// Where the agent serves by default: loopback only.
+pub const DEFAULT_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9464),
+);
+
+/// What the handlers read.
 pub struct ServerState {
     pub registry: Registry,
     pub recent: SharedRecent,
     pub health: SharedHealth,
-    pub refresh: Box<dyn Fn() + Send + Sync>,
     /// The GPU memory ledger (`/api/v1/memleak`); `None` in tests without CUDA state.
-    pub cuda: Option<crate::cuda::state::SharedCuda>,
+    pub cuda: Option<SharedCuda>,
     /// Names call sites for `/api/v1/memleak`, outside the ledger's lock.
-    pub symbolizer: std::sync::Mutex<crate::cuda::symbolize::BlazeSymbolizer>,
+    pub symbolizer: std::sync::Mutex<Box<dyn Symbolize + Send>>,
 }
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -36,7 +50,6 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
 }
 
 pub fn render_metrics(state: &ServerState) -> String {
-    (state.refresh)();
     let mut out = String::with_capacity(64 * 1024);
     if prometheus_client::encoding::text::encode(&mut out, &state.registry).is_err() {
         out.clear();
@@ -52,7 +65,6 @@ fn handle(state: &ServerState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             render_metrics(state),
         ),
         "/health" => {
-            (state.refresh)();
             let (code, body) = match (state.health.lock(), state.recent.lock()) {
                 (Ok(h), Ok(r)) => h.verdict(&r),
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "{}".to_owned()),
@@ -153,7 +165,7 @@ fn memleak(state: &ServerState, query: &str) -> Response<Full<Bytes>> {
             let body = serde_json::json!({ "pids": c.pids() }).to_string();
             return reply(StatusCode::OK, "application/json", body);
         };
-        let now = crate::agent::monotonic_ns();
+        let now = probe_common::clock::monotonic_ns();
         let r = c.report(pid, now, older_than.as_nanos() as u64, top);
         (r, std::mem::take(&mut c.exited))
     };
@@ -161,7 +173,7 @@ fn memleak(state: &ServerState, query: &str) -> Response<Full<Bytes>> {
         for p in exited {
             sym.forget(p);
         }
-        crate::cuda::state::symbolize_report(&mut report, &mut *sym);
+        symbolize_report(&mut report, &mut **sym);
     }
     let body = serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_owned());
     reply(StatusCode::OK, "application/json", body)

@@ -28,13 +28,11 @@ use probe_common::{CudaMemEvent, STACK_DEPTH};
 use rustc_hash::{FxHashMap, FxHasher};
 use vmm::Reservation;
 
-#[path = "ledger_report.rs"]
 mod report;
-#[path = "ledger_vmm.rs"]
 mod vmm;
 pub use report::{
-    human_bytes, render_text, Churn, Fragmentation, LeakReport, ReservationReport, SiteReport,
-    SizeClass,
+    human_bytes, render_text, Churn, Fragmentation, LeakReport, NoSymbols, ReservationReport,
+    SiteReport, SizeClass, Symbolize,
 };
 
 /// Live allocations (plain + VMM handles) tracked per process: ~40 B each in the hash map, so at
@@ -550,5 +548,4 @@ impl Ledger {
 }
 
 #[cfg(test)]
-#[path = "ledger_tests.rs"]
 mod tests;

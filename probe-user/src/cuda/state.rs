@@ -1,11 +1,9 @@
-//! The agent's CUDA state: ledger, steps and launch counts, fed by the ingest loop and read by the
-//! server (`/api/v1/memleak`). Behind one mutex: CUDA records are rare (allocations, syncs), the
+//! The agent's CUDA state: ledger, steps and launch counts, fed by the ingest loop (records) and
+//! the agent's folds of the kernel's launch counters, read by the server (`/api/v1/memleak`) and
+//! the scrape-time collector. Behind one mutex: CUDA records are rare (allocations, syncs), the
 //! hot launch path never reaches user space.
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
 use probe_common::{cuda::api, CudaMemEvent, CudaSyncEvent, STACK_DEPTH};
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
@@ -13,18 +11,15 @@ use rustc_hash::FxHashSet;
 
 use super::{
     launches::LaunchTracker,
-    ledger::{Applied, LeakReport, Ledger, LedgerConfig},
-    metrics::{ApiLabels, CudaMetrics, FreeErrorLabels, PhaseLabels},
+    ledger::{Applied, LeakReport, Ledger, LedgerConfig, NoSymbols, Symbolize},
     steps::{Phase, Step, Steps},
-    symbolize::{NoSymbols, Symbolize},
 };
-use crate::{ebpf::Kernel, health::SharedHealth, metrics::PidLabels};
+use crate::metrics::{
+    cuda::{ApiLabels, Collected, CudaMetrics, FreeErrorLabels, PhaseLabels},
+    PidLabels,
+};
 
 pub type SharedCuda = Arc<Mutex<CudaState>>;
-
-fn thread_alive(tgid: u32, tid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{tgid}/task/{tid}")).exists()
-}
 
 /// Name the hex frames of `r` (made by `CudaState::report`).
 pub fn symbolize_report(r: &mut LeakReport, sym: &mut dyn Symbolize) {
@@ -51,10 +46,9 @@ pub struct CudaState {
     /// Processes with `pid`-labelled gauges (removed when the process goes).
     gauged: FxHashSet<u32>,
     out: Vec<(Step, Phase)>,
-    /// (pid, path) of CUDA libraries already seen in /proc/PID/maps.
-    seen_maps: FxHashSet<(u32, PathBuf)>,
-    ticks: u64,
     handles: Handles,
+    /// Memory and sync calls made by a runtime call of the same thread, by API id.
+    nested: [u64; api::COUNT as usize],
     /// NVML's per-process GPU memory (summed over devices), from the NVML sampler.
     nvml_used: rustc_hash::FxHashMap<u32, u64>,
 }
@@ -115,9 +109,8 @@ impl CudaState {
             exited: Vec::new(),
             gauged: FxHashSet::default(),
             out: Vec::new(),
-            seen_maps: FxHashSet::default(),
-            ticks: 0,
             handles: Handles::default(),
+            nested: [0; api::COUNT as usize],
             nvml_used: rustc_hash::FxHashMap::default(),
         }
     }
@@ -163,7 +156,9 @@ impl CudaState {
                 }
             }
             Applied::Nested { api } => {
-                m.nested.get_or_create(&ApiLabels { api: name(api) }).inc();
+                if let Some(n) = self.nested.get_mut(api as usize) {
+                    *n += 1;
+                }
             }
             Applied::Failed { api } => {
                 m.failed.get_or_create(&ApiLabels { api: name(api) }).inc();
@@ -184,9 +179,10 @@ impl CudaState {
     }
 
     pub fn on_sync(&mut self, ev: &CudaSyncEvent, waiting: bool) {
-        let l = ApiLabels { api: name(ev.api) };
         if ev.nested != 0 {
-            self.metrics.nested.get_or_create(&l).inc();
+            if let Some(n) = self.nested.get_mut(ev.api as usize) {
+                *n += 1;
+            }
             return;
         }
         let wait = ev.header.ts_ns.saturating_sub(ev.enter_ns) as f64 / 1e9;
@@ -213,24 +209,53 @@ impl CudaState {
         }
     }
 
-    /// Pull the kernel's per-thread launch counters into the metrics. Threads found dead are read
-    /// again after that finding, so the launches they made just before exiting count too.
-    pub fn fold_launches(&mut self, kernel: &mut Kernel) {
-        let mut threads = kernel.cuda_threads();
-        let dead: FxHashSet<u32> = threads
-            .iter()
-            .filter(|(tid, t)| !thread_alive(t.tgid, *tid))
-            .map(|(tid, _)| *tid)
-            .collect();
-        if !dead.is_empty() {
-            threads = kernel.cuda_threads();
-        }
-        let gone = self
-            .launches
-            .fold_with(&threads, &self.metrics, |_, tid| !dead.contains(&tid));
-        for tid in gone {
-            kernel.forget_cuda_thread(tid);
+    /// Fold the kernel's per-thread launch counters (`threads`, read twice by the agent when some
+    /// thread died in between, so its last launches count). Forgets the threads `alive` says are
+    /// gone; returns them so the agent deletes their kernel entries.
+    pub fn fold_launches(
+        &mut self,
+        threads: &[(u32, probe_common::CudaThread)],
+        alive: impl Fn(u32, u32) -> bool,
+    ) -> Vec<u32> {
+        let gone = self.launches.fold_with(threads, alive);
+        for &tid in &gone {
             self.steps.forget_thread(tid);
+        }
+        gone
+    }
+
+    /// The counts the scrape-time collector exports (`crate::metrics::cuda::encode_collected`).
+    pub fn collected(&self) -> Collected {
+        let mut c = Collected::default();
+        for (i, &n) in self.launches.totals.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let entry = (api::NAMES[i], n);
+            if api::is_graph_launch(i as u32) {
+                c.graph_launches.push(entry);
+            } else {
+                c.kernel_launches.push(entry);
+            }
+        }
+        if self.launches.nested > 0 {
+            c.nested.push(("launch", self.launches.nested));
+        }
+        c.nested.extend(
+            self.nested
+                .iter()
+                .enumerate()
+                .filter(|(_, &n)| n > 0)
+                .map(|(i, &n)| (api::NAMES[i], n)),
+        );
+        c
+    }
+
+    /// Gauges for a traced process that allocates nothing while traced (a warmed-up caching
+    /// allocator) but holds GPU memory per NVML: its unattributed memory is still worth showing.
+    pub fn gauge_if_nvml_sees(&mut self, pid: u32) {
+        if self.nvml_used.contains_key(&pid) {
+            self.gauged.insert(pid);
         }
     }
 
@@ -325,65 +350,6 @@ impl CudaState {
     pub fn pids(&self) -> Vec<u32> {
         self.ledger.pids()
     }
-}
-
-/// Once a second from the agent's housekeeping: launch counts, ledger tick; CUDA probes for traced
-/// processes that have none yet (children forked since) and off for the ones that exited; every
-/// other second a look at the targets' maps for CUDA libraries that appeared without being
-/// predicted (a dlopen by absolute path, say), which are resolved and attached then.
-pub fn housekeeping(kernel: &Mutex<Kernel>, health: &SharedHealth, cuda: &SharedCuda, now_ns: u64) {
-    let Ok(mut k) = kernel.lock() else { return };
-    let Ok(mut c) = cuda.lock() else { return };
-    c.fold_launches(&mut k);
-    c.tick(now_ns);
-    c.ticks += 1;
-    if !k.cuda_loaded() {
-        return;
-    }
-    let alive = crate::health::alive_targets(health);
-    for pid in k.cuda_pids() {
-        if !alive.contains(&pid) {
-            let n = k.detach_cuda_for(pid);
-            log::debug!("pid {pid} is gone: {n} CUDA probe links detached");
-            c.seen_maps.retain(|(p, _)| *p != pid);
-        }
-    }
-    let attached = k.cuda_pids();
-    for &pid in alive.iter().filter(|p| !attached.contains(p)) {
-        k.attach_cuda_for(pid);
-    }
-    for &pid in &alive {
-        if c.nvml_used.contains_key(&pid) {
-            // Gauges for a process that allocates nothing while traced (a warmed-up caching
-            // allocator): its unattributed memory is still worth showing.
-            c.gauged.insert(pid);
-        }
-    }
-    if c.ticks % 2 == 0 {
-        for &pid in &alive {
-            let mapped = super::uprobes::mapped_cuda(pid);
-            k.refresh_cudart_text(pid, &mapped.runtime_text);
-            let new: Vec<PathBuf> = mapped
-                .paths
-                .into_iter()
-                .filter(|p| !c.seen_maps.contains(&(pid, p.clone())))
-                .collect();
-            if new.is_empty() {
-                continue;
-            }
-            let attached = k.attach_cuda_for(pid);
-            if !attached.is_empty() {
-                log::warn!(
-                    "pid {pid} loaded {attached:?}, which was not predicted at attach: calls made \
-                     through it before now were not seen"
-                );
-            }
-            for p in new {
-                c.seen_maps.insert((pid, p));
-            }
-        }
-    }
-    c.metrics.libraries.set(k.cuda_files() as i64);
 }
 
 #[cfg(test)]

@@ -62,7 +62,7 @@ const KNOWN: &[(&str, Field, u8)] = &[
 
 /// What reading one page found, beyond the samples: for the bridge's debug log.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct PageStats {
+pub struct PageStats {
     pub samples: usize,
     pub malformed: usize,
     /// Known samples dropped: non-finite or negative values, over-long labels, caps reached.
@@ -112,7 +112,7 @@ struct Acc {
 }
 
 /// [`super::normalize`] with the page's statistics.
-pub(crate) fn normalize_counted(
+pub fn normalize_counted(
     page: &str,
     default_worker: &str,
 ) -> Result<(Vec<WorkerSample>, PageStats), EngineError> {
@@ -235,5 +235,4 @@ fn add_preemptions(acc: &mut Acc, sample: &Sample<'_>, rank: u8) -> bool {
 }
 
 #[cfg(test)]
-#[path = "normalize_tests.rs"]
 mod tests;

@@ -11,8 +11,8 @@ use rustc_hash::FxHashMap;
 
 use super::{
     body::{Framer, Seg},
-    events::Classified,
-    response::{Analyzer, EventSink},
+    classify::{Classified, EventSink},
+    response::Analyzer,
     sniff, ConnId, Observer, Outcome, ParseErrorKind, RequestMeta, RequestRecord, MAX_GAPS_KEPT,
 };
 
@@ -52,7 +52,8 @@ enum Ingress {
 #[derive(Debug)]
 struct HeadRead {
     buf: Vec<u8>,
-    /// When the read holding its first byte happened.
+    /// The timestamp of the ingress record holding its first byte: when those bytes reached the
+    /// socket (the agent dates ingress by arrival when the kernel knows it), else the read.
     arrival_ns: u64,
     /// Found while resynchronising: may be a false start.
     from_sync: bool,
@@ -204,17 +205,7 @@ impl ConnTracker {
         data: &[u8],
         obs: &mut impl Observer,
     ) {
-        if let Some(c) = touch(
-            &mut self.conns,
-            &mut self.tick,
-            self.max_conns,
-            conn,
-            ts_ns,
-            false,
-            obs,
-        ) {
-            c.ingress(conn, ts_ns, Seg::new(data, len), &mut self.next_seq, obs);
-        }
+        self.on_bytes(false, conn, ts_ns, Seg::new(data, len), obs);
     }
 
     /// Bytes the server wrote (same `len`/`data` convention).
@@ -226,16 +217,25 @@ impl ConnTracker {
         data: &[u8],
         obs: &mut impl Observer,
     ) {
-        if let Some(c) = touch(
-            &mut self.conns,
-            &mut self.tick,
-            self.max_conns,
-            conn,
-            ts_ns,
-            false,
-            obs,
-        ) {
-            c.egress(conn, ts_ns, Seg::new(data, len), &mut self.next_seq, obs);
+        self.on_bytes(true, conn, ts_ns, Seg::new(data, len), obs);
+    }
+
+    fn on_bytes(
+        &mut self,
+        egress: bool,
+        conn: ConnId,
+        ts_ns: u64,
+        seg: Seg<'_>,
+        obs: &mut impl Observer,
+    ) {
+        let (conns, tick) = (&mut self.conns, &mut self.tick);
+        let Some(c) = touch(conns, tick, self.max_conns, conn, ts_ns, false, obs) else {
+            return;
+        };
+        if egress {
+            c.egress(conn, ts_ns, seg, &mut self.next_seq, obs);
+        } else {
+            c.ingress(conn, ts_ns, seg, &mut self.next_seq, obs);
         }
     }
 

@@ -4,7 +4,7 @@
 
 use super::{
     body::{ChunkDecoder, Framer},
-    events::{classify, Classified},
+    classify::{classify, EventSink},
     request::last_coding_is_chunked,
     sse::{NdjsonParser, SseParser},
     Endpoint, ParseErrorKind,
@@ -18,15 +18,6 @@ pub(crate) const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 pub(crate) const MAX_JSON_BODY: usize = 256 * 1024;
 /// Header slots for `httparse`; servers send ~10.
 const MAX_HEADERS: usize = 64;
-
-/// Receives what a response body says, as the analyzer finds it.
-pub(crate) trait EventSink {
-    /// One event (or a whole JSON body); `ts` is when a client could have read it.
-    fn event(&mut self, ev: Classified, ts: u64);
-    /// An SSE `event: error`.
-    fn stream_error(&mut self);
-    fn parse_error(&mut self, kind: ParseErrorKind);
-}
 
 /// How the body is read for content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,7 +4,10 @@
 
 use memchr::{memchr, memchr2};
 
-use super::{events::classify, response::EventSink, ParseErrorKind};
+use super::{
+    classify::{classify, EventSink},
+    ParseErrorKind,
+};
 
 /// Longest SSE line or event data, and longest NDJSON line, we buffer. A token chunk is ~250 bytes;
 /// even a final chunk with logprobs stays far below this. A longer one is counted as `BadEvent`.
@@ -232,7 +235,7 @@ impl NdjsonParser {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::http::events::Classified;
+    use crate::http::classify::Classified;
 
     /// Collects what the parsers report.
     #[derive(Default, Debug)]

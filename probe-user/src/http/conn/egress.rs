@@ -4,8 +4,9 @@
 use super::{ensure_started, next, step_budget, Conn, Egress, Mode, Req, ReqSink};
 use crate::http::{
     body::{Fed, Piece, Seg},
+    classify::EventSink,
     request,
-    response::{self, Analyzer, EventSink, ForRequest, MAX_RESPONSE_HEAD},
+    response::{self, Analyzer, ForRequest, MAX_RESPONSE_HEAD},
     ConnId, Observer, ParseErrorKind, RequestMeta,
 };
 

@@ -1,5 +1,6 @@
 //! Decoding of ring-buffer records into typed events. Pure: bytes in, `Event` out; lengths are
-//! checked before any read and unknown kinds are reported, never panicked on (STYLE.md §2).
+//! checked before any read and unknown kinds are reported, never panicked on (CONTRIBUTING.md,
+//! "Hostile input").
 
 use std::mem::size_of;
 

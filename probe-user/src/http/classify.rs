@@ -12,6 +12,8 @@ use serde::{
 };
 use serde_json::value::RawValue;
 
+use super::ParseErrorKind;
+
 /// What one event told us.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Classified {
@@ -24,6 +26,15 @@ pub(crate) struct Classified {
     pub done: bool,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+}
+
+/// Receives what a response body says, as the analyzer finds it.
+pub(crate) trait EventSink {
+    /// One event (or a whole JSON body); `ts` is when a client could have read it.
+    fn event(&mut self, ev: Classified, ts: u64);
+    /// An SSE `event: error`.
+    fn stream_error(&mut self);
+    fn parse_error(&mut self, kind: ParseErrorKind);
 }
 
 type Raw<'a> = Option<&'a RawValue>;

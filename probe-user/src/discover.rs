@@ -1,6 +1,6 @@
 //! Which processes to trace and which of their sockets are server-side HTTP connections, from
-//! /proc (procfs crate). Pure enough to run unprivileged; the agent feeds the answers to the
-//! kernel maps.
+//! /proc (procfs crate). Runs unprivileged where /proc allows; the agent feeds the answers to the
+//! kernel maps and the target set.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -10,7 +10,7 @@ use procfs::{
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum AttachError {
+pub enum DiscoverError {
     #[error("no process is listening on TCP port {0}")]
     NoListener(u16),
     #[error("process {0} does not exist")]
@@ -41,7 +41,7 @@ fn socket_fds(p: &Process) -> Vec<(u32, u64)> {
 }
 
 /// Processes that own a listening TCP socket on `port` (any address family).
-pub fn pids_listening_on(port: u16) -> Result<Vec<u32>, AttachError> {
+pub fn pids_listening_on(port: u16) -> Result<Vec<u32>, DiscoverError> {
     let mut pids = BTreeSet::new();
     for p in procfs::process::all_processes()?.filter_map(Result::ok) {
         let socks = socket_fds(&p);
@@ -59,7 +59,7 @@ pub fn pids_listening_on(port: u16) -> Result<Vec<u32>, AttachError> {
         }
     }
     if pids.is_empty() {
-        return Err(AttachError::NoListener(port));
+        return Err(DiscoverError::NoListener(port));
     }
     Ok(pids.into_iter().collect())
 }
@@ -76,7 +76,7 @@ pub fn listening_in_own_netns(port: u16) -> bool {
 }
 
 /// `roots` and every live descendant, found through each process's parent pid.
-pub fn with_descendants(roots: &[u32]) -> Result<Vec<u32>, AttachError> {
+pub fn with_descendants(roots: &[u32]) -> Result<Vec<u32>, DiscoverError> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     for p in procfs::process::all_processes()?.filter_map(Result::ok) {
         if let Ok(stat) = p.stat() {
@@ -118,8 +118,8 @@ pub struct Sockets {
 
 /// Listening ports of `pid` and its established server-side connections. A connection is
 /// server-side when its local port is one the process (or any of `extra_ports`) listens on.
-pub fn scan_sockets(pid: u32, extra_ports: &[u16]) -> Result<Sockets, AttachError> {
-    let p = Process::new(pid as i32).map_err(|_| AttachError::NoSuchProcess(pid))?;
+pub fn scan_sockets(pid: u32, extra_ports: &[u16]) -> Result<Sockets, DiscoverError> {
+    let p = Process::new(pid as i32).map_err(|_| DiscoverError::NoSuchProcess(pid))?;
     let socks = socket_fds(&p);
     let table = tcp_by_inode(&p);
     let mut ports: HashSet<u16> = extra_ports.iter().copied().collect();
@@ -145,6 +145,13 @@ pub fn scan_sockets(pid: u32, extra_ports: &[u16]) -> Result<Sockets, AttachErro
         listen_ports: listen_ports.into_iter().collect(),
         server_conns,
     })
+}
+
+/// This node's name, for the `Hostname` label of the GPU series (empty when unreadable).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -182,7 +189,7 @@ mod tests {
         // Port 1 (tcpmux) is not served on test machines.
         assert!(matches!(
             pids_listening_on(1),
-            Err(AttachError::NoListener(1))
+            Err(DiscoverError::NoListener(1))
         ));
     }
 

@@ -15,9 +15,13 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use super::{
-    promtext::{self, Line},
-    Bridge, EngineError, EngineMetrics, EngineUrl,
+use super::Bridge;
+use crate::{
+    engine::{
+        promtext::{self, Line},
+        EngineUrl,
+    },
+    metrics::engine::EngineMetrics,
 };
 
 #[derive(Clone, Debug)]
@@ -423,74 +427,4 @@ async fn poll_is_send_and_fine_without_urls() {
     send(rig.bridge.poll_once()).await;
     assert!(rig.bridge.failing().is_empty());
     assert_eq!(rig.bridge.max_kv_utilization(), None);
-}
-
-#[test]
-fn url_parsing() {
-    let u = parse("http://localhost:8000/metrics");
-    assert_eq!(
-        (u.host_port().as_str(), u.path()),
-        ("localhost:8000", "/metrics")
-    );
-    assert_eq!(u.to_string(), "http://localhost:8000/metrics");
-    let u = parse("http://10.0.0.7/metrics");
-    assert_eq!(
-        (u.host_port().as_str(), u.authority().as_str()),
-        ("10.0.0.7:80", "10.0.0.7")
-    );
-    assert_eq!(parse("http://sglang:30000").path(), "/metrics");
-    assert_eq!(parse("HTTP://Host:1/").host_port(), "host:1");
-    assert_eq!(parse("http://h:1/").path(), "/");
-    assert_eq!(parse("http://h:1/m?x=1#frag").path(), "/m?x=1");
-    assert_eq!(parse("http://h:1?x=1").path(), "/?x=1");
-    let u = parse("http://[::1]:9000/m");
-    assert_eq!(
-        (u.host_port().as_str(), u.connect_host()),
-        ("[::1]:9000", "::1")
-    );
-    assert_eq!(parse("http://[fe80::1]/m").authority(), "[fe80::1]");
-}
-
-#[test]
-fn url_errors_say_why() {
-    let err = |s: &str| match s.parse::<EngineUrl>() {
-        Ok(u) => panic!("{s:?} parsed as {u:?}"),
-        Err(e) => e,
-    };
-    assert!(matches!(err("https://h/metrics"), EngineError::Tls { .. }));
-    assert!(err("https://h/metrics").to_string().contains("TLS"));
-    assert!(matches!(
-        err("ftp://h/x"),
-        EngineError::UnsupportedScheme { .. }
-    ));
-    for bad in [
-        "",
-        "garbage",
-        "localhost:8000/metrics",
-        "://h",
-        "http://",
-        "http:///metrics",
-        "http://:80/",
-        "http://h:0/",
-        "http://h:65536/",
-        "http://h:/x",
-        "http://h:8a/",
-        "http://h:-1/",
-        "http://u:p@h/",
-        "http://h/a b",
-        "http://h/a\nb",
-        "http://h h/",
-        "http://[::1/",
-        "http://[]/",
-        "http://[::1]x/",
-        "http://ho$t/",
-        "<html>://x",
-    ] {
-        let e = err(bad);
-        assert!(
-            matches!(e, EngineError::InvalidUrl { .. }),
-            "{bad:?}: {e:?}"
-        );
-        assert!(e.to_string().contains("expected http://"), "{e}");
-    }
 }

@@ -6,8 +6,8 @@
 //! find framing and the fields named in `RequestMeta`; no prompt or completion text is kept.
 
 mod body;
+mod classify;
 pub mod conn;
-mod events;
 pub mod request;
 pub mod response;
 mod sniff;
@@ -15,8 +15,8 @@ mod sse;
 
 pub use conn::ConnTracker;
 
-/// Connection identity: the traced process and the server-side socket fd. `epoch` separates
-/// successive connections that reuse an fd number.
+/// Connection identity: the traced process and the server-side socket fd. Successive connections
+/// that reuse an fd number are told apart by the accept and close records between them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId {
     pub tgid: u32,
@@ -143,7 +143,8 @@ pub struct RequestRecord {
     pub meta: RequestMeta,
     pub status: Option<u16>,
     pub outcome: Outcome,
-    /// First byte of the request read by the server.
+    /// When the request's bytes reached the server's socket (the kernel's arrival stamp; the
+    /// server's first read when the arrival programs are not attached).
     pub arrival_ns: u64,
     /// First response event carrying generated content.
     pub first_token_ns: Option<u64>,
@@ -214,7 +215,8 @@ impl ParseErrorKind {
 /// Receives what the connection state machine learns, as it learns it. The metrics layer
 /// implements it; tests implement it with a recorder.
 pub trait Observer {
-    /// A timed (LLM endpoint) request's head was parsed. `arrival_ns` is its first byte.
+    /// A timed (LLM endpoint) request's head was parsed. `arrival_ns` is when its first byte
+    /// reached the socket (see `RequestRecord::arrival_ns`).
     fn request_started(&mut self, conn: ConnId, meta: &RequestMeta, arrival_ns: u64);
     /// The first content event of a timed request was written.
     fn first_token(&mut self, conn: ConnId, meta: &RequestMeta, ttft_ns: u64);

@@ -1,4 +1,5 @@
-//! A minimal HTTP/1.1 GET for engine metric pages.
+//! The agent's one HTTP client: a minimal HTTP/1.1 GET, for engine metric pages (`crate::scrape`)
+//! and the CLI's questions to a running agent (`llm-probe health`, `llm-probe memleak`).
 //!
 //! Hand-written on `TcpStream` rather than hyper's client: the workspace builds hyper without its
 //! `client` feature, and the whole need is one request per connection with `Connection: close`,
@@ -10,7 +11,50 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{EngineError, EngineUrl};
+/// What can go wrong fetching a page.
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("read/write: {0}")]
+    Io(std::io::Error),
+    #[error("no complete response within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("body larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("bad HTTP response: {0}")]
+    BadResponse(&'static str),
+}
+
+/// Where to send the request: `host` as written in a URL (IPv6 in brackets), and the port.
+#[derive(Clone, Copy, Debug)]
+pub struct Server<'a> {
+    pub host: &'a str,
+    pub port: u16,
+}
+
+impl Server<'_> {
+    /// The Host header value (RFC 9110 §7.2: port omitted when it is the default).
+    fn authority(&self) -> String {
+        if self.port == 80 {
+            self.host.to_owned()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The host for `connect`, without IPv6 brackets.
+    fn connect_host(&self) -> &str {
+        self.host.trim_start_matches('[').trim_end_matches(']')
+    }
+}
+
+/// A response: its status and its body (lossily decoded as UTF-8).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+}
 
 /// Largest response head accepted: engines send a few hundred bytes of headers; this only stops a
 /// peer that streams header bytes forever.
@@ -22,37 +66,49 @@ const MAX_CHUNK_LINE_BYTES: usize = 1024;
 /// Bytes asked of the socket per read.
 const READ_BYTES: usize = 16 * 1024;
 
-/// Fetches `url`'s page, at most `max_body` bytes of it. No timeout here: the caller wraps the
-/// whole exchange (connect included) in one.
-pub(crate) async fn get(url: &EngineUrl, max_body: usize) -> Result<String, EngineError> {
-    let mut stream = TcpStream::connect((url.connect_host(), url.port))
+/// GET `path` from `server`, at most `max_body` bytes of body, within `timeout` (connect through
+/// the last body byte).
+pub async fn get(
+    server: Server<'_>,
+    path: &str,
+    max_body: usize,
+    timeout: std::time::Duration,
+) -> Result<Response, WebError> {
+    match tokio::time::timeout(timeout, get_inner(server, path, max_body)).await {
+        Ok(r) => r,
+        Err(_) => Err(WebError::Timeout(timeout)),
+    }
+}
+
+async fn get_inner(server: Server<'_>, path: &str, max_body: usize) -> Result<Response, WebError> {
+    let mut stream = TcpStream::connect((server.connect_host(), server.port))
         .await
-        .map_err(EngineError::Connect)?;
+        .map_err(WebError::Connect)?;
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: llm-probe/{}\r\n\
          Accept: text/plain;version=0.0.4;q=1,*/*;q=0.1\r\nAccept-Encoding: identity\r\n\
          Connection: close\r\n\r\n",
-        url.path,
-        url.authority(),
+        path,
+        server.authority(),
         env!("CARGO_PKG_VERSION"),
     );
     stream
         .write_all(request.as_bytes())
         .await
-        .map_err(EngineError::Io)?;
+        .map_err(WebError::Io)?;
 
     let mut buf = Vec::with_capacity(READ_BYTES);
     let mut chunk = vec![0u8; READ_BYTES];
-    let (framing, body_start) = loop {
+    let (status, framing, body_start) = loop {
         if let Some(head) = parse_head(&buf, max_body)? {
             break head;
         }
         if buf.len() > MAX_HEAD_BYTES {
-            return Err(EngineError::BadResponse("response head too large"));
+            return Err(WebError::BadResponse("response head too large"));
         }
-        let n = stream.read(&mut chunk).await.map_err(EngineError::Io)?;
+        let n = stream.read(&mut chunk).await.map_err(WebError::Io)?;
         if n == 0 {
-            return Err(EngineError::BadResponse(
+            return Err(WebError::BadResponse(
                 "connection closed before the response head",
             ));
         }
@@ -65,7 +121,7 @@ pub(crate) async fn get(url: &EngineUrl, max_body: usize) -> Result<String, Engi
         if body.feed(&mut buf)? {
             break;
         }
-        let n = stream.read(&mut chunk).await.map_err(EngineError::Io)?;
+        let n = stream.read(&mut chunk).await.map_err(WebError::Io)?;
         if n == 0 {
             body.finish_at_close()?;
             break;
@@ -73,7 +129,10 @@ pub(crate) async fn get(url: &EngineUrl, max_body: usize) -> Result<String, Engi
         buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
     }
     // Lossy: one stray byte in a HELP text should not cost the whole page; real samples are ASCII.
-    Ok(String::from_utf8_lossy(&body.out).into_owned())
+    Ok(Response {
+        status,
+        body: String::from_utf8_lossy(&body.out).into_owned(),
+    })
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -83,12 +142,12 @@ pub(crate) enum Framing {
     Close,
 }
 
-/// Parses a complete response head; `None` while more bytes are needed. Informational (1xx)
-/// responses are skipped; anything but 200 is an error.
+/// Parses a complete response head: (status, framing, head length); `None` while more bytes are
+/// needed. Informational (1xx) responses are skipped.
 pub(crate) fn parse_head(
     buf: &[u8],
     max_body: usize,
-) -> Result<Option<(Framing, usize)>, EngineError> {
+) -> Result<Option<(u16, Framing, usize)>, WebError> {
     let mut offset = 0;
     loop {
         let rest = buf.get(offset..).unwrap_or_default();
@@ -97,15 +156,12 @@ pub(crate) fn parse_head(
         let len = match resp.parse(rest) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(None),
-            Err(_) => return Err(EngineError::BadResponse("malformed response head")),
+            Err(_) => return Err(WebError::BadResponse("malformed response head")),
         };
         let code = resp.code.unwrap_or(0);
         if (100..200).contains(&code) && code != 101 {
             offset += len;
             continue;
-        }
-        if code != 200 {
-            return Err(EngineError::Status(code));
         }
         let mut framing = Framing::Close;
         for h in resp.headers.iter() {
@@ -115,26 +171,26 @@ pub(crate) fn parse_head(
                 // not ask for and cannot decode.
                 let last = value.rsplit(',').next().unwrap_or("").trim();
                 if !last.eq_ignore_ascii_case("chunked") || value.split(',').count() > 1 {
-                    return Err(EngineError::BadResponse("unsupported transfer coding"));
+                    return Err(WebError::BadResponse("unsupported transfer coding"));
                 }
                 framing = Framing::Chunked;
             } else if h.name.eq_ignore_ascii_case("content-length") && framing != Framing::Chunked {
                 let n: usize = value
                     .parse()
-                    .map_err(|_| EngineError::BadResponse("bad Content-Length"))?;
+                    .map_err(|_| WebError::BadResponse("bad Content-Length"))?;
                 if n > max_body {
-                    return Err(EngineError::BodyTooLarge { limit: max_body });
+                    return Err(WebError::BodyTooLarge { limit: max_body });
                 }
                 framing = Framing::Length(n);
             } else if h.name.eq_ignore_ascii_case("content-encoding")
                 && !value.eq_ignore_ascii_case("identity")
             {
-                return Err(EngineError::BadResponse(
+                return Err(WebError::BadResponse(
                     "compressed body (asked for identity)",
                 ));
             }
         }
-        return Ok(Some((framing, offset + len)));
+        return Ok(Some((code, framing, offset + len)));
     }
 }
 
@@ -163,16 +219,16 @@ impl Body {
         }
     }
 
-    fn push(&mut self, bytes: &[u8]) -> Result<(), EngineError> {
+    fn push(&mut self, bytes: &[u8]) -> Result<(), WebError> {
         if self.out.len() + bytes.len() > self.max {
-            return Err(EngineError::BodyTooLarge { limit: self.max });
+            return Err(WebError::BodyTooLarge { limit: self.max });
         }
         self.out.extend_from_slice(bytes);
         Ok(())
     }
 
     /// Consumes bytes from `buf`; true once the body is complete.
-    pub fn feed(&mut self, buf: &mut Vec<u8>) -> Result<bool, EngineError> {
+    pub fn feed(&mut self, buf: &mut Vec<u8>) -> Result<bool, WebError> {
         match self.framing {
             Framing::Length(n) => {
                 let take = n.saturating_sub(self.out.len()).min(buf.len());
@@ -189,7 +245,7 @@ impl Body {
         }
     }
 
-    fn feed_chunked(&mut self, buf: &mut Vec<u8>) -> Result<bool, EngineError> {
+    fn feed_chunked(&mut self, buf: &mut Vec<u8>) -> Result<bool, WebError> {
         let mut pos = 0;
         let done = loop {
             let rest = buf.get(pos..).unwrap_or_default();
@@ -197,7 +253,7 @@ impl Body {
                 ChunkState::Size => {
                     let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
                         if rest.len() > MAX_CHUNK_LINE_BYTES {
-                            return Err(EngineError::BadResponse("chunk size line too long"));
+                            return Err(WebError::BadResponse("chunk size line too long"));
                         }
                         break false;
                     };
@@ -210,7 +266,7 @@ impl Body {
                         break true;
                     }
                     if self.out.len().saturating_add(size) > self.max {
-                        return Err(EngineError::BodyTooLarge { limit: self.max });
+                        return Err(WebError::BodyTooLarge { limit: self.max });
                     }
                     self.chunk = ChunkState::Data(size);
                 }
@@ -239,7 +295,7 @@ impl Body {
                         self.chunk = ChunkState::Size;
                     }
                     [] | [b'\r'] => break false,
-                    _ => return Err(EngineError::BadResponse("chunk data overruns its size")),
+                    _ => return Err(WebError::BadResponse("chunk data overruns its size")),
                 },
             }
         };
@@ -248,19 +304,19 @@ impl Body {
     }
 
     /// The peer closed the connection: fine for a close-delimited body, a cut body otherwise.
-    pub fn finish_at_close(&self) -> Result<(), EngineError> {
+    pub fn finish_at_close(&self) -> Result<(), WebError> {
         match self.framing {
             Framing::Close => Ok(()),
             Framing::Length(_) | Framing::Chunked => {
-                Err(EngineError::BadResponse("connection closed mid-body"))
+                Err(WebError::BadResponse("connection closed mid-body"))
             }
         }
     }
 }
 
 /// `1a2b[;ext=...]` with optional `\r`; at most 15 hex digits, so no overflow (2^60).
-fn parse_chunk_size(line: &[u8]) -> Result<usize, EngineError> {
-    let bad = || EngineError::BadResponse("bad chunk size");
+fn parse_chunk_size(line: &[u8]) -> Result<usize, WebError> {
+    let bad = || WebError::BadResponse("bad chunk size");
     let text = std::str::from_utf8(line).map_err(|_| bad())?;
     let digits = text.split(';').next().unwrap_or("").trim();
     if digits.is_empty() || digits.len() > 15 {
@@ -273,7 +329,7 @@ fn parse_chunk_size(line: &[u8]) -> Result<usize, EngineError> {
 mod tests {
     use super::*;
 
-    fn decode(framing: Framing, max: usize, pieces: &[&[u8]]) -> Result<Vec<u8>, EngineError> {
+    fn decode(framing: Framing, max: usize, pieces: &[&[u8]]) -> Result<Vec<u8>, WebError> {
         let mut body = Body::new(framing, max);
         let mut buf = Vec::new();
         for p in pieces {
@@ -308,18 +364,15 @@ mod tests {
     #[test]
     fn chunked_errors() {
         let too_big = decode(Framing::Chunked, 4, &[b"5\r\nhello\r\n0\r\n\r\n"]);
-        assert!(matches!(
-            too_big,
-            Err(EngineError::BodyTooLarge { limit: 4 })
-        ));
+        assert!(matches!(too_big, Err(WebError::BodyTooLarge { limit: 4 })));
         let cut = decode(Framing::Chunked, 100, &[b"5\r\nhel"]);
-        assert!(matches!(cut, Err(EngineError::BadResponse(_))));
+        assert!(matches!(cut, Err(WebError::BadResponse(_))));
         let overrun = decode(Framing::Chunked, 100, &[b"2\r\nhello\r\n0\r\n\r\n"]);
-        assert!(matches!(overrun, Err(EngineError::BadResponse(_))));
+        assert!(matches!(overrun, Err(WebError::BadResponse(_))));
         let not_hex = decode(Framing::Chunked, 100, &[b"zz\r\n"]);
-        assert!(matches!(not_hex, Err(EngineError::BadResponse(_))));
+        assert!(matches!(not_hex, Err(WebError::BadResponse(_))));
         let huge = decode(Framing::Chunked, 100, &[b"ffffffffffffffffff\r\n"]);
-        assert!(matches!(huge, Err(EngineError::BadResponse(_))));
+        assert!(matches!(huge, Err(WebError::BadResponse(_))));
         let endless = vec![b'1'; MAX_CHUNK_LINE_BYTES + 1];
         assert!(decode(Framing::Chunked, 100, &[&endless]).is_err());
     }
@@ -332,7 +385,7 @@ mod tests {
         let ok = decode(Framing::Close, 10, &[b"hel", b"lo"]);
         assert_eq!(ok.ok().as_deref(), Some(&b"hello"[..]));
         let too_big = decode(Framing::Close, 4, &[b"hel", b"lo"]);
-        assert!(matches!(too_big, Err(EngineError::BodyTooLarge { .. })));
+        assert!(matches!(too_big, Err(WebError::BodyTooLarge { .. })));
     }
 
     #[test]
@@ -341,23 +394,23 @@ mod tests {
         assert!(matches!(h("HTTP/1.1 200 OK\r\nContent-Le"), Ok(None)));
         assert!(matches!(
             h("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"),
-            Ok(Some((Framing::Length(3), 38)))
+            Ok(Some((200, Framing::Length(3), 38)))
         ));
         assert!(matches!(
             h("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"),
-            Ok(Some((Framing::Chunked, _)))
+            Ok(Some((200, Framing::Chunked, _)))
         ));
         assert!(matches!(
             h("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n"),
-            Ok(Some((Framing::Close, 44)))
+            Ok(Some((200, Framing::Close, 44)))
         ));
         assert!(matches!(
             h("HTTP/1.1 500 Oops\r\n\r\n"),
-            Err(EngineError::Status(500))
+            Ok(Some((500, Framing::Close, 21)))
         ));
         assert!(matches!(
             h("HTTP/1.1 200 OK\r\nContent-Length: 101\r\n\r\n"),
-            Err(EngineError::BodyTooLarge { limit: 100 })
+            Err(WebError::BodyTooLarge { limit: 100 })
         ));
         assert!(h("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").is_err());
         assert!(h("HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n\r\n").is_err());

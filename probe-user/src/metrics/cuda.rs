@@ -1,10 +1,18 @@
 //! `llm_cuda_*`, `llm_gpu_memory_*`, `llm_kv_cache_pool_bytes` and `llm_engine_step_seconds`.
+//! Launch and nested-call counts live in the kernel's per-thread map and are read at scrape time:
+//! `encode_collected` writes them for the agent's collector.
 //! Labels stay bounded: `api` is one of the 37 probed entry points, `pid` only an attached
 //! process (removed when it exits), `phase` prefill or decode.
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::Histogram,
+        MetricType,
+    },
     registry::Registry,
 };
 use std::sync::atomic::AtomicU64;
@@ -47,9 +55,6 @@ fn step_hist() -> Histogram {
 
 #[derive(Clone)]
 pub struct CudaMetrics {
-    pub kernel_launches: Family<ApiLabels, Counter>,
-    pub graph_launches: Family<ApiLabels, Counter>,
-    pub nested: Family<ApiLabels, Counter>,
     pub alloc: Family<ApiLabels, Counter>,
     pub free: Family<ApiLabels, Counter>,
     pub alloc_bytes: Family<ApiLabels, Counter>,
@@ -69,9 +74,6 @@ pub struct CudaMetrics {
 impl CudaMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
-            kernel_launches: Family::default(),
-            graph_launches: Family::default(),
-            nested: Family::default(),
             alloc: Family::default(),
             free: Family::default(),
             alloc_bytes: Family::default(),
@@ -88,17 +90,6 @@ impl CudaMetrics {
             libraries: Gauge::default(),
         };
         let r = registry;
-        r.register(
-            "llm_cuda_kernel_launches",
-            "Kernel launches by the traced processes, by CUDA entry point (a runtime launch that \
-             reaches the driver counts once, as the runtime API)",
-            m.kernel_launches.clone(),
-        );
-        r.register(
-            "llm_cuda_graph_launches",
-            "CUDA graph launches by the traced processes, by entry point",
-            m.graph_launches.clone(),
-        );
         r.register(
             "llm_cuda_alloc",
             "Successful device memory allocations (incl. cuMemCreate and cuMemAddressReserve)",
@@ -160,12 +151,6 @@ impl CudaMetrics {
             m.step.clone(),
         );
         r.register(
-            "llm_probe_cuda_nested_calls",
-            "Driver calls made by a runtime call of the same thread (counted once, under the \
-             runtime API; api=launch for kernel/graph launches)",
-            m.nested.clone(),
-        );
-        r.register(
             "llm_probe_cuda_failed_calls",
             "CUDA memory calls that returned an error (nothing entered in the ledger)",
             m.failed.clone(),
@@ -183,4 +168,54 @@ impl CudaMetrics {
         );
         m
     }
+}
+
+/// Counts the agent reads from the kernel at scrape time, by `api` label: kernel launches, graph
+/// launches, and driver calls nested in a runtime call (`launch` for launches).
+#[derive(Clone, Debug, Default)]
+pub struct Collected {
+    pub kernel_launches: Vec<(&'static str, u64)>,
+    pub graph_launches: Vec<(&'static str, u64)>,
+    pub nested: Vec<(&'static str, u64)>,
+}
+
+fn counter_family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: &[(&'static str, u64)],
+) -> std::fmt::Result {
+    if values.is_empty() {
+        return Ok(());
+    }
+    let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for &(api, v) in values {
+        ConstCounter::new(v).encode(family.encode_family(&ApiLabels { api })?)?;
+    }
+    Ok(())
+}
+
+/// `llm_cuda_kernel_launches_total{api}`, `llm_cuda_graph_launches_total{api}` and
+/// `llm_probe_cuda_nested_calls_total{api}` (series with a count above zero only).
+pub fn encode_collected(enc: &mut DescriptorEncoder, c: &Collected) -> std::fmt::Result {
+    counter_family(
+        enc,
+        "llm_cuda_kernel_launches",
+        "Kernel launches by the traced processes, by CUDA entry point (a runtime launch that \
+         reaches the driver counts once, as the runtime API)",
+        &c.kernel_launches,
+    )?;
+    counter_family(
+        enc,
+        "llm_cuda_graph_launches",
+        "CUDA graph launches by the traced processes, by entry point",
+        &c.graph_launches,
+    )?;
+    counter_family(
+        enc,
+        "llm_probe_cuda_nested_calls",
+        "Driver calls made by a runtime call of the same thread (counted once, under the \
+         runtime API; api=launch for kernel/graph launches)",
+        &c.nested,
+    )
 }

@@ -10,7 +10,7 @@ use std::{
 use proptest::prelude::*;
 
 use super::*;
-use crate::cuda::ldcache::*;
+use super::{ldcache::*, runpath::read_search_paths};
 
 /// A directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);

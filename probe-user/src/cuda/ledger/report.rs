@@ -5,7 +5,6 @@ use probe_common::cuda::api;
 use serde::{Deserialize, Serialize};
 
 use super::{Ledger, Proc, SITE_NONE, SITE_OVERFLOW};
-use crate::cuda::symbolize::Symbolize;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LeakReport {
@@ -406,4 +405,28 @@ pub fn render_text(r: &LeakReport) -> String {
         r.failed_calls, r.double_frees, r.unknown_frees, r.dropped
     );
     o
+}
+
+/// Turns the addresses of a call stack into printable frames.
+pub trait Symbolize {
+    /// One string per address, in the order given. The addresses are return addresses (what a
+    /// stack walk yields), so implementations look up `addr - 1`, the call instruction, and report
+    /// the offset of the return address itself. Never fails: an address that cannot be named is
+    /// printed in hex.
+    fn symbolize(&mut self, pid: u32, addrs: &[u64]) -> Vec<String>;
+
+    /// `pid` exited: forget what was cached for it (its addresses may name other code later).
+    fn forget(&mut self, pid: u32) {
+        let _ = pid;
+    }
+}
+
+/// Hex addresses only (tests, and `--no-symbols`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoSymbols;
+
+impl Symbolize for NoSymbols {
+    fn symbolize(&mut self, _pid: u32, addrs: &[u64]) -> Vec<String> {
+        addrs.iter().map(|a| format!("{a:#x}")).collect()
+    }
 }

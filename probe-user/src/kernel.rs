@@ -1,6 +1,9 @@
-//! Loads the embedded kernel object, attaches every program, and owns the maps the agent writes
-//! (`TARGETS`, `CONNS`) and reads (`COUNTERS`). Degrades instead of dying: a program that fails to
-//! attach is logged and reported as `llm_probe_attached{program} 0` (STYLE.md §12).
+//! The only module that touches aya: loads the embedded kernel object, attaches every program,
+//! and owns the maps the agent writes (`TARGETS`, `CONNS`, `LISTEN_PORTS`) and reads (`COUNTERS`,
+//! and the CUDA maps in `cuda`). Degrades instead of dying: a program that fails to attach is
+//! logged and reported as `llm_probe_attached{program} 0`; only the socket path is required.
+
+pub mod cuda;
 
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
@@ -8,6 +11,11 @@ use aya::{
     Ebpf, EbpfError,
 };
 use probe_common::{counter, ConnKey};
+
+use crate::metrics::probe::KernelCounters;
+
+/// The ring buffer the kernel programs write records into (read by the agent's ingest loop).
+pub type Ring = RingBuf<MapData>;
 
 /// The kernel object built by build.rs (empty when built with `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe"));
@@ -55,29 +63,42 @@ pub enum LoadError {
     MissingMap(&'static str),
     #[error("map {0}: {1}")]
     Map(&'static str, #[source] aya::maps::MapError),
-    #[error("no required program could be attached: {0}")]
-    NothingAttached(String),
+    #[error("no required program could be attached: {}", .0.join(", "))]
+    NothingAttached(Vec<&'static str>),
+}
+
+/// Why one tracepoint program is not attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("program missing from the object")]
+    Missing,
+    #[error("not a tracepoint program: {0}")]
+    Kind(#[source] aya::programs::ProgramError),
+    #[error("load: {0}")]
+    Load(#[source] aya::programs::ProgramError),
+    #[error("attach: {0}")]
+    Attach(#[source] aya::programs::ProgramError),
 }
 
 /// Result of attaching one program.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Attached {
     pub program: &'static str,
     pub ok: bool,
-    pub error: Option<String>,
+    pub error: Option<AttachError>,
 }
 
 /// The loaded object. Dropping it detaches every program (aya owns the links).
 pub struct Kernel {
     /// Owns the programs and their links (the CUDA uprobes are attached later, per library).
-    pub(crate) ebpf: Ebpf,
+    ebpf: Ebpf,
     targets: HashMap<MapData, u32, u32>,
     conns: HashMap<MapData, ConnKey, u32>,
     listen_ports: HashMap<MapData, u16, u32>,
     counters: PerCpuArray<MapData, u64>,
     pub attached: Vec<Attached>,
-    /// CUDA uprobe state (`crate::cuda::uprobes`); `None` when its programs failed to load.
-    pub(crate) cuda: Option<crate::cuda::uprobes::CudaProbes>,
+    /// CUDA uprobe state (`cuda`); `None` when its programs failed to load.
+    cuda: Option<cuda::CudaProbes>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
@@ -88,35 +109,22 @@ where
     T::try_from(map).map_err(|e| LoadError::Map(name, e))
 }
 
-/// Per-CPU counters summed over CPUs, indexed by `probe_common::counter::*`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    pub seen: u64,
-    pub lost_ringbuf_full: u64,
-    pub lost_map_full: u64,
-    pub read_user_failed: u64,
-    pub truncated: u64,
-    pub iov_skipped: u64,
-}
-
 impl Kernel {
     /// Load and attach. Returns the kernel handle and the ring buffer (read by the agent's task).
-    pub fn load() -> Result<(Self, RingBuf<MapData>), LoadError> {
+    pub fn load() -> Result<(Self, Ring), LoadError> {
         if OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
         raise_memlock();
+        ensure_tracefs();
         let mut ebpf = Ebpf::load(OBJECT)?;
         let mut attached = Vec::with_capacity(PROGRAMS.len());
         for &(name, category, _) in PROGRAMS {
-            let result = (|| -> Result<(), String> {
-                let prog = ebpf
-                    .program_mut(name)
-                    .ok_or("program missing from object")?;
-                let tp: &mut TracePoint = prog.try_into().map_err(|e| format!("{e}"))?;
-                tp.load().map_err(|e| format!("load: {e:#}"))?;
-                tp.attach(category, name)
-                    .map_err(|e| format!("attach: {e:#}"))?;
+            let result = (|| -> Result<(), AttachError> {
+                let prog = ebpf.program_mut(name).ok_or(AttachError::Missing)?;
+                let tp: &mut TracePoint = prog.try_into().map_err(AttachError::Kind)?;
+                tp.load().map_err(AttachError::Load)?;
+                tp.attach(category, name).map_err(AttachError::Attach)?;
                 Ok(())
             })();
             if let Err(e) = &result {
@@ -135,14 +143,14 @@ impl Kernel {
             .map(|((name, _, _), _)| *name)
             .collect();
         if !missing.is_empty() {
-            return Err(LoadError::NothingAttached(missing.join(", ")));
+            return Err(LoadError::NothingAttached(missing));
         }
-        let ring = take::<RingBuf<MapData>>(&mut ebpf, "EVENTS")?;
+        let ring = take::<Ring>(&mut ebpf, "EVENTS")?;
         let targets = take(&mut ebpf, "TARGETS")?;
         let conns = take(&mut ebpf, "CONNS")?;
         let listen_ports = take(&mut ebpf, "LISTEN_PORTS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
-        let cuda = crate::cuda::uprobes::CudaProbes::load(&mut ebpf)
+        let cuda = cuda::CudaProbes::load(&mut ebpf)
             .inspect_err(|e| log::warn!("CUDA probes unavailable: {e:#}"))
             .ok();
         Ok((
@@ -169,10 +177,6 @@ impl Kernel {
         let _ = self.targets.remove(&tgid);
     }
 
-    pub fn targets(&self) -> Vec<u32> {
-        self.targets.keys().filter_map(Result::ok).collect()
-    }
-
     pub fn track_conn(&mut self, tgid: u32, fd: u32) -> Result<(), LoadError> {
         self.conns
             .insert(ConnKey { tgid, fd }, 1, 0)
@@ -191,13 +195,13 @@ impl Kernel {
         let _ = self.conns.remove(&ConnKey { tgid, fd });
     }
 
-    pub fn counters(&self) -> Counters {
+    pub fn counters(&self) -> KernelCounters {
         let sum = |i: u32| -> u64 {
             self.counters
                 .get(&i, 0)
                 .map_or(0, |v| v.iter().copied().sum())
         };
-        Counters {
+        KernelCounters {
             seen: sum(counter::EVENTS_SEEN),
             lost_ringbuf_full: sum(counter::LOST_RINGBUF_FULL),
             lost_map_full: sum(counter::LOST_MAP_FULL),
@@ -205,6 +209,40 @@ impl Kernel {
             truncated: sum(counter::TRUNCATED),
             iov_skipped: sum(counter::IOV_SKIPPED),
         }
+    }
+}
+
+/// Where the kernel's own tracefs mount point is, and the older one under debugfs.
+const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+/// Tracepoint programs are attached by the ids tracefs lists (`events/<category>/<name>/id`).
+/// Hosts usually mount it (systemd does); a minimal VM or a fresh container may not. Then mount
+/// it at the kernel's own mount point, as `mount -t tracefs nodev /sys/kernel/tracing` would
+/// (needs `CAP_SYS_ADMIN`; without it the attach errors below say "tracefs not found").
+fn ensure_tracefs() {
+    if TRACEFS
+        .iter()
+        .any(|p| std::path::Path::new(p).join("events").is_dir())
+    {
+        return;
+    }
+    // SAFETY: NUL-terminated literals and a null data pointer, as mount(2) allows for tracefs.
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            c"/sys/kernel/tracing".as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        log::info!("tracefs was not mounted: mounted it at /sys/kernel/tracing");
+    } else {
+        log::warn!(
+            "tracefs is not mounted and mounting it at /sys/kernel/tracing failed ({}):              tracepoint programs cannot attach; mount it (mount -t tracefs nodev              /sys/kernel/tracing) or give the agent the host's",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

@@ -5,7 +5,6 @@ use probe_common::{CudaMemEvent, EventHeader, EventKind};
 use proptest::prelude::*;
 
 use super::*;
-use crate::cuda::symbolize::{NoSymbols, Symbolize};
 
 const PID: u32 = 100;
 const S: u64 = 1_000_000_000;

@@ -1,8 +1,8 @@
 //! Names for the call sites of device allocations: user-space return addresses of a traced process
 //! → `func+0x12 (file:line)`, `func+0x12 [libfoo.so]`, `0x7f… [libfoo.so]` or `0x…`.
 //!
-//! Behind a trait so that the ledger's report can be tested with `NoSymbols` (hex only) and the
-//! agent can use blazesym, which reads the target's `/proc/<pid>/maps` and the mapped ELF/DWARF.
+//! Implements the ledger's `Symbolize` (`crate::cuda::ledger`, where `NoSymbols` gives hex only)
+//! with blazesym, which reads the target's `/proc/<pid>/maps` and the mapped ELF/DWARF.
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
@@ -13,24 +13,7 @@ use blazesym::symbolize::source::{Process, Source};
 use blazesym::symbolize::{Input, Sym, Symbolized, Symbolizer};
 use rustc_hash::FxHashMap;
 
-/// Turns the addresses of a call stack into printable frames.
-pub trait Symbolize {
-    /// One string per address, in the order given. The addresses are return addresses (what a
-    /// stack walk yields), so implementations look up `addr - 1`, the call instruction, and report
-    /// the offset of the return address itself. Never fails: an address that cannot be named is
-    /// printed in hex.
-    fn symbolize(&mut self, pid: u32, addrs: &[u64]) -> Vec<String>;
-}
-
-/// Hex addresses only (tests, and `--no-symbols`).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NoSymbols;
-
-impl Symbolize for NoSymbols {
-    fn symbolize(&mut self, _pid: u32, addrs: &[u64]) -> Vec<String> {
-        addrs.iter().map(|a| format!("{a:#x}")).collect()
-    }
-}
+use crate::cuda::ledger::Symbolize;
 
 /// Names cached per (pid, address). A report names at most `top` sites × 16 frames, and call sites
 /// repeat between reports, so this covers many reports; past it the cache starts over.
@@ -139,6 +122,10 @@ impl BlazeSymbolizer {
 }
 
 impl Symbolize for BlazeSymbolizer {
+    fn forget(&mut self, pid: u32) {
+        BlazeSymbolizer::forget(self, pid);
+    }
+
     fn symbolize(&mut self, pid: u32, addrs: &[u64]) -> Vec<String> {
         let mut out: Vec<Option<String>> = addrs
             .iter()
@@ -246,6 +233,7 @@ fn module_of(maps: &[MapsEntry], addr: u64) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::ledger::NoSymbols;
 
     #[inline(never)]
     #[no_mangle]

@@ -13,8 +13,10 @@
 //! absolute symlinks included, so a container's libraries are found in the container.
 //! Nothing here fails: a missing or unreadable piece is logged at debug level and skipped.
 
-pub use super::ldcache::parse_ld_so_cache;
-pub(crate) use super::libs_elf::read_search_paths;
+mod ldcache;
+mod runpath;
+
+pub use ldcache::parse_ld_so_cache;
 use std::{
     collections::HashSet,
     ffi::{OsStr, OsString},
@@ -471,7 +473,7 @@ fn dynamic_objects(
             if !fs::metadata(&host).is_ok_and(|md| md.is_file()) {
                 return None;
             }
-            let (rpath, runpath) = read_search_paths(&host)?;
+            let (rpath, runpath) = runpath::read_search_paths(&host)?;
             Some(DynObject {
                 origin: shown.parent().map(Path::to_path_buf),
                 rpath,
@@ -593,6 +595,36 @@ fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// What `pid` maps of CUDA now: the library paths (as the process sees them) and the executable
+/// ranges of its runtime (for the kernel's nesting test). One read of `/proc/PID/maps`, through the
+/// same parser as `find_cuda_libs`; the agent's periodic rescan.
+#[derive(Default)]
+pub struct MappedCuda {
+    pub paths: Vec<PathBuf>,
+    pub runtime_text: Vec<(u64, u64)>,
+}
+
+pub fn mapped_cuda(pid: u32) -> MappedCuda {
+    let mut out = MappedCuda::default();
+    for m in read_maps(Path::new(&format!("/proc/{pid}"))) {
+        let Some(kind) = m.path.file_name().and_then(mapped_kind) else {
+            continue;
+        };
+        if kind == LibKind::Runtime && m.exec {
+            let range = m.range.split_once('-').and_then(|(a, b)| {
+                Some((
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                ))
+            });
+            out.runtime_text.extend(range);
+        }
+        out.paths.push(m.path);
+    }
+    out.paths.sort_unstable();
+    out.paths.dedup();
+    out
+}
+
 #[cfg(test)]
-#[path = "libs_tests.rs"]
 mod tests;

@@ -1,6 +1,6 @@
 //! Attaching the CUDA uprobes: the five programs of probe-ebpf/src/cuda.rs are loaded once, then
 //! attached to every symbol of `probe_common::cuda::api::NAMES` in each library file found by
-//! `libs` (by file offset, with the API id as the attach cookie). Two scopes (`--cuda-probe-scope`):
+//! `crate::cudalibs` (by file offset, with the API id as the attach cookie). Two scopes (`--cuda-probe-scope`):
 //! `host` (default) attaches each file once for every process that maps it, now or after a later
 //! `dlopen`, `fork` or `exec`, and the programs filter by tgid — untraced processes using the same
 //! file take the breakpoint and leave at the filter; `process` attaches per traced process (perf
@@ -13,7 +13,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::Context as _;
 use aya::{
     maps::{HashMap, MapData},
     programs::{
@@ -25,10 +24,28 @@ use aya::{
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 use probe_common::{cuda::api, CudaThread, CudartText};
 
-use super::libs::{CudaLib, LibKind};
-use crate::ebpf::Kernel;
+use super::Kernel;
+use crate::cudalibs::{self, CudaLib, LibKind};
 
-/// (program, is it the return probe). Launches get the entry program only.
+/// Why the CUDA probes, or one library file's, could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaProbeError {
+    #[error("program {0} missing from the object")]
+    MissingProgram(&'static str),
+    #[error("map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("program {0}: {1}")]
+    Program(&'static str, #[source] aya::programs::ProgramError),
+    #[error("map {0}: {1}")]
+    Map(&'static str, #[source] aya::maps::MapError),
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("parsing {0}: {1}")]
+    Elf(PathBuf, #[source] object::Error),
+}
+
+/// The programs attached at each entry point, by API family. Launches get the entry program
+/// only (they are counted in the kernel); memory and sync calls get entry and return.
 const LAUNCH: &[&str] = &["cuda_launch"];
 const MEM: &[&str] = &["cuda_mem_enter", "cuda_mem_return"];
 const SYNC: &[&str] = &["cuda_sync_enter", "cuda_sync_return"];
@@ -85,36 +102,27 @@ pub struct CudaProbes {
     attached: std::collections::HashSet<(u64, u64, u32)>,
     /// Links per process, detached when it exits.
     links: StdHashMap<u32, Vec<(&'static str, UProbeLinkId)>>,
-    /// Processes whose libraries were resolved (with or without a result).
-    pids: std::collections::HashSet<u32>,
 }
 
 impl CudaProbes {
     /// Load (not attach) the CUDA programs and take the per-thread counter map.
-    pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+    pub fn load(ebpf: &mut Ebpf) -> Result<Self, CudaProbeError> {
         for name in PROGRAMS {
-            let prog: &mut UProbe = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            prog.load().with_context(|| format!("loading {name}"))?;
+            uprobe(ebpf, name)?
+                .load()
+                .map_err(|e| CudaProbeError::Program(name, e))?;
         }
-        let map = ebpf
-            .take_map("CUDA_THREADS")
-            .context("map CUDA_THREADS missing from the object")?;
-        let text = ebpf
-            .take_map("CUDART_TEXT")
-            .context("map CUDART_TEXT missing from the object")?;
+        let threads = take_hash(ebpf, "CUDA_THREADS")?;
+        let cudart_text = take_hash(ebpf, "CUDART_TEXT")?;
         Ok(Self {
-            threads: HashMap::try_from(map)?,
-            cudart_text: HashMap::try_from(text)?,
+            threads,
+            cudart_text,
             text_written: StdHashMap::new(),
             runtime_launches: true,
             per_process: false,
             files: StdHashMap::new(),
             attached: std::collections::HashSet::new(),
             links: StdHashMap::new(),
-            pids: std::collections::HashSet::new(),
         })
     }
 
@@ -157,13 +165,30 @@ impl CudaProbes {
     }
 }
 
+fn take_hash<V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, u32, V>, CudaProbeError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(CudaProbeError::MissingMap(name))?;
+    HashMap::try_from(map).map_err(|e| CudaProbeError::Map(name, e))
+}
+
+fn uprobe<'e>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut UProbe, CudaProbeError> {
+    ebpf.program_mut(name)
+        .ok_or(CudaProbeError::MissingProgram(name))?
+        .try_into()
+        .map_err(|e| CudaProbeError::Program(name, e))
+}
+
 /// File offsets of the wanted exported symbols (uprobes take offsets into the file).
 fn symbol_offsets_in(
     data: &[u8],
     path: &Path,
     wanted: &[&'static str],
-) -> anyhow::Result<Vec<(&'static str, u64)>> {
-    let file = object::File::parse(data).with_context(|| format!("parsing {}", path.display()))?;
+) -> Result<Vec<(&'static str, u64)>, CudaProbeError> {
+    let file = object::File::parse(data).map_err(|e| CudaProbeError::Elf(path.to_path_buf(), e))?;
     let mut addrs: StdHashMap<&str, u64> = StdHashMap::new();
     for sym in file.dynamic_symbols().chain(file.symbols()) {
         if sym.is_undefined() || sym.address() == 0 {
@@ -244,8 +269,8 @@ fn unprobeable(data: &[u8], off: u64) -> Option<&'static str> {
 /// (symbol, file offset to probe, why it cannot be probed, probed past an `endbr64`).
 type Offsets = Vec<(&'static str, u64, Option<&'static str>, bool)>;
 
-fn symbol_offsets_checked(path: &Path, wanted: &[&'static str]) -> anyhow::Result<Offsets> {
-    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+fn symbol_offsets_checked(path: &Path, wanted: &[&'static str]) -> Result<Offsets, CudaProbeError> {
+    let data = std::fs::read(path).map_err(|e| CudaProbeError::Read(path.to_path_buf(), e))?;
     let mut out = Vec::new();
     for (w, entry) in symbol_offsets_in(&data, path, wanted)? {
         let off = past_endbr64(&data, entry);
@@ -321,21 +346,17 @@ impl Kernel {
             }
             let mut ok = true;
             for &prog_name in programs_for(id) {
-                let result = (|| -> anyhow::Result<UProbeLinkId> {
-                    let prog: &mut UProbe = self
-                        .ebpf
-                        .program_mut(prog_name)
-                        .context("program missing")?
-                        .try_into()?;
-                    Ok(prog.attach(
+                let result = uprobe(&mut self.ebpf, prog_name).and_then(|prog| {
+                    prog.attach(
                         UProbeAttachPoint {
                             location: UProbeAttachLocation::AbsoluteOffset(off),
                             cookie: Some(u64::from(id)),
                         },
                         &lib.path,
                         scope,
-                    )?)
-                })();
+                    )
+                    .map_err(|e| CudaProbeError::Program(prog_name, e))
+                });
                 match result {
                     Ok(link) => {
                         let links = &mut self.cuda.as_mut().expect("checked above").links;
@@ -363,7 +384,6 @@ impl Kernel {
         let Some(cuda) = self.cuda.as_mut() else {
             return 0;
         };
-        cuda.pids.remove(&pid);
         if cuda.text_written.remove(&pid).is_some() {
             let _ = cuda.cudart_text.remove(&pid);
         }
@@ -389,14 +409,6 @@ impl Kernel {
         }
     }
 
-    /// Processes whose CUDA libraries were resolved and attached (see `attach_cuda_for`).
-    pub fn cuda_pids(&self) -> Vec<u32> {
-        self.cuda
-            .as_ref()
-            .map(|c| c.pids.iter().copied().collect())
-            .unwrap_or_default()
-    }
-
     pub fn cuda_loaded(&self) -> bool {
         self.cuda.is_some()
     }
@@ -416,37 +428,6 @@ impl Kernel {
     }
 }
 
-/// What `pid` maps of CUDA now: the library paths (as the process sees them) and the executable
-/// ranges of its runtime (for the kernel's nesting test). One read of `/proc/PID/maps`, through the
-/// same parser as `find_cuda_libs`; the agent's periodic rescan.
-#[derive(Default)]
-pub struct MappedCuda {
-    pub paths: Vec<PathBuf>,
-    pub runtime_text: Vec<(u64, u64)>,
-}
-
-pub fn mapped_cuda(pid: u32) -> MappedCuda {
-    let mut out = MappedCuda::default();
-    for m in super::libs::read_maps(Path::new(&format!("/proc/{pid}"))) {
-        let Some(kind) = m.path.file_name().and_then(super::libs::mapped_kind) else {
-            continue;
-        };
-        if kind == LibKind::Runtime && m.exec {
-            let range = m.range.split_once('-').and_then(|(a, b)| {
-                Some((
-                    u64::from_str_radix(a, 16).ok()?,
-                    u64::from_str_radix(b, 16).ok()?,
-                ))
-            });
-            out.runtime_text.extend(range);
-        }
-        out.paths.push(m.path);
-    }
-    out.paths.sort_unstable();
-    out.paths.dedup();
-    out
-}
-
 impl Kernel {
     /// Find (mapped now or predicted) and attach the CUDA libraries of `pid`. Returns the library
     /// files newly attached (as the process sees them).
@@ -455,10 +436,9 @@ impl Kernel {
             return Vec::new();
         }
         if let Some(c) = self.cuda.as_mut() {
-            c.pids.insert(pid);
-            c.update_cudart_text(pid, &mapped_cuda(pid).runtime_text);
+            c.update_cudart_text(pid, &cudalibs::mapped_cuda(pid).runtime_text);
         }
-        let libs = super::libs::find_cuda_libs(pid);
+        let libs = cudalibs::find_cuda_libs(pid);
         if libs.is_empty() {
             log::info!(
                 "pid {pid}: no CUDA library mapped or found on its library path; CUDA probes idle \

@@ -1,0 +1,138 @@
+//! The hot path, owned by one task: ring-buffer record → `record::decode` → `http::ConnTracker` →
+//! `requests::RequestStats` (the `Observer`) → metric families; CUDA records to the ledger; fork
+//! and exit records to the target set.
+
+use super::targets::Targets;
+use crate::{
+    cuda::state::SharedCuda,
+    http::{ConnId, ConnTracker},
+    kernel::Ring,
+    metrics::{ProbeMetrics, RequestMetrics},
+    record::{decode, Event},
+    requests::{RequestStats, SharedRecent},
+};
+
+/// Everything the ingest loop owns: record → decode → connection state → request stats → metrics.
+pub struct Ingest {
+    pub tracker: ConnTracker,
+    pub stats: RequestStats,
+    pub probe: ProbeMetrics,
+    /// CUDA ledger, steps and launches (`None`: records of that kind are only counted).
+    pub cuda: Option<SharedCuda>,
+}
+
+impl Ingest {
+    pub fn new(requests: RequestMetrics, probe: ProbeMetrics, recent: SharedRecent) -> Self {
+        Self {
+            tracker: ConnTracker::new(),
+            stats: RequestStats::new(requests, recent),
+            probe,
+            cuda: None,
+        }
+    }
+
+    /// Process one ring-buffer record.
+    pub fn handle(&mut self, raw: &[u8], targets: &mut Targets) {
+        let ev = match decode(raw) {
+            Ok(ev) => ev,
+            Err(e) => {
+                log::debug!("undecodable record: {e}");
+                self.probe.decode_losses.count(e.reason());
+                return;
+            }
+        };
+        match ev {
+            Event::Data {
+                header,
+                fd,
+                egress,
+                ret,
+                payload,
+                arrival_ns,
+                ..
+            } => {
+                let conn = ConnId {
+                    tgid: header.tgid,
+                    fd,
+                };
+                // Ingress bytes are dated by their arrival at the socket when the kernel knows it:
+                // a request that waited in the receive queue was waiting for the user too.
+                let ts = if !egress && arrival_ns != 0 && arrival_ns <= header.ts_ns {
+                    arrival_ns
+                } else {
+                    header.ts_ns
+                };
+                self.stats.now_ns = ts;
+                let s = &mut self.stats;
+                match (ret, egress) {
+                    (n, true) if n > 0 => self.tracker.on_egress(conn, ts, n as u64, payload, s),
+                    (n, false) if n > 0 => self.tracker.on_ingress(conn, ts, n as u64, payload, s),
+                    (0, false) => self.tracker.on_peer_closed(conn, ts, s),
+                    (0, true) => {}
+                    (n, _) => self.tracker.on_io_error(conn, ts, (-n) as i32, s),
+                }
+                if !self.stats.first_tokens.is_empty() {
+                    if let Some(Ok(mut c)) = self.cuda.as_ref().map(|c| c.lock()) {
+                        for &t in &self.stats.first_tokens {
+                            c.on_first_token(t);
+                        }
+                    }
+                    self.stats.first_tokens.clear();
+                }
+            }
+            Event::Accept { header, fd } => {
+                let conn = ConnId {
+                    tgid: header.tgid,
+                    fd,
+                };
+                self.tracker.on_accept(conn, header.ts_ns, &mut self.stats);
+            }
+            Event::Close { header, fd } => {
+                let conn = ConnId {
+                    tgid: header.tgid,
+                    fd,
+                };
+                self.tracker.on_close(conn, header.ts_ns, &mut self.stats);
+            }
+            Event::Fork { header, child } => {
+                log::info!(
+                    "traced process {} forked {child}; tracing it too",
+                    header.tgid
+                );
+                targets.add(child, "fork");
+            }
+            Event::CudaMem(ev) => {
+                if let Some(Ok(mut c)) = self.cuda.as_ref().map(|c| c.lock()) {
+                    c.on_mem(&ev);
+                }
+            }
+            Event::CudaSync(ev) => {
+                let waiting = self.stats.queue_depth() > 0;
+                if let Some(Ok(mut c)) = self.cuda.as_ref().map(|c| c.lock()) {
+                    c.on_sync(&ev, waiting);
+                }
+            }
+            Event::Exit { header } => {
+                log::warn!("traced process {} exited", header.tgid);
+                self.tracker
+                    .on_process_exit(header.tgid, header.ts_ns, &mut self.stats);
+                targets.exited(header.tgid);
+                if let Some(Ok(mut c)) = self.cuda.as_ref().map(|c| c.lock()) {
+                    c.forget(header.tgid);
+                }
+            }
+        }
+    }
+
+    /// Everything the ring holds now.
+    pub fn drain(&mut self, ring: &mut Ring, targets: &mut Targets) {
+        let mut n = 0u64;
+        while let Some(item) = ring.next() {
+            self.handle(&item, targets);
+            n += 1;
+        }
+        if n > 0 {
+            self.probe.events.inc_by(n);
+        }
+    }
+}

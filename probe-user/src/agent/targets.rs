@@ -1,0 +1,139 @@
+//! The traced-process set and its single owner. The kernel's `TARGETS` map (its tgid filter) is a
+//! mirror the agent writes through `Kernel`; `/health` and the samplers get snapshots from here:
+//! `publish` copies the set into the health view and into a `watch` channel of live pids.
+
+use std::collections::BTreeMap;
+
+use tokio::sync::watch;
+
+use crate::{
+    discover,
+    health::{SharedHealth, TargetView},
+};
+
+/// One traced process as the agent knows it.
+#[derive(Clone, Debug)]
+struct Target {
+    comm: String,
+    /// How it was found: `pid`, `port` or `fork`.
+    via: &'static str,
+    alive: bool,
+    /// Its CUDA libraries were resolved and the uprobes attached for it.
+    cuda: bool,
+}
+
+pub struct Targets {
+    map: BTreeMap<u32, Target>,
+    health: SharedHealth,
+    live_tx: watch::Sender<Vec<u32>>,
+    dirty: bool,
+}
+
+impl Targets {
+    pub fn new(health: SharedHealth) -> Self {
+        Self {
+            map: BTreeMap::new(),
+            health,
+            live_tx: watch::Sender::new(Vec::new()),
+            dirty: false,
+        }
+    }
+
+    /// A receiver of the live pids, updated at every `publish` that changed them.
+    pub fn subscribe(&self) -> watch::Receiver<Vec<u32>> {
+        self.live_tx.subscribe()
+    }
+
+    /// Start tracking `pid` (found `via` pid, port or fork). Returns false when already alive.
+    pub fn add(&mut self, pid: u32, via: &'static str) -> bool {
+        if self.map.get(&pid).is_some_and(|t| t.alive) {
+            return false;
+        }
+        self.map.insert(
+            pid,
+            Target {
+                comm: discover::comm(pid),
+                via,
+                alive: true,
+                cuda: false,
+            },
+        );
+        self.dirty = true;
+        true
+    }
+
+    /// `pid` exited (or was found gone). Returns whether it was alive until now.
+    pub fn exited(&mut self, pid: u32) -> bool {
+        match self.map.get_mut(&pid) {
+            Some(t) if t.alive => {
+                t.alive = false;
+                self.dirty = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn alive(&self) -> Vec<u32> {
+        self.map
+            .iter()
+            .filter(|(_, t)| t.alive)
+            .map(|(&pid, _)| pid)
+            .collect()
+    }
+
+    /// Live targets whose CUDA probes are not attached yet.
+    pub fn without_cuda(&self) -> Vec<u32> {
+        self.map
+            .iter()
+            .filter(|(_, t)| t.alive && !t.cuda)
+            .map(|(&pid, _)| pid)
+            .collect()
+    }
+
+    /// Dead targets whose CUDA probes are still attached (to detach).
+    pub fn dead_with_cuda(&self) -> Vec<u32> {
+        self.map
+            .iter()
+            .filter(|(_, t)| !t.alive && t.cuda)
+            .map(|(&pid, _)| pid)
+            .collect()
+    }
+
+    pub fn set_cuda(&mut self, pid: u32, attached: bool) {
+        if let Some(t) = self.map.get_mut(&pid) {
+            t.cuda = attached;
+        }
+    }
+
+    /// Copy the set into the health view and the live-pid channel, if it changed.
+    pub fn publish(&mut self) {
+        if !std::mem::take(&mut self.dirty) {
+            return;
+        }
+        let views = self
+            .map
+            .iter()
+            .map(|(&pid, t)| {
+                (
+                    pid,
+                    TargetView {
+                        pid,
+                        comm: t.comm.clone(),
+                        alive: t.alive,
+                        via: t.via,
+                    },
+                )
+            })
+            .collect();
+        if let Ok(mut h) = self.health.lock() {
+            h.targets = views;
+        }
+        let live = self.alive();
+        self.live_tx.send_if_modified(|v| {
+            let changed = *v != live;
+            *v = live;
+            changed
+        });
+    }
+}

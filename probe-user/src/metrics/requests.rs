@@ -1,0 +1,123 @@
+//! What users feel, per model and endpoint: `llm_ttft_seconds`, `llm_tbt_seconds`,
+//! `llm_request_duration_seconds`, `llm_requests_total`, `llm_error_total`, token counters and
+//! rates, and the probe's own view of queue depth and batch size. Updated by
+//! `crate::requests::RequestStats`.
+
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use super::{
+    ErrorLabels, F64Gauge, HistFamily, KindLabels, ModelLabels, ReqLabels, StatusLabels,
+    DURATION_BUCKETS, TBT_BUCKETS, TTFT_BUCKETS,
+};
+
+fn ttft() -> Histogram {
+    Histogram::new(TTFT_BUCKETS.iter().copied())
+}
+fn tbt() -> Histogram {
+    Histogram::new(TBT_BUCKETS.iter().copied())
+}
+fn duration() -> Histogram {
+    Histogram::new(DURATION_BUCKETS.iter().copied())
+}
+
+/// The request families. Cheap to clone (families are `Arc`s inside).
+#[derive(Clone)]
+pub struct RequestMetrics {
+    pub ttft: HistFamily<ReqLabels>,
+    pub tbt: HistFamily<ReqLabels>,
+    pub duration: HistFamily<StatusLabels>,
+    pub requests: Family<StatusLabels, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub tokens_per_second: Family<ModelLabels, F64Gauge>,
+    pub generated_tokens: Family<ModelLabels, Counter>,
+    pub prompt_tokens: Family<ModelLabels, Counter>,
+    pub queue_depth: Gauge,
+    pub batch_size: Gauge,
+    /// `llm_probe_parse_errors_total{kind}`: traffic the HTTP parser could not read.
+    pub parse_errors: Family<KindLabels, Counter>,
+}
+
+impl RequestMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            ttft: Family::new_with_constructor(ttft),
+            tbt: Family::new_with_constructor(tbt),
+            duration: Family::new_with_constructor(duration),
+            requests: Family::default(),
+            errors: Family::default(),
+            tokens_per_second: Family::default(),
+            generated_tokens: Family::default(),
+            prompt_tokens: Family::default(),
+            queue_depth: Gauge::default(),
+            batch_size: Gauge::default(),
+            parse_errors: Family::default(),
+        };
+        registry.register(
+            "llm_ttft_seconds",
+            "Time to first token: request bytes reaching the server's socket to the write of the \
+             first response event carrying generated content",
+            m.ttft.clone(),
+        );
+        registry.register(
+            "llm_tbt_seconds",
+            "Time between tokens: gap between successive content events of a streamed response",
+            m.tbt.clone(),
+        );
+        registry.register(
+            "llm_request_duration_seconds",
+            "End-to-end request duration: request bytes reaching the socket to the last response \
+             byte written",
+            m.duration.clone(),
+        );
+        // prometheus-client appends `_total` to counters.
+        registry.register(
+            "llm_requests",
+            "Requests finished, by outcome",
+            m.requests.clone(),
+        );
+        registry.register(
+            "llm_error",
+            "Requests that ended in an error, by error type",
+            m.errors.clone(),
+        );
+        registry.register(
+            "llm_tokens_per_second",
+            "Generated tokens per second over the last 10 s",
+            m.tokens_per_second.clone(),
+        );
+        registry.register(
+            "llm_generated_tokens",
+            "Generated tokens (usage.completion_tokens when reported, else content events)",
+            m.generated_tokens.clone(),
+        );
+        registry.register(
+            "llm_prompt_tokens",
+            "Prompt tokens, when the server reports usage",
+            m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "llm_queue_depth",
+            "Requests received that have no first token yet",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "llm_batch_size",
+            "Requests streaming tokens now",
+            m.batch_size.clone(),
+        );
+        registry.register(
+            "llm_probe_parse_errors",
+            "Bytes on traced sockets that could not be parsed, by kind",
+            m.parse_errors.clone(),
+        );
+        for kind in crate::http::ParseErrorKind::ALL {
+            let _ = m.parse_errors.get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            });
+        }
+        m
+    }
+}
