@@ -196,6 +196,7 @@ pub const MAX_TARGETS: u32 = 1024;
 pub const MAX_LISTEN_PORTS: u32 = 64;
 
 pub mod cuda;
+pub mod tracepoint;
 
 /// The clock of every kernel timestamp (`bpf_ktime_get_ns` is `CLOCK_MONOTONIC`), read from user
 /// space: the agent's housekeeping and the test clients compare their own times with the kernel's.

@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::TracePointContext,
     EbpfContext,
 };
-use probe_common::{MAX_CONNS, MAX_LISTEN_PORTS};
+use probe_common::{tracepoint as tp, MAX_CONNS, MAX_LISTEN_PORTS};
 
 use crate::{current_tgid_tid, is_target, PENDING};
 
@@ -50,13 +50,15 @@ fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    let sport: u16 = field(&ctx, 24);
+    let sport: u16 = field(&ctx, tp::SET_STATE_SPORT.offset);
     // SAFETY: presence test only.
-    if unsafe { LISTEN_PORTS.get(sport) }.is_none() || field::<u16>(&ctx, 30) != IPPROTO_TCP {
+    if unsafe { LISTEN_PORTS.get(sport) }.is_none()
+        || field::<u16>(&ctx, tp::SET_STATE_PROTOCOL.offset) != IPPROTO_TCP
+    {
         return 0;
     }
-    let sk: u64 = field(&ctx, 8);
-    match field::<i32>(&ctx, 20) {
+    let sk: u64 = field(&ctx, tp::SET_STATE_SKADDR.offset);
+    match field::<i32>(&ctx, tp::SET_STATE_NEWSTATE.offset) {
         TCP_ESTABLISHED => {
             let _ = SERVER_SOCKS.insert(sk, 1, 0);
         }
@@ -71,7 +73,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sk_data_ready(ctx: TracePointContext) -> u32 {
-    let sk: u64 = field(&ctx, 8);
+    let sk: u64 = field(&ctx, tp::DATA_READY_SKADDR.offset);
     // SAFETY: presence test only.
     if unsafe { SERVER_SOCKS.get(sk) }.is_none() {
         return 0;
@@ -93,7 +95,7 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
     let Some(p) = PENDING.get_ptr_mut(tid) else {
         return 0;
     };
-    let sk: u64 = field(&ctx, 8);
+    let sk: u64 = field(&ctx, tp::RECV_LENGTH_SK.offset);
     // SAFETY: this thread's own pending entry, written by its own sys_enter program.
     unsafe { (*p).sk = sk };
     // Connections accepted before attach are learned here, on their first read.

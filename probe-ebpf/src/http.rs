@@ -34,7 +34,12 @@ const MSGHDR_IOVLEN: u64 = 24;
 fn arg(ctx: &TracePointContext, i: usize) -> u64 {
     // SAFETY: syscall tracepoint contexts hold at least six 8-byte argument slots from offset 16
     // (the exit context holds `ret` in the first); the verifier checks ctx accesses.
-    unsafe { *ctx.as_ptr().cast::<u8>().add(16 + 8 * i).cast::<u64>() }
+    unsafe {
+        *ctx.as_ptr()
+            .cast::<u8>()
+            .add(probe_common::tracepoint::SYSCALL_ARGS_OFFSET + 8 * i)
+            .cast::<u64>()
+    }
 }
 
 #[inline(always)]

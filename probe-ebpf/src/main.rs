@@ -19,8 +19,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use probe_common::{
-    counter, ConnKey, EventHeader, EventKind, PendingIo, MAX_CAPTURE, MAX_CONNS, MAX_PENDING, MAX_TARGETS, RING_BYTES,
-    WAKEUP_BYTES,
+    counter, ConnKey, EventHeader, EventKind, PendingIo, MAX_CAPTURE, MAX_CONNS, MAX_PENDING,
+    MAX_TARGETS, RING_BYTES, WAKEUP_BYTES,
 };
 
 /// Processes being traced (tgid → 1). Seeded by the agent, extended by `sched.rs` on fork.

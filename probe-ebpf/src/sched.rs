@@ -1,19 +1,14 @@
 //! Process tree of the targets: children forked after attach are traced too (vLLM's API server and
-//! engine core are separate processes), and exits are reported. Offsets from
-//! /sys/kernel/tracing/events/{task/task_newtask,sched/sched_process_exit}/format.
+//! engine core are separate processes), and exits are reported. Field offsets are
+//! `probe_common::tracepoint`'s, checked by the agent against the running kernel's format files.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext, EbpfContext};
-use probe_common::{counter, EventKind, ProcEvent};
+use probe_common::{counter, tracepoint as tp, EventKind, ProcEvent};
 
-use crate::{
-    bump, cuda::CUDA_PENDING, current_tgid_tid, emit, header_now, is_target, TARGETS,
-};
+use crate::{bump, cuda::CUDA_PENDING, current_tgid_tid, emit, header_now, is_target, TARGETS};
 
 /// include/uapi/linux/sched.h
 const CLONE_THREAD: u64 = 0x0001_0000;
-const NEWTASK_PID: usize = 8;
-const NEWTASK_CLONE_FLAGS: usize = 32;
-const EXIT_GROUP_DEAD: usize = 32;
 
 #[inline(always)]
 fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
@@ -36,11 +31,11 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     if !is_target(tgid) {
         return 0;
     }
-    let flags: u64 = field(&ctx, NEWTASK_CLONE_FLAGS);
+    let flags: u64 = field(&ctx, tp::NEWTASK_CLONE_FLAGS.offset);
     if flags & CLONE_THREAD != 0 {
         return 0;
     }
-    let child: i32 = field(&ctx, NEWTASK_PID);
+    let child: i32 = field(&ctx, tp::NEWTASK_PID.offset);
     let child = child as u32;
     if TARGETS.insert(child, 1, 0).is_err() {
         bump(counter::EVENTS_SEEN);
@@ -61,7 +56,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     // pending entry; a later thread with the same id would read it as its own.
     let _ = CUDA_PENDING.remove(u64::from(tid) << 1);
     let _ = CUDA_PENDING.remove((u64::from(tid) << 1) | 1);
-    let group_dead: u8 = field(&ctx, EXIT_GROUP_DEAD);
+    let group_dead: u8 = field(&ctx, tp::EXIT_GROUP_DEAD.offset);
     if group_dead == 0 {
         return 0;
     }

@@ -10,7 +10,7 @@ use aya::{
     programs::TracePoint,
     Ebpf, EbpfError,
 };
-use probe_common::{counter, ConnKey};
+use probe_common::{counter, tracepoint, ConnKey};
 
 use crate::metrics::probe::KernelCounters;
 
@@ -78,6 +78,8 @@ pub enum AttachError {
     Load(#[source] aya::programs::ProgramError),
     #[error("attach: {0}")]
     Attach(#[source] aya::programs::ProgramError),
+    #[error("the kernel's record layout differs from the program's: {0}")]
+    Layout(String),
 }
 
 /// Result of attaching one program.
@@ -121,6 +123,7 @@ impl Kernel {
         let mut attached = Vec::with_capacity(PROGRAMS.len());
         for &(name, category, _) in PROGRAMS {
             let result = (|| -> Result<(), AttachError> {
+                check_layout(category, name).map_err(AttachError::Layout)?;
                 let prog = ebpf.program_mut(name).ok_or(AttachError::Missing)?;
                 let tp: &mut TracePoint = prog.try_into().map_err(AttachError::Kind)?;
                 tp.load().map_err(AttachError::Load)?;
@@ -212,6 +215,84 @@ impl Kernel {
     }
 }
 
+/// Largest tracepoint format file read; real ones are under 2 KiB.
+const MAX_FORMAT_BYTES: u64 = 64 * 1024;
+
+/// `(name, offset, size)` of every field in a tracepoint's format text
+/// (`field:unsigned int fd;\toffset:16;\tsize:8;\tsigned:0;`).
+pub fn format_fields(text: &str) -> Vec<(&str, usize, usize)> {
+    text.lines()
+        .filter_map(|line| {
+            let decl = line.trim().strip_prefix("field:")?.split(';').next()?;
+            // The name is the declaration's last word, without an array suffix.
+            let name = decl.rsplit([' ', '*']).next()?.split('[').next()?;
+            let num = |key: &str| -> Option<usize> {
+                line.split(';')
+                    .find_map(|p| p.trim().strip_prefix(key))?
+                    .trim()
+                    .parse()
+                    .ok()
+            };
+            Some((name, num("offset:")?, num("size:")?))
+        })
+        .collect()
+}
+
+/// Check that the running kernel lays out the fields program `event` reads where the program
+/// reads them (`probe_common::tracepoint`); a program reading the wrong bytes would record wrong
+/// pids or sockets rather than fail. Syscall records: the first argument or the return value in
+/// an 8-byte slot at `SYSCALL_ARGS_OFFSET`. A format file that cannot be read is not a mismatch
+/// (attach reports a missing tracefs itself).
+fn check_layout(category: &str, event: &str) -> Result<(), String> {
+    use std::io::Read as _;
+    let Some(dir) = TRACEFS
+        .iter()
+        .map(|t| {
+            std::path::Path::new(t)
+                .join("events")
+                .join(category)
+                .join(event)
+        })
+        .find(|d| d.is_dir())
+    else {
+        return Ok(());
+    };
+    let mut text = String::new();
+    if std::fs::File::open(dir.join("format"))
+        .and_then(|f| f.take(MAX_FORMAT_BYTES).read_to_string(&mut text))
+        .is_err()
+    {
+        return Ok(());
+    }
+    let fields = format_fields(&text);
+    let has = |offset: usize, size: usize| fields.iter().any(|&(_, o, s)| o == offset && s == size);
+    if category == "syscalls" {
+        if has(tracepoint::SYSCALL_ARGS_OFFSET, 8) {
+            return Ok(());
+        }
+        return Err(format!(
+            "no 8-byte field at offset {} in {category}:{event}",
+            tracepoint::SYSCALL_ARGS_OFFSET
+        ));
+    }
+    for f in tracepoint::FIELDS
+        .iter()
+        .filter(|f| f.category == category && f.event == event)
+    {
+        let found = fields.iter().find(|(n, ..)| *n == f.name);
+        if found.is_none_or(|&(_, o, s)| o != f.offset || s != f.size) {
+            return Err(format!(
+                "{category}:{event} field {} is {:?} (offset, size) here, the program reads ({}, {})",
+                f.name,
+                found.map(|&(_, o, s)| (o, s)),
+                f.offset,
+                f.size
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Where the kernel's own tracefs mount point is, and the older one under debugfs.
 const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
@@ -255,5 +336,38 @@ fn raise_memlock() {
     // SAFETY: plain syscall with a valid pointer to a local.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) } != 0 {
         log::debug!("setrlimit(RLIMIT_MEMLOCK) failed; fine on kernels ≥ 5.11");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The parser reads the format files of this kernel family (text as in Linux 6.18).
+    #[test]
+    fn format_fields_of_real_format_text() {
+        let text = "name: sched_process_exit\nID: 321\nformat:\n\
+            \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+            \tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\
+            \tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;\n\
+            \tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;\n\
+            \tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;\n\
+            \nprint fmt: \"comm=%s pid=%d\"\n";
+        let f = format_fields(text);
+        assert!(f.contains(&("group_dead", 32, 1)), "{f:?}");
+        assert!(f.contains(&("comm", 8, 16)), "{f:?}");
+        assert!(f.contains(&("skaddr", 8, 8)), "{f:?}");
+        assert!(f.contains(&("common_type", 0, 2)), "{f:?}");
+        assert!(format_fields("garbage\nfield:\n").is_empty());
+    }
+
+    /// Every fixed field the programs read is where this kernel puts it (when tracefs is there).
+    #[test]
+    fn this_kernel_matches_the_programs() {
+        for f in tracepoint::FIELDS {
+            assert_eq!(check_layout(f.category, f.event), Ok(()), "{f:?}");
+        }
+        assert_eq!(check_layout("syscalls", "sys_enter_read"), Ok(()));
+        assert_eq!(check_layout("syscalls", "sys_exit_read"), Ok(()));
     }
 }

@@ -178,7 +178,10 @@ fn commit_subjects() -> Result<()> {
     };
     let long: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.split_once(' ').is_some_and(|(_, s)| s.chars().count() > MAX_SUBJECT))
+        .filter(|l| {
+            l.split_once(' ')
+                .is_some_and(|(_, s)| s.chars().count() > MAX_SUBJECT)
+        })
         .map(str::to_owned)
         .collect();
     if !long.is_empty() {
@@ -187,7 +190,9 @@ fn commit_subjects() -> Result<()> {
             long.join("\n  ")
         );
     }
-    step(&format!("commit subjects: all within {MAX_SUBJECT} characters"));
+    step(&format!(
+        "commit subjects: all within {MAX_SUBJECT} characters"
+    ));
     Ok(())
 }
 
