@@ -16,7 +16,7 @@
 mod ldcache;
 mod runpath;
 
-pub use ldcache::parse_ld_so_cache;
+pub use ldcache::{parse_ld_so_cache, parse_ld_so_cache_where};
 use std::{
     collections::HashSet,
     ffi::{OsStr, OsString},
@@ -93,7 +93,7 @@ const MAX_SYMLINK_HOPS: u32 = 40;
 const MAX_OBJECTS: usize = 256;
 
 /// Largest `/etc/ld.so.cache` we read; a desktop distribution's is ~100 KiB.
-const MAX_LD_SO_CACHE_BYTES: u64 = 64 << 20;
+const MAX_LD_SO_CACHE_BYTES: u64 = 16 << 20;
 
 /// Largest `/proc/PID/environ` or `/proc/PID/maps` we read. The environment is bounded by the
 /// kernel's argument limit (a quarter of the stack rlimit); maps of a big process are a few MiB.
@@ -581,7 +581,10 @@ fn read_ld_so_cache(root: &Path) -> Vec<(String, String)> {
     let read = resolve_in_root(root, path)
         .and_then(|real| read_bounded(&under_root(root, &real), MAX_LD_SO_CACHE_BYTES));
     match read {
-        Ok(bytes) => parse_ld_so_cache(&bytes),
+        // Only the CUDA entries are copied out of it.
+        Ok(bytes) => parse_ld_so_cache_where(&bytes, |soname| {
+            soname == DRIVER_SONAME || is_versioned_cudart(soname)
+        }),
         Err(e) => {
             log::debug!("{}/etc/ld.so.cache: {e}", root.display());
             Vec::new()

@@ -19,13 +19,27 @@ pub(crate) const NEW_ENTRY_LEN: usize = 24;
 pub(crate) const NEW_FLAGS_ENDIAN_MASK: u8 = 3;
 pub(crate) const NEW_FLAGS_ENDIAN_OURS: u8 = if cfg!(target_endian = "little") { 2 } else { 3 };
 
+/// Longest string (soname or path) taken from a cache: `PATH_MAX`. A longer one is not a path;
+/// without this, a crafted cache whose every entry points at one huge unterminated string would
+/// make each entry copy it (a 1 MB cache took 640 MB).
+pub(crate) const MAX_CACHE_STRING: usize = 4096;
+/// Entries kept from one cache; a distribution's has ~2,000.
+pub(crate) const MAX_CACHE_ENTRIES: usize = 16_384;
+
 /// The `(soname, path)` entries of an `/etc/ld.so.cache` in glibc's format: the new
 /// `glibc-ld.so.cache1.1` one, alone or after the old `ld.so-1.7.0` one (as glibc before 2.32
-/// writes by default); an old-only cache is read too. Entries whose strings are not UTF-8 or out
-/// of bounds are skipped; garbage gives an empty list, never a panic.
+/// writes by default); an old-only cache is read too. Entries whose strings are not UTF-8, out of
+/// bounds or over `MAX_CACHE_STRING` are skipped; at most `MAX_CACHE_ENTRIES` are kept; garbage
+/// gives an empty list, never a panic.
 pub fn parse_ld_so_cache(bytes: &[u8]) -> Vec<(String, String)> {
+    parse_ld_so_cache_where(bytes, |_| true)
+}
+
+/// [`parse_ld_so_cache`], keeping only the entries whose soname `keep` accepts (checked before
+/// anything is copied).
+pub fn parse_ld_so_cache_where(bytes: &[u8], keep: impl Fn(&str) -> bool) -> Vec<(String, String)> {
     if bytes.starts_with(NEW_MAGIC) {
-        return parse_new_cache(bytes, 0);
+        return parse_new_cache(bytes, 0, &keep);
     }
     if !bytes.starts_with(OLD_MAGIC) {
         return Vec::new();
@@ -47,22 +61,38 @@ pub fn parse_ld_so_cache(bytes: &[u8]) -> Vec<(String, String)> {
         .get(embedded..)
         .is_some_and(|b| b.starts_with(NEW_MAGIC))
     {
-        return parse_new_cache(bytes, embedded);
+        return parse_new_cache(bytes, embedded, &keep);
     }
     (0..nlibs as usize)
         .filter_map(|i| {
             let at = OLD_HEADER_LEN + i * OLD_ENTRY_LEN;
             let key = read_u32(bytes, at + 4)?;
             let value = read_u32(bytes, at + 8)?;
-            Some((
-                cache_string(bytes, strings, key)?,
-                cache_string(bytes, strings, value)?,
-            ))
+            entry(bytes, strings, key, value, &keep)
         })
+        .take(MAX_CACHE_ENTRIES)
         .collect()
 }
 
-fn parse_new_cache(bytes: &[u8], base: usize) -> Vec<(String, String)> {
+fn entry(
+    bytes: &[u8],
+    base: usize,
+    key: u32,
+    value: u32,
+    keep: &impl Fn(&str) -> bool,
+) -> Option<(String, String)> {
+    let soname = cache_str(bytes, base, key)?;
+    if !keep(soname) {
+        return None;
+    }
+    Some((soname.to_owned(), cache_str(bytes, base, value)?.to_owned()))
+}
+
+fn parse_new_cache(
+    bytes: &[u8],
+    base: usize,
+    keep: &impl Fn(&str) -> bool,
+) -> Vec<(String, String)> {
     let Some(header) = bytes.get(base..).filter(|b| b.len() >= NEW_HEADER_LEN) else {
         return Vec::new();
     };
@@ -81,11 +111,9 @@ fn parse_new_cache(bytes: &[u8], base: usize) -> Vec<(String, String)> {
             let at = NEW_HEADER_LEN + i * NEW_ENTRY_LEN;
             let key = read_u32(header, at + 4)?;
             let value = read_u32(header, at + 8)?;
-            Some((
-                cache_string(header, 0, key)?,
-                cache_string(header, 0, value)?,
-            ))
+            entry(header, 0, key, value, keep)
         })
+        .take(MAX_CACHE_ENTRIES)
         .collect()
 }
 
@@ -94,12 +122,15 @@ fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
 }
 
-/// The NUL-terminated UTF-8 string at `base + offset`.
-fn cache_string(bytes: &[u8], base: usize, offset: u32) -> Option<String> {
+/// The NUL-terminated UTF-8 string at `base + offset`, if it ends within `MAX_CACHE_STRING`.
+fn cache_str(bytes: &[u8], base: usize, offset: u32) -> Option<&str> {
     let start = base.checked_add(offset as usize)?;
     let tail = bytes.get(start..)?;
-    let len = tail.iter().position(|&b| b == 0)?;
-    String::from_utf8(tail[..len].to_vec()).ok()
+    let len = tail
+        .iter()
+        .take(MAX_CACHE_STRING + 1)
+        .position(|&b| b == 0)?;
+    std::str::from_utf8(&tail[..len]).ok()
 }
 
 // Tests are long (fixture builders for ELF objects, caches and fake /proc trees): kept apart.

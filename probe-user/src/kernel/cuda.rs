@@ -21,7 +21,7 @@ use aya::{
     },
     Ebpf,
 };
-use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
+use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
 use probe_common::{cuda::api, CudaThread, CudartText};
 
 use super::Kernel;
@@ -42,6 +42,8 @@ pub enum CudaProbeError {
     Read(PathBuf, #[source] std::io::Error),
     #[error("parsing {0}: {1}")]
     Elf(PathBuf, #[source] object::Error),
+    #[error("{0}: {1} bytes is more than a CUDA library holds; not read")]
+    TooLarge(PathBuf, u64),
 }
 
 /// The programs attached at each entry point, by API family. Launches get the entry program
@@ -182,13 +184,28 @@ fn uprobe<'e>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut UProbe, 
         .map_err(|e| CudaProbeError::Program(name, e))
 }
 
+/// Largest library file probed: libcuda.so is ~100 MB. A file past this (a sparse 2 GiB file on
+/// a target's library path, say) is refused rather than read.
+const MAX_LIBRARY_BYTES: u64 = 1 << 30;
+/// Largest section read for symbols (`.dynsym`, `.symtab` and their strings): libcuda's are a few
+/// hundred KiB. Only these sections and a few bytes at each entry point are read from the file.
+const MAX_SYMBOL_SECTION_BYTES: u64 = 64 << 20;
+
 /// File offsets of the wanted exported symbols (uprobes take offsets into the file).
-fn symbol_offsets_in(
-    data: &[u8],
+fn symbol_offsets_in<'data, R: object::ReadRef<'data>>(
+    data: R,
     path: &Path,
     wanted: &[&'static str],
 ) -> Result<Vec<(&'static str, u64)>, CudaProbeError> {
     let file = object::File::parse(data).map_err(|e| CudaProbeError::Elf(path.to_path_buf(), e))?;
+    for section in file.sections() {
+        let name = section.name().unwrap_or("");
+        if matches!(name, ".dynsym" | ".dynstr" | ".symtab" | ".strtab")
+            && section.size() > MAX_SYMBOL_SECTION_BYTES
+        {
+            return Err(CudaProbeError::TooLarge(path.to_path_buf(), section.size()));
+        }
+    }
     let mut addrs: StdHashMap<&str, u64> = StdHashMap::new();
     for sym in file.dynamic_symbols().chain(file.symbols()) {
         if sym.is_undefined() || sym.address() == 0 {
@@ -221,10 +238,10 @@ fn symbol_offsets_in(
 /// out of line: 11.8 µs per hit in a Firecracker VM against 0.9 µs for the `push` that follows it,
 /// which the kernel emulates (docs/BENCHMARKS.md). Registers and the stack are the same at the
 /// next instruction, so the probes go there: the return address is still at the stack pointer.
-fn past_endbr64(data: &[u8], off: u64) -> u64 {
+/// `code` holds the bytes at file offset `off`.
+fn past_endbr64(code: &[u8], off: u64) -> u64 {
     const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
-    let o = off as usize;
-    if cfg!(target_arch = "x86_64") && data.get(o..o + 4) == Some(&ENDBR64[..]) {
+    if cfg!(target_arch = "x86_64") && code.get(..4) == Some(&ENDBR64[..]) {
         off + 4
     } else {
         off
@@ -266,22 +283,52 @@ fn unprobeable(data: &[u8], off: u64) -> Option<&'static str> {
     None
 }
 
-/// (symbol, file offset to probe, why it cannot be probed, probed past an `endbr64`).
-type Offsets = Vec<(&'static str, u64, Option<&'static str>, bool)>;
+/// One entry point to probe.
+struct EntryPoint {
+    name: &'static str,
+    /// File offset of the probed instruction.
+    offset: u64,
+    /// Why it cannot be probed.
+    unprobeable: Option<&'static str>,
+    /// Probed at the instruction after an `endbr64`.
+    past_endbr64: bool,
+    /// The kernel single-steps the probed instruction instead of emulating it.
+    single_stepped: bool,
+}
 
-fn symbol_offsets_checked(path: &Path, wanted: &[&'static str]) -> Result<Offsets, CudaProbeError> {
-    let data = std::fs::read(path).map_err(|e| CudaProbeError::Read(path.to_path_buf(), e))?;
+/// The wanted entry points of the library at `path`: its symbol sections and 16 bytes at each
+/// entry point are read, nothing else (`ReadCache`), from one open of the file.
+fn entry_points(path: &Path, wanted: &[&'static str]) -> Result<Vec<EntryPoint>, CudaProbeError> {
+    let read_err = |e| CudaProbeError::Read(path.to_path_buf(), e);
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let len = file.metadata().map_err(read_err)?.len();
+    if len > MAX_LIBRARY_BYTES {
+        return Err(CudaProbeError::TooLarge(path.to_path_buf(), len));
+    }
+    let cache = object::ReadCache::new(file);
     let mut out = Vec::new();
-    for (w, entry) in symbol_offsets_in(&data, path, wanted)? {
-        let off = past_endbr64(&data, entry);
-        out.push((w, off, unprobeable(&data, off), off != entry));
-        if !emulated(&data, off) {
+    for (name, entry) in symbol_offsets_in(&cache, path, wanted)? {
+        let window = |at: u64| {
+            let n = len.saturating_sub(at).min(16);
+            object::ReadRef::read_bytes_at(&cache, at, n).unwrap_or_default()
+        };
+        let offset = past_endbr64(window(entry), entry);
+        let code = window(offset);
+        let single_stepped = !emulated(code, 0);
+        if single_stepped {
             log::debug!(
-                "{}: {w} opens with {:02x?}, which the kernel single-steps (slower per hit)",
+                "{}: {name} opens with {:02x?}, which the kernel single-steps (slower per hit)",
                 path.display(),
-                data.get(off as usize..off as usize + 4).unwrap_or_default()
+                code.get(..4).unwrap_or_default()
             );
         }
+        out.push(EntryPoint {
+            name,
+            offset,
+            unprobeable: unprobeable(code, 0),
+            past_endbr64: offset != entry,
+            single_stepped,
+        });
     }
     Ok(out)
 }
@@ -318,7 +365,7 @@ impl Kernel {
             past_endbr64: 0,
             single_stepped: 0,
         };
-        let offsets = match symbol_offsets_checked(&lib.path, &wanted) {
+        let entries = match entry_points(&lib.path, &wanted) {
             Ok(o) => o,
             Err(e) => {
                 fa.errors.push(format!("{e:#}"));
@@ -326,24 +373,17 @@ impl Kernel {
             }
         };
         for (&id, &name) in ids.iter().zip(&wanted) {
-            let Some(&(_, off, bad, skipped)) = offsets.iter().find(|(n, ..)| *n == name) else {
+            let Some(ep) = entries.iter().find(|e| e.name == name) else {
                 fa.missing.push(name);
                 continue;
             };
+            let (off, bad, skipped) = (ep.offset, ep.unprobeable, ep.past_endbr64);
             if let Some(why) = bad {
                 fa.errors.push(format!("{name} cannot be probed: {why}"));
                 continue;
             }
             fa.past_endbr64 += usize::from(skipped);
-            if let Ok(data) = std::fs::File::open(&lib.path).and_then(|mut f| {
-                use std::io::{Read as _, Seek as _};
-                let mut b = [0u8; 2];
-                f.seek(std::io::SeekFrom::Start(off))?;
-                f.read_exact(&mut b)?;
-                Ok(b)
-            }) {
-                fa.single_stepped += usize::from(!emulated(&data, 0));
-            }
+            fa.single_stepped += usize::from(ep.single_stepped);
             let mut ok = true;
             for &prog_name in programs_for(id) {
                 let result = uprobe(&mut self.ebpf, prog_name).and_then(|prog| {
