@@ -184,20 +184,45 @@ impl ChunkDecoder {
         if seg.missing == 0 {
             return Fed::More;
         }
-        // Uncaptured bytes are fine only inside one chunk's data.
-        match self.state {
-            ChunkState::Data { remaining } if seg.missing <= remaining => {
-                sink(Piece::Gap(seg.missing));
-                let left = remaining - seg.missing;
-                self.state = if left == 0 {
-                    ChunkState::DataEnd
-                } else {
-                    ChunkState::Data { remaining: left }
-                };
-                Fed::More
-            }
-            _ => Fed::Lost(ParseErrorKind::TruncatedCapture),
+        // Uncaptured bytes are fine inside one chunk's data, and at its end: servers write a chunk
+        // per write (size line, data, CRLF), so when a write's missing tail is the rest of the
+        // data plus one or two bytes, those are the CR and LF that end the chunk. Anything more
+        // would be the next chunk's size line, which cannot be known.
+        let to_data_end = match self.state {
+            ChunkState::Data { remaining } => remaining,
+            ChunkState::DataEnd | ChunkState::DataEndLf => 0,
+            _ => return Fed::Lost(ParseErrorKind::TruncatedCapture),
+        };
+        let crlf_left = match self.state {
+            ChunkState::DataEndLf => 1,
+            _ => 2,
+        };
+        if seg.missing <= to_data_end {
+            sink(Piece::Gap(seg.missing));
+            let left = to_data_end - seg.missing;
+            self.state = if left == 0 {
+                ChunkState::DataEnd
+            } else {
+                ChunkState::Data { remaining: left }
+            };
+            return Fed::More;
         }
+        let past = seg.missing - to_data_end;
+        if past > crlf_left {
+            return Fed::Lost(ParseErrorKind::TruncatedCapture);
+        }
+        if to_data_end > 0 {
+            sink(Piece::Gap(to_data_end));
+        }
+        self.state = if past == crlf_left {
+            ChunkState::Size {
+                value: 0,
+                digits: 0,
+            }
+        } else {
+            ChunkState::DataEndLf
+        };
+        Fed::More
     }
 
     /// Advances the framing state by one byte outside chunk data.
@@ -347,6 +372,29 @@ mod tests {
         assert_eq!(out, b"abcd");
         assert_eq!(gaps, 12);
         assert_eq!(res, vec![Fed::More, Fed::Done { used: 7 }]);
+    }
+
+    /// A 6,000-byte chunk written in one write of which the kernel captured 4,096 bytes: the
+    /// missing tail is the rest of the data and the CRLF, and the next chunk frames normally.
+    #[test]
+    fn a_write_past_the_capture_ending_its_chunk_keeps_framing() {
+        let head = b"1770\r\n";
+        let data = vec![b'x'; 4096 - head.len()];
+        let first: Vec<u8> = head.iter().chain(&data).copied().collect();
+        let missing = 6000 - data.len() as u64 + 2;
+        let mut f = Framer::Chunked(ChunkDecoder::default());
+        let (out, gaps, res) = run(&mut f, &[(&first, missing), (b"3\r\nabc\r\n0\r\n\r\n", 0)]);
+        assert_eq!(out.len(), data.len() + 3);
+        assert_eq!(gaps, 6000 - data.len() as u64);
+        assert_eq!(res, vec![Fed::More, Fed::Done { used: 13 }]);
+        // Only the CR missing: the LF comes captured in the next write.
+        let mut f = Framer::Chunked(ChunkDecoder::default());
+        let (_, _, res) = run(&mut f, &[(b"4\r\nab", 3), (b"\n0\r\n\r\n", 0)]);
+        assert_eq!(res, vec![Fed::More, Fed::Done { used: 6 }]);
+        // A missing CRLF after data that ended in the capture.
+        let mut f = Framer::Chunked(ChunkDecoder::default());
+        let (_, _, res) = run(&mut f, &[(b"2\r\nab", 2), (b"0\r\n\r\n", 0)]);
+        assert_eq!(res, vec![Fed::More, Fed::Done { used: 5 }]);
     }
 
     #[test]
