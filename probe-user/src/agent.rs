@@ -46,7 +46,7 @@ use crate::{
         RequestMetrics,
     },
     nvml::NvmlInventory,
-    requests::{Recent, SharedRecent},
+    requests::{ModelPolicy, Recent, SharedRecent},
     scrape::Bridge,
     server::{self, ServerState},
     symbolize::BlazeSymbolizer,
@@ -118,6 +118,10 @@ pub struct Options {
     pub engine_urls: Vec<EngineUrl>,
     pub thresholds: Thresholds,
     pub cuda: CudaOptions,
+    /// Which `model` values get their own label.
+    pub models: ModelPolicy,
+    /// Who may read `/api/*`.
+    pub access: server::Access,
 }
 
 /// Add `pids` (and their descendants) to the target set and the kernel filter, attach their CUDA
@@ -200,7 +204,37 @@ struct Agent {
     cuda_housekeeping: CudaHousekeeping,
 }
 
+/// Take the hard open-file limit as the soft one: the agent holds a descriptor per attached
+/// program and uprobe link, per served connection and per /proc read, and systemd's default soft
+/// limit (1024) is reached by a few hundred CUDA links plus a connection flood.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointers to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) != 0 {
+                log::debug!("raising RLIMIT_NOFILE failed");
+            }
+        }
+    }
+}
+
+/// The agent never executes anything: with `no_new_privs` no exec of a setuid or file-capability
+/// binary could ever hand it more than it has (docs/security.md).
+fn no_new_privs() {
+    // SAFETY: plain prctl with constant arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        log::debug!("prctl(PR_SET_NO_NEW_PRIVS) failed");
+    }
+}
+
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    raise_nofile();
+    no_new_privs();
     let (mut kernel, ring) = Kernel::load().map_err(AgentError::Load)?;
     kernel.set_cuda_runtime_launches(opts.cuda.launch_probes == LaunchProbes::All);
     kernel.set_cuda_per_process(opts.cuda.scope == ProbeScope::Process);
@@ -254,6 +288,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         listener.local_addr().unwrap_or(opts.listen)
     );
     let state = Arc::new(ServerState {
+        access: opts.access.clone(),
         registry,
         recent: recent.clone(),
         health: health.clone(),
@@ -276,6 +311,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         tokio::spawn(run_bridge(bridge, opts.engine_interval, health.clone()))
     });
     let mut ingest = Ingest::new(requests, probe, recent);
+    ingest.stats.set_policy(opts.models.clone());
     ingest.cuda = Some(cuda.clone());
     let mut agent = Agent {
         opts,
@@ -300,10 +336,15 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
             () = &mut shutdown => break,
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(AgentError::Ring)?;
-                agent.ingest.drain(guard.get_inner_mut(), &mut agent.targets);
-                guard.clear_ready();
+                // A full batch may leave records behind: stay ready and come back after the
+                // other branches (housekeeping, SIGTERM) had their turn.
+                if !agent.ingest.drain(guard.get_inner_mut(), &mut agent.targets) {
+                    guard.clear_ready();
+                }
             }
-            _ = drain_tick.tick() => agent.ingest.drain(ring.get_mut(), &mut agent.targets),
+            _ = drain_tick.tick() => {
+                agent.ingest.drain(ring.get_mut(), &mut agent.targets);
+            }
             _ = house_tick.tick() => agent.housekeeping(),
         }
         agent.after_drain();

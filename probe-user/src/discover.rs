@@ -96,8 +96,21 @@ pub fn with_descendants(roots: &[u32]) -> Result<Vec<u32>, DiscoverError> {
     Ok(seen.into_iter().collect())
 }
 
+/// Whether `pid` still runs. Only "no such process" counts as gone: any other failure to read
+/// /proc (EMFILE when the agent's descriptors run out, EACCES) says nothing about the target, which
+/// is then taken as alive rather than dropped.
 pub fn alive(pid: u32) -> bool {
-    Process::new(pid as i32).is_ok_and(|p| p.stat().is_ok_and(|s| s.state != 'Z'))
+    // stat(2) needs no descriptor.
+    match std::fs::metadata(format!("/proc/{pid}")) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+        Err(_) => return true,
+        Ok(_) => {}
+    }
+    match Process::new(pid as i32).and_then(|p| p.stat()) {
+        Ok(s) => s.state != 'Z',
+        Err(procfs::ProcError::NotFound(_)) => false,
+        Err(_) => true,
+    }
 }
 
 pub fn comm(pid: u32) -> String {

@@ -109,6 +109,19 @@ struct RunArgs {
     /// Repeatable. Example: --engine-metrics http://127.0.0.1:8000/metrics
     #[arg(long = "engine-metrics", value_name = "URL")]
     engine_metrics: Vec<probe_user::engine::EngineUrl>,
+    /// A model name the engine serves, always exported under its own `model` label. Repeatable.
+    /// With this flag, only these names get a label (others are `other`); without it, a name
+    /// gets one once the server answered it with success, up to --max-models.
+    #[arg(long = "model", value_name = "NAME")]
+    models: Vec<String>,
+    /// Distinct `model` labels admitted without --model (later names are exported as `other`).
+    #[arg(long = "max-models", default_value_t = probe_user::requests::MAX_MODELS, value_name = "N")]
+    max_models: usize,
+    /// A file holding a bearer token: clients outside loopback may then read /api/* by sending
+    /// `Authorization: Bearer <token>`. Without it, /api/* (request ids, per-token timings, the
+    /// GPU ledger) is served to loopback clients only. /metrics and /health are not affected.
+    #[arg(long = "api-token-file", value_name = "FILE")]
+    api_token_file: Option<std::path::PathBuf>,
     /// Config file; its `[health]` table overrides the health thresholds (see docs/health.md).
     #[arg(long, value_name = "FILE")]
     config: Option<std::path::PathBuf>,
@@ -170,6 +183,14 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    let token = match args.api_token_file.as_deref().map(load_token) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
     let interval: std::time::Duration = args.sample_interval.into();
     run(agent::Options {
         pids: args.pids,
@@ -180,7 +201,30 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         engine_urls: args.engine_metrics,
         thresholds,
         cuda: args.cuda.options(),
+        models: probe_user::requests::ModelPolicy {
+            allow: args.models,
+            max: args.max_models,
+        },
+        access: server::Access { token },
     })
+}
+
+/// The bearer token of `--api-token-file`: its first line, at least 16 characters.
+fn load_token(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .take(4096)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    anyhow::ensure!(
+        token.len() >= 16 && token.bytes().all(|b| b.is_ascii_graphic()),
+        "{}: the token must be one line of at least 16 printable characters",
+        path.display()
+    );
+    Ok(token)
 }
 
 /// The operator's `--config` file (a few lines of TOML).

@@ -93,6 +93,8 @@ fn watch_self(a: &Args) -> anyhow::Result<String> {
         engine_urls: Vec::new(),
         thresholds: probe_user::health::Thresholds::default(),
         cuda: agent::CudaOptions::default(),
+        models: probe_user::requests::ModelPolicy::default(),
+        access: probe_user::server::Access::default(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

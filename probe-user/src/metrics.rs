@@ -86,3 +86,31 @@ pub type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// A gauge holding an `f64`.
 pub type F64Gauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// Longest label value taken from traffic or an engine page, in bytes.
+pub const MAX_LABEL_LEN: usize = 64;
+
+/// A label value that came from outside (a client's `model`, an engine's worker or reason label),
+/// made safe for every exposition parser: ASCII letters, digits and `_ . : / @ + - =` are kept,
+/// every other character (quotes, backslashes, newlines, NUL, escapes, non-ASCII) becomes `_`, and
+/// the result is cut at `MAX_LABEL_LEN` bytes. prometheus-client writes label values verbatim,
+/// so a `"` or a newline would otherwise end the value early and make the whole page unparsable
+/// (a real Prometheus then marks the target down and every series of the node is gone). An empty
+/// value becomes `_`: an empty label is the same as no label to Prometheus.
+pub fn label_value(raw: &str) -> String {
+    let mut out: String = raw
+        .chars()
+        .take(MAX_LABEL_LEN)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.:/@+-=".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if out.is_empty() {
+        out.push('_');
+    }
+    out
+}

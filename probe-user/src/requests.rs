@@ -16,7 +16,8 @@ use crate::{
     metrics::{ErrorLabels, KindLabels, ModelLabels, ReqLabels, RequestMetrics, StatusLabels},
 };
 
-/// Distinct model label values; later ones are exported as `other` (bounded cardinality).
+/// Distinct model label values admitted by default (`--max-models`); later ones are exported as
+/// `other` (bounded cardinality).
 pub const MAX_MODELS: usize = 32;
 /// Finished requests kept for `/api/v1/requests` (≈ 4096 × (100 B + gaps) of memory at most).
 pub const RECENT_KEPT: usize = 4096;
@@ -109,12 +110,35 @@ impl ModelEntry {
     }
 }
 
+/// Which `model` values get a label of their own. Any client can put any string in `model`, so a
+/// name is admitted only when the server answered it with success (a 2xx status or a first token):
+/// a flood of made-up names that the engine rejects with 404 takes no slot. With an allowlist
+/// (`--model NAME`), exactly those names are admitted, from the start, and every other name is
+/// `other` even when the server answers it (llama.cpp serves any name). The `other` and `unknown`
+/// (no model field) labels always exist.
+#[derive(Clone, Debug)]
+pub struct ModelPolicy {
+    pub allow: Vec<String>,
+    /// Names admitted on success when there is no allowlist.
+    pub max: usize,
+}
+
+impl Default for ModelPolicy {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            max: MAX_MODELS,
+        }
+    }
+}
+
 /// Index of the `unknown` (no model field) and `other` (over `MAX_MODELS`) entries.
 const UNKNOWN: usize = 0;
 const OTHER: usize = 1;
 
 pub struct RequestStats {
     metrics: RequestMetrics,
+    policy: ModelPolicy,
     /// Raw model name → index in `entries`; at most `MAX_MODELS` names.
     names: FxHashMap<String, usize>,
     entries: Vec<ModelEntry>,
@@ -136,6 +160,7 @@ impl RequestStats {
     pub fn new(metrics: RequestMetrics, recent: SharedRecent) -> Self {
         Self {
             metrics,
+            policy: ModelPolicy::default(),
             names: FxHashMap::default(),
             entries: vec![ModelEntry::new("unknown"), ModelEntry::new("other")],
             waiting: 0,
@@ -148,21 +173,38 @@ impl RequestStats {
         }
     }
 
-    /// Bounded model label: the first `MAX_MODELS` names as themselves, then `other`.
-    fn entry(&mut self, meta: &RequestMeta) -> usize {
+    /// Replace the admission policy; allowlisted names are admitted now.
+    pub fn set_policy(&mut self, policy: ModelPolicy) {
+        for name in &policy.allow {
+            self.admit(name);
+        }
+        self.policy = policy;
+    }
+
+    fn admit(&mut self, name: &str) -> usize {
+        if let Some(&i) = self.names.get(name) {
+            return i;
+        }
+        self.entries
+            .push(ModelEntry::new(&crate::metrics::label_value(name)));
+        let i = self.entries.len() - 1;
+        self.names.insert(name.to_owned(), i);
+        i
+    }
+
+    /// The model label of a request: its own once admitted (see `ModelPolicy`), `unknown` without
+    /// a model field, `other` otherwise. `succeeded`: the server answered it with success.
+    fn entry(&mut self, meta: &RequestMeta, succeeded: bool) -> usize {
         let Some(m) = meta.model.as_deref() else {
             return UNKNOWN;
         };
         if let Some(&i) = self.names.get(m) {
             return i;
         }
-        if self.names.len() >= MAX_MODELS {
+        if !succeeded || !self.policy.allow.is_empty() || self.names.len() >= self.policy.max {
             return OTHER;
         }
-        self.entries.push(ModelEntry::new(m));
-        let i = self.entries.len() - 1;
-        self.names.insert(m.to_owned(), i);
-        i
+        self.admit(m)
     }
 
     fn handles(&mut self, i: usize, endpoint: Endpoint) -> &Handles {
@@ -204,15 +246,14 @@ impl RequestStats {
 }
 
 impl Observer for RequestStats {
-    fn request_started(&mut self, _conn: ConnId, meta: &RequestMeta, _arrival_ns: u64) {
-        // Register the model name now so that every later event of this request agrees on it.
-        let _ = self.entry(meta);
+    fn request_started(&mut self, _conn: ConnId, _meta: &RequestMeta, _arrival_ns: u64) {
         self.waiting += 1;
         self.metrics.queue_depth.set(self.waiting);
     }
 
     fn first_token(&mut self, _conn: ConnId, meta: &RequestMeta, ttft_ns: u64) {
-        let i = self.entry(meta);
+        // Content came back: the server accepted the request, and its model may take a slot.
+        let i = self.entry(meta, true);
         if let Some(ep) = meta.endpoint {
             self.handles(i, ep).ttft.observe(ttft_ns as f64 / 1e9);
         }
@@ -228,7 +269,7 @@ impl Observer for RequestStats {
     }
 
     fn token_gap(&mut self, _conn: ConnId, meta: &RequestMeta, gap_ns: u64) {
-        let i = self.entry(meta);
+        let i = self.entry(meta, true);
         if let Some(ep) = meta.endpoint {
             self.handles(i, ep).tbt.observe(gap_ns as f64 / 1e9);
         }
@@ -247,7 +288,9 @@ impl Observer for RequestStats {
         let Some(endpoint) = r.meta.endpoint else {
             return;
         };
-        let i = self.entry(&r.meta);
+        let succeeded =
+            r.first_token_ns.is_some() || r.status.is_some_and(|s| (200..300).contains(&s));
+        let i = self.entry(&r.meta, succeeded);
         let model = self.entries[i].label.clone();
         let status = r.outcome.as_str();
         let labels = StatusLabels {
@@ -418,5 +461,68 @@ mod tests {
             w.rate(30 * 1_000_000_000).abs() < 1e-9,
             "old seconds fall out of the window"
         );
+    }
+
+    fn labels_of(registry: &Registry) -> std::collections::BTreeSet<String> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("llm_requests_total{"))
+            .filter_map(|l| Some(l.split("model=\"").nth(1)?.split('"').next()?.to_owned()))
+            .collect()
+    }
+
+    /// A flood of made-up names answered 404 takes no slot; the real model, answered 2xx, gets
+    /// its own label afterwards; hostile bytes never reach the page.
+    #[test]
+    fn models_are_admitted_on_success_only_and_made_safe() {
+        let mut registry = Registry::default();
+        let mut s = RequestStats::new(RequestMetrics::new(&mut registry), SharedRecent::default());
+        let conn = ConnId { tgid: 1, fd: 3 };
+        for i in 0..1000 {
+            let m = meta(Some(&format!("bogus-{i}")));
+            s.request_started(conn, &m, 1_000);
+            s.request_finished(RequestRecord {
+                status: Some(404),
+                outcome: Outcome::ClientError,
+                first_token_ns: None,
+                content_events: 0,
+                gaps_ns: Vec::new(),
+                ..record(m)
+            });
+        }
+        for name in ["real-model", "evil\"} 1\nllm_x{a=\"", "nul\0esc\u{1b}[31m"] {
+            let m = meta(Some(name));
+            s.request_started(conn, &m, 1_000);
+            s.first_token(conn, &m, 1_000);
+            s.request_finished(record(m));
+        }
+        let got = labels_of(&registry);
+        let want: std::collections::BTreeSet<String> =
+            ["other", "real-model", "evil___1_llm_x_a=_", "nul_esc__31m"]
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+        assert_eq!(got, want);
+    }
+
+    /// With an allowlist, exactly those names get a label, even when others are answered 2xx.
+    #[test]
+    fn allowlisted_models_only() {
+        let mut registry = Registry::default();
+        let mut s = RequestStats::new(RequestMetrics::new(&mut registry), SharedRecent::default());
+        s.set_policy(ModelPolicy {
+            allow: vec!["llama".to_owned()],
+            max: 1,
+        });
+        let conn = ConnId { tgid: 1, fd: 3 };
+        for name in ["whatever", "llama"] {
+            let m = meta(Some(name));
+            s.request_started(conn, &m, 1_000);
+            s.first_token(conn, &m, 1_000);
+            s.request_finished(record(m));
+        }
+        let got = labels_of(&registry);
+        assert_eq!(got.into_iter().collect::<Vec<_>>(), ["llama", "other"]);
     }
 }

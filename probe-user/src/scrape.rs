@@ -101,7 +101,7 @@ impl Bridge {
             .into_iter()
             .map(|url| {
                 let labels = UrlLabels {
-                    url: url.to_string(),
+                    url: crate::metrics::label_value(&url.to_string()),
                 };
                 // Present from the start at 0, so a rate over it exists before the first error.
                 let _ = metrics.scrape_errors.get_or_create(&labels);

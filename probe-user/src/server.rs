@@ -29,8 +29,48 @@ pub const DEFAULT_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(
     std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9464),
 );
 
+/// Connections served at once; more are closed at accept. Prometheus keeps one, an operator a few:
+/// 64 leaves room for both while a flood of idle connections cannot take the agent's fds (the
+/// open-file limit, 1024 under systemd by default, is shared with the /proc reads that keep
+/// targets attached).
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request head must arrive within this; a client that sends nothing is dropped.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Finished requests one `/api/v1/requests` answer holds at most (`?limit=`).
+pub const MAX_REQUESTS_PAGE: usize = 1000;
+
+/// Who may read `/api/*` (request ids and per-token timings of other people's requests, the GPU
+/// ledger): clients on loopback always; others only with the bearer token, when one is set.
+/// `/metrics` and `/health` are open to whoever reaches the listener, as with any exporter.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// `--api-token-file`: the token a non-loopback client must send as `Authorization: Bearer`.
+    pub token: Option<String>,
+}
+
+impl Access {
+    /// May `peer`, sending `authorization`, read `/api/*`?
+    pub fn api_allowed(&self, peer: SocketAddr, authorization: Option<&[u8]>) -> bool {
+        if peer.ip().is_loopback() {
+            return true;
+        }
+        let (Some(token), Some(sent)) = (&self.token, authorization) else {
+            return false;
+        };
+        let want = format!("Bearer {token}");
+        // Compared in full, in constant time for equal lengths.
+        sent.len() == want.len()
+            && sent
+                .iter()
+                .zip(want.as_bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
 /// What the handlers read.
 pub struct ServerState {
+    pub access: Access,
     pub registry: Registry,
     pub recent: SharedRecent,
     pub health: SharedHealth,
@@ -57,8 +97,23 @@ pub fn render_metrics(state: &ServerState) -> String {
     out
 }
 
-fn handle(state: &ServerState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    match req.uri().path() {
+fn handle(state: &ServerState, peer: SocketAddr, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path.starts_with("/api/") {
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(header::HeaderValue::as_bytes);
+        if !state.access.api_allowed(peer, auth) {
+            return reply(
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                "/api/* is served to loopback clients, and to others with the bearer token of \
+                 --api-token-file\n",
+            );
+        }
+    }
+    match path {
         "/metrics" => reply(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -71,16 +126,7 @@ fn handle(state: &ServerState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             };
             reply(code, "application/json", body)
         }
-        "/api/v1/requests" => {
-            let body = state.recent.lock().map_or_else(
-                |_| "{}".to_owned(),
-                |r| {
-                    serde_json::json!({"finished_total": r.finished_total, "requests": r.items})
-                        .to_string()
-                },
-            );
-            reply(StatusCode::OK, "application/json", body)
-        }
+        "/api/v1/requests" => requests_page(state, req.uri().query().unwrap_or("")),
         "/api/v1/memleak" => memleak(state, req.uri().query().unwrap_or("")),
         "/" => reply(
             StatusCode::OK,
@@ -92,10 +138,44 @@ fn handle(state: &ServerState, req: &Request<Incoming>) -> Response<Full<Bytes>>
     }
 }
 
-/// Serve until the task is dropped.
+/// `/api/v1/requests[?limit=N][&after=SEQ]`: the newest `limit` finished requests (default and
+/// cap `MAX_REQUESTS_PAGE`) with a sequence number above `after`, oldest first.
+fn requests_page(state: &ServerState, query: &str) -> Response<Full<Bytes>> {
+    let mut limit = MAX_REQUESTS_PAGE;
+    let mut after = 0u64;
+    for kv in query.split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let parsed = match k {
+            "limit" => v.parse().map(|n: usize| limit = n.min(MAX_REQUESTS_PAGE)),
+            "after" => v.parse().map(|n| after = n),
+            _ => Ok(()),
+        };
+        if parsed.is_err() {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("bad {k}: {v:?} (a number)\n"),
+            );
+        }
+    }
+    let body = state.recent.lock().map_or_else(
+        |_| "{}".to_owned(),
+        |r| {
+            let newer = r.items.iter().filter(|v| v.seq > after);
+            let n = newer.clone().count();
+            let page: Vec<_> = newer.skip(n.saturating_sub(limit)).collect();
+            serde_json::json!({"finished_total": r.finished_total, "requests": page}).to_string()
+        },
+    );
+    reply(StatusCode::OK, "application/json", body)
+}
+
+/// Serve until the task is dropped: at most `MAX_CONNECTIONS` at once, each request head within
+/// `HEADER_TIMEOUT`.
 pub async fn serve(listener: TcpListener, state: Arc<ServerState>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _peer): (_, SocketAddr) = match listener.accept().await {
+        let (stream, peer): (_, SocketAddr) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 log::warn!("accept on the metrics listener failed: {e}");
@@ -103,13 +183,21 @@ pub async fn serve(listener: TcpListener, state: Arc<ServerState>) {
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            log::debug!("{MAX_CONNECTIONS} connections open: closing the one from {peer}");
+            drop(stream);
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, &req)) }
+                async move { Ok::<_, Infallible>(handle(&state, peer, &req)) }
             });
             if let Err(e) = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {

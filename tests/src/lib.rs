@@ -297,12 +297,19 @@ pub struct NodeUnderProbe {
 /// [`start_node`] on a free port and a [`Probe`] on that port; `None` (after saying why) when
 /// `test` cannot load eBPF programs ([`require_root`]).
 pub fn node_under_probe(test: &str) -> Option<NodeUnderProbe> {
+    node_under_probe_with(test, &[])
+}
+
+/// [`node_under_probe`] with `extra` arguments for the probe.
+pub fn node_under_probe_with(test: &str, extra: &[&str]) -> Option<NodeUnderProbe> {
     if !require_root(test) {
         return None;
     }
     let port = free_port();
     let node = start_node(port);
-    let probe = Probe::start(&["--port".into(), port.to_string()]);
+    let mut args = vec!["--port".to_owned(), port.to_string()];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let probe = Probe::start(&args);
     Some(NodeUnderProbe {
         probe,
         node,

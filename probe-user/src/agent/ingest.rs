@@ -12,6 +12,10 @@ use crate::{
     requests::{RequestStats, SharedRecent},
 };
 
+/// Records handled per drain call: at ~1 µs each, a few milliseconds, after which the loop's other
+/// work (housekeeping, scrapes, SIGTERM) gets a turn even under a flood.
+pub const MAX_DRAIN_BATCH: u64 = 8192;
+
 /// Everything the ingest loop owns: record → decode → connection state → request stats → metrics.
 pub struct Ingest {
     pub tracker: ConnTracker,
@@ -124,15 +128,18 @@ impl Ingest {
         }
     }
 
-    /// Everything the ring holds now.
-    pub fn drain(&mut self, ring: &mut Ring, targets: &mut Targets) {
+    /// What the ring holds now, at most `MAX_DRAIN_BATCH` records. Returns whether the batch was
+    /// full (more may be waiting).
+    pub fn drain(&mut self, ring: &mut Ring, targets: &mut Targets) -> bool {
         let mut n = 0u64;
-        while let Some(item) = ring.next() {
+        while n < MAX_DRAIN_BATCH {
+            let Some(item) = ring.next() else { break };
             self.handle(&item, targets);
             n += 1;
         }
         if n > 0 {
             self.probe.events.inc_by(n);
         }
+        n == MAX_DRAIN_BATCH
     }
 }

@@ -11,6 +11,10 @@ use crate::{
     health::{SharedHealth, TargetView},
 };
 
+/// Exited targets kept for `/health` (the newest ones): a server that forks a worker per request
+/// must not grow the verdict with every fork.
+pub const MAX_EXITED_KEPT: usize = 16;
+
 /// One traced process as the agent knows it.
 #[derive(Clone, Debug)]
 struct Target {
@@ -20,6 +24,8 @@ struct Target {
     alive: bool,
     /// Its CUDA libraries were resolved and the uprobes attached for it.
     cuda: bool,
+    /// Order of exit, for pruning the oldest exited targets.
+    exited_at: u64,
 }
 
 pub struct Targets {
@@ -27,6 +33,7 @@ pub struct Targets {
     health: SharedHealth,
     live_tx: watch::Sender<Vec<u32>>,
     dirty: bool,
+    exits: u64,
 }
 
 impl Targets {
@@ -36,6 +43,7 @@ impl Targets {
             health,
             live_tx: watch::Sender::new(Vec::new()),
             dirty: false,
+            exits: 0,
         }
     }
 
@@ -56,6 +64,7 @@ impl Targets {
                 via,
                 alive: true,
                 cuda: false,
+                exited_at: 0,
             },
         );
         self.dirty = true;
@@ -67,6 +76,8 @@ impl Targets {
         match self.map.get_mut(&pid) {
             Some(t) if t.alive => {
                 t.alive = false;
+                self.exits += 1;
+                t.exited_at = self.exits;
                 self.dirty = true;
                 true
             }
@@ -103,6 +114,25 @@ impl Targets {
     pub fn set_cuda(&mut self, pid: u32, attached: bool) {
         if let Some(t) = self.map.get_mut(&pid) {
             t.cuda = attached;
+            // A detached exited target may be pruned now.
+            self.dirty |= !attached && !t.alive;
+        }
+    }
+
+    /// Forget the oldest exited targets past `MAX_EXITED_KEPT` (once their CUDA links are gone).
+    fn prune(&mut self) {
+        let mut exited: Vec<(u64, u32)> = self
+            .map
+            .iter()
+            .filter(|(_, t)| !t.alive && !t.cuda)
+            .map(|(&pid, t)| (t.exited_at, pid))
+            .collect();
+        if exited.len() <= MAX_EXITED_KEPT {
+            return;
+        }
+        exited.sort_unstable();
+        for &(_, pid) in &exited[..exited.len() - MAX_EXITED_KEPT] {
+            self.map.remove(&pid);
         }
     }
 
@@ -111,6 +141,7 @@ impl Targets {
         if !std::mem::take(&mut self.dirty) {
             return;
         }
+        self.prune();
         let views = self
             .map
             .iter()

@@ -75,7 +75,7 @@ pub struct PageStats {
 /// would otherwise share (and overwrite, and remove) one series.
 pub fn worker_id(default_worker: &str, label: Option<&str>) -> String {
     match label {
-        Some(l) => format!("{default_worker}/{l}"),
+        Some(l) => format!("{default_worker}/{}", crate::metrics::label_value(l)),
         None => default_worker.to_owned(),
     }
 }
@@ -223,6 +223,8 @@ fn add_preemptions(acc: &mut Acc, sample: &Sample<'_>, rank: u8) -> bool {
     if reason.len() > MAX_LABEL_VALUE_BYTES {
         return false;
     }
+    // An engine page is not trusted to hold exposition-safe label values.
+    let reason = &crate::metrics::label_value(reason);
     if let Some((_, total)) = acc.preemptions.iter_mut().find(|(r, _)| r == reason) {
         *total += sample.value;
         return true;
