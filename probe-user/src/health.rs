@@ -160,20 +160,6 @@ pub struct Health {
 
 pub type SharedHealth = Arc<Mutex<Health>>;
 
-/// Pids of the traced processes that are alive (as far as the agent knows).
-pub fn alive_targets(health: &SharedHealth) -> Vec<u32> {
-    health
-        .lock()
-        .map(|h| {
-            h.targets
-                .values()
-                .filter(|t| t.alive)
-                .map(|t| t.pid)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn level(value: f64, warning: f64, critical: f64) -> Status {
     if value > critical {
         Status::Critical
