@@ -122,6 +122,8 @@ pub struct Options {
     pub models: ModelPolicy,
     /// Who may read `/api/*`.
     pub access: server::Access,
+    /// Bytes the HTTP parser's buffers may hold together.
+    pub memory_budget: usize,
 }
 
 /// Add `pids` (and their descendants) to the target set and the kernel filter, attach their CUDA
@@ -312,6 +314,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     });
     let mut ingest = Ingest::new(requests, probe, recent);
     ingest.stats.set_policy(opts.models.clone());
+    ingest.tracker = crate::http::ConnTracker::with_budget(opts.memory_budget);
     ingest.cuda = Some(cuda.clone());
     let mut agent = Agent {
         opts,

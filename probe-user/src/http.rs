@@ -133,8 +133,10 @@ pub struct RequestMeta {
 
 /// Longest model name or request id kept; longer values are cut at a char boundary.
 pub const MAX_FIELD_LEN: usize = 128;
-/// Gaps kept per request for `/api/v1/requests` (TBT histograms see every gap regardless).
-pub const MAX_GAPS_KEPT: usize = 4096;
+/// Gaps kept per request for `/api/v1/requests` (TBT histograms see every gap regardless): 8 KiB
+/// per request, so the 4,096 finished requests of the log hold at most 32 MiB of gaps (the
+/// in-flight ones count against the memory budget).
+pub const MAX_GAPS_KEPT: usize = 1024;
 
 /// One finished request, with the timings the probe measured. Timestamps are `CLOCK_MONOTONIC` ns.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -229,5 +231,10 @@ pub trait Observer {
     /// The connection carries something we will never parse: stop capturing it in the kernel.
     fn untrack(&mut self, conn: ConnId) {
         let _ = conn;
+    }
+    /// The memory budget made the parser give back `what` (`request_body`, `response_body`,
+    /// `gaps`); the request itself is still timed.
+    fn budget_dropped(&mut self, conn: ConnId, what: &'static str) {
+        let _ = (conn, what);
     }
 }

@@ -122,6 +122,11 @@ struct RunArgs {
     /// GPU ledger) is served to loopback clients only. /metrics and /health are not affected.
     #[arg(long = "api-token-file", value_name = "FILE")]
     api_token_file: Option<std::path::PathBuf>,
+    /// Bytes the HTTP parser's buffers may hold together, over all connections (e.g. 32MiB,
+    /// 500KiB). Past it, body sniffs, events in progress and gap lists are given back and
+    /// counted in llm_probe_budget_dropped_total{what}.
+    #[arg(long = "memory-budget", default_value = "32MiB", value_parser = parse_bytes, value_name = "SIZE")]
+    memory_budget: usize,
     /// Config file; its `[health]` table overrides the health thresholds (see docs/health.md).
     #[arg(long, value_name = "FILE")]
     config: Option<std::path::PathBuf>,
@@ -206,7 +211,28 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             max: args.max_models,
         },
         access: server::Access { token },
+        memory_budget: args.memory_budget,
     })
+}
+
+/// `123`, `64KiB`, `32MiB`, `1GiB` (also `KB`/`MB`/`GB` as powers of 1024).
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 32MiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("{s:?}: unknown unit (B, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(1 << shift)
+        .filter(|&b| b >= 64 * 1024)
+        .ok_or_else(|| format!("{s:?}: between 64KiB and the address space, please"))
 }
 
 /// The bearer token of `--api-token-file`: its first line, at least 16 characters.

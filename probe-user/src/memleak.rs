@@ -95,6 +95,7 @@ fn watch_self(a: &Args) -> anyhow::Result<String> {
         cuda: agent::CudaOptions::default(),
         models: probe_user::requests::ModelPolicy::default(),
         access: probe_user::server::Access::default(),
+        memory_budget: probe_user::http::conn::DEFAULT_MEMORY_BUDGET,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -366,6 +366,13 @@ impl Observer for RequestStats {
     fn untrack(&mut self, conn: ConnId) {
         self.untrack.push(conn);
     }
+
+    fn budget_dropped(&mut self, _conn: ConnId, what: &'static str) {
+        self.metrics
+            .budget_dropped
+            .get_or_create(&crate::metrics::WhatLabels { what })
+            .inc();
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::{
 
 use serde_json::{json, Value};
 use tests::{
-    http_get, node_under_probe, require_root,
+    http_get, metric_sum, node_under_probe, node_under_probe_with, require_root,
     traffic::{chat_req, run_concurrent},
     wait_for, Probe, Proc,
 };
@@ -232,7 +232,15 @@ fn writes_past_the_capture_keep_their_framing() {
         return;
     };
     let reqs: Vec<_> = (0..20)
-        .map(|i| chat_req(&format!("big-{i}"), "m", true, 5, &json!({"pad": 6000, "tail_ms": 20})))
+        .map(|i| {
+            chat_req(
+                &format!("big-{i}"),
+                "m",
+                true,
+                5,
+                &json!({"pad": 6000, "tail_ms": 20}),
+            )
+        })
         .collect();
     let samples = run_concurrent(&t.addr, reqs);
     assert!(samples.iter().all(|s| s.status == 200 && s.error.is_none()));
@@ -240,4 +248,78 @@ fn writes_past_the_capture_keep_their_framing() {
     let outcomes: Vec<&str> = recs.iter().filter_map(|r| r["outcome"].as_str()).collect();
     assert_eq!(outcomes.len(), 20, "{recs:?}");
     assert!(outcomes.iter().all(|o| *o == "ok"), "{outcomes:?}");
+}
+
+/// Peak resident memory of `pid` (`VmHWM`), in bytes.
+fn vm_hwm(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+fn raise_nofile(n: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: valid pointer to a local; raising our own limit as root (children inherit it).
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) };
+}
+
+/// 2,000 connections that stall 60 KiB into a 1 MB request body: without a budget the agent
+/// would keep ~64 KiB of body sniff for each (about 130 MB); with `--memory-budget 8MiB` its
+/// peak RSS stays far below the `DaemonSet`'s 128 MiB limit, and the drops are counted.
+#[test]
+fn stalled_bodies_stay_within_the_memory_budget() {
+    if !require_root("stalled_bodies_stay_within_the_memory_budget") {
+        return;
+    }
+    raise_nofile(8192);
+    let Some(t) = node_under_probe_with(
+        "stalled_bodies_stay_within_the_memory_budget",
+        &["--memory-budget", "8MiB"],
+    ) else {
+        return;
+    };
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                Content-Length: 1000000\r\n\r\n{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"";
+    let mut held = Vec::new();
+    for _ in 0..2000 {
+        let Ok(mut s) = TcpStream::connect(&t.addr) else {
+            continue;
+        };
+        if s.write_all(head.as_bytes()).is_ok() {
+            held.push(s);
+        }
+    }
+    assert!(held.len() >= 1900, "{} connections held", held.len());
+    // The body in 4 KiB rounds across all connections, so that the server reads (and the kernel
+    // captures) each piece on its own, as a slow client's body arrives.
+    let piece = vec![b'a'; 4096];
+    for _ in 0..15 {
+        for s in &mut held {
+            let _ = s.write_all(&piece);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Let the server read everything and the agent drain it.
+    std::thread::sleep(Duration::from_secs(3));
+    let hwm = vm_hwm(t.probe.proc.pid());
+    let page = t.probe.metrics();
+    let dropped = metric_sum(
+        &page,
+        "llm_probe_budget_dropped_total",
+        &[("what", "request_body")],
+    );
+    drop(held);
+    println!(
+        "agent peak RSS with 2,000 stalled bodies: {} MiB, {dropped} sniffs dropped",
+        hwm >> 20
+    );
+    assert!(dropped > 1000.0, "budget drops: {dropped}\n{page}");
+    assert!(hwm < 100 << 20, "agent peak RSS {} MiB", hwm >> 20);
 }

@@ -22,6 +22,13 @@ pub const MAX_PIPELINED: usize = 64;
 /// Connections with state at once; the least recently used is evicted past this. Bounds memory
 /// at roughly this many times a connection's buffers (heads ≤ 16 KiB, sniff ≤ 64 KiB).
 pub const MAX_CONNS_TRACKED: usize = 65536;
+/// Bytes all connections' parser buffers may hold together by default (`--memory-budget`): each
+/// buffer has its own bound (request head 16 KiB, body sniff 64 KiB, response head 16 KiB, event
+/// line 256 KiB, JSON body 256 KiB, 4,096 gaps), but not their sum over thousands of connections.
+/// Past the budget a connection that grows gives back what it can without losing its request
+/// (the body sniff, an event in progress, a JSON body, the gap list), counted in
+/// `llm_probe_budget_dropped_total{what}`. Heads are not given back: 16 KiB each at most.
+pub const DEFAULT_MEMORY_BUDGET: usize = 32 << 20;
 
 /// Errnos that do not mean the client went away (EINTR, EBADF, EAGAIN, ENOMEM, EFAULT, EINVAL):
 /// retries, or our fd tracking being stale.
@@ -113,6 +120,9 @@ struct Req {
     completion_tokens: Option<u64>,
     stream_error: bool,
     truncated_reported: bool,
+    /// The memory budget took its gap list: gaps are no longer kept (the TBT histogram still
+    /// sees every gap).
+    gaps_dropped: bool,
 }
 
 impl Req {
@@ -132,6 +142,7 @@ impl Req {
             completion_tokens: None,
             stream_error: false,
             truncated_reported: false,
+            gaps_dropped: false,
         }
     }
 
@@ -160,6 +171,8 @@ struct Conn {
     egress: Egress,
     queue: VecDeque<Req>,
     unmatched_reported: bool,
+    /// Its `buffered()` bytes as last counted into the tracker's total.
+    accounted: usize,
 }
 
 /// Tracks every connection of the traced servers. See the module docs.
@@ -174,6 +187,9 @@ pub struct ConnTracker {
     tick: u64,
     next_seq: u64,
     max_conns: usize,
+    /// Bytes all parser buffers may hold (see `DEFAULT_MEMORY_BUDGET`), and hold now.
+    budget: usize,
+    used: usize,
 }
 
 impl Default for ConnTracker {
@@ -187,13 +203,28 @@ impl ConnTracker {
         Self::with_max_conns(MAX_CONNS_TRACKED)
     }
 
+    /// A tracker whose parser buffers hold at most about `bytes` together.
+    pub fn with_budget(bytes: usize) -> Self {
+        Self {
+            budget: bytes,
+            ..Self::new()
+        }
+    }
+
     fn with_max_conns(max_conns: usize) -> Self {
         Self {
             conns: FxHashMap::default(),
             tick: 0,
             next_seq: 0,
             max_conns: max_conns.max(1),
+            budget: DEFAULT_MEMORY_BUDGET,
+            used: 0,
         }
+    }
+
+    /// Bytes the parser buffers of all connections hold now.
+    pub fn buffered(&self) -> usize {
+        self.used
     }
 
     /// Bytes the server read. `len` = bytes the syscall moved; `data` = the captured prefix.
@@ -228,8 +259,8 @@ impl ConnTracker {
         seg: Seg<'_>,
         obs: &mut impl Observer,
     ) {
-        let (conns, tick) = (&mut self.conns, &mut self.tick);
-        let Some(c) = touch(conns, tick, self.max_conns, conn, ts_ns, false, obs) else {
+        let (conns, tick, used) = (&mut self.conns, &mut self.tick, &mut self.used);
+        let Some(c) = touch(conns, tick, used, self.max_conns, conn, ts_ns, false, obs) else {
             return;
         };
         if egress {
@@ -237,6 +268,17 @@ impl ConnTracker {
         } else {
             c.ingress(conn, ts_ns, seg, &mut self.next_seq, obs);
         }
+        // One event adds at most one capture (4 KiB) to one connection, so checking the
+        // connection that grew keeps the total within the budget plus one capture.
+        let mut now = c.buffered();
+        *used = used.saturating_sub(c.accounted) + now;
+        if *used > self.budget && now > 0 {
+            c.shed(conn, obs);
+            let after = c.buffered();
+            *used = used.saturating_sub(now - after.min(now));
+            now = after;
+        }
+        c.accounted = now;
     }
 
     /// A read returned 0: the client closed its side.
@@ -271,6 +313,7 @@ impl ConnTracker {
         touch(
             &mut self.conns,
             &mut self.tick,
+            &mut self.used,
             self.max_conns,
             conn,
             ts_ns,
@@ -305,7 +348,9 @@ impl ConnTracker {
     }
 
     fn remove(&mut self, id: ConnId) -> Option<Conn> {
-        self.conns.remove(&id)
+        let c = self.conns.remove(&id)?;
+        self.used = self.used.saturating_sub(c.accounted);
+        Some(c)
     }
 }
 
@@ -313,9 +358,14 @@ impl ConnTracker {
 /// hot path); `accepted` says a state created now follows an accept. `None` for connections no
 /// longer parsed. A free function over the tracker's fields so that the caller can borrow
 /// `next_seq` next to the returned state.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the tracker's fields, borrowed apart from its sequence counter"
+)]
 fn touch<'a>(
     conns: &'a mut FxHashMap<ConnId, Conn>,
     tick: &mut u64,
+    used: &mut usize,
     max_conns: usize,
     id: ConnId,
     ts: u64,
@@ -329,6 +379,7 @@ fn touch<'a>(
                 break;
             };
             if let Some(c) = conns.remove(&victim) {
+                *used = used.saturating_sub(c.accounted);
                 c.reset_all(victim, ts, obs);
             }
         }
@@ -407,7 +458,7 @@ impl<O: Observer> EventSink for ReqSink<'_, O> {
             }
         } else {
             let gap = ts.saturating_sub(r.last_content_ns);
-            if r.gaps_ns.len() < MAX_GAPS_KEPT {
+            if !r.gaps_dropped && r.gaps_ns.len() < MAX_GAPS_KEPT {
                 r.gaps_ns.push(gap);
             }
             if r.timed() {
@@ -449,6 +500,50 @@ impl Conn {
             egress: Egress::Fresh,
             queue: VecDeque::new(),
             unmatched_reported: false,
+            accounted: 0,
+        }
+    }
+
+    /// Bytes its parser buffers hold (capacities): what the memory budget counts.
+    fn buffered(&self) -> usize {
+        let ingress = match &self.ingress {
+            Ingress::Head(h) => h.buf.capacity(),
+            Ingress::Body(b) => b.sniff.capacity(),
+            _ => 0,
+        };
+        let egress = match &self.egress {
+            Egress::Head { buf } => buf.capacity(),
+            Egress::Body { analyzer, .. } => analyzer.buffered(),
+            _ => 0,
+        };
+        let gaps: usize = self.queue.iter().map(|r| r.gaps_ns.capacity() * 8).sum();
+        ingress + egress + gaps
+    }
+
+    /// The memory budget is spent: give back what can go without losing a request, saying what.
+    fn shed(&mut self, id: ConnId, obs: &mut impl Observer) {
+        if let Ingress::Body(b) = &mut self.ingress {
+            if b.sniffing {
+                let sniff = std::mem::take(&mut b.sniff);
+                b.sniffing = false;
+                b.truncated = true;
+                let seq = b.seq;
+                // The fields the captured part of the body holds are known now.
+                self.body_done(id, seq, &sniff, false, obs);
+                obs.budget_dropped(id, "request_body");
+            }
+        }
+        if let Egress::Body { analyzer, .. } = &mut self.egress {
+            if analyzer.buffered() > 0 && analyzer.shed() {
+                obs.budget_dropped(id, "response_body");
+            }
+        }
+        for r in &mut self.queue {
+            if r.gaps_ns.capacity() > 0 {
+                r.gaps_ns = Vec::new();
+                r.gaps_dropped = true;
+                obs.budget_dropped(id, "gaps");
+            }
         }
     }
 

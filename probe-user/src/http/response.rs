@@ -190,6 +190,32 @@ impl Analyzer {
         }
     }
 
+    /// Bytes held by its buffers.
+    pub fn buffered(&self) -> usize {
+        match &self.inner {
+            Inner::Sse(p) => p.buffered(),
+            Inner::Ndjson(p) => p.buffered(),
+            Inner::Json(j) => j.buf.capacity(),
+            Inner::Opaque => 0,
+        }
+    }
+
+    /// Give its buffers back (the memory budget is spent). Returns whether content in progress
+    /// was dropped: a partial event, or a JSON body (whose usage then goes unread).
+    pub fn shed(&mut self) -> bool {
+        match &mut self.inner {
+            Inner::Sse(p) => p.shed(),
+            Inner::Ndjson(p) => p.shed(),
+            Inner::Json(j) => {
+                let lost = !j.buf.is_empty();
+                j.truncated |= lost;
+                j.buf = Vec::new();
+                lost
+            }
+            Inner::Opaque => false,
+        }
+    }
+
     pub fn bytes(&mut self, data: &[u8], ts: u64, sink: &mut impl EventSink) {
         match &mut self.inner {
             Inner::Sse(p) => p.feed(data, ts, sink),

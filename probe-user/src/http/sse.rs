@@ -94,6 +94,23 @@ impl SseParser {
         self.skipping = true;
     }
 
+    /// Bytes held by its buffers.
+    pub fn buffered(&self) -> usize {
+        self.line.capacity() + self.data.capacity()
+    }
+
+    /// Give its buffers back (the memory budget is spent). Returns whether an event in progress
+    /// was dropped with them (it is then skipped like a gap).
+    pub fn shed(&mut self) -> bool {
+        let lost = !self.line.is_empty() || self.has_data;
+        if lost {
+            self.gap();
+        }
+        self.line = Vec::new();
+        self.data = Vec::new();
+        lost
+    }
+
     fn reset_event(&mut self) {
         self.data.clear();
         self.has_data = false;
@@ -199,6 +216,21 @@ impl NdjsonParser {
         self.line.clear();
         self.overflow = false;
         self.skipping = true;
+    }
+
+    /// Bytes held by its buffer.
+    pub fn buffered(&self) -> usize {
+        self.line.capacity()
+    }
+
+    /// Give the buffer back; returns whether a line in progress was dropped (skipped like a gap).
+    pub fn shed(&mut self) -> bool {
+        let lost = !self.line.is_empty();
+        if lost {
+            self.gap();
+        }
+        self.line = Vec::new();
+        lost
     }
 
     /// The body ended: a last line without a newline is still a line.

@@ -10,7 +10,7 @@ use prometheus_client::{
 
 use super::{
     ErrorLabels, F64Gauge, HistFamily, KindLabels, ModelLabels, ReqLabels, StatusLabels,
-    DURATION_BUCKETS, TBT_BUCKETS, TTFT_BUCKETS,
+    WhatLabels, DURATION_BUCKETS, TBT_BUCKETS, TTFT_BUCKETS,
 };
 
 fn ttft() -> Histogram {
@@ -38,7 +38,12 @@ pub struct RequestMetrics {
     pub batch_size: Gauge,
     /// `llm_probe_parse_errors_total{kind}`: traffic the HTTP parser could not read.
     pub parse_errors: Family<KindLabels, Counter>,
+    /// `llm_probe_budget_dropped_total{what}`: buffers the memory budget took back.
+    pub budget_dropped: Family<WhatLabels, Counter>,
 }
+
+/// What the memory budget dropped (`http::Observer::budget_dropped`).
+pub const BUDGET_DROPS: [&str; 3] = ["request_body", "response_body", "gaps"];
 
 impl RequestMetrics {
     pub fn new(registry: &mut Registry) -> Self {
@@ -54,6 +59,7 @@ impl RequestMetrics {
             queue_depth: Gauge::default(),
             batch_size: Gauge::default(),
             parse_errors: Family::default(),
+            budget_dropped: Family::default(),
         };
         registry.register(
             "llm_ttft_seconds",
@@ -113,6 +119,16 @@ impl RequestMetrics {
             "Bytes on traced sockets that could not be parsed, by kind",
             m.parse_errors.clone(),
         );
+        registry.register(
+            "llm_probe_budget_dropped",
+            "Parser buffers given back because the memory budget (--memory-budget) was spent, by \
+             what they held: a request body's first bytes (its model may then be unknown), a \
+             response event or JSON body in progress, a request's kept gap list",
+            m.budget_dropped.clone(),
+        );
+        for what in BUDGET_DROPS {
+            let _ = m.budget_dropped.get_or_create(&WhatLabels { what });
+        }
         for kind in crate::http::ParseErrorKind::ALL {
             let _ = m.parse_errors.get_or_create(&KindLabels {
                 kind: kind.as_str(),

@@ -179,8 +179,11 @@ impl Conn {
             Fed::More => {
                 *seg = Seg::EMPTY;
                 if body.sniffing && body.sniff.len() >= MAX_BODY_SNIFF {
-                    // The cap is reached: the fields we can know are known now.
+                    // The cap is reached: the fields we can know are known now, and the buffer
+                    // goes (a client stalling after 64 KiB must not keep it).
                     self.body_done(id, body.seq, &body.sniff, false, obs);
+                    body.sniff = Vec::new();
+                    body.sniffing = false;
                 }
                 Ingress::Body(body)
             }
@@ -209,7 +212,7 @@ impl Conn {
     }
 
     /// The body of request `seq` is read (or as much of it as we will look at): report it started.
-    fn body_done(
+    pub(super) fn body_done(
         &mut self,
         id: ConnId,
         seq: Option<u64>,

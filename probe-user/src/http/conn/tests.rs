@@ -464,3 +464,72 @@ fn status_outcomes() {
 }
 
 mod lifecycle;
+
+#[derive(Default)]
+struct Budget {
+    rec: Rec,
+    dropped: Vec<&'static str>,
+}
+
+impl Observer for Budget {
+    fn request_started(&mut self, c: ConnId, meta: &RequestMeta, arrival_ns: u64) {
+        self.rec.request_started(c, meta, arrival_ns);
+    }
+    fn first_token(&mut self, c: ConnId, meta: &RequestMeta, ttft_ns: u64) {
+        self.rec.first_token(c, meta, ttft_ns);
+    }
+    fn token_gap(&mut self, c: ConnId, meta: &RequestMeta, gap_ns: u64) {
+        self.rec.token_gap(c, meta, gap_ns);
+    }
+    fn request_finished(&mut self, record: RequestRecord) {
+        self.rec.request_finished(record);
+    }
+    fn parse_error(&mut self, c: ConnId, kind: ParseErrorKind) {
+        self.rec.parse_error(c, kind);
+    }
+    fn budget_dropped(&mut self, _: ConnId, what: &'static str) {
+        self.dropped.push(what);
+    }
+}
+
+/// 200 connections each stalled 40 KB into a 1 MB request body: without a budget their body
+/// sniffs would hold 8 MB; with 1 MiB the total stays within the budget plus one capture, each
+/// request still starts (its model read from what was kept), and the drops are reported.
+#[test]
+fn the_memory_budget_bounds_stalled_bodies() {
+    let budget = 1 << 20;
+    let mut t = ConnTracker::with_budget(budget);
+    let mut obs = Budget::default();
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n\
+         {\"model\":\"m\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"";
+    for fd in 0..200 {
+        let c = ConnId { tgid: 7, fd };
+        t.on_accept(c, 1, &mut obs);
+        t.on_ingress(c, 2, head.len() as u64, head.as_bytes(), &mut obs);
+        for _ in 0..10 {
+            let filler = vec![b'a'; 4096];
+            t.on_ingress(c, 3, 4096, &filler, &mut obs);
+            assert!(t.buffered() <= budget + 4096 * 2, "{} bytes", t.buffered());
+        }
+    }
+    assert!(!obs.dropped.is_empty());
+    assert!(obs.dropped.iter().all(|w| *w == "request_body"));
+    // A request starts when its body ends or its sniff is given up: every dropped sniff started
+    // its request (the ones still within the budget are still reading).
+    assert_eq!(
+        obs.rec.started.len(),
+        obs.dropped.len(),
+        "each dropped sniff starts its request"
+    );
+    assert!(obs.dropped.len() > 150, "{} dropped", obs.dropped.len());
+    assert!(obs
+        .rec
+        .started
+        .iter()
+        .all(|(m, _)| m.model.as_deref() == Some("m")));
+    // Connections that close give their bytes back.
+    for fd in 0..200 {
+        t.on_close(ConnId { tgid: 7, fd }, 9, &mut obs);
+    }
+    assert_eq!(t.buffered(), 0);
+}
