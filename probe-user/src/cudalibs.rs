@@ -22,7 +22,13 @@ use std::{
     ffi::{OsStr, OsString},
     fs::{self, File},
     io::{self, Read},
-    os::unix::{ffi::OsStrExt, fs::MetadataExt},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _},
+        unix::{
+            ffi::OsStrExt,
+            fs::{FileExt as _, MetadataExt, OpenOptionsExt as _},
+        },
+    },
     path::{Component, Path, PathBuf},
 };
 
@@ -53,15 +59,19 @@ pub enum Source {
 }
 
 /// One CUDA library file of a target process.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct CudaLib {
     pub kind: LibKind,
+    /// The file, opened once (see `open_in_root`): its identity, its ELF check, its symbols and
+    /// the uprobes (through `/proc/self/fd/N`) all come from this descriptor, never from a path
+    /// opened again.
+    pub file: std::sync::Arc<File>,
     /// A path this (host) process can open: for a process in another mount namespace it is
     /// `/proc/PID/root/<path inside>`. Symlinks are already resolved: it names the file itself.
     pub path: PathBuf,
     /// The path as the target process sees it (for logs).
     pub shown: PathBuf,
-    /// Identity of the file (`stat` of `path`); results are deduplicated on `(dev, ino)`.
+    /// Identity of the file (`fstat` of `file`); results are deduplicated on `(dev, ino)`.
     pub dev: u64,
     pub ino: u64,
     pub how: Source,
@@ -109,7 +119,7 @@ pub fn find_cuda_libs(pid: u32) -> Vec<CudaLib> {
 /// [`find_cuda_libs`] with the process's root directory (`/proc/PID/root`) and its proc directory
 /// (`/proc/PID`, from which `maps`, `environ`, `exe` and `map_files/` are read) given.
 pub fn find_cuda_libs_in(root: &Path, proc_dir: &Path) -> Vec<CudaLib> {
-    let mut found = Found::default();
+    let mut found = Found::new(root);
     let maps = read_maps(proc_dir);
 
     // Mapped now: the file a uprobe must cover today.
@@ -184,20 +194,83 @@ pub fn find_cuda_libs_in(root: &Path, proc_dir: &Path) -> Vec<CudaLib> {
     found.libs
 }
 
+/// Open `inside` (a path in the target's view) with the kernel resolving every component within
+/// the directory `root_dir` holds: absolute symlinks and `..` cannot leave it
+/// (`RESOLVE_IN_ROOT`), and `/proc` magic links are refused (`RESOLVE_NO_MAGICLINKS`). The
+/// resolver's own walk (`resolve_in_root`) decides which file is wanted; this open is the one
+/// the agent then uses for everything, so a symlink swapped in between cannot point it at a
+/// file outside the target's root. Kernels before 5.6 lack openat2 (ENOSYS): then the host
+/// path is opened, and that window stays open (docs/security.md).
+pub fn open_in_root(root_dir: &File, root: &Path, inside: &Path) -> io::Result<File> {
+    let rel = inside.strip_prefix("/").unwrap_or(inside);
+    let c_path = std::ffi::CString::new(rel.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: open_how is plain integers; zero is "no flags".
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid NUL-terminated path, a valid open_how and its size, a directory fd we own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root_dir.as_raw_fd(),
+            c_path.as_ptr(),
+            &raw const how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: a descriptor the kernel just returned to us, owned by nobody else.
+        return Ok(unsafe { File::from_raw_fd(fd as i32) });
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENOSYS) {
+        return File::open(under_root(root, inside));
+    }
+    Err(err)
+}
+
 /// The libraries found so far and their identities.
-#[derive(Default)]
 struct Found {
     libs: Vec<CudaLib>,
     seen: HashSet<(u64, u64)>,
+    /// The target's root (`/proc/PID/root`) as a path and as an open directory.
+    root: PathBuf,
+    root_dir: Option<File>,
 }
 
 impl Found {
+    fn new(root: &Path) -> Self {
+        let root_dir = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(root)
+            .inspect_err(|e| log::debug!("{}: {e}", root.display()))
+            .ok();
+        Self {
+            libs: Vec::new(),
+            seen: HashSet::new(),
+            root: root.to_path_buf(),
+            root_dir,
+        }
+    }
+
+    /// Open the file at `host`: inside the root through `open_in_root`; a `map_files` link (the
+    /// kernel's own reference to a mapped file) as it is.
+    fn open(&self, host: &Path) -> io::Result<File> {
+        match (host.strip_prefix(&self.root), &self.root_dir) {
+            (Ok(rel), Some(dir)) => open_in_root(dir, &self.root, &Path::new("/").join(rel)),
+            _ => File::open(host),
+        }
+    }
+
     /// Add the file at `host` unless its identity is already known. Predicted files must be ELF
     /// objects for this machine: a 32-bit `libcuda.so.1` from `/usr/lib/i386-linux-gnu` (listed
     /// in ld.so.cache) is never loaded by a 64-bit process.
     fn add(&mut self, kind: LibKind, host: PathBuf, shown: PathBuf, how: Source, check_elf: bool) {
-        let md = match fs::metadata(&host) {
-            Ok(md) => md,
+        let opened = self.open(&host).and_then(|f| Ok((f.metadata()?, f)));
+        let (md, file) = match opened {
+            Ok(x) => x,
             Err(e) => {
                 log::debug!("{}: {e}", host.display());
                 return;
@@ -206,13 +279,14 @@ impl Found {
         if !md.is_file() || self.seen.contains(&(md.dev(), md.ino())) {
             return;
         }
-        if check_elf && !is_host_elf(&host) {
+        if check_elf && !is_host_elf(&file) {
             log::debug!("{}: not an ELF object for this machine", host.display());
             return;
         }
         self.seen.insert((md.dev(), md.ino()));
         self.libs.push(CudaLib {
             kind,
+            file: std::sync::Arc::new(file),
             path: host,
             shown,
             dev: md.dev(),
@@ -289,9 +363,9 @@ const HOST_MACHINE: Option<u16> = if cfg!(target_arch = "x86_64") {
 
 /// Whether `path` starts with a 64-bit little-endian ELF header for this machine's architecture
 /// (CUDA supports no 32-bit or big-endian Linux targets).
-fn is_host_elf(path: &Path) -> bool {
+fn is_host_elf(file: &File) -> bool {
     let mut header = [0_u8; 20];
-    let read = File::open(path).and_then(|mut f| f.read_exact(&mut header));
+    let read = file.read_exact_at(&mut header, 0);
     if read.is_err() || header[..4] != elf::ELFMAG || header[4] != elf::ELFCLASS64 {
         return false;
     }

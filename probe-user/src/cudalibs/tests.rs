@@ -719,3 +719,70 @@ fn names_of_cuda_libraries() {
     assert_eq!(kind("libcudadebugger.so.1"), None);
     assert_eq!(kind("libcudnn.so.9"), None);
 }
+
+/// A target swaps its library path between a file in its root and paths that lead out of it
+/// (an absolute link to a host library, `..` climbing past its root, a `/proc` magic link) while
+/// the agent opens it: every open that succeeds is the file inside the root, never the host's.
+#[test]
+fn a_swapped_symlink_never_opens_a_file_outside_the_root() {
+    use std::sync::{atomic::AtomicBool, Arc};
+
+    let fake = Fake::new("swap");
+    let dir = fake.host("/usr/lib");
+    fs::create_dir_all(&dir).unwrap();
+    let inside = dir.join("libcuda.so.real");
+    fs::write(&inside, b"\x7fELF inside the target").unwrap();
+    let want = fs::metadata(&inside).unwrap();
+    // A host file the target must not reach: this test's own executable.
+    let host_file = std::env::current_exe().unwrap();
+    let outside = fs::metadata(&host_file).unwrap();
+    let link = dir.join("libcuda.so.1");
+    let escapes = [
+        host_file.clone(),
+        PathBuf::from(format!("../../../../../../..{}", host_file.display())),
+        PathBuf::from(format!("/proc/self/root{}", host_file.display())),
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let (stop, link, escapes) = (stop.clone(), link.clone(), escapes.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let tmp = link.with_extension("tmp");
+                let target = if i % 2 == 0 {
+                    PathBuf::from("libcuda.so.real")
+                } else {
+                    escapes[(i / 2) % escapes.len()].clone()
+                };
+                let _ = fs::remove_file(&tmp);
+                let _ = symlink(&target, &tmp);
+                let _ = fs::rename(&tmp, &link);
+                i += 1;
+            }
+        })
+    };
+    let root_dir = File::open(&fake.root).unwrap();
+    let (mut opened, mut refused) = (0, 0);
+    for _ in 0..5_000 {
+        // The resolver's view of the path may be stale by now: open what the path says.
+        match open_in_root(&root_dir, &fake.root, Path::new("/usr/lib/libcuda.so.1")) {
+            Ok(f) => {
+                let md = f.metadata().unwrap();
+                assert_ne!(
+                    (md.dev(), md.ino()),
+                    (outside.dev(), outside.ino()),
+                    "opened the host's file"
+                );
+                assert_eq!((md.dev(), md.ino()), (want.dev(), want.ino()));
+                opened += 1;
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert!(
+        opened > 0 && refused > 0,
+        "opened {opened}, refused {refused}"
+    );
+}

@@ -296,11 +296,15 @@ struct EntryPoint {
     single_stepped: bool,
 }
 
-/// The wanted entry points of the library at `path`: its symbol sections and 16 bytes at each
-/// entry point are read, nothing else (`ReadCache`), from one open of the file.
-fn entry_points(path: &Path, wanted: &[&'static str]) -> Result<Vec<EntryPoint>, CudaProbeError> {
+/// The wanted entry points of the library `file` (opened by the resolver; `path` names it in
+/// messages): its symbol sections and 16 bytes at each entry point are read, nothing else
+/// (`ReadCache`).
+fn entry_points(
+    file: &std::fs::File,
+    path: &Path,
+    wanted: &[&'static str],
+) -> Result<Vec<EntryPoint>, CudaProbeError> {
     let read_err = |e| CudaProbeError::Read(path.to_path_buf(), e);
-    let file = std::fs::File::open(path).map_err(read_err)?;
     let len = file.metadata().map_err(read_err)?.len();
     if len > MAX_LIBRARY_BYTES {
         return Err(CudaProbeError::TooLarge(path.to_path_buf(), len));
@@ -365,7 +369,11 @@ impl Kernel {
             past_endbr64: 0,
             single_stepped: 0,
         };
-        let entries = match entry_points(&lib.path, &wanted) {
+        let attach_path = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&*lib.file)
+        ));
+        let entries = match entry_points(&lib.file, &lib.path, &wanted) {
             Ok(o) => o,
             Err(e) => {
                 fa.errors.push(format!("{e:#}"));
@@ -392,7 +400,9 @@ impl Kernel {
                             location: UProbeAttachLocation::AbsoluteOffset(off),
                             cookie: Some(u64::from(id)),
                         },
-                        &lib.path,
+                        // The resolver's descriptor, not its path: the uprobe goes on the inode
+                        // whose symbols were read, whatever the path names now.
+                        &attach_path,
                         scope,
                     )
                     .map_err(|e| CudaProbeError::Program(prog_name, e))
