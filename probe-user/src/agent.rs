@@ -9,6 +9,7 @@
 mod collector;
 mod cuda;
 mod ingest;
+mod privileges;
 mod samplers;
 mod targets;
 
@@ -124,6 +125,8 @@ pub struct Options {
     pub access: server::Access,
     /// Bytes the HTTP parser's buffers may hold together.
     pub memory_budget: usize,
+    /// Which processes found by `--port` are meant.
+    pub scope: discover::Scope,
 }
 
 /// Add `pids` (and their descendants) to the target set and the kernel filter, attach their CUDA
@@ -158,8 +161,10 @@ fn add_targets(
                     k.add_listen_port(port).map_err(AgentError::Maps)?;
                 }
                 log::info!(
-                    "tracing pid {pid} ({}): listening on {:?}, {} open connection(s) picked up",
-                    discover::comm(pid),
+                    "tracing pid {pid} (found by {}; {}): listening on {:?}, {} open \
+                     connection(s) picked up",
+                    if pids.contains(&pid) { via } else { "fork" },
+                    discover::whereabouts(pid),
                     s.listen_ports,
                     s.server_conns.len()
                 );
@@ -172,12 +177,29 @@ fn add_targets(
     Ok(())
 }
 
-/// The processes to start from: `--pid`s and whoever listens on `--port`.
+/// The listeners on `port` that `scope` admits; the others are logged with where they live.
+fn in_scope(pids: Vec<u32>, port: u16, scope: &discover::Scope) -> Vec<u32> {
+    if scope.is_empty() {
+        return pids;
+    }
+    pids.into_iter()
+        .filter(|&pid| {
+            let w = discover::whereabouts(pid);
+            let ok = scope.admits(&w);
+            if !ok {
+                log::info!("pid {pid} listens on port {port} but is outside --target-*: {w}");
+            }
+            ok
+        })
+        .collect()
+}
+
+/// The processes to start from: `--pid`s and whoever listens on `--port` within the scope.
 fn initial_roots(opts: &Options) -> Result<Vec<u32>, AgentError> {
     let mut roots = opts.pids.clone();
     if let Some(port) = opts.port {
         match discover::pids_listening_on(port) {
-            Ok(p) => roots.extend(p),
+            Ok(p) => roots.extend(in_scope(p, port, &opts.scope)),
             Err(e) if opts.pids.is_empty() => {
                 log::warn!("{e}; waiting for a process to listen on port {port}");
             }
@@ -280,6 +302,8 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let roots = initial_roots(&opts)?;
     let via = if opts.pids.is_empty() { "port" } else { "pid" };
     add_targets(&kernel, &mut targets, &roots, &ports, via)?;
+    // Attached, tracefs mounted, limits raised: from here on the agent needs only these.
+    privileges::drop_unneeded();
 
     let recent: SharedRecent = Arc::new(Mutex::new(Recent::default()));
     let listener = tokio::net::TcpListener::bind(opts.listen)
@@ -426,6 +450,10 @@ impl Agent {
             return;
         }
         if let Ok(pids) = discover::pids_listening_on(port) {
+            let pids = in_scope(pids, port, &self.opts.scope);
+            if pids.is_empty() {
+                return;
+            }
             log::info!("a process listens on port {port} again: re-attaching to {pids:?}");
             if let Err(e) = add_targets(&self.kernel, &mut self.targets, &pids, &self.ports, "port")
             {

@@ -40,6 +40,91 @@ fn socket_fds(p: &Process) -> Vec<(u32, u64)> {
         .collect()
 }
 
+/// Which processes found by `--port` the operator means (`--target-comm`, `--target-cgroup`,
+/// `--target-netns`): on a shared node another tenant's server may listen on the same port in
+/// its own network namespace. Empty lists admit everything; given lists must each match.
+/// Processes named by `--pid`, and children of targets, are not filtered.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    /// Exact process names (`/proc/PID/comm`), any of them.
+    pub comms: Vec<String>,
+    /// cgroup path prefixes (any line of `/proc/PID/cgroup`), any of them.
+    pub cgroups: Vec<String>,
+    /// Network namespace links (`net:[4026531840]`, as `/proc/PID/ns/net` reads), or `host`
+    /// for the agent's own.
+    pub netns: Vec<String>,
+}
+
+/// Largest `/proc/PID/cgroup` read: a line per hierarchy, a few hundred bytes.
+const MAX_CGROUP_BYTES: u64 = 64 * 1024;
+
+/// Where a process lives: its name, network namespace and cgroup paths, for the scope and the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Whereabouts {
+    pub comm: String,
+    pub netns: String,
+    pub cgroups: Vec<String>,
+}
+
+impl std::fmt::Display for Whereabouts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "comm {:?}, netns {}, cgroup {}",
+            self.comm,
+            self.netns,
+            self.cgroups.join(",")
+        )
+    }
+}
+
+/// Name, network namespace and cgroups of `pid` (empty where unreadable).
+pub fn whereabouts(pid: u32) -> Whereabouts {
+    use std::io::Read as _;
+    let netns = |pid: &str| {
+        std::fs::read_link(format!("/proc/{pid}/ns/net"))
+            .map(|l| l.display().to_string())
+            .unwrap_or_default()
+    };
+    let mut text = String::new();
+    let _ = std::fs::File::open(format!("/proc/{pid}/cgroup"))
+        .and_then(|f| f.take(MAX_CGROUP_BYTES).read_to_string(&mut text));
+    Whereabouts {
+        comm: comm(pid),
+        netns: netns(&pid.to_string()),
+        cgroups: text
+            .lines()
+            .filter_map(|l| l.splitn(3, ':').nth(2))
+            .map(str::to_owned)
+            .collect(),
+    }
+}
+
+impl Scope {
+    pub fn is_empty(&self) -> bool {
+        self.comms.is_empty() && self.cgroups.is_empty() && self.netns.is_empty()
+    }
+
+    /// Whether a process living at `w` is in scope.
+    pub fn admits(&self, w: &Whereabouts) -> bool {
+        let host_netns = || {
+            std::fs::read_link("/proc/self/ns/net")
+                .map(|l| l.display().to_string())
+                .unwrap_or_default()
+        };
+        (self.comms.is_empty() || self.comms.contains(&w.comm))
+            && (self.cgroups.is_empty()
+                || w.cgroups
+                    .iter()
+                    .any(|g| self.cgroups.iter().any(|p| g.starts_with(p.as_str()))))
+            && (self.netns.is_empty()
+                || self
+                    .netns
+                    .iter()
+                    .any(|n| *n == w.netns || (n == "host" && w.netns == host_netns())))
+    }
+}
+
 /// Processes that own a listening TCP socket on `port` (any address family).
 pub fn pids_listening_on(port: u16) -> Result<Vec<u32>, DiscoverError> {
     let mut pids = BTreeSet::new();
@@ -158,6 +243,48 @@ pub fn scan_sockets(pid: u32, extra_ports: &[u16]) -> Result<Sockets, DiscoverEr
         listen_ports: listen_ports.into_iter().collect(),
         server_conns,
     })
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use super::*;
+
+    #[test]
+    fn scope_matches_each_given_list() {
+        let w = Whereabouts {
+            comm: "python3".into(),
+            netns: "net:[4026532000]".into(),
+            cgroups: vec!["/kubepods/burstable/pod1234/abcd".into()],
+        };
+        assert!(Scope::default().admits(&w));
+        let by_comm = Scope {
+            comms: vec!["node".into(), "python3".into()],
+            ..Scope::default()
+        };
+        assert!(by_comm.admits(&w));
+        let by_cgroup = Scope {
+            cgroups: vec!["/kubepods/burstable/pod1234".into()],
+            ..by_comm.clone()
+        };
+        assert!(by_cgroup.admits(&w));
+        let other_pod = Scope {
+            cgroups: vec!["/kubepods/burstable/pod9999".into()],
+            ..Scope::default()
+        };
+        assert!(!other_pod.admits(&w));
+        let other_ns = Scope {
+            netns: vec!["net:[1]".into()],
+            ..Scope::default()
+        };
+        assert!(!other_ns.admits(&w));
+        // This process is in the agent's own network namespace.
+        let me = whereabouts(std::process::id());
+        let host = Scope {
+            netns: vec!["host".into()],
+            ..Scope::default()
+        };
+        assert!(host.admits(&me), "{me}");
+    }
 }
 
 /// This node's name, for the `Hostname` label of the GPU series (empty when unreadable).

@@ -122,6 +122,19 @@ struct RunArgs {
     /// GPU ledger) is served to loopback clients only. /metrics and /health are not affected.
     #[arg(long = "api-token-file", value_name = "FILE")]
     api_token_file: Option<std::path::PathBuf>,
+    /// With --port: trace only listeners with this process name (/proc/PID/comm). Repeatable.
+    /// On a shared node another tenant's server may listen on the same port in its own network
+    /// namespace; the --target-* flags say which one is meant (each given list must match).
+    #[arg(long = "target-comm", value_name = "NAME")]
+    target_comm: Vec<String>,
+    /// With --port: trace only listeners in a cgroup under this path (a line of
+    /// /proc/PID/cgroup starts with it), e.g. /kubepods/burstable/pod<uid>. Repeatable.
+    #[arg(long = "target-cgroup", value_name = "PATH")]
+    target_cgroup: Vec<String>,
+    /// With --port: trace only listeners in this network namespace: `host` (the agent's own) or
+    /// a link as /proc/PID/ns/net reads, e.g. 'net:[4026532281]'. Repeatable.
+    #[arg(long = "target-netns", value_name = "NETNS")]
+    target_netns: Vec<String>,
     /// Bytes the HTTP parser's buffers may hold together, over all connections (e.g. 32MiB,
     /// 500KiB). Past it, body sniffs, events in progress and gap lists are given back and
     /// counted in llm_probe_budget_dropped_total{what}.
@@ -140,7 +153,7 @@ const DEFAULT_SAMPLE_INTERVAL_NS: u64 = 5_000_000_000;
 #[derive(Subcommand)]
 enum Command {
     /// Attach to a server and export metrics until interrupted (SIGINT/SIGTERM detach cleanly).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Where did GPU memory go? Outstanding CUDA allocations of a process grouped by call site
     /// (bytes, count, oldest age, growth), then VMM fragmentation, size classes and churn. Asks the
     /// `llm-probe run` at --url; with none running there, attaches itself for --duration and sees
@@ -164,7 +177,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run_agent(args),
+        Command::Run(args) => run_agent(*args),
         Command::Memleak(args) => memleak::run(&args),
         Command::Health { url, json } => std::process::exit(health_cli(&url, json)),
         Command::Gpu => gpu_cli(),
@@ -212,6 +225,11 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         },
         access: server::Access { token },
         memory_budget: args.memory_budget,
+        scope: probe_user::discover::Scope {
+            comms: args.target_comm,
+            cgroups: args.target_cgroup,
+            netns: args.target_netns,
+        },
     })
 }
 

@@ -326,19 +326,26 @@ pub struct Probe {
 
 impl Probe {
     pub fn start(target_args: &[String]) -> Probe {
+        Self::start_on(target_args, &format!("127.0.0.1:{}", free_port()))
+    }
+
+    /// [`Probe::start`] with `--listen listen`; the harness talks to it on 127.0.0.1 at the same
+    /// port (so `listen` is a loopback or wildcard address).
+    pub fn start_on(target_args: &[String], listen: &str) -> Probe {
         let bin = probe_bin();
         assert!(
             bin.exists(),
             "{} missing: run `cargo xtask build`",
             bin.display()
         );
-        let addr = format!("127.0.0.1:{}", free_port());
+        let port = listen.rsplit(':').next().unwrap_or_default();
+        let addr = format!("127.0.0.1:{port}");
         let proc = Proc::spawn(
             "llm-probe",
             Command::new(bin)
                 .arg("run")
                 .args(target_args)
-                .args(["--listen", &addr])
+                .args(["--listen", listen])
                 .env(
                     "RUST_LOG",
                     std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

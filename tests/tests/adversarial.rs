@@ -12,7 +12,8 @@ use std::{
 
 use serde_json::{json, Value};
 use tests::{
-    http_get, metric_sum, node_under_probe, node_under_probe_with, require_root,
+    free_port, http_get, metric_sum, node_under_probe, node_under_probe_with, require_root,
+    start_node,
     traffic::{chat_req, run_concurrent},
     wait_for, Probe, Proc,
 };
@@ -322,4 +323,277 @@ fn stalled_bodies_stay_within_the_memory_budget() {
     );
     assert!(dropped > 1000.0, "budget drops: {dropped}\n{page}");
     assert!(hwm < 100 << 20, "agent peak RSS {} MiB", hwm >> 20);
+}
+
+/// Once attached, the agent keeps `CAP_BPF`, `CAP_PERFMON`, `CAP_SYS_PTRACE` and
+/// `CAP_DAC_READ_SEARCH` and nothing else (effective, permitted and bounding sets), and still
+/// times requests.
+#[test]
+fn the_agent_keeps_only_the_capabilities_it_needs() {
+    let Some(t) = node_under_probe("the_agent_keeps_only_the_capabilities_it_needs") else {
+        return;
+    };
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", t.probe.proc.pid())).expect("status");
+    let cap = |name: &str| -> u64 {
+        let hex = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .expect("capability line")
+            .trim();
+        u64::from_str_radix(hex, 16).expect("hex")
+    };
+    let kept = (1 << 2) | (1 << 19) | (1 << 38) | (1 << 39);
+    assert_eq!(cap("CapEff:"), kept, "{status}");
+    assert_eq!(cap("CapPrm:"), kept, "{status}");
+    assert_eq!(cap("CapBnd:"), kept, "{status}");
+    assert_eq!(cap("CapInh:"), 0, "{status}");
+    run_concurrent(
+        &t.addr,
+        vec![chat_req("after-drop", "m", true, 2, &json!({}))],
+    );
+    let recs = t.probe.wait_requests(1, Duration::from_secs(10));
+    assert_eq!(recs.len(), 1);
+}
+
+/// A network namespace joined to this one by a veth pair (10.213.7.1 here, 10.213.7.2 there):
+/// a client whose address is not loopback, on this machine. Removed on drop.
+struct PeerNamespace {
+    name: String,
+    link: String,
+}
+
+impl PeerNamespace {
+    fn new() -> Option<Self> {
+        let id = std::process::id() % 100_000;
+        let ns = Self {
+            name: format!("llmp{id}"),
+            link: format!("llmp{id}a"),
+        };
+        let peer = format!("llmp{id}b");
+        let steps: [&[&str]; 8] = [
+            &["netns", "add", &ns.name],
+            &[
+                "link", "add", &ns.link, "type", "veth", "peer", "name", &peer,
+            ],
+            &["link", "set", &peer, "netns", &ns.name],
+            &["addr", "add", "10.213.7.1/30", "dev", &ns.link],
+            &["link", "set", &ns.link, "up"],
+            &["-n", &ns.name, "addr", "add", "10.213.7.2/30", "dev", &peer],
+            &["-n", &ns.name, "link", "set", &peer, "up"],
+            &["-n", &ns.name, "link", "set", "lo", "up"],
+        ];
+        for step in steps {
+            let ok = Command::new("ip")
+                .args(step)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                println!(
+                    "SKIP: `ip {}` failed: no network namespace for this test",
+                    step.join(" ")
+                );
+                return None;
+            }
+        }
+        Some(ns)
+    }
+
+    /// HTTP status of GET `url` from inside the namespace, with `headers`.
+    fn status(&self, url: &str, headers: &[&str]) -> String {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.name,
+            "curl",
+            "-s",
+            "-m",
+            "5",
+            "-o",
+            "/dev/null",
+        ]);
+        cmd.args(["-w", "%{http_code}"]);
+        for h in headers {
+            cmd.args(["-H", h]);
+        }
+        let out = cmd.arg(url).output().expect("curl in the namespace");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for PeerNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.link])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// An agent listening on every address answers `/metrics` to a client outside loopback but
+/// refuses it `/api/*` (403) unless it sends the `--api-token-file` token; loopback clients keep
+/// `/api/*` without one. The client is in a network namespace this test makes.
+#[test]
+fn api_is_refused_off_loopback_without_the_token() {
+    if !require_root("api_is_refused_off_loopback_without_the_token") {
+        return;
+    }
+    let Some(ns) = PeerNamespace::new() else {
+        return;
+    };
+    let port = free_port();
+    let _node = start_node(port);
+    let token = "llm-probe-test-token-0123456789abcdef";
+    let token_file = std::env::temp_dir().join(format!("llmp-token-{}", std::process::id()));
+    std::fs::write(&token_file, format!("{token}\n")).expect("token file");
+    let listen_port = free_port();
+    let probe = Probe::start_on(
+        &[
+            "--port".into(),
+            port.to_string(),
+            "--api-token-file".into(),
+            token_file.display().to_string(),
+        ],
+        &format!("0.0.0.0:{listen_port}"),
+    );
+    let base = format!("http://10.213.7.1:{listen_port}");
+    let bearer = format!("Authorization: Bearer {token}");
+    assert_eq!(ns.status(&format!("{base}/metrics"), &[]), "200");
+    assert_eq!(ns.status(&format!("{base}/health"), &[]), "200");
+    assert_eq!(ns.status(&format!("{base}/api/v1/requests"), &[]), "403");
+    assert_eq!(
+        ns.status(
+            &format!("{base}/api/v1/requests"),
+            &["Authorization: Bearer wrong-token-0000000000"]
+        ),
+        "403"
+    );
+    assert_eq!(ns.status(&format!("{base}/api/v1/memleak"), &[]), "403");
+    assert_eq!(
+        ns.status(&format!("{base}/api/v1/requests"), &[&bearer]),
+        "200"
+    );
+    let (code, _) = http_get(&probe.addr, "/api/v1/requests").expect("loopback GET");
+    assert_eq!(code, 200, "loopback needs no token");
+    let _ = std::fs::remove_file(token_file);
+}
+
+/// `--port` with a scope traces only the listener the operator meant: a server outside
+/// `--target-comm` is left alone (and the log says where it lives), one inside is traced.
+#[test]
+fn port_targets_are_scoped() {
+    if !require_root("port_targets_are_scoped") {
+        return;
+    }
+    let port = free_port();
+    let _node = start_node(port);
+    let args = |comm: &str| -> Vec<String> {
+        [
+            "--port",
+            &port.to_string(),
+            "--target-comm",
+            comm,
+            "--target-netns",
+            "host",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    };
+    let outside = Probe::start(&args("python3"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        outside.metrics().contains("llm_probe_targets 0"),
+        "{}",
+        outside.proc.log_text()
+    );
+    assert!(
+        outside.proc.log_text().contains("outside --target-*"),
+        "{}",
+        outside.proc.log_text()
+    );
+    drop(outside);
+    let inside = Probe::start(&args("node"));
+    wait_for("the node server traced", Duration::from_secs(10), || {
+        inside.metrics().contains("llm_probe_targets 1")
+    });
+    assert!(
+        inside.proc.log_text().contains("found by port"),
+        "{}",
+        inside.proc.log_text()
+    );
+}
+
+/// An `ld.so.cache` in the new glibc format whose `entries` all point at one string of
+/// `string_len` bytes without a NUL inside the first `PATH_MAX` (header layout as
+/// `struct cache_file_new`, glibc `elf/cache.c`).
+fn crafted_ld_so_cache(entries: u32, string_len: usize) -> Vec<u8> {
+    const HEADER: usize = 48;
+    const ENTRY: usize = 24;
+    let mut b = Vec::new();
+    b.extend_from_slice(b"glibc-ld.so.cache1.1");
+    b.extend_from_slice(&entries.to_ne_bytes()); // nlibs at 20
+    b.extend_from_slice(&0u32.to_ne_bytes()); // len_strings
+    b.push(2); // flags: little endian
+    b.resize(HEADER, 0);
+    let strings = HEADER + ENTRY * entries as usize;
+    for _ in 0..entries {
+        b.extend_from_slice(&1i32.to_ne_bytes()); // flags
+        b.extend_from_slice(&(strings as u32).to_ne_bytes()); // key
+        b.extend_from_slice(&(strings as u32).to_ne_bytes()); // value
+        b.extend_from_slice(&0u32.to_ne_bytes()); // osversion
+        b.extend_from_slice(&0u64.to_ne_bytes()); // hwcap
+    }
+    b.resize(strings + string_len, b'a');
+    b.push(0);
+    b
+}
+
+/// A target whose mount namespace holds a crafted 1 MB `ld.so.cache` (20,000 entries all naming
+/// one 700 KB string) and whose `LD_LIBRARY_PATH` holds a 2 GiB sparse `libcuda.so.1` (a real
+/// ELF stand-in with a hole appended): the agent reads neither whole — its peak RSS stays small,
+/// and it says why the library was not probed.
+#[test]
+fn hostile_library_files_are_read_in_bounded_pieces() {
+    if !require_root("hostile_library_files_are_read_in_bounded_pieces") {
+        return;
+    }
+    let cuda = tests::fake_cuda::build().expect("stand-in CUDA libraries");
+    let dir = std::env::temp_dir().join(format!("llmp-hostile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("lib")).expect("dir");
+    let lib = dir.join("lib/libcuda.so.1");
+    std::fs::copy(cuda.libcuda(), &lib).expect("copy");
+    std::fs::File::options()
+        .write(true)
+        .open(&lib)
+        .and_then(|f| f.set_len(2 << 30))
+        .expect("sparse 2 GiB");
+    let cache = dir.join("ld.so.cache");
+    std::fs::write(&cache, crafted_ld_so_cache(20_000, 700 * 1024)).expect("cache");
+    // The target: its own mount namespace with the crafted cache over /etc/ld.so.cache.
+    let script = format!(
+        "mount --bind {} /etc/ld.so.cache && exec sleep 60",
+        cache.display()
+    );
+    let target = Proc::spawn(
+        "hostile-target",
+        Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .env("LD_LIBRARY_PATH", dir.join("lib")),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let probe = Probe::start(&["--pid".into(), target.pid().to_string()]);
+    wait_for("the library refused", Duration::from_secs(20), || {
+        probe.proc.log_text().contains("more than a CUDA library holds")
+    });
+    let hwm = vm_hwm(probe.proc.pid());
+    println!("agent peak RSS with the hostile files: {} MiB", hwm >> 20);
+    assert!(hwm < 100 << 20, "agent peak RSS {} MiB", hwm >> 20);
+    drop(probe);
+    drop(target);
+    let _ = std::fs::remove_dir_all(&dir);
 }
