@@ -354,3 +354,47 @@ fn process_exit_accept_and_eviction_reset() {
         (0, Outcome::ServerReset)
     );
 }
+
+/// At the cap, a connection not used since it was queued is evicted before any that was (second
+/// chance); closed connections leave nothing behind in the eviction order.
+#[test]
+fn eviction_takes_the_least_recently_used() {
+    let mut t = ConnTracker::with_max_conns(100);
+    let mut rec = Rec::default();
+    let c = |fd| ConnId { tgid: 1, fd };
+    for fd in 0..100 {
+        t.on_accept(c(fd), u64::from(fd), &mut rec);
+    }
+    // Use every connection but 37 again, in reverse order; close 5 and reopen them.
+    for fd in (0..100).rev().filter(|&fd| fd != 37) {
+        t.on_ingress(c(fd), 200, 1, b"G", &mut rec);
+    }
+    for fd in 90..95 {
+        t.on_close(c(fd), 300, &mut rec);
+        t.on_accept(c(fd), 301, &mut rec);
+    }
+    t.on_accept(c(1000), 400, &mut rec);
+    assert_eq!(t.open_connections(), 100);
+    assert!(
+        !t.conns.contains_key(&c(37)),
+        "37 was the only one never used again"
+    );
+    // The next victims are connections not used since they were (re)queued: the reopened ones.
+    for (i, fd) in (1001..1006).enumerate() {
+        t.on_accept(c(fd), 401 + i as u64, &mut rec);
+    }
+    assert!((90..95).all(|fd| !t.conns.contains_key(&c(fd))));
+    assert!((0..90)
+        .filter(|&fd| fd != 37)
+        .all(|fd| t.conns.contains_key(&c(fd))));
+    // Churn at the cap keeps the queue bounded.
+    for fd in 2000..12_000 {
+        t.on_accept(c(fd), 500, &mut rec);
+        t.on_close(c(fd), 501, &mut rec);
+    }
+    assert!(
+        t.lru.len() <= 2 * t.conns.len() + 1025,
+        "{} queued",
+        t.lru.len()
+    );
+}
