@@ -588,7 +588,10 @@ fn hostile_library_files_are_read_in_bounded_pieces() {
     std::thread::sleep(Duration::from_millis(500));
     let probe = Probe::start(&["--pid".into(), target.pid().to_string()]);
     wait_for("the library refused", Duration::from_secs(20), || {
-        probe.proc.log_text().contains("more than a CUDA library holds")
+        probe
+            .proc
+            .log_text()
+            .contains("more than a CUDA library holds")
     });
     let hwm = vm_hwm(probe.proc.pid());
     println!("agent peak RSS with the hostile files: {} MiB", hwm >> 20);
