@@ -237,24 +237,22 @@ impl Proc {
         id
     }
 
+    /// Saturating: sizes come from the traced process, which may report any u64.
     fn account(&mut self, l: Live, ns: Ns, add: bool) {
         let site = &mut self.sites[l.site as usize];
-        if add {
-            self.live_bytes += l.bytes;
-            site.outstanding += l.bytes;
-        } else {
-            self.live_bytes -= l.bytes;
-            site.outstanding -= l.bytes;
-        }
+        let op = |a: u64, b: u64| {
+            if add {
+                a.saturating_add(b)
+            } else {
+                a.saturating_sub(b)
+            }
+        };
+        self.live_bytes = op(self.live_bytes, l.bytes);
+        site.outstanding = op(site.outstanding, l.bytes);
         if ns == Ns::Ptr {
             let c = size_class(l.bytes);
-            if add {
-                self.class_count[c] += 1;
-                self.class_bytes[c] += l.bytes;
-            } else {
-                self.class_count[c] -= 1;
-                self.class_bytes[c] -= l.bytes;
-            }
+            self.class_count[c] = op(self.class_count[c], 1);
+            self.class_bytes[c] = op(self.class_bytes[c], l.bytes);
         }
     }
 

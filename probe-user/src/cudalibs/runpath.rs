@@ -65,7 +65,10 @@ where
         let vaddr: u64 = p.p_vaddr(endian).into();
         let filesz: u64 = p.p_filesz(endian).into();
         let inside = p.p_type(endian) == elf::PT_LOAD && strtab >= vaddr && strtab - vaddr < filesz;
-        inside.then(|| p.p_offset(endian).into() + (strtab - vaddr))
+        // The target wrote these numbers: an offset past u64 is a lie, not a wrap.
+        inside
+            .then(|| p.p_offset(endian).into().checked_add(strtab - vaddr))
+            .flatten()
     })?;
     let len = data.len().ok()?;
     let string = |offset: u64| -> Option<String> {

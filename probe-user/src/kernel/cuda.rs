@@ -223,11 +223,14 @@ fn symbol_offsets_in<'data, R: object::ReadRef<'data>>(
         let Some(&addr) = addrs.get(w) else { continue };
         let seg = file.segments().find(|s| {
             let (start, size) = (s.address(), s.size());
-            addr >= start && addr < start + size
+            // Checked: a hostile library can claim any segment bounds.
+            addr >= start && start.checked_add(size).is_some_and(|end| addr < end)
         });
         if let Some(seg) = seg {
             let (file_off, _) = seg.file_range();
-            out.push((w, addr - seg.address() + file_off));
+            if let Some(off) = (addr - seg.address()).checked_add(file_off) {
+                out.push((w, off));
+            }
         }
     }
     Ok(out)

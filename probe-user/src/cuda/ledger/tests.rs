@@ -628,3 +628,20 @@ fn rejected_frees_are_told_apart() {
         (1, 1, 1, 1)
     );
 }
+
+/// A traced process may report any size: totals saturate instead of wrapping (or panicking).
+#[test]
+fn hostile_sizes_saturate() {
+    let mut l = ledger();
+    l.apply(&ev(CU_MEM_ALLOC, 0x1000, u64::MAX, 1));
+    l.apply(&ev(CU_MEM_ALLOC, 0x2000, u64::MAX, 1));
+    assert_eq!(l.live_bytes(PID), u64::MAX);
+    l.apply(&ev(CU_MEM_FREE, 0x1000, 0, 2));
+    l.apply(&ev(CU_MEM_FREE, 0x2000, 0, 2));
+    assert_eq!(l.live_bytes(PID), 0);
+    // A mapping as large as the address space, inside a reservation that claims it all.
+    l.apply(&ev(CU_MEM_ADDRESS_RESERVE, 0x10_0000, u64::MAX, 3));
+    l.apply(&ev(CU_MEM_MAP, 0x10_0000, u64::MAX, 3));
+    l.apply(&ev(CU_MEM_MAP, 0x20_0000, u64::MAX, 3));
+    let _ = l.fragmentation_ratio(PID);
+}

@@ -43,7 +43,7 @@ impl Reservation {
             .map(|(&s, _)| s)
         {
             if let Some(m) = self.maps.remove(&k) {
-                self.mapped -= m.len;
+                self.mapped = self.mapped.saturating_sub(m.len);
             }
             n += 1;
         }
@@ -130,7 +130,7 @@ impl Proc {
             .filter(|(&s, r)| addr < s.saturating_add(r.len))
         {
             Some((&s, r)) => {
-                let len = len.min(s + r.len - addr);
+                let len = len.min(s.saturating_add(r.len) - addr);
                 (r, len)
             }
             None => (&mut self.unknown, len),
@@ -147,7 +147,7 @@ impl Proc {
             return dropped;
         }
         res.maps.insert(addr, Mapping { len });
-        res.mapped += len;
+        res.mapped = res.mapped.saturating_add(len);
         self.vmm_entries += 1;
         Applied::Vmm
     }
@@ -170,7 +170,7 @@ impl Proc {
         for (&a, r) in &self.reservations {
             let (_, l, f) = r.gaps(a);
             largest = largest.max(l);
-            free += f;
+            free = f.saturating_add(free);
         }
         (free > 0).then(|| 1.0 - largest as f64 / free as f64)
     }
