@@ -107,7 +107,7 @@ pub struct CudaOptions {
     pub scope: ProbeScope,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Options {
     pub pids: Vec<u32>,
     pub port: Option<u16>,
@@ -127,6 +127,8 @@ pub struct Options {
     pub memory_budget: usize,
     /// Which processes found by `--port` are meant.
     pub scope: discover::Scope,
+    /// Serve the endpoint over TLS (`--tls-cert`, `--tls-key`).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Add `pids` (and their descendants) to the target set and the kernel filter, attach their CUDA
@@ -321,7 +323,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         cuda: Some(cuda.clone()),
         symbolizer: Mutex::new(Box::new(BlazeSymbolizer::new())),
     });
-    let server = tokio::spawn(server::serve(listener, state));
+    let server = tokio::spawn(server::serve(listener, state, opts.tls.clone()));
 
     let inventory = NvmlInventory::new().map(|i| Box::new(i) as Box<dyn GpuInventory>);
     let (h, c, live) = (health.clone(), cuda.clone(), targets.subscribe());

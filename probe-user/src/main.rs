@@ -122,6 +122,13 @@ struct RunArgs {
     /// GPU ledger) is served to loopback clients only. /metrics and /health are not affected.
     #[arg(long = "api-token-file", value_name = "FILE")]
     api_token_file: Option<std::path::PathBuf>,
+    /// Serve /metrics, /health and /api/* over HTTPS with this certificate chain (PEM, leaf
+    /// first); needs --tls-key.
+    #[arg(long = "tls-cert", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// With --port: trace only listeners with this process name (/proc/PID/comm). Repeatable.
     /// On a shared node another tenant's server may listen on the same port in its own network
     /// namespace; the --target-* flags say which one is meant (each given list must match).
@@ -209,6 +216,16 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match load_tls(cert, key) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+        },
+        _ => None,
+    };
     let interval: std::time::Duration = args.sample_interval.into();
     run(agent::Options {
         pids: args.pids,
@@ -230,7 +247,30 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             cgroups: args.target_cgroup,
             netns: args.target_netns,
         },
+        tls,
     })
+}
+
+/// Largest certificate or key file read (a chain is a few KiB).
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
+fn read_pem(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .take(MAX_PEM_BYTES)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(bytes)
+}
+
+fn load_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    server::tls_acceptor(&read_pem(cert)?, &read_pem(key)?)
+        .with_context(|| format!("{} / {}", cert.display(), key.display()))
 }
 
 /// `123`, `64KiB`, `32MiB`, `1GiB` (also `KB`/`MB`/`GB` as powers of 1024).

@@ -14,6 +14,7 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::{
     cuda::{
@@ -38,6 +39,34 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Finished requests one `/api/v1/requests` answer holds at most (`?limit=`).
 pub const MAX_REQUESTS_PAGE: usize = 1000;
+
+/// Why `--tls-cert`/`--tls-key` could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading PEM: {0}")]
+    Pem(#[from] rustls_pki_types::pem::Error),
+    #[error("the certificate file holds no certificate")]
+    NoCertificate,
+    #[error("TLS: {0}")]
+    Rustls(#[from] tokio_rustls::rustls::Error),
+}
+
+/// A TLS acceptor for the endpoint from PEM text: the certificate chain (leaf first) and its
+/// private key (PKCS#8, PKCS#1 or SEC1). TLS 1.2 and 1.3 with rustls' safe defaults (ring).
+pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsAcceptor, TlsError> {
+    use rustls_pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>()?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate);
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
 
 /// Who may read `/api/*` (request ids and per-token timings of other people's requests, the GPU
 /// ledger): clients on loopback always; others only with the bearer token, when one is set.
@@ -170,9 +199,9 @@ fn requests_page(state: &ServerState, query: &str) -> Response<Full<Bytes>> {
     reply(StatusCode::OK, "application/json", body)
 }
 
-/// Serve until the task is dropped: at most `MAX_CONNECTIONS` at once, each request head within
-/// `HEADER_TIMEOUT`.
-pub async fn serve(listener: TcpListener, state: Arc<ServerState>) {
+/// Serve until the task is dropped: at most `MAX_CONNECTIONS` at once, each request head (and the
+/// TLS handshake, with `tls`) within `HEADER_TIMEOUT`.
+pub async fn serve(listener: TcpListener, state: Arc<ServerState>, tls: Option<TlsAcceptor>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer): (_, SocketAddr) = match listener.accept().await {
@@ -189,18 +218,33 @@ pub async fn serve(listener: TcpListener, state: Arc<ServerState>) {
             continue;
         };
         let state = state.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, peer, &req)) }
             });
-            if let Err(e) = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
+            let mut http = http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let served = match tls {
+                None => http.serve_connection(TokioIo::new(stream), svc).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => http.serve_connection(TokioIo::new(stream), svc).await,
+                        Ok(Err(e)) => {
+                            log::debug!("TLS handshake with {peer}: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            log::debug!("TLS handshake with {peer}: timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = served {
                 log::debug!("metrics connection: {e}");
             }
         });

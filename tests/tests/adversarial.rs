@@ -600,3 +600,84 @@ fn hostile_library_files_are_read_in_bounded_pieces() {
     drop(target);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With `--tls-cert`/`--tls-key` the endpoint speaks HTTPS only: curl with the certificate
+/// gets `/metrics` and `/health`, a plain-HTTP client gets no answer. The certificate is made
+/// here with openssl (self-signed, for 127.0.0.1).
+#[test]
+fn the_endpoint_serves_tls_when_given_a_certificate() {
+    if !require_root("the_endpoint_serves_tls_when_given_a_certificate") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("llmp-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let port = free_port();
+    let _node = start_node(port);
+    let listen = free_port();
+    let mut agent = Proc::spawn(
+        "llm-probe-tls",
+        Command::new(tests::probe_bin())
+            .args(["run", "--port", &port.to_string()])
+            .args(["--listen", &format!("127.0.0.1:{listen}")])
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key),
+    );
+    let url = format!("https://127.0.0.1:{listen}");
+    let curl = |path: &str| -> String {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-m",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+            ])
+            .arg(&cert)
+            .arg(format!("{url}{path}"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_for("the HTTPS endpoint", Duration::from_secs(30), || {
+        assert!(agent.alive(), "llm-probe exited:\n{}", agent.log_text());
+        curl("/health") == "200"
+    });
+    assert_eq!(curl("/metrics"), "200");
+    assert_eq!(curl("/api/v1/requests"), "200", "loopback needs no token");
+    let plain = http_get(&format!("127.0.0.1:{listen}"), "/metrics");
+    assert!(
+        plain.as_ref().map_or(true, |(code, _)| *code != 200),
+        "plain HTTP answered: {plain:?}"
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
