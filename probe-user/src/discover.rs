@@ -78,14 +78,16 @@ impl std::fmt::Display for Whereabouts {
     }
 }
 
+/// The network namespace link of `/proc/<pid>` (`self` for the agent's own), empty when unreadable.
+fn netns(pid: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .map(|l| l.display().to_string())
+        .unwrap_or_default()
+}
+
 /// Name, network namespace and cgroups of `pid` (empty where unreadable).
 pub fn whereabouts(pid: u32) -> Whereabouts {
     use std::io::Read as _;
-    let netns = |pid: &str| {
-        std::fs::read_link(format!("/proc/{pid}/ns/net"))
-            .map(|l| l.display().to_string())
-            .unwrap_or_default()
-    };
     let mut text = String::new();
     let _ = std::fs::File::open(format!("/proc/{pid}/cgroup"))
         .and_then(|f| f.take(MAX_CGROUP_BYTES).read_to_string(&mut text));
@@ -107,11 +109,6 @@ impl Scope {
 
     /// Whether a process living at `w` is in scope.
     pub fn admits(&self, w: &Whereabouts) -> bool {
-        let host_netns = || {
-            std::fs::read_link("/proc/self/ns/net")
-                .map(|l| l.display().to_string())
-                .unwrap_or_default()
-        };
         (self.comms.is_empty() || self.comms.contains(&w.comm))
             && (self.cgroups.is_empty()
                 || w.cgroups
@@ -121,7 +118,7 @@ impl Scope {
                 || self
                     .netns
                     .iter()
-                    .any(|n| *n == w.netns || (n == "host" && w.netns == host_netns())))
+                    .any(|n| *n == w.netns || (n == "host" && w.netns == netns("self"))))
     }
 }
 

@@ -251,15 +251,16 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Largest certificate or key file read (a chain is a few KiB).
-const MAX_PEM_BYTES: u64 = 1 << 20;
+/// Largest operator file read (config, token, certificate chain, key): each is a few KiB.
+const MAX_OPERATOR_FILE_BYTES: u64 = 1 << 20;
 
-fn read_pem(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+/// The first `MAX_OPERATOR_FILE_BYTES` of a file the operator named on the command line.
+fn read_operator_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     use std::io::Read as _;
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .with_context(|| format!("opening {}", path.display()))?
-        .take(MAX_PEM_BYTES)
+        .take(MAX_OPERATOR_FILE_BYTES)
         .read_to_end(&mut bytes)
         .with_context(|| format!("reading {}", path.display()))?;
     Ok(bytes)
@@ -269,7 +270,7 @@ fn load_tls(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    server::tls_acceptor(&read_pem(cert)?, &read_pem(key)?)
+    server::tls_acceptor(&read_operator_file(cert)?, &read_operator_file(key)?)
         .with_context(|| format!("{} / {}", cert.display(), key.display()))
 }
 
@@ -295,14 +296,13 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
 
 /// The bearer token of `--api-token-file`: its first line, at least 16 characters.
 fn load_token(path: &std::path::Path) -> anyhow::Result<String> {
-    use std::io::Read as _;
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .with_context(|| format!("opening {}", path.display()))?
-        .take(4096)
-        .read_to_string(&mut text)
-        .with_context(|| format!("reading {}", path.display()))?;
-    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    let text = read_operator_file(path)?;
+    let token = String::from_utf8_lossy(&text)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned();
     anyhow::ensure!(
         token.len() >= 16 && token.bytes().all(|b| b.is_ascii_graphic()),
         "{}: the token must be one line of at least 16 printable characters",
@@ -313,8 +313,8 @@ fn load_token(path: &std::path::Path) -> anyhow::Result<String> {
 
 /// The operator's `--config` file (a few lines of TOML).
 fn load_config(path: &std::path::Path) -> anyhow::Result<probe_user::health::Config> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = String::from_utf8(read_operator_file(path)?)
+        .with_context(|| format!("{}: not UTF-8", path.display()))?;
     probe_user::health::Config::from_toml(&text).with_context(|| path.display().to_string())
 }
 

@@ -424,3 +424,13 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// Host steal time of this VM (`/proc/stat` cpu line, 8th value), in clock ticks: how much the
+/// hypervisor took from the timing tests' reference client.
+pub fn steal_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(8).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}

@@ -126,12 +126,7 @@ fn a_connection_flood_to_the_agent_keeps_the_target() {
         return;
     };
     // This test's own descriptors: 1,100 sockets need more than the usual soft limit.
-    let lim = libc::rlimit {
-        rlim_cur: 4096,
-        rlim_max: 4096,
-    };
-    // SAFETY: valid pointer to a local; raising our own limit as root.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) };
+    raise_nofile(4096);
     let idle: Vec<TcpStream> = (0..1100)
         .filter_map(|_| TcpStream::connect(&t.probe.addr).ok())
         .collect();

@@ -7,7 +7,7 @@
 use serde_json::{json, Value};
 use tests::{
     client::Sample,
-    free_port, metric_sum, require_root, start_llama,
+    free_port, metric_sum, require_root, start_llama, steal_ticks,
     traffic::{by_id, chat_body, chat_req, compare_parts, records, req, run_concurrent, run_one},
     Probe,
 };
@@ -171,13 +171,4 @@ fn judge(samples: &[Sample], recs: &[Value]) -> Result<String, String> {
     } else {
         Err(line)
     }
-}
-
-/// Host steal time of this VM (`/proc/stat` cpu line, 8th value), in clock ticks.
-fn steal_ticks() -> u64 {
-    std::fs::read_to_string("/proc/stat")
-        .ok()
-        .and_then(|s| s.lines().next().map(str::to_owned))
-        .and_then(|l| l.split_whitespace().nth(8).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
 }

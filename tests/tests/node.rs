@@ -11,7 +11,7 @@ use std::{
 use serde_json::json;
 use tests::{
     free_port, http_get, metric_sum, node_under_probe, node_under_probe_with, require_root,
-    start_node,
+    start_node, steal_ticks,
     traffic::{by_id, chat_body, chat_req, compare, records, req, run_concurrent, run_one},
     Probe,
 };
@@ -42,15 +42,6 @@ fn node_exact_timing_matches_controlled_delays_and_client() {
         }
     }
     panic!("probe and client disagree by more than 1 ms in both rounds (above)");
-}
-
-/// Host steal time of this VM (`/proc/stat` cpu line, 8th value), in clock ticks.
-fn steal_ticks() -> u64 {
-    std::fs::read_to_string("/proc/stat")
-        .ok()
-        .and_then(|s| s.lines().next().map(str::to_owned))
-        .and_then(|l| l.split_whitespace().nth(8).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
 }
 
 /// One round of the exact-timing test: the server's delays asserted, and the probe-client

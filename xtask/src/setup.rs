@@ -136,8 +136,23 @@ pub fn system_packages() -> Result<()> {
     if !have("promtool") || !std::path::Path::new("/usr/bin/prometheus").exists() {
         missing.push("prometheus");
     }
+    // The adversarial tests: curl and openssl (HTTPS endpoint), ip (a network namespace as a
+    // client off loopback), unshare (a target in its own mount namespace).
+    for (tool, package) in [
+        ("curl", "curl"),
+        ("openssl", "openssl"),
+        ("ip", "iproute2"),
+        ("unshare", "util-linux"),
+    ] {
+        if !have(tool) {
+            missing.push(package);
+        }
+    }
     if missing.is_empty() {
-        step("system packages (node, python3, C/C++ compiler, prometheus): present");
+        step(
+            "system packages (node, python3, C/C++ compiler, prometheus, curl, openssl, iproute2, \
+             util-linux): present",
+        );
         return Ok(());
     }
     apt_install(&missing)?;

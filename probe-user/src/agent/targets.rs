@@ -85,30 +85,26 @@ impl Targets {
         }
     }
 
-    pub fn alive(&self) -> Vec<u32> {
+    fn pids_where(&self, f: impl Fn(&Target) -> bool) -> Vec<u32> {
         self.map
             .iter()
-            .filter(|(_, t)| t.alive)
+            .filter(|(_, t)| f(t))
             .map(|(&pid, _)| pid)
             .collect()
+    }
+
+    pub fn alive(&self) -> Vec<u32> {
+        self.pids_where(|t| t.alive)
     }
 
     /// Live targets whose CUDA probes are not attached yet.
     pub fn without_cuda(&self) -> Vec<u32> {
-        self.map
-            .iter()
-            .filter(|(_, t)| t.alive && !t.cuda)
-            .map(|(&pid, _)| pid)
-            .collect()
+        self.pids_where(|t| t.alive && !t.cuda)
     }
 
     /// Dead targets whose CUDA probes are still attached (to detach).
     pub fn dead_with_cuda(&self) -> Vec<u32> {
-        self.map
-            .iter()
-            .filter(|(_, t)| !t.alive && t.cuda)
-            .map(|(&pid, _)| pid)
-            .collect()
+        self.pids_where(|t| !t.alive && t.cuda)
     }
 
     pub fn set_cuda(&mut self, pid: u32, attached: bool) {
