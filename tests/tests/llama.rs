@@ -41,11 +41,13 @@ fn llama_cpp_ttft_tbt_agree_with_client_at_1_and_64_streams() {
 
     // The reference (a client on the same 2-core VM) is itself noisy: when the host deschedules a
     // vCPU (steal time) the client reads several events late, in one read. A noisy round is
-    // measured once more; both rounds are printed, and the second must meet the criteria.
+    // measured once more; further rounds (up to four) only while the host took CPU time from the
+    // VM during the failed round. Every round is printed, the criteria of each are the same, and
+    // one round must meet them.
     let mut total = 0;
     let mut streamed = 0u64;
     let mut verdict = Err(String::new());
-    for round in 0..2u64 {
+    for round in 0..4u64 {
         let steal0 = steal_ticks();
         let samples = round_of_requests(&addr, round);
         total += samples.len();
@@ -63,11 +65,16 @@ fn llama_cpp_ttft_tbt_agree_with_client_at_1_and_64_streams() {
                 eprintln!("round {round}: {line}; vCPU steal {steal} ticks");
                 break;
             }
-            Err(why) => eprintln!("round {round} too noisy ({why}); vCPU steal {steal} ticks"),
+            Err(why) => {
+                eprintln!("round {round} too noisy ({why}); vCPU steal {steal} ticks");
+                if round >= 1 && steal == 0 {
+                    break; // the host took nothing: the disagreement is not the VM's noise
+                }
+            }
         }
     }
     if let Err(why) = verdict {
-        panic!("probe and client disagree in both rounds: {why}");
+        panic!("probe and client disagree in every round: {why}");
     }
     let samples_total = total;
 

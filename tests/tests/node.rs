@@ -28,8 +28,9 @@ fn node_exact_timing_matches_controlled_delays_and_client() {
     // The server's own delays are checked on every round; the agreement with the reference
     // client (≤ 1 ms) gets one re-measured round when the shared 2-core VM delays the client
     // itself (seen once: the client read a first token 1.5 ms after the probe saw it written,
-    // under vCPU steal), as in the llama.cpp accuracy test. Both rounds are printed.
-    for round in 0..2 {
+    // under vCPU steal), and further ones (up to four) while the host took CPU time from the VM,
+    // as in the llama.cpp accuracy test. Every round is printed.
+    for round in 0..4 {
         let steal = steal_ticks();
         let (exact, batched) = timing_round(&served, round);
         let steal = steal_ticks() - steal;
@@ -40,8 +41,11 @@ fn node_exact_timing_matches_controlled_delays_and_client() {
         if exact <= 1.0 && batched <= 1.0 {
             return;
         }
+        if round >= 1 && steal == 0 {
+            break; // the host took nothing: the disagreement is not the VM's noise
+        }
     }
-    panic!("probe and client disagree by more than 1 ms in both rounds (above)");
+    panic!("probe and client disagree by more than 1 ms in every round (above)");
 }
 
 /// One round of the exact-timing test: the server's delays asserted, and the probe-client
