@@ -1,16 +1,24 @@
 //! A load client that measures what a user feels, independently of the probe: its own HTTP/1.1
 //! framing and SSE/NDJSON handling (no code shared with probe-user), `CLOCK_MONOTONIC` timestamps
-//! (probe-common's clock, the one the kernel stamps with) taken as each read returns. Content
-//! events are counted the way benchmarking clients count them (vLLM's `benchmark_serving)`: an
-//! event with non-empty generated text.
+//! (probe-common's clock, the one the kernel stamps with). Content events are counted the way
+//! benchmarking clients count them (vLLM's `benchmark_serving)`: an event with non-empty generated
+//! text.
+//!
+//! When an event arrived is the kernel's receive timestamp of the bytes that end it
+//! (`SO_TIMESTAMPNS`), not the moment this process got round to reading them: on a small VM a
+//! client with 64 streams on one thread, or one the host deschedules, reads events late and
+//! several at once, and that delay is the reference's noise, not the server's latency. Each read
+//! stops at the end of the first event in the socket (peeked), so the stamp is that event's. A
+//! read without a stamp falls back to the clock when the read returned and is counted
+//! (`Sample::unstamped_reads`).
 
-use std::time::Duration;
+use std::{io, os::fd::AsRawFd as _, time::Duration};
 
 use probe_common::clock::monotonic_ns;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::AsyncWriteExt as _,
     net::TcpStream,
 };
 
@@ -27,6 +35,8 @@ pub struct Sample {
     /// The client gave up on purpose after this many content events (abort tests).
     pub aborted: bool,
     pub error: Option<String>,
+    /// Reads whose bytes carried no kernel receive timestamp (timed when the read returned).
+    pub unstamped_reads: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -122,6 +132,7 @@ pub async fn run(addr: &str, req: &Req) -> Sample {
 async fn run_inner(addr: &str, req: &Req, s: &mut Sample) -> anyhow::Result<()> {
     let mut sock = TcpStream::connect(addr).await?;
     sock.set_nodelay(true)?;
+    enable_rx_timestamps(&sock)?;
     let head = format!(
         "POST {} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: */*\r\n\
          X-Request-Id: {}\r\nContent-Length: {}\r\n\r\n",
@@ -140,8 +151,11 @@ async fn run_inner(addr: &str, req: &Req, s: &mut Sample) -> anyhow::Result<()> 
     let mut pending = Vec::<u8>::new();
     let mut last_content: Option<u64> = None;
     loop {
-        let n = sock.read(&mut buf).await?;
-        let now = monotonic_ns();
+        let (n, stamp) = read_event(&sock, &mut buf).await?;
+        let now = stamp.unwrap_or_else(|| {
+            s.unstamped_reads += 1;
+            monotonic_ns()
+        });
         if n == 0 {
             if body
                 .as_ref()
@@ -227,4 +241,124 @@ async fn run_inner(addr: &str, req: &Req, s: &mut Sample) -> anyhow::Result<()> 
     }
     s.duration_ns = monotonic_ns() - s.start_ns;
     Ok(())
+}
+
+/// Ask the kernel to stamp every received segment and report the stamp with each read.
+fn enable_rx_timestamps(sock: &TcpStream) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket, a c_int option value and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Read up to the end of the first event waiting in the socket; returns the byte count and the
+/// kernel's receive time of the last segment read, on `CLOCK_MONOTONIC`.
+async fn read_event(sock: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+    loop {
+        sock.readable().await?;
+        match sock.try_io(tokio::io::Interest::READABLE, || {
+            recv_event(sock.as_raw_fd(), buf)
+        }) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            r => return r,
+        }
+    }
+}
+
+/// Where the first event in `bytes` ends: after the first `\n` not preceded by `\r` (SSE and
+/// NDJSON lines; HTTP and chunk framing end lines with `\r\n`).
+pub fn first_event_end(bytes: &[u8]) -> Option<usize> {
+    (0..bytes.len())
+        .find(|&i| bytes[i] == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
+        .map(|i| i + 1)
+}
+
+fn recv_event(fd: i32, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+    // SAFETY: `buf` is writable for its length.
+    let peeked = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if peeked <= 0 {
+        return if peeked == 0 {
+            Ok((0, None))
+        } else {
+            Err(io::Error::last_os_error())
+        };
+    }
+    let want = first_event_end(&buf[..peeked as usize]).unwrap_or(peeked as usize);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: want,
+    };
+    // Room for one `SCM_TIMESTAMPNS` control message (a timespec), 8-aligned.
+    let mut control = [0u64; 8];
+    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control);
+    // SAFETY: `msg` points at live buffers of the sizes it states.
+    let n = unsafe { libc::recvmsg(fd, &raw mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (real_now, mono_now) = (clock_ns(libc::CLOCK_REALTIME), monotonic_ns());
+    let mut stamp = None;
+    // SAFETY: CMSG_* walk the control buffer the kernel filled, within `msg_controllen`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let ts = libc::CMSG_DATA(c).cast::<libc::timespec>().read_unaligned();
+                let real = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+                // The stamp is CLOCK_REALTIME; move it onto the monotonic clock.
+                stamp = Some(mono_now.saturating_sub(real_now.saturating_sub(real)));
+            }
+            c = libc::CMSG_NXTHDR(&raw const msg, c);
+        }
+    }
+    Ok((n as usize, stamp))
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a timespec to fill.
+    unsafe { libc::clock_gettime(clock, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_event_end;
+
+    #[test]
+    fn a_read_stops_after_the_first_event_line() {
+        let chunked = b"5e\r\ndata: {\"x\":1}\n\n\r\n5e\r\ndata: {\"x\":2}\n\n\r\n";
+        let end = first_event_end(chunked).expect("an event");
+        assert_eq!(&chunked[..end], b"5e\r\ndata: {\"x\":1}\n");
+        assert_eq!(first_event_end(&chunked[end..]), Some(1), "the blank line");
+        assert_eq!(first_event_end(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n"), None);
+        assert_eq!(first_event_end(b"{\"done\":false}\n{\"done\":true}\n"), Some(15));
+    }
 }

@@ -159,7 +159,7 @@ fn judge(samples: &[Sample], recs: &[Value]) -> Result<String, String> {
         v[((v.len() - 1) as f64 * q) as usize]
     };
     let line = format!(
-        "{} requests, {} gaps; |probe - client| TTFT p50 {:.3} ms, max {:.3} ms; gaps p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} gaps over 1 ms",
+        "{} requests, {} gaps; |probe - client| TTFT p50 {:.3} ms, max {:.3} ms; gaps p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} gaps over 1 ms; {} client reads without a kernel stamp",
         samples.len(),
         gap_diffs.len(),
         p(&mut ttft_diffs, 0.5),
@@ -168,6 +168,7 @@ fn judge(samples: &[Sample], recs: &[Value]) -> Result<String, String> {
         p(&mut gap_diffs, 0.99),
         p(&mut gap_diffs, 1.0),
         outliers.len(),
+        samples.iter().map(|s| s.unstamped_reads).sum::<u64>(),
     );
     let ok = ttft_diffs.iter().all(|&t| t <= TOLERANCE_MS)
         && gap_diffs.len() > 300
