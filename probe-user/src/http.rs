@@ -154,6 +154,9 @@ pub struct RequestRecord {
     pub end_ns: u64,
     /// Content-carrying events (SSE `data:` with choices/tokens, NDJSON lines with text).
     pub content_events: u64,
+    /// Events that stand for a generated token, with text or without (vLLM sends one per token,
+    /// also for tokens that decode to no text yet); at least `content_events`.
+    pub token_events: u64,
     /// Gaps between successive content events, first `MAX_GAPS_KEPT`.
     pub gaps_ns: Vec<u64>,
     pub prompt_tokens: Option<u64>,
@@ -161,9 +164,10 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    /// Generated tokens: `usage.completion_tokens` when the server said, else content events.
+    /// Generated tokens: `usage.completion_tokens` when the server said, else one per token
+    /// event (exact for vLLM; engines that merge tokens into one event count fewer).
     pub fn tokens(&self) -> u64 {
-        self.completion_tokens.unwrap_or(self.content_events)
+        self.completion_tokens.unwrap_or(self.token_events)
     }
 }
 

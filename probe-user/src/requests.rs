@@ -400,6 +400,7 @@ mod tests {
             first_token_ns: Some(2_000),
             end_ns: 5_000,
             content_events: 3,
+            token_events: 3,
             gaps_ns: vec![1_000, 1_000],
             prompt_tokens: Some(4),
             completion_tokens: Some(5),
@@ -494,6 +495,7 @@ mod tests {
                 outcome: Outcome::ClientError,
                 first_token_ns: None,
                 content_events: 0,
+                token_events: 0,
                 gaps_ns: Vec::new(),
                 ..record(m)
             });

@@ -15,10 +15,19 @@ use serde_json::value::RawValue;
 use super::ParseErrorKind;
 
 /// What one event told us.
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent facts about one event"
+)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Classified {
     /// Carries generated text, reasoning or tool-call tokens.
     pub content: bool,
+    /// Stands for one generated token even when its text is empty: a choice with a `text` string
+    /// (completions) or a chat `delta` with a `content` string that is not the role announcement,
+    /// or a TGI `token` that is not special. vLLM sends one such event per token, also for tokens
+    /// that decode to no text yet (a partial UTF-8 sequence, a random model's byte tokens).
+    pub token: bool,
     /// `{"error": …}` (the `OpenAI` API, vLLM, TGI, Ollama), `"object": "error"` (older vLLM)
     /// or `"type": "error"` (Responses API).
     pub error: bool,
@@ -98,9 +107,13 @@ struct Event<'a> {
     prompt_eval_count: Raw<'a>,
 }
 
-/// Whether any element of `choices` carries content; walked without collecting.
+/// Whether any element of `choices` carries content, and whether any is a token slot (see
+/// [`Classified::token`]); walked without collecting.
 #[derive(Default)]
-struct Choices(bool);
+struct Choices {
+    content: bool,
+    token: bool,
+}
 
 impl<'de> Deserialize<'de> for Choices {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -111,21 +124,22 @@ impl<'de> Deserialize<'de> for Choices {
                 f.write_str("a choices array")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
-                let mut any = false;
+                let mut out = Choices::default();
                 while let Some(choice) = seq.next_element::<Choice<'de>>()? {
-                    any |= choice.has_content();
+                    out.content |= choice.has_content();
+                    out.token |= choice.is_token();
                 }
-                Ok(Choices(any))
+                Ok(out)
             }
             fn visit_unit<E>(self) -> Result<Choices, E> {
-                Ok(Choices(false))
+                Ok(Choices::default())
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut map: A,
             ) -> Result<Choices, A::Error> {
                 while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Choices(false))
+                Ok(Choices::default())
             }
         }
         d.deserialize_any(V)
@@ -152,12 +166,22 @@ impl Choice<'_> {
             || self.delta.as_ref().is_some_and(Message::has_content)
             || self.message.as_ref().is_some_and(Message::has_content)
     }
+
+    fn is_token(&self) -> bool {
+        self.text.is_some_and(|t| raw_starts_with(t, b'"'))
+            || self.delta.as_ref().is_some_and(|d| {
+                d.role.is_none() && d.content.is_some_and(|c| raw_starts_with(c, b'"'))
+            })
+    }
 }
 
 /// A chat `delta`/`message` (`OpenAI` API) or Ollama chat `message`.
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct Message<'a> {
+    /// Present on the chat stream's first event, the role announcement (no token).
+    #[serde(borrow)]
+    role: Raw<'a>,
     #[serde(borrow)]
     content: Raw<'a>,
     /// vLLM/SGLang/DeepSeek reasoning tokens (older and newer names).
@@ -241,12 +265,13 @@ pub(crate) fn classify(json: &[u8]) -> Result<Classified, serde_json::Error> {
 
     // TGI streams put the whole text in `generated_text` of the last event next to its (special)
     // token, so `generated_text` counts only where there is no `token` (the `/generate` body).
-    let token_content = match ev.token {
+    let (token_content, tgi_token) = match ev.token {
         Some(raw) => {
             let tok: Token<'_> = parse_object(raw).unwrap_or_default();
-            nonempty_str(tok.text) && tok.special != Some(true)
+            let special = tok.special == Some(true);
+            (nonempty_str(tok.text) && !special, !special)
         }
-        None => nonempty_str(ev.generated_text),
+        None => (nonempty_str(ev.generated_text), false),
     };
     let mut response_obj = ResponseObject::default();
     let response_content = match ev.response {
@@ -257,7 +282,8 @@ pub(crate) fn classify(json: &[u8]) -> Result<Classified, serde_json::Error> {
         other => nonempty_str(other),
     };
     out.error |= not_null(response_obj.error);
-    out.content = ev.choices.0
+    out.token = ev.choices.token || tgi_token;
+    out.content = ev.choices.content
         || token_content
         || response_content
         || nonempty_str(ev.content)
@@ -376,6 +402,7 @@ mod tests {
     fn openai_chat_chunks() {
         let role = r#"{"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
         assert!(!c(role).content);
+        assert!(!c(role).token, "the role announcement is no token");
         let role_only = r#"{"choices":[{"index":0,"delta":{"role":"assistant"}}]}"#;
         assert!(!c(role_only).content);
         let tok = r#"{"id":"x","choices":[{"index":0,"delta":{"content":"Hi"},"logprobs":null,"finish_reason":null}]}"#;
@@ -397,6 +424,41 @@ mod tests {
         assert!(c(completions).content);
         let non_stream = r#"{"choices":[{"message":{"role":"assistant","content":"Hello"}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
         assert!(c(non_stream).content);
+    }
+
+    /// vLLM streams one event per token, also for tokens that decode to no text yet.
+    #[test]
+    fn token_events_with_and_without_text() {
+        let t = |s: &str| (c(s).content, c(s).token);
+        let empty_delta = r#"{"choices":[{"index":0,"delta":{"content":""},"finish_reason":null,"token_ids":null}]}"#;
+        assert_eq!(t(empty_delta), (false, true));
+        let last = r#"{"choices":[{"index":0,"delta":{"content":""},"finish_reason":"length"}]}"#;
+        assert_eq!(t(last), (false, true));
+        let empty_text = r#"{"object":"text_completion","choices":[{"index":0,"text":"","finish_reason":null}]}"#;
+        assert_eq!(t(empty_text), (false, true));
+        assert_eq!(t(r#"{"choices":[{"text":"ab"}]}"#), (true, true));
+        // llama-cpp-python's closing chat event and a usage-only event are no tokens.
+        assert_eq!(
+            t(r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#),
+            (false, false)
+        );
+        assert_eq!(
+            t(r#"{"choices":[],"usage":{"completion_tokens":3}}"#),
+            (false, false)
+        );
+        assert_eq!(
+            t(r#"{"choices":[{"delta":{"content":null}}]}"#),
+            (false, false)
+        );
+        // TGI: a special token (</s>) is no generated token.
+        assert_eq!(
+            t(r#"{"token":{"id":5,"text":"","special":false}}"#),
+            (false, true)
+        );
+        assert_eq!(
+            t(r#"{"token":{"id":2,"text":"</s>","special":true}}"#),
+            (false, false)
+        );
     }
 
     #[test]

@@ -115,6 +115,8 @@ struct Req {
     first_token_ns: Option<u64>,
     last_content_ns: u64,
     content_events: u64,
+    /// Events that stand for a generated token, with or without text (`Classified::token`).
+    token_events: u64,
     gaps_ns: Vec<u64>,
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
@@ -137,6 +139,7 @@ impl Req {
             first_token_ns: None,
             last_content_ns: 0,
             content_events: 0,
+            token_events: 0,
             gaps_ns: Vec::new(),
             prompt_tokens: None,
             completion_tokens: None,
@@ -469,6 +472,7 @@ fn finish(
         first_token_ns: req.first_token_ns,
         end_ns,
         content_events: req.content_events,
+        token_events: req.token_events,
         gaps_ns: req.gaps_ns,
         prompt_tokens: req.prompt_tokens,
         completion_tokens: req.completion_tokens,
@@ -488,6 +492,9 @@ impl<O: Observer> EventSink for ReqSink<'_, O> {
         r.stream_error |= ev.error;
         r.prompt_tokens = ev.prompt_tokens.or(r.prompt_tokens);
         r.completion_tokens = ev.completion_tokens.or(r.completion_tokens);
+        if ev.token || ev.content {
+            r.token_events += 1;
+        }
         if !ev.content {
             return;
         }

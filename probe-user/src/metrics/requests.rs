@@ -96,7 +96,7 @@ impl RequestMetrics {
         );
         registry.register(
             "llm_generated_tokens",
-            "Generated tokens (usage.completion_tokens when reported, else content events)",
+            "Generated tokens (usage.completion_tokens when reported, else one per streamed token event)",
             m.generated_tokens.clone(),
         );
         registry.register(
