@@ -6,6 +6,7 @@
 pub mod client;
 pub mod fake_cuda;
 pub mod traffic;
+pub mod vllm;
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},

@@ -4,6 +4,7 @@ mod bench;
 mod bench_cuda;
 mod demo;
 mod setup;
+mod vllm;
 
 use std::{
     path::{Path, PathBuf},
@@ -96,6 +97,8 @@ fn setup_all() -> Result<()> {
     setup::system_packages()?;
     let py = setup::venv()?;
     setup::tiny_model(&py, &root())?;
+    let vpy = vllm::venv()?;
+    vllm::tiny_model(&vpy)?;
     Ok(())
 }
 
