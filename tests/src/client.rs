@@ -17,10 +17,7 @@ use std::{io, os::fd::AsRawFd as _, time::Duration};
 use probe_common::clock::monotonic_ns;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::{
-    io::AsyncWriteExt as _,
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
 /// One request as the client saw it.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -359,6 +356,9 @@ mod tests {
         assert_eq!(&chunked[..end], b"5e\r\ndata: {\"x\":1}\n");
         assert_eq!(first_event_end(&chunked[end..]), Some(1), "the blank line");
         assert_eq!(first_event_end(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n"), None);
-        assert_eq!(first_event_end(b"{\"done\":false}\n{\"done\":true}\n"), Some(15));
+        assert_eq!(
+            first_event_end(b"{\"done\":false}\n{\"done\":true}\n"),
+            Some(15)
+        );
     }
 }

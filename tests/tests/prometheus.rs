@@ -17,8 +17,9 @@ use std::{
 use serde_json::Value;
 use tests::{
     fake_cuda::{self, FakeEngine},
-    free_port, http_get, output_ok, require_root, start_llama, wait_for, workspace_root, Probe,
-    Proc,
+    free_port, http_get, output_ok,
+    prom::Prometheus,
+    require_root, start_llama, wait_for, workspace_root, Probe,
 };
 
 fn engine_page_server() -> u16 {
@@ -45,32 +46,11 @@ fn engine_page_server() -> u16 {
     port
 }
 
-fn encode(q: &str) -> String {
-    q.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-fn prom_query(addr: &str, q: &str) -> Value {
-    let (_, body) =
-        http_get(addr, &format!("/api/v1/query?query={}", encode(q))).expect("query Prometheus");
-    serde_json::from_str(&body).unwrap_or(Value::Null)
-}
-
 #[test]
 fn every_dashboard_query_returns_data_and_every_rule_evaluates() {
     if !require_root("every_dashboard_query_returns_data_and_every_rule_evaluates") {
         return;
     }
-    let prometheus = ["/usr/bin/prometheus", "/usr/sbin/prometheus"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("prometheus missing: run `cargo xtask setup` (Debian package `prometheus`)");
     let root = workspace_root();
     let engine_port = free_port();
     let engine = start_llama(engine_port);
@@ -91,33 +71,7 @@ fn every_dashboard_query_returns_data_and_every_rule_evaluates() {
         "1s".into(),
     ]);
 
-    let dir = std::env::temp_dir().join(format!("llm-probe-prom-{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("data")).expect("temp dir");
-    let prom_port = free_port();
-    let config = format!(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
-         scrape_configs:\n  - job_name: llm-probe\n    static_configs:\n      - targets: ['{}']\n",
-        root.join("deploy/prometheus/llm-probe-rules.yml").display(),
-        probe.addr
-    );
-    std::fs::write(dir.join("prometheus.yml"), config).expect("write config");
-    let _prom = Proc::spawn(
-        "prometheus",
-        Command::new(prometheus)
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}")),
-    );
-    let prom = format!("127.0.0.1:{prom_port}");
-    wait_for("Prometheus ready", Duration::from_secs(30), || {
-        http_get(&prom, "/-/ready").is_ok_and(|(s, _)| s == 200)
-    });
+    let prom = Prometheus::start(&probe.addr);
 
     fake_cuda::wait_attached(&probe);
     cuda_engine.go().expect("CUDA scenario");
@@ -137,13 +91,13 @@ fn every_dashboard_query_returns_data_and_every_rule_evaluates() {
             .args(["--max-seconds", "12", "--max-tokens", "16"]),
     );
     std::thread::sleep(Duration::from_secs(3));
-    let up = prom_query(&prom, "up{job=\"llm-probe\"}");
+    let up = prom.query("up{job=\"llm-probe\"}");
     assert_eq!(
         up["data"]["result"][0]["value"][1], "1",
         "Prometheus scrapes the probe: {up}"
     );
 
-    let gpu = !prom_query(&prom, "llm_gpu_utilization")["data"]["result"]
+    let gpu = !prom.query("llm_gpu_utilization")["data"]["result"]
         .as_array()
         .is_none_or(Vec::is_empty);
     let dash: Value = serde_json::from_str(
@@ -169,7 +123,7 @@ fn every_dashboard_query_returns_data_and_every_rule_evaluates() {
                 "{title}: histogram_quantile must aggregate with sum by (le, …): {expr}"
             );
             let q = expr.replace("$instance", ".*").replace("$model", ".*");
-            let v = prom_query(&prom, &q);
+            let v = prom.query(&q);
             assert_eq!(v["status"], "success", "{title}: {q} → {v}");
             let empty = v["data"]["result"].as_array().is_none_or(Vec::is_empty);
             if gpu_only && !gpu {
@@ -195,7 +149,7 @@ fn every_dashboard_query_returns_data_and_every_rule_evaluates() {
         std::fs::read_to_string(root.join("deploy/prometheus/llm-probe-rules.yml")).expect("rules");
     let expected = rules_file.matches("- alert:").count();
     wait_for("rules evaluated", Duration::from_secs(20), || {
-        let (_, body) = http_get(&prom, "/api/v1/rules").expect("rules API");
+        let (_, body) = http_get(&prom.addr, "/api/v1/rules").expect("rules API");
         let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
         let rules: Vec<&Value> = v["data"]["groups"]
             .as_array()
@@ -212,5 +166,4 @@ fn every_dashboard_query_returns_data_and_every_rule_evaluates() {
             })
     });
     eprintln!("rules: {expected} alert rules loaded and evaluated (health ok)");
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tests::{
     client::{Req, Sample},
-    free_port, http_get, metric_sum, require_root, steal_ticks,
+    free_port, http_get, metric_sum,
+    prom::Prometheus,
+    require_root, steal_ticks,
     traffic::{by_id, judge, records, req, run_concurrent, run_one},
     vllm::{self, Options, MODEL},
-    wait_for, Probe,
+    wait_for, workspace_root, Probe,
 };
 
 const WORDS: &[&str] = &[
@@ -436,6 +438,13 @@ fn vllm_kv_pressure_and_preemption_reach_the_probe() {
         "--sample-interval".into(),
         "100ms".into(),
     ]);
+    let prom = Prometheus::start(&probe.addr);
+    wait_for(
+        "Prometheus scrapes the probe",
+        Duration::from_secs(20),
+        || !prom.series("up{job=\"llm-probe\"} == 1").is_empty(),
+    );
+    let load_started = Instant::now();
     let load_addr = addr.clone();
     let load = std::thread::spawn(move || {
         run_concurrent(
@@ -455,6 +464,8 @@ fn vllm_kv_pressure_and_preemption_reach_the_probe() {
         )
     });
     let (mut kv_max, mut queue_max, mut worst) = (0.0f64, 0.0f64, "healthy".to_owned());
+    let mut above_95 = Duration::ZERO;
+    let mut last = Instant::now();
     let (mut vllm_kv_max, mut checks) = (0.0f64, Vec::new());
     let rank = |s: &str| match s {
         "critical" => 2,
@@ -463,7 +474,12 @@ fn vllm_kv_pressure_and_preemption_reach_the_probe() {
     };
     while !load.is_finished() {
         let m = probe.metrics();
-        kv_max = kv_max.max(metric_sum(&m, "llm_kv_cache_utilization", &[]));
+        let kv = metric_sum(&m, "llm_kv_cache_utilization", &[]);
+        kv_max = kv_max.max(kv);
+        if kv > 0.95 {
+            above_95 += last.elapsed();
+        }
+        last = Instant::now();
         queue_max = queue_max.max(metric_sum(&m, "llm_engine_queue_depth", &[]));
         let (_, h) = probe.health();
         let kv_status = h["checks"]["kv_cache"]["status"]
@@ -480,8 +496,9 @@ fn vllm_kv_pressure_and_preemption_reach_the_probe() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let samples = load.join().expect("load thread");
+    let load_secs = load_started.elapsed().as_secs_f64();
     assert!(samples.iter().all(|s| s.status == 200 && s.error.is_none()));
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_secs(2));
     let m = probe.metrics();
     let (_, page) = http_get(&addr, "/metrics").expect("vLLM /metrics");
     let preempt_probe = metric_sum(&m, "llm_preemption_total", &[]);
@@ -489,7 +506,8 @@ fn vllm_kv_pressure_and_preemption_reach_the_probe() {
     eprintln!(
         "KV pressure: vLLM kv_cache_usage_perc max {vllm_kv_max:.3}, probe llm_kv_cache_utilization max {kv_max:.3}; \
          preemptions vLLM {preempt_vllm}, probe {preempt_probe}; probe engine queue max {queue_max}; \
-         /health kv_cache worst {worst} {checks:?}"
+         /health kv_cache worst {worst} {checks:?}; load {load_secs:.1} s, probe KV > 0.95 for {:.1} s",
+        above_95.as_secs_f64()
     );
     assert!(kv_max > 0.85, "probe's KV gauge max {kv_max}");
     assert!(preempt_vllm > 0.0 && preempt_probe == preempt_vllm);
@@ -498,5 +516,56 @@ fn vllm_kv_pressure_and_preemption_reach_the_probe() {
     let recs = records(&probe, 16);
     for s in &samples {
         assert_eq!(by_id(&recs, &s.request_id)["outcome"], "ok");
+    }
+
+    // The dashboard's engine panels have data in a real Prometheus scraping this probe, and the
+    // KV alert's expression held at a rule evaluation (ALERTS went pending; `for: 5m` keeps it
+    // from firing in a test).
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(workspace_root().join("deploy/grafana/llm-probe.json"))
+            .expect("dashboard"),
+    )
+    .expect("dashboard is JSON");
+    let engine_metrics = [
+        "llm_kv_cache_utilization",
+        "llm_engine_queue_depth",
+        "llm_engine_batch_size",
+        "llm_preemption_total",
+    ];
+    let mut panels = 0;
+    for p in dash["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap_or_default();
+            if !engine_metrics.iter().any(|m| expr.contains(m)) {
+                continue;
+            }
+            let q = expr.replace("$instance", ".*").replace("$model", ".*");
+            let series = prom.series(&q);
+            eprintln!("panel {:?}: {q} -> {} series", p["title"], series.len());
+            assert!(!series.is_empty(), "{}: {q} has no data", p["title"]);
+            panels += 1;
+        }
+    }
+    assert!(panels >= 4, "{panels} engine panel queries");
+    let peak = prom.series("max_over_time(llm_kv_cache_utilization[5m])");
+    eprintln!(
+        "Prometheus: KV peak {:?}",
+        peak.first().map(|s| &s["value"][1])
+    );
+    for alert in ["LLMKVCachePressure", "LLMPreemptionStorm"] {
+        let seen = prom.series(&format!(
+            "max_over_time(ALERTS{{alertname=\"{alert}\"}}[5m])"
+        ));
+        eprintln!(
+            "alert {alert}: {}",
+            if seen.is_empty() {
+                "never pending"
+            } else {
+                "pending"
+            }
+        );
+        if alert == "LLMKVCachePressure" {
+            assert!(!seen.is_empty(), "{alert} never went pending");
+        }
     }
 }
