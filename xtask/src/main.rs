@@ -56,6 +56,10 @@ enum Task {
         /// Where llm-probe serves /metrics.
         #[arg(long, default_value = "127.0.0.1:9464")]
         listen: String,
+        /// The engine to serve: llama (llama-cpp-python, starts in seconds) or vllm (vLLM on
+        /// this CPU, starts in 40-100 s; the probe also reads vLLM's own /metrics).
+        #[arg(long, value_enum, default_value = "llama")]
+        engine: demo::Engine,
     },
 }
 
@@ -250,7 +254,8 @@ fn main() -> Result<()> {
                     .local_addr()?
                     .port();
                 let probe = root().join("target/release/llm-probe");
-                let recorded = demo::run(&probe, 8, &format!("127.0.0.1:{port}"))?;
+                let recorded =
+                    demo::run(&probe, 8, &format!("127.0.0.1:{port}"), demo::Engine::Llama)?;
                 if recorded == 0 {
                     total.1 += 1;
                     eprintln!("demo smoke test FAILED: llm-probe recorded no request");
@@ -295,13 +300,17 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Task::Demo { duration, listen } => {
+        Task::Demo {
+            duration,
+            listen,
+            engine,
+        } => {
             if !is_root() {
                 bail!("the demo loads eBPF programs: run it as root (sudo -E cargo xtask demo)");
             }
             setup_all()?;
             let bin = build()?;
-            demo::run(&bin, duration, &listen).map(|_| ())
+            demo::run(&bin, duration, &listen, engine).map(|_| ())
         }
     }
 }
