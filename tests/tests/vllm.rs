@@ -374,8 +374,9 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
     });
     let t = Instant::now();
     let v2 = vllm::start(port, &Options::default());
-    // The probe polls for a new listener on the port; a connection accepted before it re-attached
-    // is not seen (documented), so the request goes after the new process is traced.
+    // The probe polls for a new listener on the port; a request the server read before the probe
+    // re-attached is not timed (its response is picked up mid-stream without it), so the request
+    // goes after the new process is traced.
     wait_for("the new vLLM traced", Duration::from_secs(15), || {
         probe.health().1["checks"]["targets"]["status"] == "healthy"
     });
