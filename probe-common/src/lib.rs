@@ -67,6 +67,14 @@ pub const DIR_EGRESS: u32 = 1;
 pub const MAX_CAPTURE: usize = 4096;
 const _: () = assert!(MAX_CAPTURE.is_power_of_two());
 
+/// Last bytes also captured of a response write longer than `MAX_CAPTURE`, after the first
+/// `MAX_CAPTURE` (`DataEvent::tail_len`). A server that writes its last big event, the closing
+/// events and the chunked terminator in one write (Node corks `res.write` + `res.end()` into one
+/// writev) ends its response inside the uncaptured part; the tail lets framing see the end. 256
+/// bytes hold a chunk's CRLF, a usage event, `data: [DONE]` and `0\r\n\r\n`.
+pub const TAIL_CAPTURE: usize = 256;
+const _: () = assert!(TAIL_CAPTURE.is_power_of_two() && TAIL_CAPTURE < MAX_CAPTURE);
+
 /// iovecs walked per readv/writev/recvmsg/sendmsg call. Node's http module corks a chunked write
 /// into 4 iovecs (size, CRLF, data, CRLF) and `res.end()` adds the last chunk and the `0\r\n\r\n`
 /// terminator to the same writev (9 iovecs seen with strace); 16 covers 4 corked chunks. The
@@ -85,10 +93,13 @@ pub struct DataEvent {
     pub dir: u32,
     /// The syscall's return value: bytes moved, 0 for end-of-file, or `-errno`.
     pub ret: i64,
-    /// Payload bytes that follow this struct (≤ `MAX_CAPTURE`, ≤ `ret`).
+    /// Payload bytes that follow this struct (≤ `MAX_CAPTURE`, ≤ `ret`): the first bytes moved.
     pub cap_len: u32,
     /// The `SYSCALL_*` value that produced the event (for the syscall mix in diagnostics).
-    pub syscall: u32,
+    pub syscall: u16,
+    /// 0, or `TAIL_CAPTURE`: that many of the last bytes moved follow the `cap_len` payload bytes
+    /// (egress writes longer than `MAX_CAPTURE` that moved every byte asked for).
+    pub tail_len: u16,
     /// Ingress only: when the oldest unread bytes of this read reached the socket (the
     /// `sock:sk_data_ready` tracepoint), or 0 when unknown. A server whose event loop is busy reads a
     /// request late; users feel that wait, so request arrival uses this, not the read time.

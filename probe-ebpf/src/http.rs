@@ -15,7 +15,7 @@ use probe_common::{
     counter, ConnEvent, ConnKey, DataEvent, EventHeader, EventKind, PendingIo, DIR_EGRESS,
     DIR_INGRESS, MAX_CAPTURE, MAX_IOV, SYSCALL_ACCEPT, SYSCALL_ACCEPT4, SYSCALL_READ,
     SYSCALL_READV, SYSCALL_RECVFROM, SYSCALL_RECVMSG, SYSCALL_SENDMSG, SYSCALL_SENDTO,
-    SYSCALL_WRITE, SYSCALL_WRITEV,
+    SYSCALL_WRITE, SYSCALL_WRITEV, TAIL_CAPTURE,
 };
 
 use crate::{
@@ -122,20 +122,43 @@ fn read_into(base: *mut u8, off: usize, len: usize, src: u64) -> bool {
     rc == 0
 }
 
-/// Capture up to `MAX_CAPTURE` of the `ret` bytes the syscall moved. Returns the captured length.
+/// Copy `len` user bytes at `src` into the tail area (after a full `MAX_CAPTURE` head) at `off`.
 #[inline(always)]
-fn capture(base: *mut u8, p: &PendingIo, ret: usize) -> usize {
+fn read_tail_into(base: *mut u8, off: usize, len: usize, src: u64) -> bool {
+    let off = off & (TAIL_CAPTURE - 1);
+    let len = len & (2 * TAIL_CAPTURE - 1);
+    // SAFETY: HEADER + MAX_CAPTURE + off + len < SCRATCH_BYTES by the masks above; the helper
+    // checks `src`.
+    let rc = unsafe {
+        bpf_probe_read_user(
+            base.add(HEADER + MAX_CAPTURE + off).cast::<c_void>(),
+            len as u32,
+            src as *const c_void,
+        )
+    };
+    rc == 0
+}
+
+/// Capture up to `MAX_CAPTURE` of the `ret` bytes the syscall moved, and for a longer egress
+/// write up to `TAIL_CAPTURE` of its last bytes after them. Returns (head length, tail length).
+#[inline(always)]
+fn capture(base: *mut u8, p: &PendingIo, ret: usize) -> (usize, usize) {
     let plain = matches!(
         p.syscall,
         SYSCALL_READ | SYSCALL_WRITE | SYSCALL_RECVFROM | SYSCALL_SENDTO
     );
+    let want_tail = p.dir == DIR_EGRESS && ret > MAX_CAPTURE;
     if plain {
         let n = if ret > MAX_CAPTURE { MAX_CAPTURE } else { ret };
         if !read_into(base, 0, n, p.buf) {
             bump(counter::LOST_READ_USER);
-            return 0;
+            return (0, 0);
         }
-        return n;
+        let end = p.buf + ret as u64;
+        if want_tail && read_tail_into(base, 0, TAIL_CAPTURE, end - TAIL_CAPTURE as u64) {
+            return (n, TAIL_CAPTURE);
+        }
+        return (n, 0);
     }
     // Few branches per iteration on purpose: the verifier walks every iteration, and each extra
     // branch multiplies the states it must visit (32 iterations of a 4-branch body took > 60 s).
@@ -173,7 +196,52 @@ fn capture(base: *mut u8, p: &PendingIo, ret: usize) -> usize {
     if off > MAX_CAPTURE {
         off = MAX_CAPTURE;
     }
-    off
+    if !want_tail || off != MAX_CAPTURE {
+        return (off, 0);
+    }
+    (off, capture_iov_tail(base, p, ret as u64))
+}
+
+/// The tail of a long vectored write: the longest suffix of its iovecs that fits in
+/// `TAIL_CAPTURE` (Node ends a response with small iovecs: CRLF, size lines, `[DONE]`, the
+/// terminator), or the last bytes of the last iovec. A second walk over the iovecs, so that the
+/// verifier sees two short loops one after the other instead of one loop with both jobs (that
+/// one passed the 1M-instruction limit). 0 unless the syscall moved every byte asked for (a
+/// partial write's last bytes were not written) and every read succeeded.
+#[inline(always)]
+fn capture_iov_tail(base: *mut u8, p: &PendingIo, ret: u64) -> usize {
+    let mut asked = 0u64;
+    let mut tail = 0usize;
+    for i in 0..MAX_IOV {
+        if i >= p.iovcnt {
+            break;
+        }
+        // SAFETY: reads one `struct iovec` through the checked helper.
+        let Ok(iov) = (unsafe {
+            aya_ebpf::helpers::bpf_probe_read_user((p.buf + u64::from(i) * 16) as *const [u64; 2])
+        }) else {
+            return 0;
+        };
+        asked = asked.wrapping_add(iov[1]);
+        let len = iov[1] as usize;
+        // Append the whole iovec when it fits, else restart the tail with its last bytes.
+        let fits = tail + len <= TAIL_CAPTURE;
+        let take = if fits || len < TAIL_CAPTURE {
+            len
+        } else {
+            TAIL_CAPTURE
+        };
+        let at = if fits { tail } else { 0 };
+        if take > 0 && !read_tail_into(base, at, take, iov[0] + (len - take) as u64) {
+            return 0;
+        }
+        tail = at + take;
+    }
+    if asked == ret && tail <= TAIL_CAPTURE {
+        tail
+    } else {
+        0
+    }
 }
 
 #[inline(always)]
@@ -196,10 +264,10 @@ fn on_exit(ctx: &TracePointContext) {
         return;
     };
     let base = scratch.cast::<u8>();
-    let cap = if ret > 0 && p.buf != 0 {
+    let (cap, tail) = if ret > 0 && p.buf != 0 {
         capture(base, &p, ret as usize)
     } else {
-        0
+        (0, 0)
     };
     let mut arrival_ns = 0;
     if p.sk != 0 {
@@ -209,7 +277,7 @@ fn on_exit(ctx: &TracePointContext) {
         }
         let _ = ARRIVAL.remove(p.sk);
     }
-    if ret > 0 && ret as usize > cap {
+    if ret > 0 && ret as usize > cap + tail {
         bump(counter::TRUNCATED);
     }
     let ev = DataEvent {
@@ -229,14 +297,16 @@ fn on_exit(ctx: &TracePointContext) {
         dir: p.dir,
         ret,
         cap_len: cap as u32,
-        syscall: p.syscall,
+        syscall: p.syscall as u16,
+        tail_len: tail as u16,
         arrival_ns,
     };
     // SAFETY: the scratch slot is 8-aligned and larger than `DataEvent`.
     unsafe { base.cast::<DataEvent>().write(ev) };
-    // `cap` ≤ MAX_CAPTURE already; the mask restates it in a form the verifier can follow.
-    let len = HEADER + (cap & (2 * MAX_CAPTURE - 1));
-    // SAFETY: `len` < SCRATCH_BYTES (header + ≤ 2 * MAX_CAPTURE).
+    // `cap` ≤ MAX_CAPTURE and `tail` ≤ TAIL_CAPTURE (then `cap` = MAX_CAPTURE: the tail follows
+    // the head); the masks restate it in a form the verifier can follow.
+    let len = HEADER + (cap & (2 * MAX_CAPTURE - 1)) + (tail & (2 * TAIL_CAPTURE - 1));
+    // SAFETY: `len` < SCRATCH_BYTES (header + ≤ 2 * MAX_CAPTURE + 2 * TAIL_CAPTURE).
     let record = unsafe { slice::from_raw_parts(base, len) };
     bump(counter::EVENTS_SEEN);
     if EVENTS

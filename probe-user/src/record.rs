@@ -20,7 +20,11 @@ pub enum Event<'a> {
         syscall: u32,
         /// When the bytes reached the socket (0 = unknown; ingress only).
         arrival_ns: u64,
+        /// The first bytes moved (at most `MAX_CAPTURE`).
         payload: &'a [u8],
+        /// The last bytes moved, of a write longer than the payload (`TAIL_CAPTURE`), or empty.
+        /// They may overlap the payload when the write is shorter than both together.
+        tail: &'a [u8],
     },
     Accept {
         header: EventHeader,
@@ -78,21 +82,23 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         Some(EventKind::Data) => {
             let d: DataEvent = read(bytes)?;
             let start = size_of::<DataEvent>();
-            let claimed = d.cap_len as usize;
-            let payload = bytes
+            let claimed = d.cap_len as usize + usize::from(d.tail_len);
+            let all = bytes
                 .get(start..start + claimed)
                 .ok_or(DecodeError::BadLength {
                     claimed,
                     actual: bytes.len() - start,
                 })?;
+            let (payload, tail) = all.split_at(d.cap_len as usize);
             Ok(Event::Data {
                 header,
                 fd: d.fd,
                 egress: d.dir == DIR_EGRESS,
                 ret: d.ret,
-                syscall: d.syscall,
+                syscall: u32::from(d.syscall),
                 arrival_ns: d.arrival_ns,
                 payload,
+                tail,
             })
         }
         Some(EventKind::Accept) => {
@@ -125,6 +131,18 @@ pub fn encode_data(
     ret: i64,
     payload: &[u8],
 ) -> Vec<u8> {
+    encode_data_with_tail(header, fd, egress, ret, payload, &[])
+}
+
+/// [`encode_data`] with the kernel's tail capture of a long write after the payload.
+pub fn encode_data_with_tail(
+    header: EventHeader,
+    fd: u32,
+    egress: bool,
+    ret: i64,
+    payload: &[u8],
+    tail: &[u8],
+) -> Vec<u8> {
     let d = DataEvent {
         header: EventHeader {
             kind: EventKind::Data as u32,
@@ -135,19 +153,21 @@ pub fn encode_data(
         ret,
         cap_len: payload.len() as u32,
         syscall: if egress {
-            probe_common::SYSCALL_WRITE
+            probe_common::SYSCALL_WRITE as u16
         } else {
-            probe_common::SYSCALL_READ
+            probe_common::SYSCALL_READ as u16
         },
+        tail_len: tail.len() as u16,
         arrival_ns: 0,
     };
-    let mut out = Vec::with_capacity(size_of::<DataEvent>() + payload.len());
+    let mut out = Vec::with_capacity(size_of::<DataEvent>() + payload.len() + tail.len());
     // SAFETY: `DataEvent` is `repr(C)`, integer-only and padding-free (size pinned in probe-common).
     let raw = unsafe {
         std::slice::from_raw_parts(std::ptr::from_ref(&d).cast::<u8>(), size_of::<DataEvent>())
     };
     out.extend_from_slice(raw);
     out.extend_from_slice(payload);
+    out.extend_from_slice(tail);
     out
 }
 
@@ -183,6 +203,18 @@ mod tests {
             (fd, egress, ret, payload, header.ts_ns),
             (5, true, 3, &b"abc"[..], 99)
         );
+    }
+
+    #[test]
+    fn tail_follows_the_payload() {
+        let raw = encode_data_with_tail(hdr(), 5, true, 9000, b"head", b"tail");
+        let Ok(Event::Data { payload, tail, .. }) = decode(&raw) else {
+            panic!("decode failed");
+        };
+        assert_eq!((payload, tail), (&b"head"[..], &b"tail"[..]));
+        let mut lying = raw.clone();
+        lying.truncate(raw.len() - 1);
+        assert!(matches!(decode(&lying), Err(DecodeError::BadLength { .. })));
     }
 
     #[test]

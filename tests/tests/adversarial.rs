@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tests::{
     free_port, http_get, metric_sum, node_under_probe, node_under_probe_with, require_root,
     start_node,
-    traffic::{chat_req, run_concurrent},
+    traffic::{by_id, chat_req, run_concurrent},
     wait_for, Probe, Proc,
 };
 
@@ -217,11 +217,11 @@ fn the_request_log_is_paged() {
 }
 
 /// Streams whose every SSE event is a ~6 KB write (more than the kernel's 4 KiB capture per
-/// syscall) keep their chunked framing from the syscall's byte count: each ends `ok`, not as a
-/// client abort. (The events themselves are not classified: their JSON is cut by the capture,
-/// counted in `llm_probe_parse_errors_total{kind="truncated_capture"}`.) The server waits before
-/// its last chunk: a write that carries a large event *and* the end of the response is still
-/// lost (docs/security.md, open).
+/// syscall) keep their chunked framing from the syscall's byte count, and their events count as
+/// content from their captured start (`"content":"tok…`). Half the servers wait before the end;
+/// the other half write the last big event, the usage event, `[DONE]` and the terminator in one
+/// writev (Node corks them): the kernel's capture of the write's last 256 bytes shows the end.
+/// Every stream ends `ok` with the client's content-event count.
 #[test]
 fn writes_past_the_capture_keep_their_framing() {
     let Some(t) = node_under_probe("writes_past_the_capture_keep_their_framing") else {
@@ -229,21 +229,26 @@ fn writes_past_the_capture_keep_their_framing() {
     };
     let reqs: Vec<_> = (0..20)
         .map(|i| {
-            chat_req(
-                &format!("big-{i}"),
-                "m",
-                true,
-                5,
-                &json!({"pad": 6000, "tail_ms": 20}),
-            )
+            let extra = if i % 2 == 0 {
+                json!({"pad": 6000, "tail_ms": 20})
+            } else {
+                json!({"pad": 6000, "usage": true})
+            };
+            chat_req(&format!("big-{i}"), "m", true, 5, &extra)
         })
         .collect();
     let samples = run_concurrent(&t.addr, reqs);
     assert!(samples.iter().all(|s| s.status == 200 && s.error.is_none()));
     let recs = t.probe.wait_requests(20, Duration::from_secs(20));
-    let outcomes: Vec<&str> = recs.iter().filter_map(|r| r["outcome"].as_str()).collect();
-    assert_eq!(outcomes.len(), 20, "{recs:?}");
-    assert!(outcomes.iter().all(|o| *o == "ok"), "{outcomes:?}");
+    assert_eq!(recs.len(), 20, "{recs:?}");
+    for s in &samples {
+        let r = by_id(&recs, &s.request_id);
+        assert_eq!(r["outcome"], "ok", "{r}");
+        assert_eq!(r["content_events"].as_u64(), Some(s.content_events), "{r}");
+        if s.request_id.ends_with(['1', '3', '5', '7', '9']) {
+            assert_eq!(r["completion_tokens"], 5, "usage in the tail: {r}");
+        }
+    }
 }
 
 /// Peak resident memory of `pid` (`VmHWM`), in bytes.

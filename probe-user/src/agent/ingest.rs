@@ -52,6 +52,7 @@ impl Ingest {
                 egress,
                 ret,
                 payload,
+                tail,
                 arrival_ns,
                 ..
             } => {
@@ -69,7 +70,10 @@ impl Ingest {
                 self.stats.now_ns = ts;
                 let s = &mut self.stats;
                 match (ret, egress) {
-                    (n, true) if n > 0 => self.tracker.on_egress(conn, ts, n as u64, payload, s),
+                    (n, true) if n > 0 => {
+                        self.tracker
+                            .on_egress_with_tail(conn, ts, n as u64, payload, tail, s);
+                    }
                     (n, false) if n > 0 => self.tracker.on_ingress(conn, ts, n as u64, payload, s),
                     (0, false) => self.tracker.on_peer_closed(conn, ts, s),
                     (0, true) => {}

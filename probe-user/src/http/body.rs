@@ -53,6 +53,9 @@ pub(crate) enum Piece<'a> {
     Bytes(&'a [u8]),
     /// Payload bytes that were moved but not captured.
     Gap(u64),
+    /// A chunk's data ended inside uncaptured bytes. Streaming servers write whole events per
+    /// chunk, so the content layer may take this as an event boundary to resynchronise on.
+    ChunkEnd,
 }
 
 /// What feeding a segment did.
@@ -201,6 +204,7 @@ impl ChunkDecoder {
             sink(Piece::Gap(seg.missing));
             let left = to_data_end - seg.missing;
             self.state = if left == 0 {
+                sink(Piece::ChunkEnd);
                 ChunkState::DataEnd
             } else {
                 ChunkState::Data { remaining: left }
@@ -213,6 +217,7 @@ impl ChunkDecoder {
         }
         if to_data_end > 0 {
             sink(Piece::Gap(to_data_end));
+            sink(Piece::ChunkEnd);
         }
         self.state = if past == crlf_left {
             ChunkState::Size {
@@ -308,6 +313,7 @@ mod tests {
                 &mut |p| match p {
                     Piece::Bytes(b) => out.extend_from_slice(b),
                     Piece::Gap(n) => gaps += n,
+                    Piece::ChunkEnd => out.push(b'|'),
                 },
             );
             results.push(r);
@@ -369,7 +375,7 @@ mod tests {
     fn gap_inside_chunk_data_is_kept_in_step() {
         let mut f = Framer::Chunked(ChunkDecoder::default());
         let (out, gaps, res) = run(&mut f, &[(b"10\r\nabcd", 12), (b"\r\n0\r\n\r\n", 0)]);
-        assert_eq!(out, b"abcd");
+        assert_eq!(out, b"abcd|", "the chunk's data ended in the gap");
         assert_eq!(gaps, 12);
         assert_eq!(res, vec![Fed::More, Fed::Done { used: 7 }]);
     }
@@ -384,7 +390,8 @@ mod tests {
         let missing = 6000 - data.len() as u64 + 2;
         let mut f = Framer::Chunked(ChunkDecoder::default());
         let (out, gaps, res) = run(&mut f, &[(&first, missing), (b"3\r\nabc\r\n0\r\n\r\n", 0)]);
-        assert_eq!(out.len(), data.len() + 3);
+        assert_eq!(out.len(), data.len() + 1 + 3, "data, the chunk end, abc");
+        assert_eq!(out[data.len()], b'|');
         assert_eq!(gaps, 6000 - data.len() as u64);
         assert_eq!(res, vec![Fed::More, Fed::Done { used: 13 }]);
         // Only the CR missing: the LF comes captured in the next write.

@@ -317,6 +317,30 @@ pub(crate) fn classify(json: &[u8]) -> Result<Classified, serde_json::Error> {
     Ok(out)
 }
 
+/// Whether the captured start of an event that the capture cut (its JSON cannot be parsed) shows
+/// generated text: a `content`, `text`, `response`, reasoning or thinking key whose string value
+/// starts with a character. A role announcement (`"content":""`) or `null` does not count.
+pub(crate) fn prefix_has_content(prefix: &[u8]) -> bool {
+    const KEYS: [&[u8]; 6] = [
+        b"\"content\"",
+        b"\"text\"",
+        b"\"response\"",
+        b"\"reasoning_content\"",
+        b"\"reasoning\"",
+        b"\"thinking\"",
+    ];
+    let ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
+    KEYS.iter().any(|key| {
+        memchr::memmem::find_iter(prefix, key).any(|at| {
+            let mut rest = prefix[at + key.len()..].iter().skip_while(|b| ws(b));
+            rest.next() == Some(&b':') && {
+                let mut value = rest.skip_while(|b| ws(b));
+                value.next() == Some(&b'"') && value.next().is_some_and(|&b| b != b'"')
+            }
+        })
+    })
+}
+
 /// A top-level `message` that is an object (Ollama chat) with content; error strings are not.
 fn message_has_content(raw: Raw<'_>) -> bool {
     raw.and_then(parse_object::<Message<'_>>)
@@ -424,6 +448,29 @@ mod tests {
         assert!(c(completions).content);
         let non_stream = r#"{"choices":[{"message":{"role":"assistant","content":"Hello"}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
         assert!(c(non_stream).content);
+    }
+
+    #[test]
+    fn cut_event_prefixes() {
+        let yes = [
+            &br#"{"id":"x","choices":[{"index":0,"delta":{"content":"Hel"#[..],
+            br#"{"choices":[{"text": "a"#,
+            br#"{"model":"m","response":"to"#,
+            br#"{"choices":[{"delta":{"reasoning_content":"hm"#,
+        ];
+        for p in yes {
+            assert!(prefix_has_content(p), "{}", String::from_utf8_lossy(p));
+        }
+        let no = [
+            &br#"{"choices":[{"delta":{"role":"assistant","content":""}"#[..],
+            br#"{"choices":[{"delta":{"content":null"#,
+            br#"{"choices":[{"delta":{"content":"#,
+            br#"{"usage":{"prompt_tokens":3"#,
+            b"",
+        ];
+        for p in no {
+            assert!(!prefix_has_content(p), "{}", String::from_utf8_lossy(p));
+        }
     }
 
     /// vLLM streams one event per token, also for tokens that decode to no text yet.

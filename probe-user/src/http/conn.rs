@@ -264,6 +264,35 @@ impl ConnTracker {
         self.on_bytes(true, conn, ts_ns, Seg::new(data, len), obs);
     }
 
+    /// [`Self::on_egress`] of a write longer than its capture, with the kernel's capture of its
+    /// last bytes (`tail`, which may overlap `data` when the write is shorter than both). The
+    /// tail is parsed only where the response's framing reached it through the uncaptured middle
+    /// (inside chunk data or a Content-Length body): then the end of a response written in one
+    /// big write with its closing events and terminator is seen, not taken for an abort.
+    pub fn on_egress_with_tail(
+        &mut self,
+        conn: ConnId,
+        ts_ns: u64,
+        len: u64,
+        data: &[u8],
+        tail: &[u8],
+        obs: &mut impl Observer,
+    ) {
+        let beyond_data = len.saturating_sub(data.len() as u64);
+        let fresh = tail
+            .len()
+            .min(usize::try_from(beyond_data).unwrap_or(usize::MAX));
+        let tail = &tail[tail.len() - fresh..];
+        self.on_bytes(true, conn, ts_ns, Seg::new(data, len - fresh as u64), obs);
+        let in_body = self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| matches!(c.egress, Egress::Body { .. }));
+        if !tail.is_empty() && in_body {
+            self.on_bytes(true, conn, ts_ns, Seg::new(tail, tail.len() as u64), obs);
+        }
+    }
+
     fn on_bytes(
         &mut self,
         egress: bool,

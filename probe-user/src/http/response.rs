@@ -236,11 +236,11 @@ impl Analyzer {
     pub fn gap(&mut self, ts: u64, sink: &mut impl EventSink) {
         match &mut self.inner {
             Inner::Sse(p) => {
-                p.gap();
+                p.gap(ts, sink);
                 sink.parse_error(ParseErrorKind::TruncatedCapture);
             }
             Inner::Ndjson(p) => {
-                p.gap();
+                p.gap(ts, sink);
                 sink.parse_error(ParseErrorKind::TruncatedCapture);
             }
             Inner::Json(j) => {
@@ -248,6 +248,15 @@ impl Analyzer {
                 j.truncated = true;
             }
             Inner::Opaque => {}
+        }
+    }
+
+    /// A chunk's data ended in uncaptured bytes: streams resynchronise there (see `Piece::ChunkEnd`).
+    pub fn chunk_end_after_gap(&mut self) {
+        match &mut self.inner {
+            Inner::Sse(p) => p.resync(),
+            Inner::Ndjson(p) => p.resync(),
+            Inner::Json(_) | Inner::Opaque => {}
         }
     }
 

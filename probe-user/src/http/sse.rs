@@ -5,9 +5,22 @@
 use memchr::{memchr, memchr2};
 
 use super::{
-    classify::{classify, EventSink},
+    classify::{classify, prefix_has_content, Classified, EventSink},
     ParseErrorKind,
 };
+
+/// An event cut by the capture whose captured start shows generated text: reported as one
+/// content token at the time of the write that carried it.
+fn report_cut(prefix: &[u8], ts: u64, sink: &mut impl EventSink) {
+    if prefix_has_content(prefix) {
+        let ev = Classified {
+            content: true,
+            token: true,
+            ..Classified::default()
+        };
+        sink.event(ev, ts);
+    }
+}
 
 /// Longest SSE line or event data, and longest NDJSON line, we buffer. A token chunk is ~250 bytes;
 /// even a final chunk with logprobs stays far below this. A longer one is counted as `BadEvent`.
@@ -85,8 +98,30 @@ impl SseParser {
         }
     }
 
-    /// Bytes of the stream were not captured: the event they belonged to is lost.
-    pub fn gap(&mut self) {
+    /// Bytes of the stream were not captured: the event they belonged to is lost (its start is
+    /// still reported as a content token when it shows generated text).
+    pub fn gap(&mut self, ts: u64, sink: &mut impl EventSink) {
+        if !self.skipping && !self.line_overflow {
+            if let Some(value) = self.line.strip_prefix(b"data:") {
+                report_cut(value, ts, sink);
+            }
+        }
+        self.skip_event();
+    }
+
+    /// After a gap, the chunk that held the cut event ended: the next bytes start a new event.
+    pub fn resync(&mut self) {
+        if self.skipping {
+            self.skipping = false;
+            self.line.clear();
+            self.line_overflow = false;
+            self.after_cr = false;
+            self.reset_event();
+        }
+    }
+
+    /// Drop the event in progress and ignore everything up to the next blank line.
+    fn skip_event(&mut self) {
         self.line.clear();
         self.line_overflow = false;
         self.after_cr = false;
@@ -104,7 +139,7 @@ impl SseParser {
     pub fn shed(&mut self) -> bool {
         let lost = !self.line.is_empty() || self.has_data;
         if lost {
-            self.gap();
+            self.skip_event();
         }
         self.line = Vec::new();
         self.data = Vec::new();
@@ -212,7 +247,23 @@ impl NdjsonParser {
         }
     }
 
-    pub fn gap(&mut self) {
+    pub fn gap(&mut self, ts: u64, sink: &mut impl EventSink) {
+        if !self.skipping && !self.overflow {
+            report_cut(&self.line, ts, sink);
+        }
+        self.skip_line();
+    }
+
+    /// After a gap, the chunk that held the cut line ended: the next bytes start a new line.
+    pub fn resync(&mut self) {
+        if self.skipping {
+            self.skipping = false;
+            self.line.clear();
+            self.overflow = false;
+        }
+    }
+
+    fn skip_line(&mut self) {
         self.line.clear();
         self.overflow = false;
         self.skipping = true;
@@ -227,7 +278,7 @@ impl NdjsonParser {
     pub fn shed(&mut self) -> bool {
         let lost = !self.line.is_empty();
         if lost {
-            self.gap();
+            self.skip_line();
         }
         self.line = Vec::new();
         lost
@@ -361,10 +412,21 @@ pub(crate) mod tests {
             1,
             &mut c,
         );
-        p.gap();
+        // The cut event's start shows text: one content token at the write that carried it.
+        p.gap(1, &mut c);
         p.feed(b"xx\"}}]}\n\ndata: {\"content\":\"B\"}\n\n", 2, &mut c);
-        assert_eq!(content_ts(&c), vec![2]);
+        assert_eq!(content_ts(&c), vec![1, 2]);
         assert!(c.parse_errors.is_empty());
+        // A cut role announcement, or a gap while already skipping, reports nothing.
+        let mut c = Collect::default();
+        p.feed(
+            b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"",
+            3,
+            &mut c,
+        );
+        p.gap(3, &mut c);
+        p.gap(4, &mut c);
+        assert!(content_ts(&c).is_empty());
     }
 
     #[test]

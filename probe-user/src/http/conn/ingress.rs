@@ -172,7 +172,7 @@ impl Conn {
                 *truncated |= b.len() > room;
                 sniff.extend_from_slice(b.get(..room.min(b.len())).unwrap_or_default());
             }
-            Piece::Bytes(_) => {}
+            Piece::Bytes(_) | Piece::ChunkEnd => {}
             Piece::Gap(_) => *truncated = true,
         });
         match fed {

@@ -533,3 +533,54 @@ fn the_memory_budget_bounds_stalled_bodies() {
     }
     assert_eq!(t.buffered(), 0);
 }
+
+/// The last write holds a big content event, the usage event, `[DONE]` and the terminator (Node
+/// corks `res.write` + `res.end()` into one writev). Beyond the 4 KiB capture the end is unseen;
+/// with the kernel's capture of the write's last bytes the response ends there, `ok`.
+#[test]
+fn a_coalesced_last_write_ends_by_its_tail() {
+    let chunk = |e: &str| {
+        let data = format!("data: {e}\n\n");
+        format!("{:x}\r\n{data}\r\n", data.len())
+    };
+    let req = post("/v1/chat/completions", CHAT_BODY);
+    let early = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n{}{}",
+        chunk(ROLE),
+        chunk(&delta("Hi"))
+    );
+    let last = format!(
+        "{}{}{}0\r\n\r\n",
+        chunk(&delta(&"x".repeat(6000))),
+        chunk(USAGE),
+        chunk("[DONE]")
+    );
+    let (early, last) = (early.as_bytes(), last.as_bytes());
+    let cap = probe_common::MAX_CAPTURE;
+    for with_tail in [true, false] {
+        let mut t = ConnTracker::new();
+        let mut rec = Rec::default();
+        t.on_ingress(C, 100, req.len() as u64, &req, &mut rec);
+        t.on_egress(C, 200, early.len() as u64, early, &mut rec);
+        let tail = if with_tail {
+            &last[last.len() - probe_common::TAIL_CAPTURE..]
+        } else {
+            &[][..]
+        };
+        t.on_egress_with_tail(C, 300, last.len() as u64, &last[..cap], tail, &mut rec);
+        if with_tail {
+            let r = rec.only();
+            assert_eq!((r.outcome, r.end_ns), (Outcome::Ok, 300));
+            assert_eq!(r.completion_tokens, Some(3), "the usage event in the tail");
+            assert_eq!(
+                r.content_events, 2,
+                "the cut big event counts from its start"
+            );
+        } else {
+            assert!(
+                rec.finished.is_empty(),
+                "without the tail the end is not seen"
+            );
+        }
+    }
+}
