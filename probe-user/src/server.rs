@@ -30,10 +30,12 @@ pub const DEFAULT_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(
     std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9464),
 );
 
-/// Connections served at once; more are closed at accept. Prometheus keeps one, an operator a few:
-/// 64 leaves room for both while a flood of idle connections cannot take the agent's fds (the
-/// open-file limit, 1024 under systemd by default, is shared with the /proc reads that keep
-/// targets attached).
+mod slots;
+
+/// Connections served at once. Prometheus keeps one, an operator a few: 64 leaves room for both
+/// while a flood of idle connections cannot take the agent's fds (the open-file limit, 1024 under
+/// systemd by default, is shared with the /proc reads that keep targets attached). When all are
+/// taken, a new connection gets the slot of the one idle the longest (`server/slots.rs`).
 pub const MAX_CONNECTIONS: usize = 64;
 /// A request head must arrive within this; a client that sends nothing is dropped.
 pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -199,10 +201,11 @@ fn requests_page(state: &ServerState, query: &str) -> Response<Full<Bytes>> {
     reply(StatusCode::OK, "application/json", body)
 }
 
-/// Serve until the task is dropped: at most `MAX_CONNECTIONS` at once, each request head (and the
-/// TLS handshake, with `tls`) within `HEADER_TIMEOUT`.
+/// Serve until the task is dropped: at most `MAX_CONNECTIONS` at once (a full house evicts the
+/// longest-idle connection), each request head (and the TLS handshake, with `tls`) within
+/// `HEADER_TIMEOUT`.
 pub async fn serve(listener: TcpListener, state: Arc<ServerState>, tls: Option<TlsAcceptor>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = slots::Slots::new(MAX_CONNECTIONS);
     loop {
         let (stream, peer): (_, SocketAddr) = match listener.accept().await {
             Ok(x) => x,
@@ -212,18 +215,25 @@ pub async fn serve(listener: TcpListener, state: Arc<ServerState>, tls: Option<T
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            log::debug!("{MAX_CONNECTIONS} connections open: closing the one from {peer}");
+        let Some(slot) = slots.acquire().map(Arc::new) else {
+            log::debug!("{MAX_CONNECTIONS} connections busy: closing the one from {peer}");
             drop(stream);
             continue;
         };
         let state = state.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
+        let conn_slot = slot.clone();
+        let task = tokio::spawn(async move {
+            let svc_slot = conn_slot.clone();
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, peer, &req)) }
+                let slot = svc_slot.clone();
+                async move {
+                    slot.request_started();
+                    let resp = handle(&state, peer, &req);
+                    slot.request_done();
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let mut http = http1::Builder::new();
             http.timer(hyper_util::rt::TokioTimer::new())
@@ -247,7 +257,9 @@ pub async fn serve(listener: TcpListener, state: Arc<ServerState>, tls: Option<T
             if let Err(e) = served {
                 log::debug!("metrics connection: {e}");
             }
+            drop(conn_slot);
         });
+        slot.set_task(task.abort_handle());
     }
 }
 

@@ -119,7 +119,9 @@ fn hostile_model_names_neither_break_the_page_nor_take_slots() {
 }
 
 /// 1,100 idle connections to the agent's port (more than systemd's default open-file limit)
-/// neither stop `/metrics` nor make the agent drop its live target.
+/// neither stop `/metrics` nor make the agent drop its live target. A scrape while the flood is
+/// held open is answered at once: a full house gives the new connection the slot of the
+/// longest-idle one, so it does not wait for the 5 s header timeout to free a slot.
 #[test]
 fn a_connection_flood_to_the_agent_keeps_the_target() {
     let Some(t) = node_under_probe("a_connection_flood_to_the_agent_keeps_the_target") else {
@@ -131,6 +133,16 @@ fn a_connection_flood_to_the_agent_keeps_the_target() {
         .filter_map(|_| TcpStream::connect(&t.probe.addr).ok())
         .collect();
     assert!(idle.len() > 1000, "opened {} connections", idle.len());
+    let t0 = std::time::Instant::now();
+    let (code, page) = http_get(&t.probe.addr, "/metrics").expect("scrape during the flood");
+    let took = t0.elapsed();
+    eprintln!(
+        "/metrics with {} idle connections held open: {code} in {took:?}",
+        idle.len()
+    );
+    assert_eq!(code, 200);
+    assert!(page.contains("llm_probe_targets 1"), "{page}");
+    assert!(took < Duration::from_secs(5), "waited {took:?} for a slot");
     // Housekeeping ticks with the flood open: the target must stay traced. The 64 connections
     // the agent took are closed by its 5 s header timeout, which frees its slots again.
     std::thread::sleep(Duration::from_secs(7));
@@ -680,4 +692,99 @@ fn the_endpoint_serves_tls_when_given_a_certificate() {
     );
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The shipped manifests, run as shipped: the `DaemonSet`'s container args and the systemd
+/// unit's default and documented network command lines (with the engine port and the listen port
+/// swapped for free ones) keep `/api/*` off the network. From another network namespace
+/// `/metrics` answers where the listener is on the network, `/api/v1/requests` never does
+/// without a token (403), and the unit's default listener is not reachable at all.
+#[test]
+fn shipped_manifests_keep_api_off_the_network() {
+    if !require_root("shipped_manifests_keep_api_off_the_network") {
+        return;
+    }
+    let Some(ns) = PeerNamespace::new() else {
+        return;
+    };
+    let root = tests::workspace_root();
+    let out = tests::output_ok(
+        "reading the DaemonSet's args",
+        Command::new(tests::python()).args([
+            "-c",
+            "import json, sys, yaml\n\
+             for d in yaml.safe_load_all(open(sys.argv[1])):\n\
+             \x20   if d and d.get('kind') == 'DaemonSet':\n\
+             \x20       c = d['spec']['template']['spec']['containers'][0]\n\
+             \x20       print(json.dumps([str(a) for a in c['args']]))",
+            &root
+                .join("deploy/kubernetes/daemonset.yaml")
+                .display()
+                .to_string(),
+        ]),
+    );
+    let daemonset: Vec<String> =
+        serde_json::from_slice(&out.stdout).expect("DaemonSet args as JSON");
+    let unit =
+        std::fs::read_to_string(root.join("deploy/systemd/llm-probe.service")).expect("unit");
+    let unit_args = |prefix: &str| -> Vec<String> {
+        let line = unit
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in the unit"));
+        let words = line.trim_end_matches('"').split_whitespace();
+        std::iter::once("run".to_owned())
+            .chain(words.map(str::to_owned))
+            .collect()
+    };
+    let cases = [
+        ("DaemonSet", daemonset),
+        ("unit default", unit_args("Environment=\"LLM_PROBE_ARGS=")),
+        ("unit network example", unit_args("#   LLM_PROBE_ARGS=\"")),
+    ];
+    let port = free_port();
+    let _node = start_node(port);
+    for (what, args) in cases {
+        assert_eq!(
+            args.first().map(String::as_str),
+            Some("run"),
+            "{what}: {args:?}"
+        );
+        let i = args.iter().position(|a| a == "--listen").expect("--listen");
+        let host = args[i + 1]
+            .rsplit_once(':')
+            .expect("host:port")
+            .0
+            .to_owned();
+        let listen = format!("{host}:{}", free_port());
+        let mut run: Vec<String> = Vec::new();
+        let mut it = args.iter().skip(1).enumerate();
+        while let Some((j, a)) = it.next() {
+            if j + 1 == i {
+                it.next(); // --listen's value: Probe::start_on passes ours
+                continue;
+            }
+            run.push(a.replace("8000", &port.to_string()));
+        }
+        let probe = Probe::start_on(&run, &listen);
+        let base = format!(
+            "http://10.213.7.1:{}",
+            listen.rsplit(':').next().unwrap_or_default()
+        );
+        let (metrics, api) = (
+            ns.status(&format!("{base}/metrics"), &[]),
+            ns.status(&format!("{base}/api/v1/requests"), &[]),
+        );
+        eprintln!(
+            "{what}: llm-probe {} --listen {listen}: /metrics {metrics}, /api {api}",
+            run.join(" ")
+        );
+        if host == "127.0.0.1" {
+            assert_eq!((metrics.as_str(), api.as_str()), ("000", "000"), "{what}");
+        } else {
+            assert_eq!((metrics.as_str(), api.as_str()), ("200", "403"), "{what}");
+        }
+        let (code, _) = http_get(&probe.addr, "/api/v1/requests").expect("loopback GET");
+        assert_eq!(code, 200, "{what}: loopback needs no token");
+    }
 }

@@ -11,10 +11,10 @@ use rustc_hash::FxHashMap;
 
 use super::{
     body::{Framer, Seg},
-    classify::{Classified, EventSink},
     response::Analyzer,
-    sniff, ConnId, Observer, Outcome, ParseErrorKind, RequestMeta, RequestRecord, MAX_GAPS_KEPT,
+    ConnId, Observer, Outcome, ParseErrorKind, RequestMeta,
 };
+use sink::{ensure_started, finish, ReqSink};
 
 /// Requests queued on one connection awaiting responses. Real clients pipeline rarely and
 /// shallowly; past this the connection is out of step or hostile, and we stop queueing.
@@ -463,104 +463,6 @@ fn touch<'a>(
     (c.mode == Mode::Active).then_some(c)
 }
 
-/// Fills in a request's body fields if that has not happened yet (its response began, or it ended,
-/// before its body was read), and reports it started.
-fn ensure_started(id: ConnId, req: &mut Req, ingress: &Ingress, obs: &mut impl Observer) {
-    if req.started {
-        return;
-    }
-    req.started = true;
-    let sniff = match ingress {
-        Ingress::Body(body) if body.seq == Some(req.seq) => body.sniff.as_slice(),
-        _ => &[],
-    };
-    sniff::apply_body(&mut req.meta, sniff, false);
-    if req.timed() {
-        obs.request_started(id, &req.meta, req.arrival_ns);
-    }
-}
-
-fn finish(
-    id: ConnId,
-    mut req: Req,
-    ingress: &Ingress,
-    outcome: Outcome,
-    end_ns: u64,
-    obs: &mut impl Observer,
-) {
-    if !req.timed() {
-        return;
-    }
-    ensure_started(id, &mut req, ingress, obs);
-    obs.request_finished(RequestRecord {
-        conn: id,
-        meta: req.meta,
-        status: req.status,
-        outcome,
-        arrival_ns: req.arrival_ns,
-        first_token_ns: req.first_token_ns,
-        end_ns,
-        content_events: req.content_events,
-        token_events: req.token_events,
-        gaps_ns: req.gaps_ns,
-        prompt_tokens: req.prompt_tokens,
-        completion_tokens: req.completion_tokens,
-    });
-}
-
-/// Applies a response's events to the request it answers.
-struct ReqSink<'a, O: Observer> {
-    id: ConnId,
-    req: &'a mut Req,
-    obs: &'a mut O,
-}
-
-impl<O: Observer> EventSink for ReqSink<'_, O> {
-    fn event(&mut self, ev: Classified, ts: u64) {
-        let r = &mut *self.req;
-        r.stream_error |= ev.error;
-        r.prompt_tokens = ev.prompt_tokens.or(r.prompt_tokens);
-        r.completion_tokens = ev.completion_tokens.or(r.completion_tokens);
-        if ev.token || ev.content {
-            r.token_events += 1;
-        }
-        if !ev.content {
-            return;
-        }
-        r.content_events += 1;
-        if r.first_token_ns.is_none() {
-            r.first_token_ns = Some(ts);
-            if r.timed() {
-                self.obs
-                    .first_token(self.id, &r.meta, ts.saturating_sub(r.arrival_ns));
-            }
-        } else {
-            let gap = ts.saturating_sub(r.last_content_ns);
-            if !r.gaps_dropped && r.gaps_ns.len() < MAX_GAPS_KEPT {
-                r.gaps_ns.push(gap);
-            }
-            if r.timed() {
-                self.obs.token_gap(self.id, &r.meta, gap);
-            }
-        }
-        r.last_content_ns = ts;
-    }
-
-    fn stream_error(&mut self) {
-        self.req.stream_error = true;
-    }
-
-    fn parse_error(&mut self, kind: ParseErrorKind) {
-        if kind == ParseErrorKind::TruncatedCapture {
-            if self.req.truncated_reported {
-                return;
-            }
-            self.req.truncated_reported = true;
-        }
-        self.obs.parse_error(self.id, kind);
-    }
-}
-
 /// Upper bound on state-machine steps for one syscall's bytes: every step consumes bytes or is
 /// one of a few transitions between consuming steps. Only a bug could reach it; it turns such a
 /// bug into lost parsing instead of a hung agent.
@@ -707,5 +609,6 @@ fn next(seq: &mut u64) -> u64 {
 
 mod egress;
 mod ingress;
+mod sink;
 #[cfg(test)]
 mod tests;

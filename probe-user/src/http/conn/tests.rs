@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::*;
-use crate::http::Endpoint;
+use crate::http::{Endpoint, RequestRecord};
 
 #[derive(Default, Debug)]
 struct Rec {
