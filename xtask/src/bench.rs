@@ -270,6 +270,75 @@ pub fn rss(probe: &Path, streams: usize) -> Result<()> {
     Ok(())
 }
 
+/// Issue 10's heavy row: 4,096 streams of 4,100 events each (`llm-bench client` at concurrency
+/// 4,096 against `llm-bench server --events 4100`), then `GET /api/v1/requests`: the agent's peak
+/// resident memory (`VmHWM`) and the size of that answer, with the default memory budget.
+pub fn long_streams(probe: &Path, streams: usize, events: usize, seconds: u64) -> Result<()> {
+    // The server and the client each hold `streams` sockets: raise the limit they inherit.
+    let lim = libc::rlimit {
+        rlim_cur: 16_384,
+        rlim_max: 16_384,
+    };
+    // SAFETY: a valid pointer to a local; raising our own limit as root.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) };
+    let port = tests::free_port();
+    let _server = Kill(
+        Command::new(bench_bin())
+            .args([
+                "server",
+                &port.to_string(),
+                "--events",
+                &events.to_string(),
+            ])
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_port(port)?;
+    let (p, listen) = start_probe(probe, port)?;
+    let pid = p.0.id();
+    let rss0 = rss_kib(pid, "VmRSS:");
+    step(&format!(
+        "long streams: {streams} concurrent streams of {events} events for up to {seconds} s"
+    ));
+    let t0 = Instant::now();
+    let out = Command::new(bench_bin())
+        .args([
+            "client",
+            &format!("127.0.0.1:{port}"),
+            "--concurrency",
+            &streams.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .context("running llm-bench client")?;
+    let client: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    std::thread::sleep(Duration::from_secs(2));
+    let events_seen = scrape(listen, "llm_probe_events_seen_total");
+    let lost = scrape(listen, "llm_probe_events_lost_total");
+    let finished = scrape(listen, "llm_requests_total");
+    let hwm_load = rss_kib(pid, "VmHWM:");
+    let t1 = Instant::now();
+    let page = tests::http_get(&format!("127.0.0.1:{listen}"), "/api/v1/requests")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let get_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let hwm = rss_kib(pid, "VmHWM:");
+    println!(
+        "long streams: {:.0} s, client {client}; probe saw {events_seen:.0} events ({lost:.0} lost), {finished:.0} requests finished",
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "long streams: RSS at start {:.1} MiB, peak under load {:.1} MiB, peak after GET /api/v1/requests {:.1} MiB; that GET returned {:.1} MiB in {get_ms:.0} ms",
+        rss0 as f64 / 1024.0,
+        hwm_load as f64 / 1024.0,
+        hwm as f64 / 1024.0,
+        page.len() as f64 / (1024.0 * 1024.0)
+    );
+    Ok(())
+}
+
 pub fn micro() -> Result<()> {
     step("ingest and render micro-benchmarks (cargo bench -p probe-user)");
     run(Command::new("cargo").current_dir(root()).args([

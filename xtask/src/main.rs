@@ -37,7 +37,8 @@ enum Task {
     /// Benchmarks (docs/BENCHMARKS.md): overhead with/without the probe in the same run, RSS with
     /// 1k streams, ingestion and /metrics render micro-benchmarks. Needs root.
     Bench {
-        /// Only this one: micro, overhead, engine, rss, cuda.
+        /// Only this one: micro, overhead, engine, rss, cuda; or longstreams (4,096 streams of
+        /// 4,100 events, minutes of full load: run only when named).
         #[arg(long)]
         only: Option<String>,
         /// Rounds of the overhead benchmark (each: without, then with the probe).
@@ -294,6 +295,10 @@ fn main() -> Result<()> {
             }
             if want("rss") {
                 bench::rss(&bin, 1000)?;
+            }
+            // Minutes of full load on two cores: only when asked for by name.
+            if only.as_deref() == Some("longstreams") {
+                bench::long_streams(&bin, 4096, 4100, 240)?;
             }
             if want("cuda") {
                 bench_cuda::uprobe_cost(&bin, rounds)?;
