@@ -436,3 +436,24 @@ pub fn steal_ticks() -> u64 {
         .and_then(|l| l.split_whitespace().nth(8).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
 }
+
+/// Peak resident memory of `pid` (`VmHWM`), in bytes.
+pub fn vm_hwm(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+/// Raise this process's open-file limit to `n` (as root; children inherit it).
+pub fn raise_nofile(n: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: valid pointer to a local; raising our own limit as root (children inherit it).
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) };
+}
