@@ -7,8 +7,8 @@
 use serde_json::json;
 use tests::{
     client::Sample,
-    free_port, metric_sum, require_root, start_llama, steal_ticks,
-    traffic::{chat_body, chat_req, judge, records, req, run_concurrent, run_one},
+    free_port, metric_sum, require_root, start_llama,
+    traffic::{chat_body, chat_req, req, run_concurrent, run_one, timing_rounds},
     Probe,
 };
 
@@ -41,39 +41,9 @@ fn llama_cpp_ttft_tbt_agree_with_client_at_1_and_64_streams() {
     // measured once more; further rounds (up to four) only while the host took CPU time from the
     // VM during the failed round. Every round is printed, the criteria of each are the same, and
     // one round must meet them.
-    let mut total = 0;
-    let mut streamed = 0u64;
-    let mut verdict = Err(String::new());
-    for round in 0..4u64 {
-        let steal0 = steal_ticks();
-        let samples = round_of_requests(&addr, round);
-        total += samples.len();
-        streamed += samples.iter().filter(|s| s.ttft_ns.is_some()).count() as u64;
-        let recs = records(&probe, total);
-        assert_eq!(
-            recs.len(),
-            total,
-            "every request accounted for, no extra ones"
-        );
-        let steal = steal_ticks().saturating_sub(steal0);
-        verdict = judge(&samples, &recs);
-        match &verdict {
-            Ok(line) => {
-                eprintln!("round {round}: {line}; vCPU steal {steal} ticks");
-                break;
-            }
-            Err(why) => {
-                eprintln!("round {round} too noisy ({why}); vCPU steal {steal} ticks");
-                if round >= 1 && steal == 0 {
-                    break; // the host took nothing: the disagreement is not the VM's noise
-                }
-            }
-        }
-    }
-    if let Err(why) = verdict {
-        panic!("probe and client disagree in every round: {why}");
-    }
-    let samples_total = total;
+    let all = timing_rounds(&probe, 4, |round| round_of_requests(&addr, round));
+    let streamed = all.iter().filter(|s| s.ttft_ns.is_some()).count() as u64;
+    let samples_total = all.len();
 
     let m = probe.metrics();
     let total = metric_sum(&m, "llm_requests_total", &[("status", "ok")]);

@@ -13,8 +13,8 @@ use tests::{
     client::{Req, Sample},
     free_port, http_get, metric_sum,
     prom::Prometheus,
-    require_root, steal_ticks,
-    traffic::{by_id, judge, records, req, run_concurrent, run_one},
+    require_root,
+    traffic::{by_id, records, req, run_concurrent, run_one, timing_rounds},
     vllm::{self, Options, MODEL},
     wait_for, workspace_root, Probe,
 };
@@ -127,6 +127,18 @@ fn accuracy_round(addr: &str, round: u64) -> Vec<Sample> {
     samples
 }
 
+/// `llm-probe run` on vLLM's port, also reading vLLM's own /metrics every `interval`.
+fn probe_on(port: u16, addr: &str, interval: &str) -> Probe {
+    Probe::start(&[
+        "--port".into(),
+        port.to_string(),
+        "--engine-metrics".into(),
+        format!("http://{addr}/metrics"),
+        "--sample-interval".into(),
+        interval.into(),
+    ])
+}
+
 fn health_status(probe: &Probe) -> String {
     probe.health().1["overall"]
         .as_str()
@@ -146,14 +158,7 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
     for i in 0..2 {
         run_one(&addr, vreq(&format!("warm-{i}"), i == 0, true, false, 8, 8));
     }
-    let probe = Probe::start(&[
-        "--port".into(),
-        port.to_string(),
-        "--engine-metrics".into(),
-        format!("http://{addr}/metrics"),
-        "--sample-interval".into(),
-        "250ms".into(),
-    ]);
+    let probe = probe_on(port, &addr, "250ms");
 
     // The process tree: API server, engine core and worker are all traced.
     let (_, health) = probe.health();
@@ -172,32 +177,7 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
 
     // 1. Per-request timing, the llama.cpp rule; a noisy round is measured again while the host
     //    steals CPU time from the VM (at most 3 rounds).
-    let mut total = 0;
-    let mut verdict = Err(String::new());
-    for round in 0..3 {
-        let steal0 = steal_ticks();
-        let samples = accuracy_round(&addr, round);
-        total += samples.len();
-        let recs = records(&probe, total);
-        assert_eq!(recs.len(), total, "every request accounted for, no extra");
-        let steal = steal_ticks().saturating_sub(steal0);
-        verdict = judge(&samples, &recs);
-        match &verdict {
-            Ok(line) => {
-                eprintln!("timing round {round}: {line}; vCPU steal {steal} ticks");
-                break;
-            }
-            Err(why) => {
-                eprintln!("timing round {round} too noisy ({why}); vCPU steal {steal} ticks");
-                if round >= 1 && steal == 0 {
-                    break;
-                }
-            }
-        }
-    }
-    if let Err(why) = verdict {
-        panic!("probe and client disagree in every round: {why}");
-    }
+    let total = timing_rounds(&probe, 3, |round| accuracy_round(&addr, round)).len();
 
     // vLLM as a second witness: TTFT means over the same (streamed) requests. vLLM times from
     // the request reaching its engine front-end to its first token (empty text included); the
@@ -431,14 +411,7 @@ fn vllm_kv_pressure_and_preemption_reach_the_probe() {
     );
     let addr = engine.addr.clone();
     run_one(&addr, vreq("warm", false, true, false, 8, 8));
-    let probe = Probe::start(&[
-        "--port".into(),
-        port.to_string(),
-        "--engine-metrics".into(),
-        format!("http://{addr}/metrics"),
-        "--sample-interval".into(),
-        "100ms".into(),
-    ]);
+    let probe = probe_on(port, &addr, "100ms");
     let prom = Prometheus::start(&probe.addr);
     wait_for(
         "Prometheus scrapes the probe",
