@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::{root, run, step};
 
-struct Kill(Child);
+pub(crate) struct Kill(pub(crate) Child);
 impl Drop for Kill {
     fn drop(&mut self) {
         // SAFETY: signal to our own child.
@@ -27,11 +27,11 @@ impl Drop for Kill {
     }
 }
 
-fn bench_bin() -> std::path::PathBuf {
+pub(crate) fn bench_bin() -> std::path::PathBuf {
     root().join("target/release/llm-bench")
 }
 
-fn wait_port(port: u16) -> Result<()> {
+pub(crate) fn wait_port(port: u16) -> Result<()> {
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if start.elapsed() > Duration::from_secs(20) {
@@ -56,7 +56,7 @@ fn client(port: u16, concurrency: usize, seconds: u64) -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("llm-bench client output")
 }
 
-fn start_probe(probe: &Path, port: u16) -> Result<(Kill, u16)> {
+pub(crate) fn start_probe(probe: &Path, port: u16) -> Result<(Kill, u16)> {
     let listen = tests::free_port();
     let p = Kill(
         Command::new(probe)
@@ -94,7 +94,7 @@ fn cpu_seconds(pid: u32) -> f64 {
     (f.get(10).unwrap_or(&0.0) + f.get(11).unwrap_or(&0.0)) / hz.max(1.0)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -284,12 +284,7 @@ pub fn long_streams(probe: &Path, streams: usize, events: usize, seconds: u64) -
     let port = tests::free_port();
     let _server = Kill(
         Command::new(bench_bin())
-            .args([
-                "server",
-                &port.to_string(),
-                "--events",
-                &events.to_string(),
-            ])
+            .args(["server", &port.to_string(), "--events", &events.to_string()])
             .stderr(Stdio::null())
             .spawn()?,
     );

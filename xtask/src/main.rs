@@ -1,6 +1,7 @@
 //! `cargo xtask …`: everything that runs llm-probe's pieces. The two commands a fresh machine needs:
 //! `cargo xtask demo` (the main job on an embedded default) and `cargo xtask test` (every test).
 mod bench;
+mod bench_bystander;
 mod bench_cuda;
 mod demo;
 mod setup;
@@ -37,7 +38,7 @@ enum Task {
     /// Benchmarks (docs/BENCHMARKS.md): overhead with/without the probe in the same run, RSS with
     /// 1k streams, ingestion and /metrics render micro-benchmarks. Needs root.
     Bench {
-        /// Only this one: micro, overhead, engine, rss, cuda; or longstreams (4,096 streams of
+        /// Only this one: micro, overhead, engine, rss, cuda, bystander; or longstreams (4,096 streams of
         /// 4,100 events, minutes of full load: run only when named).
         #[arg(long)]
         only: Option<String>,
@@ -302,6 +303,9 @@ fn main() -> Result<()> {
             }
             if want("cuda") {
                 bench_cuda::uprobe_cost(&bin, rounds)?;
+            }
+            if want("bystander") {
+                bench_bystander::bystander(&bin, rounds)?;
             }
             Ok(())
         }

@@ -140,6 +140,10 @@ async fn main() -> anyhow::Result<()> {
             gap_us,
         } => {
             let l = TcpListener::bind(("127.0.0.1", port)).await?;
+            // tokio listens with a backlog of 1,024; thousands of clients connecting at once
+            // (the long-streams test) would be refused. Linux lets listen() raise it in place.
+            // SAFETY: a listening socket we own; listen() only changes its backlog.
+            unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 8192) };
             eprintln!("llm-bench server on 127.0.0.1:{port}");
             loop {
                 let (s, _) = l.accept().await?;

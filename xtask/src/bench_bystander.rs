@@ -1,0 +1,108 @@
+//! What llm-probe costs processes it does not trace (the bystanders on a shared node): ns per
+//! `getppid()`, per 64-byte `write` to /dev/null and per TCP loopback ping-pong round trip, timed
+//! in this untraced process, in alternating rounds without and with llm-probe attached to a
+//! server elsewhere (`llm-bench server`, traced by port).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+
+use crate::{
+    bench::{bench_bin, median, start_probe, wait_port, Kill},
+    step,
+};
+
+const SYSCALLS: u32 = 2_000_000;
+const WRITES: u32 = 1_000_000;
+const ROUND_TRIPS: u32 = 50_000;
+
+/// ns per call of `getppid`, of a 64-byte write to /dev/null, and per ping-pong round trip.
+fn measure() -> Result<[f64; 3]> {
+    let t = Instant::now();
+    for _ in 0..SYSCALLS {
+        // SAFETY: a plain syscall without arguments.
+        std::hint::black_box(unsafe { libc::getppid() });
+    }
+    let getppid = t.elapsed().as_nanos() as f64 / f64::from(SYSCALLS);
+
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    let buf = [b'x'; 64];
+    let t = Instant::now();
+    for _ in 0..WRITES {
+        // SAFETY: a valid fd and buffer.
+        std::hint::black_box(unsafe { libc::write(null.as_raw_fd(), buf.as_ptr().cast(), 64) });
+    }
+    let write = t.elapsed().as_nanos() as f64 / f64::from(WRITES);
+
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 1];
+        while s.read(&mut b)? == 1 {
+            s.write_all(&b)?;
+        }
+        Ok(())
+    });
+    let mut c = TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let mut b = [0u8; 1];
+    let t = Instant::now();
+    for _ in 0..ROUND_TRIPS {
+        c.write_all(b"p")?;
+        c.read_exact(&mut b)?;
+    }
+    let pingpong = t.elapsed().as_nanos() as f64 / f64::from(ROUND_TRIPS);
+    drop(c);
+    let _ = echo.join();
+    Ok([getppid, write, pingpong])
+}
+
+pub fn bystander(probe: &Path, rounds: usize) -> Result<()> {
+    let port = tests::free_port();
+    let _server = Kill(
+        Command::new(bench_bin())
+            .args(["server", &port.to_string(), "--events", "16"])
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_port(port)?;
+    step(&format!(
+        "bystanders: {rounds} rounds, an untraced process without and with llm-probe attached elsewhere"
+    ));
+    let _ = measure()?; // warm-up
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let b = measure()?;
+        let (p, _) = start_probe(probe, port)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let w = measure()?;
+        drop(p);
+        println!(
+            "  round {r}: getppid {:.0} -> {:.0} ns | write 64 B /dev/null {:.0} -> {:.0} ns | TCP ping-pong {:.0} -> {:.0} ns",
+            b[0], w[0], b[1], w[1], b[2], w[2]
+        );
+        without.push(b);
+        with.push(w);
+    }
+    for (i, name) in ["getppid", "write 64 B to /dev/null", "TCP loopback ping-pong"]
+        .iter()
+        .enumerate()
+    {
+        let b = median(without.iter().map(|m| m[i]).collect());
+        let w = median(with.iter().map(|m| m[i]).collect());
+        println!(
+            "bystander {name}: median {b:.0} ns without, {w:.0} ns with llm-probe: {:+.1} %",
+            (w / b - 1.0) * 100.0
+        );
+    }
+    Ok(())
+}
