@@ -9,7 +9,12 @@ use crate::http::{
 
 /// Fills in a request's body fields if that has not happened yet (its response began, or it ended,
 /// before its body was read), and reports it started.
-pub(super) fn ensure_started(id: ConnId, req: &mut Req, ingress: &Ingress, obs: &mut impl Observer) {
+pub(super) fn ensure_started(
+    id: ConnId,
+    req: &mut Req,
+    ingress: &Ingress,
+    obs: &mut impl Observer,
+) {
     if req.started {
         return;
     }
