@@ -421,8 +421,10 @@ fn long_streams_and_the_request_log_fit_the_daemonset_limit() {
             &format!("127.0.0.1:{port}"),
             "--concurrency",
             "4096",
+            // Each connection stops after the request running at this deadline: one request
+            // each (a stream lasts far longer), with time for all 4,096 connects.
             "--seconds",
-            "1",
+            "10",
         ]),
     );
     let client: serde_json::Value = serde_json::from_slice(&out.stdout).expect("client JSON");

@@ -113,12 +113,15 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
     let _ = client(port, 8, 1)?; // warm-up
     let mut events = 0.0;
     let mut agent_cpu = Vec::new();
+    let mut agent_cpu_secs = 0.0;
     for r in 0..rounds {
         let b = client(port, 8, seconds)?;
         let (p, listen) = start_probe(probe, port)?;
         let cpu0 = cpu_seconds(p.0.id());
         let w = client(port, 8, seconds)?;
-        agent_cpu.push((cpu_seconds(p.0.id()) - cpu0) / seconds as f64 * 100.0);
+        let used = cpu_seconds(p.0.id()) - cpu0;
+        agent_cpu.push(used / seconds as f64 * 100.0);
+        agent_cpu_secs += used;
         events += scrape(listen, "llm_probe_events_total");
         drop(p);
         println!(
@@ -145,9 +148,10 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
         "overhead: median without {br:.0} req/s p99 {bp:.3} ms; with {wr:.0} req/s p99 {wp:.3} ms; \
          throughput loss {loss:.1} % (goal <= 2 %), p99 increase {p99_up:.1} % (goal <= 5 %); \
          the probe processed {events:.0} kernel events; its agent used {:.0} % of one core \
-         (median) on this {}-core machine",
+         (median) on this {}-core machine, {:.3} ms of CPU per 1,000 events",
         median(agent_cpu),
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        agent_cpu_secs / events.max(1.0) * 1e6,
     );
     Ok(())
 }
