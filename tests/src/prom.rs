@@ -3,7 +3,7 @@
 //! shipped rules file with its groups' `interval: 30s` set to 1 s; expressions and `for:` as
 //! shipped).
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{fmt::Write as _, path::PathBuf, process::Command, time::Duration};
 
 use serde_json::Value;
 
@@ -19,6 +19,17 @@ pub struct Prometheus {
 impl Prometheus {
     /// Scrape `target` (`host:port`) as job `llm-probe` with deploy/prometheus/llm-probe-rules.yml.
     pub fn start(target: &str) -> Prometheus {
+        Self::launch(target, None)
+    }
+
+    /// [`Self::start`], sending alerts to the Alertmanager at `alertmanager` (`host:port`), with
+    /// every rule's `for:` set to 0 s so that an alert fires at the first evaluation where its
+    /// expression holds (expressions and labels as shipped).
+    pub fn start_alerting(target: &str, alertmanager: &str) -> Prometheus {
+        Self::launch(target, Some(alertmanager))
+    }
+
+    fn launch(target: &str, alertmanager: Option<&str>) -> Prometheus {
         let bin = ["/usr/bin/prometheus", "/usr/sbin/prometheus"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
@@ -34,16 +45,31 @@ impl Prometheus {
             rules.contains("interval: 30s"),
             "the rules' group interval moved"
         );
-        std::fs::write(
-            dir.join("rules.yml"),
-            rules.replace("interval: 30s", "interval: 1s"),
-        )
-        .expect("write rules");
-        let config = format!(
+        let mut rules = rules.replace("interval: 30s", "interval: 1s");
+        let mut config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
              scrape_configs:\n  - job_name: llm-probe\n    static_configs:\n      - targets: ['{target}']\n",
             dir.join("rules.yml").display(),
         );
+        if let Some(am) = alertmanager {
+            rules = rules
+                .lines()
+                .map(|l| {
+                    let indent = &l[..l.len() - l.trim_start().len()];
+                    if l.trim_start().starts_with("for: ") {
+                        format!("{indent}for: 0s")
+                    } else {
+                        l.to_owned()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let _ = writeln!(
+                config,
+                "alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['{am}']"
+            );
+        }
+        std::fs::write(dir.join("rules.yml"), rules).expect("write rules");
         std::fs::write(dir.join("prometheus.yml"), config).expect("write config");
         let proc = Proc::spawn(
             "prometheus",

@@ -93,9 +93,13 @@ pub fn bystander(probe: &Path, rounds: usize) -> Result<()> {
         without.push(b);
         with.push(w);
     }
-    for (i, name) in ["getppid", "write 64 B to /dev/null", "TCP loopback ping-pong"]
-        .iter()
-        .enumerate()
+    for (i, name) in [
+        "getppid",
+        "write 64 B to /dev/null",
+        "TCP loopback ping-pong",
+    ]
+    .iter()
+    .enumerate()
     {
         let b = median(without.iter().map(|m| m[i]).collect());
         let w = median(with.iter().map(|m| m[i]).collect());

@@ -136,6 +136,10 @@ pub fn system_packages() -> Result<()> {
     if !have("promtool") || !std::path::Path::new("/usr/bin/prometheus").exists() {
         missing.push("prometheus");
     }
+    // A real Alertmanager and amtool for the alert-routing test.
+    if !have("amtool") || !std::path::Path::new("/usr/bin/prometheus-alertmanager").exists() {
+        missing.push("prometheus-alertmanager");
+    }
     // The adversarial tests: curl and openssl (HTTPS endpoint), ip (a network namespace as a
     // client off loopback), unshare (a target in its own mount namespace).
     for (tool, package) in [
@@ -150,18 +154,26 @@ pub fn system_packages() -> Result<()> {
     }
     if missing.is_empty() {
         step(
-            "system packages (node, python3, C/C++ compiler, prometheus, curl, openssl, iproute2, \
-             util-linux): present",
+            "system packages (node, python3, C/C++ compiler, prometheus, alertmanager, curl, \
+             openssl, iproute2, util-linux): present",
         );
         return Ok(());
     }
     apt_install(&missing)?;
-    if missing.contains(&"prometheus") {
-        // The package enables a system service; the tests start their own instance on loopback.
-        let _ = Command::new("systemctl")
-            .args(["disable", "--now", "prometheus"])
-            .output();
-        let _ = Command::new("pkill").args(["-x", "prometheus"]).output();
+    // The packages enable system services; the tests start their own instances on loopback.
+    for (package, binary) in [
+        ("prometheus", "/usr/bin/prometheus"),
+        (
+            "prometheus-alertmanager",
+            "/usr/bin/prometheus-alertmanager",
+        ),
+    ] {
+        if missing.contains(&package) {
+            let _ = Command::new("systemctl")
+                .args(["disable", "--now", package])
+                .output();
+            let _ = Command::new("pkill").args(["-f", binary]).output();
+        }
     }
     Ok(())
 }
