@@ -56,6 +56,21 @@ fn client(port: u16, concurrency: usize, seconds: u64) -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("llm-bench client output")
 }
 
+/// `llm-bench server` on a free loopback port, streaming `events` SSE events per request with
+/// `gap_us` between them; returns it (killed on drop) and its port once it listens.
+pub(crate) fn bench_server(events: usize, gap_us: u64) -> Result<(Kill, u16)> {
+    let port = tests::free_port();
+    let server = Kill(
+        Command::new(bench_bin())
+            .args(["server", &port.to_string(), "--events", &events.to_string()])
+            .args(["--gap-us", &gap_us.to_string()])
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    wait_port(port)?;
+    Ok((server, port))
+}
+
 pub(crate) fn start_probe(probe: &Path, port: u16) -> Result<(Kill, u16)> {
     let listen = tests::free_port();
     let p = Kill(
@@ -100,14 +115,7 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
-    let port = tests::free_port();
-    let _server = Kill(
-        Command::new(bench_bin())
-            .args(["server", &port.to_string(), "--events", "16"])
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    wait_port(port)?;
+    let (_server, port) = bench_server(16, 0)?;
     step(&format!("overhead: {rounds} rounds x ({seconds} s without, {seconds} s with llm-probe), 8 keep-alive streams, 16 SSE events each"));
     let (mut base_rps, mut base_p99, mut with_rps, mut with_p99) = (vec![], vec![], vec![], vec![]);
     let _ = client(port, 8, 1)?; // warm-up
@@ -227,22 +235,8 @@ fn rss_kib(pid: u32, key: &str) -> u64 {
 }
 
 pub fn rss(probe: &Path, streams: usize) -> Result<()> {
-    let port = tests::free_port();
     // Slow streams: one event every 100 ms, so all stay open while we measure.
-    let _server = Kill(
-        Command::new(bench_bin())
-            .args([
-                "server",
-                &port.to_string(),
-                "--events",
-                "100000",
-                "--gap-us",
-                "100000",
-            ])
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    wait_port(port)?;
+    let (_server, port) = bench_server(100_000, 100_000)?;
     let (p, listen) = start_probe(probe, port)?;
     let pid = p.0.id();
     step(&format!("rss: {streams} concurrent streams for 15 s"));
@@ -285,14 +279,7 @@ pub fn long_streams(probe: &Path, streams: usize, events: usize, seconds: u64) -
     };
     // SAFETY: a valid pointer to a local; raising our own limit as root.
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) };
-    let port = tests::free_port();
-    let _server = Kill(
-        Command::new(bench_bin())
-            .args(["server", &port.to_string(), "--events", &events.to_string()])
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    wait_port(port)?;
+    let (_server, port) = bench_server(events, 0)?;
     let (p, listen) = start_probe(probe, port)?;
     let pid = p.0.id();
     let rss0 = rss_kib(pid, "VmRSS:");

@@ -8,14 +8,13 @@ use std::{
     net::{TcpListener, TcpStream},
     os::fd::AsRawFd as _,
     path::Path,
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
 
 use crate::{
-    bench::{bench_bin, median, start_probe, wait_port, Kill},
+    bench::{bench_server, median, start_probe},
     step,
 };
 
@@ -67,14 +66,7 @@ fn measure() -> Result<[f64; 3]> {
 }
 
 pub fn bystander(probe: &Path, rounds: usize) -> Result<()> {
-    let port = tests::free_port();
-    let _server = Kill(
-        Command::new(bench_bin())
-            .args(["server", &port.to_string(), "--events", "16"])
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    wait_port(port)?;
+    let (_server, port) = bench_server(16, 0)?;
     step(&format!(
         "bystanders: {rounds} rounds, an untraced process without and with llm-probe attached elsewhere"
     ));
