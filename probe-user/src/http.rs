@@ -165,7 +165,8 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     /// Generated tokens: `usage.completion_tokens` when the server said, else one per token
-    /// event (exact for vLLM; engines that merge tokens into one event count fewer).
+    /// event (exact for vLLM while its API server keeps up; whoever merges tokens into one event —
+    /// vLLM under load, llama-cpp-python — counts fewer).
     pub fn tokens(&self) -> u64 {
         self.completion_tokens.unwrap_or(self.token_events)
     }

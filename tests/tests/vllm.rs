@@ -234,8 +234,11 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
     assert_eq!(dp.prompt_tokens, dv.prompt_tokens);
 
     // 3. Tokens without usage: the probe counts one token per streamed event that carries a
-    //    choice's text (vLLM sends one per token, empty text included); the measured difference
-    //    is printed and must be zero.
+    //    choice's text (vLLM sends one per token, empty text included). Equal to vLLM's count
+    //    while its API server keeps up (280 = 280 in 4 runs); when it falls behind, vLLM merges
+    //    queued tokens into one event (RequestOutputCollector) and the probe counts fewer (264 of
+    //    280 once under load). The difference is printed; the count must lie between the events
+    //    with text and vLLM's count, and above 80 % of it (counting events with text gave 55 %).
     let (v0, p0) = (v1, p1);
     let no_usage: Vec<Req> = (0..16u64)
         .map(|i| {
@@ -259,7 +262,14 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
         "tokens without usage: vLLM generated {}; probe {}; client saw {content} events with text",
         dv.generation_tokens, dp.generation_tokens
     );
-    assert_eq!(dp.generation_tokens, dv.generation_tokens);
+    assert!(dp.generation_tokens <= dv.generation_tokens);
+    assert!(dp.generation_tokens >= content as f64);
+    assert!(
+        dp.generation_tokens >= 0.8 * dv.generation_tokens,
+        "{} of {} tokens",
+        dp.generation_tokens,
+        dv.generation_tokens
+    );
 
     // 5. Lifecycle: abort mid-stream, unknown model, max_tokens beyond the context, and a long
     //    non-streamed answer. vLLM 0.32 records no finished-request stats for a client that
