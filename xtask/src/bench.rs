@@ -273,12 +273,7 @@ pub fn rss(probe: &Path, streams: usize) -> Result<()> {
 /// resident memory (`VmHWM`) and the size of that answer, with the default memory budget.
 pub fn long_streams(probe: &Path, streams: usize, events: usize, seconds: u64) -> Result<()> {
     // The server and the client each hold `streams` sockets: raise the limit they inherit.
-    let lim = libc::rlimit {
-        rlim_cur: 16_384,
-        rlim_max: 16_384,
-    };
-    // SAFETY: a valid pointer to a local; raising our own limit as root.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) };
+    tests::raise_nofile(16_384);
     let (_server, port) = bench_server(events, 0)?;
     let (p, listen) = start_probe(probe, port)?;
     let pid = p.0.id();

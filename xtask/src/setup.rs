@@ -178,6 +178,16 @@ pub fn system_packages() -> Result<()> {
     Ok(())
 }
 
+/// `python3 -m venv DIR`, installing Debian's python3-venv first when the module is missing.
+pub fn create_venv(dir: &Path) -> Result<()> {
+    step(&format!("python venv: creating {}", dir.display()));
+    if run(Command::new("python3").args(["-m", "venv"]).arg(dir)).is_err() {
+        apt_install(&["python3-venv"])?;
+        run(Command::new("python3").args(["-m", "venv"]).arg(dir))?;
+    }
+    Ok(())
+}
+
 pub fn venv() -> Result<PathBuf> {
     let dir = cache_dir().join("venv");
     let py = dir.join("bin/python");
@@ -195,11 +205,7 @@ pub fn venv() -> Result<PathBuf> {
         return Ok(py);
     }
     if !py.exists() {
-        step(&format!("python venv: creating {}", dir.display()));
-        if run(Command::new("python3").args(["-m", "venv"]).arg(&dir)).is_err() {
-            apt_install(&["python3-venv"])?;
-            run(Command::new("python3").args(["-m", "venv"]).arg(&dir))?;
-        }
+        create_venv(&dir)?;
     }
     step(
         "python venv: installing llama-cpp-python (compiles llama.cpp: about 6 minutes on 2 cores)",

@@ -34,8 +34,7 @@ pub fn venv() -> Result<PathBuf> {
         return Ok(py);
     }
     if !py.exists() {
-        step(&format!("vLLM venv: creating {}", dir.display()));
-        run(Command::new("python3").args(["-m", "venv"]).arg(&dir))?;
+        crate::setup::create_venv(&dir)?;
     }
     let pip = || {
         let mut c = Command::new(dir.join("bin/pip"));

@@ -278,17 +278,21 @@ impl ConnTracker {
         tail: &[u8],
         obs: &mut impl Observer,
     ) {
+        if tail.is_empty() {
+            return self.on_egress(conn, ts_ns, len, data, obs);
+        }
         let beyond_data = len.saturating_sub(data.len() as u64);
         let fresh = tail
             .len()
             .min(usize::try_from(beyond_data).unwrap_or(usize::MAX));
         let tail = &tail[tail.len() - fresh..];
         self.on_bytes(true, conn, ts_ns, Seg::new(data, len - fresh as u64), obs);
-        let in_body = self
-            .conns
-            .get(&conn)
-            .is_some_and(|c| matches!(c.egress, Egress::Body { .. }));
-        if !tail.is_empty() && in_body {
+        let in_body = || {
+            self.conns
+                .get(&conn)
+                .is_some_and(|c| matches!(c.egress, Egress::Body { .. }))
+        };
+        if !tail.is_empty() && in_body() {
             self.on_bytes(true, conn, ts_ns, Seg::new(tail, tail.len() as u64), obs);
         }
     }
