@@ -763,7 +763,14 @@ fn a_swapped_symlink_never_opens_a_file_outside_the_root() {
     };
     let root_dir = File::open(&fake.root).unwrap();
     let (mut opened, mut refused) = (0, 0);
-    for _ in 0..5_000 {
+    // At least 5,000 opens, and more (for up to 20 s) until both outcomes were seen: on a busy
+    // 2-core machine the swapper thread may not run at all during the first 5,000.
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    while n < 5_000
+        || ((opened == 0 || refused == 0) && start.elapsed() < std::time::Duration::from_secs(20))
+    {
+        n += 1;
         // The resolver's view of the path may be stale by now: open what the path says.
         match open_in_root(&root_dir, &fake.root, Path::new("/usr/lib/libcuda.so.1")) {
             Ok(f) => {
