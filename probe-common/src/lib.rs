@@ -147,7 +147,8 @@ pub struct PendingIo {
     pub fd: u32,
     pub syscall: u32,
     pub dir: u32,
-    /// `struct sock *` of the socket, set by the `sock_recv_length` tracepoint during the syscall.
+    /// `struct sock *` of the socket, set by the `sock_recv_length` tracepoint during the syscall
+    /// (syscall path) or known from the tracepoint itself (`sock:` path).
     pub sk: u64,
     /// `bpf_ktime_get_ns()` at syscall entry. Egress records carry this time: the bytes reach the
     /// peer inside the syscall, and the writer can be preempted by the woken reader before its
@@ -168,10 +169,41 @@ pub const SYSCALL_SENDMSG: u32 = 7;
 pub const SYSCALL_ACCEPT: u32 = 8;
 pub const SYSCALL_ACCEPT4: u32 = 9;
 pub const SYSCALL_CLOSE: u32 = 10;
-pub const SYSCALL_NAMES: [&str; 11] = [
+/// Socket I/O seen by the `sock:` capture path from a syscall whose buffer it does not read
+/// (sendfile, splice, sendmmsg, recvmmsg, io_uring): delivered with `cap_len` 0 so that framing
+/// still counts the bytes.
+pub const SYSCALL_OTHER: u32 = 11;
+pub const SYSCALL_NAMES: [&str; 12] = [
     "read", "readv", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg", "accept",
-    "accept4", "close",
+    "accept4", "close", "other",
 ];
+
+/// Values of the tracked-connection map `CONNS` (`ConnKey` → u64). The syscall capture path only
+/// tests presence and stores `CONN_SK_UNKNOWN`; the `sock:` path stores the connection's
+/// `struct sock *` once it has seen it, so that a reused fd is told from the connection it
+/// replaced, and marks a connection the agent gave up on by setting `CONN_IGNORED` on it (kernel
+/// pointers are 8-aligned, so bit 0 is free).
+pub const CONN_SK_UNKNOWN: u64 = 0;
+pub const CONN_IGNORED: u64 = 1;
+
+/// The x86-64 syscall ABI as the `sock:` capture path reads it from the task's saved user
+/// registers (`bpf_task_pt_regs`): offsets in `struct pt_regs` (arch/x86/include/asm/ptrace.h)
+/// and syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl). The agent uses that path only
+/// on x86-64.
+pub mod regs {
+    /// `dx`, `si`, `di`, `orig_ax`: four consecutive 8-byte slots from this offset.
+    pub const PT_REGS_DX: usize = 12 * 8;
+    /// Bytes read from `PT_REGS_DX`: third, second and first argument, syscall number.
+    pub const PT_REGS_SPAN: usize = 4 * 8;
+    pub const NR_READ: u64 = 0;
+    pub const NR_WRITE: u64 = 1;
+    pub const NR_READV: u64 = 19;
+    pub const NR_WRITEV: u64 = 20;
+    pub const NR_SENDTO: u64 = 44;
+    pub const NR_RECVFROM: u64 = 45;
+    pub const NR_SENDMSG: u64 = 46;
+    pub const NR_RECVMSG: u64 = 47;
+}
 
 /// Indexes of the per-CPU counter array `COUNTERS` (summed by the agent at scrape time).
 pub mod counter {

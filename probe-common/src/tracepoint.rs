@@ -38,11 +38,15 @@ pub const SET_STATE_SPORT: Field = field("sock", "inet_sock_set_state", "sport",
 pub const SET_STATE_PROTOCOL: Field = field("sock", "inet_sock_set_state", "protocol", 30, 2);
 pub const DATA_READY_SKADDR: Field = field("sock", "sk_data_ready", "skaddr", 8, 8);
 pub const RECV_LENGTH_SK: Field = field("sock", "sock_recv_length", "sk", 8, 8);
+pub const RECV_LENGTH_RET: Field = field("sock", "sock_recv_length", "ret", 20, 4);
+pub const RECV_LENGTH_FLAGS: Field = field("sock", "sock_recv_length", "flags", 24, 4);
+pub const SEND_LENGTH_SK: Field = field("sock", "sock_send_length", "sk", 8, 8);
+pub const SEND_LENGTH_RET: Field = field("sock", "sock_send_length", "ret", 20, 4);
 /// Syscall tracepoints: the first argument (enter) or the return value (exit), then 8-byte slots.
 pub const SYSCALL_ARGS_OFFSET: usize = 16;
 
 /// Every fixed field read by a non-syscall program.
-pub const FIELDS: [Field; 9] = [
+pub const FIELDS: [Field; 13] = [
     NEWTASK_PID,
     NEWTASK_CLONE_FLAGS,
     EXIT_GROUP_DEAD,
@@ -52,4 +56,8 @@ pub const FIELDS: [Field; 9] = [
     SET_STATE_PROTOCOL,
     DATA_READY_SKADDR,
     RECV_LENGTH_SK,
+    RECV_LENGTH_RET,
+    RECV_LENGTH_FLAGS,
+    SEND_LENGTH_SK,
+    SEND_LENGTH_RET,
 ];

@@ -4,7 +4,9 @@
 //!
 //! Three `sock:` tracepoints (fentry is refused on some hardened kernels; these are not):
 //! - `inet_sock_set_state`: a socket becoming ESTABLISHED with a local port that a traced server
-//!   listens on is a server-side connection → `SERVER_SOCKS`.
+//!   listens on is a server-side connection → `SERVER_SOCKS`. On the `sock:` capture path it also
+//!   reports the server's close of an admitted connection (`sockio.rs`): FIN_WAIT1 and LAST_ACK
+//!   are entered only by the server's own close/shutdown, in its thread, after its last write.
 //! - `sk_data_ready` (TCP queued data, not a bare ACK): stamp the oldest unread data per socket.
 //! - `sock_recv_length` (end of `sock_recvmsg`, in the reading thread): names the socket of the
 //!   read in flight so that `http.rs` can consume the stamp at syscall exit.
@@ -20,13 +22,16 @@ use aya_ebpf::{
     programs::TracePointContext,
     EbpfContext,
 };
-use probe_common::{tracepoint as tp, MAX_CONNS, MAX_LISTEN_PORTS};
+use probe_common::{tracepoint as tp, EventKind, CONN_IGNORED, MAX_CONNS, MAX_LISTEN_PORTS};
 
-use crate::{current_tgid_tid, is_target, PENDING};
+use crate::{current_tgid_tid, emit_conn, is_target, sockio::SOCK_CONN, CONNS, PENDING};
 
 /// include/net/tcp_states.h
 const TCP_ESTABLISHED: i32 = 1;
+const TCP_FIN_WAIT1: i32 = 4;
 const TCP_CLOSE: i32 = 7;
+const TCP_LAST_ACK: i32 = 9;
+const TCP_LISTEN: i32 = 10;
 const IPPROTO_TCP: u16 = 6;
 
 /// Local ports of traced servers (port → 1), kept by the agent from /proc.
@@ -35,7 +40,7 @@ static LISTEN_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_LISTEN_PO
 
 /// Server-side sockets (`struct sock *` → 1) of the ports above.
 #[map]
-static SERVER_SOCKS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+pub static SERVER_SOCKS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
 /// `struct sock *` → arrival time of its oldest unread data.
 #[map]
@@ -51,24 +56,56 @@ fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let sport: u16 = field(&ctx, tp::SET_STATE_SPORT.offset);
+    let newstate: i32 = field(&ctx, tp::SET_STATE_NEWSTATE.offset);
+    if field::<u16>(&ctx, tp::SET_STATE_PROTOCOL.offset) != IPPROTO_TCP {
+        return 0;
+    }
+    if newstate == TCP_LISTEN {
+        // listen() runs in the caller's thread: a traced process (a child forked after attach,
+        // a server that binds late) starts listening. Its connections are server-side from now.
+        let (tgid, _) = current_tgid_tid();
+        if is_target(tgid) {
+            let _ = LISTEN_PORTS.insert(sport, 1, 0);
+        }
+        return 0;
+    }
     // SAFETY: presence test only.
-    if unsafe { LISTEN_PORTS.get(sport) }.is_none()
-        || field::<u16>(&ctx, tp::SET_STATE_PROTOCOL.offset) != IPPROTO_TCP
-    {
+    if unsafe { LISTEN_PORTS.get(sport) }.is_none() {
         return 0;
     }
     let sk: u64 = field(&ctx, tp::SET_STATE_SKADDR.offset);
-    match field::<i32>(&ctx, tp::SET_STATE_NEWSTATE.offset) {
+    match newstate {
         TCP_ESTABLISHED => {
             let _ = SERVER_SOCKS.insert(sk, 1, 0);
         }
+        TCP_FIN_WAIT1 | TCP_LAST_ACK => server_closed(sk),
         TCP_CLOSE => {
             let _ = SERVER_SOCKS.remove(sk);
             let _ = ARRIVAL.remove(sk);
+            let _ = SOCK_CONN.remove(sk);
         }
         _ => {}
     }
     0
+}
+
+/// The server closed (or shut down) connection `sk`: report it under the fd it was admitted as,
+/// unless that fd names another socket by now. Only `sock:`-path connections are in `SOCK_CONN`.
+#[inline(always)]
+fn server_closed(sk: u64) {
+    // SAFETY: value copied out at once.
+    let Some(key) = (unsafe { SOCK_CONN.get(sk) }).copied() else {
+        return;
+    };
+    let _ = SOCK_CONN.remove(sk);
+    // SAFETY: value copied out at once.
+    let current = unsafe { CONNS.get(key) }.copied();
+    if current != Some(sk) && current != Some(sk | CONN_IGNORED) {
+        return;
+    }
+    let _ = CONNS.remove(key);
+    let (_, tid) = current_tgid_tid();
+    emit_conn(EventKind::Close, key.tgid, tid, key.fd);
 }
 
 #[tracepoint]

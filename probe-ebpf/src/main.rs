@@ -1,6 +1,8 @@
 //! llm-probe's kernel programs. Maps and shared helpers live here; each probe family has its file:
-//! `http.rs` (socket syscalls of the traced server), `arrival.rs` (when request bytes reach the
-//! socket), `sched.rs` (process tree of the targets), `cuda.rs` (CUDA driver/runtime uprobes).
+//! `sockio.rs` (the traced server's socket I/O from `sock:` tracepoints, the default capture path)
+//! and `http.rs` (the same from syscall tracepoints, the fallback), both copying through
+//! `capture.rs`; `arrival.rs` (when request bytes reach the socket), `sched.rs` (process tree of
+//! the targets), `cuda.rs` (CUDA driver/runtime uprobes).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // On the host (a `cargo build --workspace`) this is an empty program; the real build targets
@@ -8,9 +10,11 @@
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]
 
 mod arrival;
+mod capture;
 mod cuda;
 mod http;
 mod sched;
+mod sockio;
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -19,8 +23,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use probe_common::{
-    counter, ConnKey, EventHeader, EventKind, PendingIo, MAX_CAPTURE, MAX_CONNS, MAX_PENDING,
-    MAX_TARGETS, RING_BYTES, WAKEUP_BYTES,
+    counter, ConnEvent, ConnKey, EventHeader, EventKind, PendingIo, MAX_CAPTURE, MAX_CONNS,
+    MAX_PENDING, MAX_TARGETS, RING_BYTES, WAKEUP_BYTES,
 };
 
 /// Processes being traced (tgid → 1). Seeded by the agent, extended by `sched.rs` on fork.
@@ -28,10 +32,11 @@ use probe_common::{
 static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
 
 /// Server-side sockets of traced processes: accepted ones (added in the kernel) and the ones that
-/// were open before attach (added by the agent from /proc). LRU so that a missed close can never
+/// were open before attach (added by the agent from /proc). Values: `probe_common::CONN_*` (the
+/// `sock:` path keeps the connection's `struct sock *` here). LRU so that a missed close can never
 /// fill the map for good.
 #[map]
-static CONNS: LruHashMap<ConnKey, u32> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+static CONNS: LruHashMap<ConnKey, u64> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
 /// Arguments of a read/write in flight, keyed by thread id, from sys_enter to sys_exit. A plain
 /// preallocated hash: LRU update+delete cost 2.9 % of all CPU samples in the overhead benchmark.
@@ -115,6 +120,16 @@ fn emit<T>(record: &T) {
     {
         bump(counter::LOST_RINGBUF_FULL);
     }
+}
+
+/// An accept or close of a tracked connection, stamped now.
+#[inline(always)]
+fn emit_conn(kind: EventKind, tgid: u32, tid: u32, fd: u32) {
+    emit(&ConnEvent {
+        header: header_now(kind, tgid, tid),
+        fd,
+        _pad: 0,
+    });
 }
 
 #[cfg(not(target_arch = "bpf"))]

@@ -125,6 +125,8 @@ pub struct Options {
     pub access: server::Access,
     /// Bytes the HTTP parser's buffers may hold together.
     pub memory_budget: usize,
+    /// Which socket capture path to load.
+    pub capture: crate::kernel::CaptureChoice,
     /// Which processes found by `--port` are meant.
     pub scope: discover::Scope,
     /// Serve the endpoint over TLS (`--tls-cert`, `--tls-key`).
@@ -261,7 +263,7 @@ fn no_new_privs() {
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     raise_nofile();
     no_new_privs();
-    let (mut kernel, ring) = Kernel::load().map_err(AgentError::Load)?;
+    let (mut kernel, ring) = Kernel::load(opts.capture).map_err(AgentError::Load)?;
     kernel.set_cuda_runtime_launches(opts.cuda.launch_probes == LaunchProbes::All);
     kernel.set_cuda_per_process(opts.cuda.scope == ProbeScope::Process);
     let mut registry = Registry::default();
@@ -275,7 +277,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         thresholds: opts.thresholds.clone(),
         ..Health::default()
     }));
-    for a in &kernel.attached {
+    for a in kernel.attached.iter().chain(&kernel.refused) {
         probe
             .attached
             .get_or_create(&ProgramLabels { program: a.program })

@@ -10,7 +10,7 @@ use aya::{
     programs::TracePoint,
     Ebpf, EbpfError,
 };
-use probe_common::{counter, tracepoint, ConnKey};
+use probe_common::{counter, tracepoint, ConnKey, CONN_IGNORED, CONN_SK_UNKNOWN};
 
 use crate::metrics::probe::KernelCounters;
 
@@ -20,35 +20,112 @@ pub type Ring = RingBuf<MapData>;
 /// The kernel object built by build.rs (empty when built with `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe"));
 
-/// (program = tracepoint name, tracepoint category, required). `required` programs are the socket path
-/// without which no request can be timed; the others degrade one feature each.
-pub const PROGRAMS: &[(&str, &str, bool)] = &[
-    ("sys_enter_read", "syscalls", true),
-    ("sys_exit_read", "syscalls", true),
-    ("sys_enter_readv", "syscalls", false),
-    ("sys_exit_readv", "syscalls", false),
-    ("sys_enter_recvfrom", "syscalls", true),
-    ("sys_exit_recvfrom", "syscalls", true),
-    ("sys_enter_recvmsg", "syscalls", false),
-    ("sys_exit_recvmsg", "syscalls", false),
-    ("sys_enter_write", "syscalls", true),
-    ("sys_exit_write", "syscalls", true),
-    ("sys_enter_writev", "syscalls", false),
-    ("sys_exit_writev", "syscalls", false),
-    ("sys_enter_sendto", "syscalls", true),
-    ("sys_exit_sendto", "syscalls", true),
-    ("sys_enter_sendmsg", "syscalls", false),
-    ("sys_exit_sendmsg", "syscalls", false),
-    ("sys_exit_accept", "syscalls", false),
-    ("sys_exit_accept4", "syscalls", true),
-    ("sys_enter_close", "syscalls", true),
-    ("task_newtask", "task", false),
-    ("sched_process_exit", "sched", false),
-    // Without these three, request arrival falls back to the server's first read.
-    ("inet_sock_set_state", "sock", false),
-    ("sk_data_ready", "sock", false),
-    ("sock_recv_length", "sock", false),
+/// One tracepoint program: its name in the object, the tracepoint it attaches to, and whether
+/// requests can be timed without it (`required`: the socket capture of its path).
+#[derive(Clone, Copy, Debug)]
+pub struct Program {
+    pub name: &'static str,
+    pub category: &'static str,
+    pub event: &'static str,
+    pub required: bool,
+}
+
+const fn prog(name: &'static str, category: &'static str, required: bool) -> Program {
+    Program {
+        name,
+        category,
+        event: name,
+        required,
+    }
+}
+
+/// Socket capture from `sock:`/`tcp:` tracepoints, which fire only inside socket calls: processes
+/// that are not traced pay nothing for their syscalls (probe-ebpf/src/sockio.rs). Needs x86-64,
+/// `sock_{send,recv}_length` (Linux 6.3), `tcp_sendmsg_locked` (6.6) and `bpf_task_pt_regs`.
+pub const SOCK_PATH: &[Program] = &[
+    Program {
+        name: "sock_recv_data",
+        category: "sock",
+        event: "sock_recv_length",
+        required: true,
+    },
+    Program {
+        name: "sock_send_data",
+        category: "sock",
+        event: "sock_send_length",
+        required: true,
+    },
+    Program {
+        name: "tcp_send_start",
+        category: "tcp",
+        event: "tcp_sendmsg_locked",
+        required: true,
+    },
 ];
+
+/// Socket capture from syscall tracepoints: loads on every kernel we target, but while attached
+/// every syscall of every process on the machine takes the slow path (docs/BENCHMARKS.md).
+pub const SYSCALL_PATH: &[Program] = &[
+    prog("sys_enter_read", "syscalls", true),
+    prog("sys_exit_read", "syscalls", true),
+    prog("sys_enter_readv", "syscalls", false),
+    prog("sys_exit_readv", "syscalls", false),
+    prog("sys_enter_recvfrom", "syscalls", true),
+    prog("sys_exit_recvfrom", "syscalls", true),
+    prog("sys_enter_recvmsg", "syscalls", false),
+    prog("sys_exit_recvmsg", "syscalls", false),
+    prog("sys_enter_write", "syscalls", true),
+    prog("sys_exit_write", "syscalls", true),
+    prog("sys_enter_writev", "syscalls", false),
+    prog("sys_exit_writev", "syscalls", false),
+    prog("sys_enter_sendto", "syscalls", true),
+    prog("sys_exit_sendto", "syscalls", true),
+    prog("sys_enter_sendmsg", "syscalls", false),
+    prog("sys_exit_sendmsg", "syscalls", false),
+    prog("sys_exit_accept", "syscalls", false),
+    prog("sys_exit_accept4", "syscalls", true),
+    prog("sys_enter_close", "syscalls", true),
+    // Names the socket of a read in flight, for its arrival stamp.
+    prog("sock_recv_length", "sock", false),
+];
+
+/// Programs of both paths.
+pub const COMMON: &[Program] = &[
+    prog("task_newtask", "task", false),
+    prog("sched_process_exit", "sched", false),
+    // Without these two, request arrival falls back to the server's first read (and the sock
+    // path learns no new connection).
+    prog("inet_sock_set_state", "sock", false),
+    prog("sk_data_ready", "sock", false),
+];
+
+/// Which socket capture path to use (`--capture`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CaptureChoice {
+    /// The `sock:` path where it loads, else the syscall path.
+    #[default]
+    Auto,
+    /// The `sock:` path or nothing.
+    Sock,
+    /// The syscall path.
+    Syscalls,
+}
+
+/// The socket capture path in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CapturePath {
+    Sock,
+    Syscalls,
+}
+
+impl CapturePath {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Sock => "sock",
+            Self::Syscalls => "syscalls",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -65,6 +142,11 @@ pub enum LoadError {
     Map(&'static str, #[source] aya::maps::MapError),
     #[error("no required program could be attached: {}", .0.join(", "))]
     NothingAttached(Vec<&'static str>),
+    #[error(
+        "--capture sock: the sock: capture path did not load here ({0}); use --capture auto \
+         or syscalls"
+    )]
+    SockPathRefused(String),
 }
 
 /// Why one tracepoint program is not attached.
@@ -95,10 +177,15 @@ pub struct Kernel {
     /// Owns the programs and their links (the CUDA uprobes are attached later, per library).
     ebpf: Ebpf,
     targets: HashMap<MapData, u32, u32>,
-    conns: HashMap<MapData, ConnKey, u32>,
+    conns: HashMap<MapData, ConnKey, u64>,
     listen_ports: HashMap<MapData, u16, u32>,
     counters: PerCpuArray<MapData, u64>,
     pub attached: Vec<Attached>,
+    /// The socket capture path in use.
+    pub capture: CapturePath,
+    /// Programs of the `sock:` path that failed before the agent fell back to syscalls (reported
+    /// as `llm_probe_attached 0`, not counted against health: capture works).
+    pub refused: Vec<Attached>,
     /// CUDA uprobe state (`cuda`); `None` when its programs failed to load.
     cuda: Option<cuda::CudaProbes>,
 }
@@ -113,37 +200,73 @@ where
 
 impl Kernel {
     /// Load and attach. Returns the kernel handle and the ring buffer (read by the agent's task).
-    pub fn load() -> Result<(Self, Ring), LoadError> {
+    pub fn load(choice: CaptureChoice) -> Result<(Self, Ring), LoadError> {
         if OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
         raise_memlock();
         ensure_tracefs();
         let mut ebpf = Ebpf::load(OBJECT)?;
-        let mut attached = Vec::with_capacity(PROGRAMS.len());
-        for &(name, category, _) in PROGRAMS {
-            let result = (|| -> Result<(), AttachError> {
-                check_layout(category, name).map_err(AttachError::Layout)?;
-                let prog = ebpf.program_mut(name).ok_or(AttachError::Missing)?;
-                let tp: &mut TracePoint = prog.try_into().map_err(AttachError::Kind)?;
-                tp.load().map_err(AttachError::Load)?;
-                tp.attach(category, name).map_err(AttachError::Attach)?;
-                Ok(())
-            })();
-            if let Err(e) = &result {
-                log::warn!("program {name} ({category}:{name}) not attached: {e}");
+        let mut refused = Vec::new();
+        let mut capture = CapturePath::Syscalls;
+        let mut attached = Vec::new();
+        if choice != CaptureChoice::Syscalls {
+            let sock = if cfg!(target_arch = "x86_64") {
+                attach_all(&mut ebpf, SOCK_PATH)
+            } else {
+                Vec::new()
+            };
+            if !sock.is_empty() && sock.iter().all(|a| a.ok) {
+                capture = CapturePath::Sock;
+                attached = sock;
+            } else {
+                let why = if sock.is_empty() {
+                    "it reads x86-64 registers".to_string()
+                } else {
+                    sock.iter()
+                        .filter_map(|a| a.error.as_ref().map(|e| format!("{}: {e}", a.program)))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
+                for p in SOCK_PATH {
+                    // Detaches what did attach: no half path stays behind.
+                    let tp = ebpf
+                        .program_mut(p.name)
+                        .and_then(|prog| <&mut TracePoint>::try_from(prog).ok());
+                    if let Some(tp) = tp {
+                        let _ = tp.unload();
+                    }
+                }
+                if choice == CaptureChoice::Sock {
+                    return Err(LoadError::SockPathRefused(why));
+                }
+                log::warn!(
+                    "socket capture: the sock: path did not load ({why}); falling back to \
+                     syscall tracepoints, which slow every syscall of every process on this \
+                     machine while attached"
+                );
+                refused = sock;
             }
-            attached.push(Attached {
-                program: name,
-                ok: result.is_ok(),
-                error: result.err(),
-            });
         }
-        let missing: Vec<_> = PROGRAMS
+        if capture == CapturePath::Syscalls {
+            attached = attach_all(&mut ebpf, SYSCALL_PATH);
+        }
+        log::info!(
+            "socket capture path: {} ({})",
+            capture.as_str(),
+            attached
+                .iter()
+                .filter(|a| a.ok)
+                .map(|a| a.program)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        attached.extend(attach_all(&mut ebpf, COMMON));
+        let all: Vec<&Program> = SOCK_PATH.iter().chain(SYSCALL_PATH).chain(COMMON).collect();
+        let missing: Vec<_> = attached
             .iter()
-            .zip(&attached)
-            .filter(|((_, _, required), a)| *required && !a.ok)
-            .map(|((name, _, _), _)| *name)
+            .filter(|a| !a.ok && all.iter().any(|p| p.name == a.program && p.required))
+            .map(|a| a.program)
             .collect();
         if !missing.is_empty() {
             return Err(LoadError::NothingAttached(missing));
@@ -164,6 +287,8 @@ impl Kernel {
                 listen_ports,
                 counters,
                 attached,
+                capture,
+                refused,
                 cuda,
             },
             ring,
@@ -182,7 +307,7 @@ impl Kernel {
 
     pub fn track_conn(&mut self, tgid: u32, fd: u32) -> Result<(), LoadError> {
         self.conns
-            .insert(ConnKey { tgid, fd }, 1, 0)
+            .insert(ConnKey { tgid, fd }, CONN_SK_UNKNOWN, 0)
             .map_err(|e| LoadError::Map("CONNS", e))
     }
 
@@ -193,9 +318,19 @@ impl Kernel {
             .map_err(|e| LoadError::Map("LISTEN_PORTS", e))
     }
 
-    /// Stop capturing a connection (it carries something that is not HTTP/1.x).
+    /// Stop capturing a connection (it carries something that is not HTTP/1.x). On the `sock:`
+    /// path the entry stays, marked, so that the connection is not admitted again on its next
+    /// read; a new connection under the same fd replaces it.
     pub fn untrack_conn(&mut self, tgid: u32, fd: u32) {
-        let _ = self.conns.remove(&ConnKey { tgid, fd });
+        let key = ConnKey { tgid, fd };
+        match self.conns.get(&key, 0) {
+            Ok(sk) if sk > CONN_IGNORED => {
+                let _ = self.conns.insert(key, sk | CONN_IGNORED, 0);
+            }
+            _ => {
+                let _ = self.conns.remove(&key);
+            }
+        }
     }
 
     pub fn counters(&self) -> KernelCounters {
@@ -295,6 +430,38 @@ fn check_layout(category: &str, event: &str) -> Result<(), String> {
 
 /// Where the kernel's own tracefs mount point is, and the older one under debugfs.
 const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+/// Load and attach each of `programs`, checking its record layout first; failures are logged and
+/// returned, never fatal here.
+fn attach_all(ebpf: &mut Ebpf, programs: &[Program]) -> Vec<Attached> {
+    programs
+        .iter()
+        .map(|p| {
+            let result = (|| -> Result<(), AttachError> {
+                check_layout(p.category, p.event).map_err(AttachError::Layout)?;
+                let prog = ebpf.program_mut(p.name).ok_or(AttachError::Missing)?;
+                let tp: &mut TracePoint = prog.try_into().map_err(AttachError::Kind)?;
+                tp.load().map_err(AttachError::Load)?;
+                tp.attach(p.category, p.event)
+                    .map_err(AttachError::Attach)?;
+                Ok(())
+            })();
+            if let Err(e) = &result {
+                log::warn!(
+                    "program {} ({}:{}) not attached: {e}",
+                    p.name,
+                    p.category,
+                    p.event
+                );
+            }
+            Attached {
+                program: p.name,
+                ok: result.is_ok(),
+                error: result.err(),
+            }
+        })
+        .collect()
+}
 
 /// Tracepoint programs are attached by the ids tracefs lists (`events/<category>/<name>/id`).
 /// Hosts usually mount it (systemd does); a minimal VM or a fresh container may not. Then mount

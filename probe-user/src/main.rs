@@ -147,6 +147,12 @@ struct RunArgs {
     /// counted in llm_probe_budget_dropped_total{what}.
     #[arg(long = "memory-budget", default_value = "32MiB", value_parser = parse_bytes, value_name = "SIZE")]
     memory_budget: usize,
+    /// How server socket I/O is captured. `auto`: the `sock:` tracepoint path where it loads
+    /// (x86-64, Linux >= 6.6; other processes' syscalls cost nothing), else syscall tracepoints
+    /// (work everywhere, but slow every syscall of every process while attached). `sock` and
+    /// `syscalls` force one; the log and llm_probe_attached{program} say which is in use.
+    #[arg(long, value_enum, default_value_t = probe_user::kernel::CaptureChoice::Auto, value_name = "PATH")]
+    capture: probe_user::kernel::CaptureChoice,
     /// Config file; its `[health]` table overrides the health thresholds (see docs/health.md).
     #[arg(long, value_name = "FILE")]
     config: Option<std::path::PathBuf>,
@@ -242,6 +248,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         },
         access: server::Access { token },
         memory_budget: args.memory_budget,
+        capture: args.capture,
         scope: probe_user::discover::Scope {
             comms: args.target_comm,
             cgroups: args.target_cgroup,

@@ -96,6 +96,7 @@ fn watch_self(a: &Args) -> anyhow::Result<String> {
         models: probe_user::requests::ModelPolicy::default(),
         access: probe_user::server::Access::default(),
         memory_budget: probe_user::http::conn::DEFAULT_MEMORY_BUDGET,
+        capture: probe_user::kernel::CaptureChoice::Auto,
         scope: probe_user::discover::Scope::default(),
         tls: None,
     };

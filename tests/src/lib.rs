@@ -320,6 +320,10 @@ pub fn node_under_probe_with(test: &str, extra: &[&str]) -> Option<NodeUnderProb
     })
 }
 
+/// Environment variable naming the `--capture` path every probe the tests start uses (unset: the
+/// agent's default, `auto`).
+pub const CAPTURE_ENV: &str = "LLM_PROBE_TEST_CAPTURE";
+
 /// `llm-probe run` against `target_args`, serving on a free port.
 pub struct Probe {
     pub proc: Proc,
@@ -342,11 +346,19 @@ impl Probe {
         );
         let port = listen.rsplit(':').next().unwrap_or_default();
         let addr = format!("127.0.0.1:{port}");
+        // `cargo xtask test` runs the accuracy tests once more on the fallback capture path.
+        let capture: Vec<String> = match std::env::var(CAPTURE_ENV) {
+            Ok(path) if !target_args.iter().any(|a| a == "--capture") => {
+                vec!["--capture".into(), path]
+            }
+            _ => Vec::new(),
+        };
         let proc = Proc::spawn(
             "llm-probe",
             Command::new(bin)
                 .arg("run")
                 .args(target_args)
+                .args(&capture)
                 .args(["--listen", listen])
                 .env(
                     "RUST_LOG",

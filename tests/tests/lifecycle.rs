@@ -1,12 +1,14 @@
 //! The probe's life around its targets: children forked after attach are traced, a target that
-//! exits is reported and re-attached when its port comes back, SIGTERM detaches cleanly, and under
-//! ring-buffer pressure every kernel record is either delivered or counted lost. Needs root.
+//! exits is reported and re-attached when its port comes back, SIGTERM detaches cleanly, under
+//! ring-buffer pressure every kernel record is either delivered or counted lost, and both socket
+//! capture paths load and say which is in use. Needs root.
 
 use std::{process::Command, time::Duration};
 
 use serde_json::json;
 use tests::{
-    free_port, metric_sum, mock_llm_js, node_under_probe, require_root, start_node,
+    free_port, metric_sum, mock_llm_js, node_under_probe, node_under_probe_with, require_root,
+    start_node,
     traffic::{chat_req, records, run_concurrent, run_one},
     wait_for, Probe, Proc,
 };
@@ -169,4 +171,44 @@ fn ring_pressure_every_event_delivered_or_counted_lost() {
     assert_eq!(seen, delivered + lost, "seen = delivered + lost:\n{m}");
     let (_, h) = probe.health();
     assert_eq!(h["checks"]["events"]["status"], "warning", "{h}");
+}
+
+/// Both socket capture paths load on this kernel, each says in `llm_probe_attached` and the log
+/// which it is, neither leaves the other's programs attached, and `auto` picks the `sock:` one.
+/// The accuracy tests run on both (`cargo xtask test` repeats them with `--capture syscalls`).
+#[test]
+fn capture_paths_load_and_say_which_is_in_use() {
+    for (choice, used, unused) in [
+        ("sock", "sock_send_data", "sys_enter_write"),
+        ("syscalls", "sys_enter_write", "sock_send_data"),
+        ("auto", "sock_send_data", "sys_enter_write"),
+    ] {
+        let Some(served) = node_under_probe_with(
+            "capture_paths_load_and_say_which_is_in_use",
+            &["--capture", choice],
+        ) else {
+            return;
+        };
+        let text = served.probe.metrics();
+        let attached = |p: &str| metric_sum(&text, "llm_probe_attached", &[("program", p)]);
+        assert_eq!(attached(used), 1.0, "--capture {choice}:\n{text}");
+        assert_eq!(attached(unused), 0.0, "--capture {choice}:\n{text}");
+        let path = if used.starts_with("sock") {
+            "sock"
+        } else {
+            "syscalls"
+        };
+        let log = served.probe.proc.log_text();
+        assert!(
+            log.contains(&format!("socket capture path: {path} (")),
+            "--capture {choice}:\n{log}"
+        );
+        let s = run_one(&served.addr, chat_req("paths", "x", true, 3, &json!({})));
+        assert!(s.error.is_none(), "{s:?}");
+        wait_for("the request on record", Duration::from_secs(5), || {
+            served.probe.requests().0 == 1
+        });
+        let (_, recs) = served.probe.requests();
+        assert_eq!(recs[0]["tokens"], 3, "--capture {choice}: {:?}", recs[0]);
+    }
 }

@@ -1,8 +1,9 @@
 //! What llm-probe costs processes it does not trace (the bystanders on a shared node): ns per
 //! `getppid()`, per 64-byte `write` to /dev/null and per TCP loopback ping-pong round trip, timed
-//! in this untraced process, in alternating rounds without and with llm-probe attached to a
-//! server elsewhere (`llm-bench server`, traced by port).
+//! in this untraced process, in alternating rounds without llm-probe and with it attached to a
+//! server elsewhere (`llm-bench server`, traced by port), on each socket capture path.
 
+use std::fmt::Write as _;
 use std::{
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
@@ -14,7 +15,7 @@ use std::{
 use anyhow::Result;
 
 use crate::{
-    bench::{bench_server, median, start_probe},
+    bench::{bench_server, median, start_probe_with, CAPTURE_PATHS},
     step,
 };
 
@@ -68,37 +69,49 @@ fn measure() -> Result<[f64; 3]> {
 pub fn bystander(probe: &Path, rounds: usize) -> Result<()> {
     let (_server, port) = bench_server(16, 0)?;
     step(&format!(
-        "bystanders: {rounds} rounds, an untraced process without and with llm-probe attached elsewhere"
+        "bystanders: {rounds} rounds, an untraced process without llm-probe, then with it \
+         attached elsewhere on each capture path: {}",
+        CAPTURE_PATHS.join(", ")
     ));
     let _ = measure()?; // warm-up
-    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let mut without = Vec::new();
+    let mut with = vec![Vec::new(); CAPTURE_PATHS.len()];
     for r in 0..rounds {
         let b = measure()?;
-        let (p, _) = start_probe(probe, port)?;
-        std::thread::sleep(Duration::from_secs(1));
-        let w = measure()?;
-        drop(p);
-        println!(
-            "  round {r}: getppid {:.0} -> {:.0} ns | write 64 B /dev/null {:.0} -> {:.0} ns | TCP ping-pong {:.0} -> {:.0} ns",
-            b[0], w[0], b[1], w[1], b[2], w[2]
+        let mut line = format!(
+            "  round {r}: without: getppid {:.0} ns, write {:.0} ns, ping-pong {:.0} ns",
+            b[0], b[1], b[2]
         );
         without.push(b);
-        with.push(w);
+        for (i, path) in CAPTURE_PATHS.iter().enumerate() {
+            let (p, _) = start_probe_with(probe, port, path)?;
+            std::thread::sleep(Duration::from_secs(1));
+            let w = measure()?;
+            drop(p);
+            let _ = write!(line, " | {path}: {:.0}, {:.0}, {:.0}", w[0], w[1], w[2]);
+            with[i].push(w);
+        }
+        println!("{line}");
     }
-    for (i, name) in [
-        "getppid",
-        "write 64 B to /dev/null",
-        "TCP loopback ping-pong",
+    for (k, (name, goal)) in [
+        ("getppid", 3.0),
+        ("write 64 B to /dev/null", 5.0),
+        ("TCP loopback ping-pong", 10.0),
     ]
     .iter()
     .enumerate()
     {
-        let b = median(without.iter().map(|m| m[i]).collect());
-        let w = median(with.iter().map(|m| m[i]).collect());
-        println!(
-            "bystander {name}: median {b:.0} ns without, {w:.0} ns with llm-probe: {:+.1} %",
-            (w / b - 1.0) * 100.0
-        );
+        let b = median(without.iter().map(|m| m[k]).collect());
+        let mut line = format!("bystander {name}: median {b:.0} ns without llm-probe");
+        for (i, path) in CAPTURE_PATHS.iter().enumerate() {
+            let w = median(with[i].iter().map(|m| m[k]).collect());
+            let _ = write!(
+                line,
+                "; {path} path {w:.0} ns ({:+.1} %)",
+                (w / b - 1.0) * 100.0
+            );
+        }
+        println!("{line} (goal <= +{goal} %)");
     }
     Ok(())
 }

@@ -1,0 +1,221 @@
+//! Copying the bytes of one socket read/write out of the traced thread into a ring-buffer record.
+//! Shared by both capture paths (`http.rs`: syscall tracepoints; `sockio.rs`: `sock:`
+//! tracepoints): they differ in where the buffer and the times come from, not in what is copied.
+
+use core::{ffi::c_void, slice};
+
+use aya_ebpf::helpers::generated::bpf_probe_read_user;
+use probe_common::{
+    counter, DataEvent, EventHeader, EventKind, PendingIo, DIR_EGRESS, MAX_CAPTURE, MAX_IOV,
+    SYSCALL_READ, SYSCALL_RECVFROM, SYSCALL_SENDTO, SYSCALL_WRITE, TAIL_CAPTURE,
+};
+
+use crate::{bump, submit_flags, EVENTS, SCRATCH};
+
+const HEADER: usize = core::mem::size_of::<DataEvent>();
+/// Offsets inside `struct user_msghdr` (include/linux/socket.h): msg_iov, msg_iovlen.
+const MSGHDR_IOV: u64 = 16;
+const MSGHDR_IOVLEN: u64 = 24;
+
+/// The iovec array and count of a caller's `struct user_msghdr`, or `None` (counted) when it
+/// cannot be read.
+#[inline(always)]
+pub fn msghdr_iov(msg: u64) -> Option<(u64, u32)> {
+    // SAFETY: reads of the caller's msghdr through the checked helper.
+    let iov = unsafe { aya_ebpf::helpers::bpf_probe_read_user((msg + MSGHDR_IOV) as *const u64) };
+    let len =
+        unsafe { aya_ebpf::helpers::bpf_probe_read_user((msg + MSGHDR_IOVLEN) as *const u64) };
+    match (iov, len) {
+        (Ok(iov), Ok(len)) => Some((iov, len as u32)),
+        _ => {
+            bump(counter::LOST_READ_USER);
+            None
+        }
+    }
+}
+
+/// Copy `len` user bytes at `src` into the scratch record at payload offset `off`.
+#[inline(always)]
+fn read_into(base: *mut u8, off: usize, len: usize, src: u64) -> bool {
+    let off = off & (MAX_CAPTURE - 1);
+    let len = len & (2 * MAX_CAPTURE - 1);
+    // SAFETY: HEADER + off + len < SCRATCH_BYTES by the masks above; the helper checks `src`.
+    let rc = unsafe {
+        bpf_probe_read_user(
+            base.add(HEADER + off).cast::<c_void>(),
+            len as u32,
+            src as *const c_void,
+        )
+    };
+    rc == 0
+}
+
+/// Copy `len` user bytes at `src` into the tail area (after a full `MAX_CAPTURE` head) at `off`.
+#[inline(always)]
+fn read_tail_into(base: *mut u8, off: usize, len: usize, src: u64) -> bool {
+    let off = off & (TAIL_CAPTURE - 1);
+    let len = len & (2 * TAIL_CAPTURE - 1);
+    // SAFETY: HEADER + MAX_CAPTURE + off + len < SCRATCH_BYTES by the masks above; the helper
+    // checks `src`.
+    let rc = unsafe {
+        bpf_probe_read_user(
+            base.add(HEADER + MAX_CAPTURE + off).cast::<c_void>(),
+            len as u32,
+            src as *const c_void,
+        )
+    };
+    rc == 0
+}
+
+/// Capture up to `MAX_CAPTURE` of the `ret` bytes the syscall moved, and for a longer egress
+/// write up to `TAIL_CAPTURE` of its last bytes after them. Returns (head length, tail length).
+#[inline(always)]
+fn capture(base: *mut u8, p: &PendingIo, ret: usize) -> (usize, usize) {
+    let plain = matches!(
+        p.syscall,
+        SYSCALL_READ | SYSCALL_WRITE | SYSCALL_RECVFROM | SYSCALL_SENDTO
+    );
+    let want_tail = p.dir == DIR_EGRESS && ret > MAX_CAPTURE;
+    if plain {
+        let n = if ret > MAX_CAPTURE { MAX_CAPTURE } else { ret };
+        if !read_into(base, 0, n, p.buf) {
+            bump(counter::LOST_READ_USER);
+            return (0, 0);
+        }
+        let end = p.buf + ret as u64;
+        if want_tail && read_tail_into(base, 0, TAIL_CAPTURE, end - TAIL_CAPTURE as u64) {
+            return (n, TAIL_CAPTURE);
+        }
+        return (n, 0);
+    }
+    // Few branches per iteration on purpose: the verifier walks every iteration, and each extra
+    // branch multiplies the states it must visit (32 iterations of a 4-branch body took > 60 s).
+    // Bytes past `ret` are copied too (they are the caller's, not secrets of ours) and cut below.
+    let mut off = 0usize;
+    for i in 0..MAX_IOV {
+        if i >= p.iovcnt || off >= MAX_CAPTURE || off >= ret {
+            break;
+        }
+        // SAFETY: reads one `struct iovec { void *base; size_t len; }` through the checked helper.
+        let Ok(iov) = (unsafe {
+            aya_ebpf::helpers::bpf_probe_read_user((p.buf + u64::from(i) * 16) as *const [u64; 2])
+        }) else {
+            bump(counter::LOST_READ_USER);
+            break;
+        };
+        let room = MAX_CAPTURE - off;
+        let take = if (iov[1] as usize) < room {
+            iov[1] as usize
+        } else {
+            room
+        };
+        if !read_into(base, off, take, iov[0]) {
+            bump(counter::LOST_READ_USER);
+            break;
+        }
+        off += take;
+    }
+    if off > ret {
+        off = ret;
+    }
+    if off < ret && off < MAX_CAPTURE {
+        bump(counter::IOV_SKIPPED);
+    }
+    if off > MAX_CAPTURE {
+        off = MAX_CAPTURE;
+    }
+    if !want_tail || off != MAX_CAPTURE {
+        return (off, 0);
+    }
+    (off, capture_iov_tail(base, p, ret as u64))
+}
+
+/// The tail of a long vectored write: the longest suffix of its iovecs that fits in
+/// `TAIL_CAPTURE` (Node ends a response with small iovecs: CRLF, size lines, `[DONE]`, the
+/// terminator), or the last bytes of the last iovec. A second walk over the iovecs, so that the
+/// verifier sees two short loops one after the other instead of one loop with both jobs (that
+/// one passed the 1M-instruction limit). 0 unless the syscall moved every byte asked for (a
+/// partial write's last bytes were not written) and every read succeeded.
+#[inline(always)]
+fn capture_iov_tail(base: *mut u8, p: &PendingIo, ret: u64) -> usize {
+    let mut asked = 0u64;
+    let mut tail = 0usize;
+    for i in 0..MAX_IOV {
+        if i >= p.iovcnt {
+            break;
+        }
+        // SAFETY: reads one `struct iovec` through the checked helper.
+        let Ok(iov) = (unsafe {
+            aya_ebpf::helpers::bpf_probe_read_user((p.buf + u64::from(i) * 16) as *const [u64; 2])
+        }) else {
+            return 0;
+        };
+        asked = asked.wrapping_add(iov[1]);
+        let len = iov[1] as usize;
+        // Append the whole iovec when it fits, else restart the tail with its last bytes.
+        let fits = tail + len <= TAIL_CAPTURE;
+        let take = if fits || len < TAIL_CAPTURE {
+            len
+        } else {
+            TAIL_CAPTURE
+        };
+        let at = if fits { tail } else { 0 };
+        if take > 0 && !read_tail_into(base, at, take, iov[0] + (len - take) as u64) {
+            return 0;
+        }
+        tail = at + take;
+    }
+    if asked == ret && tail <= TAIL_CAPTURE {
+        tail
+    } else {
+        0
+    }
+}
+
+/// Build and deliver the data record of one read/write: `ret` from the syscall (or socket
+/// call), the payload copied from `p`'s buffer when `p.buf` is set and bytes moved.
+#[inline(always)]
+pub fn emit_data(p: &PendingIo, tgid: u32, tid: u32, ts_ns: u64, ret: i64, arrival_ns: u64) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let base = scratch.cast::<u8>();
+    let (cap, tail) = if ret > 0 && p.buf != 0 {
+        capture(base, p, ret as usize)
+    } else {
+        (0, 0)
+    };
+    if ret > 0 && ret as usize > cap + tail {
+        bump(counter::TRUNCATED);
+    }
+    let ev = DataEvent {
+        header: EventHeader {
+            kind: EventKind::Data as u32,
+            tgid,
+            tid,
+            _pad: 0,
+            ts_ns,
+        },
+        fd: p.fd,
+        dir: p.dir,
+        ret,
+        cap_len: cap as u32,
+        syscall: p.syscall as u16,
+        tail_len: tail as u16,
+        arrival_ns,
+    };
+    // SAFETY: the scratch slot is 8-aligned and larger than `DataEvent`.
+    unsafe { base.cast::<DataEvent>().write(ev) };
+    // `cap` ≤ MAX_CAPTURE and `tail` ≤ TAIL_CAPTURE (then `cap` = MAX_CAPTURE: the tail follows
+    // the head); the masks restate it in a form the verifier can follow.
+    let len = HEADER + (cap & (2 * MAX_CAPTURE - 1)) + (tail & (2 * TAIL_CAPTURE - 1));
+    // SAFETY: `len` < SCRATCH_BYTES (header + ≤ 2 * MAX_CAPTURE + 2 * TAIL_CAPTURE).
+    let record = unsafe { slice::from_raw_parts(base, len) };
+    bump(counter::EVENTS_SEEN);
+    if EVENTS
+        .output::<[u8]>(record, submit_flags(len as u64))
+        .is_err()
+    {
+        bump(counter::LOST_RINGBUF_FULL);
+    }
+}

@@ -1,0 +1,296 @@
+//! Server-side socket I/O of traced processes from `sock:` tracepoints — the default capture path.
+//!
+//! The syscall path (`http.rs`) enables `syscalls:sys_{enter,exit}_*`, and any enabled syscall
+//! tracepoint puts *every* task on the machine on the syscall slow path: bystanders paid +32 % on
+//! `getppid` and +145 % on a `write` to /dev/null (docs/BENCHMARKS.md). These tracepoints fire only
+//! inside socket calls:
+//! - `sock:sock_recv_length` / `sock:sock_send_length` (end of `sock_recvmsg`/`sock_sendmsg`, in
+//!   the calling thread) give the socket and the bytes moved; the fd, the buffer and the syscall
+//!   come from the thread's saved user registers (`bpf_task_pt_regs`, x86-64 ABI in
+//!   `probe_common::regs`). The buffer is read before the syscall returns, as on the syscall path.
+//! - `tcp:tcp_sendmsg_locked` (before TCP queues the first byte) stamps a response write: the
+//!   bytes reach the peer inside the call, and a woken reader can preempt the writer before the
+//!   call ends, so the end is too late (the syscall path stamps at entry for the same reason).
+//!
+//! Connections: no accept or close syscall is seen. A socket that became ESTABLISHED on a port a
+//! traced server listens on (`arrival::SERVER_SOCKS`) is admitted on its first read or write
+//! (an `Accept` record then goes first); `CONNS` keeps its `struct sock *` so that a reused fd is
+//! told apart. `arrival.rs` reports the close when the server's own close moves the socket to
+//! FIN_WAIT1 or LAST_ACK.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{
+        bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_task_pt_regs,
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::TracePointContext,
+    EbpfContext,
+};
+use probe_common::{
+    counter, regs, tracepoint as tp, ConnKey, EventKind, PendingIo, CONN_IGNORED, CONN_SK_UNKNOWN,
+    DIR_EGRESS, DIR_INGRESS, MAX_CONNS, MAX_PENDING, SYSCALL_OTHER, SYSCALL_READ, SYSCALL_READV,
+    SYSCALL_RECVFROM, SYSCALL_RECVMSG, SYSCALL_SENDMSG, SYSCALL_SENDTO, SYSCALL_WRITE,
+    SYSCALL_WRITEV,
+};
+
+use crate::{
+    arrival::{ARRIVAL, SERVER_SOCKS},
+    bump,
+    capture::{emit_data, msghdr_iov},
+    current_tgid_tid, emit_conn, is_target, CONNS,
+};
+
+const EAGAIN: i32 = 11;
+const EINTR: i32 = 4;
+/// include/linux/socket.h
+const MSG_PEEK: i32 = 2;
+
+/// Thread id → when its socket send started queueing bytes (first `tcp_sendmsg_locked` of the
+/// call), consumed by `sock_send_data` at the end of the same call.
+#[map]
+static SEND_START: HashMap<u32, u64> = HashMap::with_max_entries(MAX_PENDING, 0);
+
+/// A call's description and result on their way to the capture code (see `capture_via_slot`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IoDesc {
+    io: PendingIo,
+    ret: i64,
+}
+
+/// One slot per CPU for `IoDesc`.
+#[map]
+static IO_DESC: PerCpuArray<IoDesc> = PerCpuArray::with_max_entries(1, 0);
+
+/// `struct sock *` → the connection it was admitted as, for reporting its close.
+#[map]
+pub static SOCK_CONN: LruHashMap<u64, ConnKey> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+
+#[inline(always)]
+fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
+    // SAFETY: fixed offsets inside the tracepoint record (probe_common::tracepoint, checked by the
+    // agent against the running kernel's format files before attaching).
+    unsafe { *ctx.as_ptr().cast::<u8>().add(off).cast::<T>() }
+}
+
+/// The calling thread's syscall as its saved user registers show it: `[dx, si, di, orig_ax]` =
+/// third, second, first argument and the syscall number.
+#[inline(always)]
+fn user_regs() -> Option<[u64; 4]> {
+    // SAFETY: helper calls; the pt_regs pointer is read only through the checked helper.
+    unsafe {
+        let task = bpf_get_current_task_btf();
+        let regs = bpf_task_pt_regs(task) as u64;
+        if regs == 0 {
+            return None;
+        }
+        bpf_probe_read_kernel((regs + regs::PT_REGS_DX as u64) as *const [u64; 4]).ok()
+    }
+}
+
+/// Where the syscall in `r` keeps its buffer, as the capture code wants it.
+#[inline(always)]
+fn describe(r: &[u64; 4], dir: u32, sk: u64) -> PendingIo {
+    let [count, arg1, fd, nr] = *r;
+    let mut p = PendingIo {
+        buf: arg1,
+        iovcnt: 0,
+        fd: fd as u32,
+        syscall: SYSCALL_OTHER,
+        dir,
+        sk,
+        enter_ns: 0,
+    };
+    let (plain, iov, msg) = if dir == DIR_EGRESS {
+        (
+            match nr {
+                regs::NR_WRITE => SYSCALL_WRITE,
+                regs::NR_SENDTO => SYSCALL_SENDTO,
+                _ => SYSCALL_OTHER,
+            },
+            nr == regs::NR_WRITEV,
+            nr == regs::NR_SENDMSG,
+        )
+    } else {
+        (
+            match nr {
+                regs::NR_READ => SYSCALL_READ,
+                regs::NR_RECVFROM => SYSCALL_RECVFROM,
+                _ => SYSCALL_OTHER,
+            },
+            nr == regs::NR_READV,
+            nr == regs::NR_RECVMSG,
+        )
+    };
+    if plain != SYSCALL_OTHER {
+        p.syscall = plain;
+    } else if iov {
+        p.syscall = if dir == DIR_EGRESS {
+            SYSCALL_WRITEV
+        } else {
+            SYSCALL_READV
+        };
+        p.iovcnt = count as u32;
+    } else if msg {
+        p.syscall = if dir == DIR_EGRESS {
+            SYSCALL_SENDMSG
+        } else {
+            SYSCALL_RECVMSG
+        };
+        match msghdr_iov(arg1) {
+            Some((v, n)) => {
+                p.buf = v;
+                p.iovcnt = n;
+            }
+            None => p.buf = 0,
+        }
+    } else {
+        // sendfile, splice, sendmmsg, recvmmsg, io_uring: the bytes are counted, not read.
+        p.buf = 0;
+    }
+    p
+}
+
+/// Copy `p`, the record's time and `ret` through a per-CPU map slot and capture from the copy.
+/// The verifier knows nothing of map contents, so the capture code is verified once, not once
+/// per kind of buffer (`describe`'s branches) and time source (egress failed with E2BIG, over a
+/// million instructions processed, without this); and the compiler cannot drop the length masks
+/// the verifier needs by proving them redundant from what it knows of `ret` (it did: "R2 min
+/// value is negative").
+#[inline(always)]
+fn capture_via_slot(mut p: PendingIo, ts_ns: u64, tgid: u32, tid: u32, ret: i64, arrival: u64) {
+    let Some(slot) = IO_DESC.get_ptr_mut(0) else {
+        return;
+    };
+    p.enter_ns = ts_ns;
+    // SAFETY: this CPU's slot; BPF programs are not preempted on their CPU mid-run. The volatile
+    // read keeps the compiler from forwarding the stored value (which would defeat the point).
+    let d = unsafe {
+        slot.write(IoDesc { io: p, ret });
+        core::ptr::read_volatile(slot)
+    };
+    emit_data(&d.io, tgid, tid, d.io.enter_ns, d.ret, arrival);
+}
+
+/// Whether I/O on `fd` (socket `sk`) of `tgid` is captured, admitting a new server-side
+/// connection on its first I/O and retiring a connection whose fd now names another socket.
+#[inline(always)]
+fn admit(tgid: u32, tid: u32, fd: u32, sk: u64) -> bool {
+    let key = ConnKey { tgid, fd };
+    // SAFETY: value copied out at once.
+    let known = unsafe { CONNS.get(key) }.copied();
+    match known {
+        Some(v) if v == sk => return true,
+        Some(v) if v == sk | CONN_IGNORED => return false,
+        Some(CONN_SK_UNKNOWN) => {
+            // Open before attach (seeded by the agent from /proc): learn its socket now.
+            let _ = CONNS.insert(key, sk, 0);
+            let _ = SOCK_CONN.insert(sk, key, 0);
+            let _ = SERVER_SOCKS.insert(sk, 1, 0);
+            return true;
+        }
+        _ => {}
+    }
+    // SAFETY: presence test only.
+    let server = unsafe { SERVER_SOCKS.get(sk) }.is_some();
+    if !server {
+        if known.is_some() {
+            // The fd was a connection and is now another kind of socket: that connection ended.
+            let _ = CONNS.remove(key);
+            emit_conn(EventKind::Close, tgid, tid, fd);
+        }
+        return false;
+    }
+    if CONNS.insert(key, sk, 0).is_err() {
+        // Accounted as a lost event, so that seen = delivered + lost stays exact.
+        bump(counter::EVENTS_SEEN);
+        bump(counter::LOST_MAP_FULL);
+        return false;
+    }
+    let _ = SOCK_CONN.insert(sk, key, 0);
+    // A record under a reused fd: the agent finishes the state of the connection it replaced.
+    emit_conn(EventKind::Accept, tgid, tid, fd);
+    true
+}
+
+/// The end of `sock_recvmsg`: bytes the server read, stamped now (the syscall path's exit time).
+#[tracepoint]
+pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = current_tgid_tid();
+    if !is_target(tgid) {
+        return 0;
+    }
+    let ret: i32 = field(&ctx, tp::RECV_LENGTH_RET.offset);
+    let flags: i32 = field(&ctx, tp::RECV_LENGTH_FLAGS.offset);
+    // Nothing to move on a non-blocking socket, or a peek that leaves the bytes for the read.
+    if ret == -EAGAIN || ret == -EINTR || flags & MSG_PEEK != 0 {
+        return 0;
+    }
+    let sk: u64 = field(&ctx, tp::RECV_LENGTH_SK.offset);
+    let Some(r) = user_regs() else {
+        return 0;
+    };
+    let fd = r[2] as u32;
+    if !admit(tgid, tid, fd, sk) {
+        return 0;
+    }
+    let p = describe(&r, DIR_INGRESS, sk);
+    let mut arrival_ns = 0;
+    // SAFETY: value copied out before the entry is removed.
+    if let Some(t) = unsafe { ARRIVAL.get(sk) } {
+        arrival_ns = *t;
+        let _ = ARRIVAL.remove(sk);
+    }
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    capture_via_slot(p, now, tgid, tid, i64::from(ret), arrival_ns);
+    0
+}
+
+/// TCP is about to queue the first bytes of a send: the time a response write is dated by.
+#[tracepoint]
+pub fn tcp_send_start(_ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = current_tgid_tid();
+    if !is_target(tgid) {
+        return 0;
+    }
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // NOEXIST: a long send loops here once per segment; the first one counts.
+    let _ = SEND_START.insert(tid, now, u64::from(BPF_NOEXIST));
+    0
+}
+
+/// The end of `sock_sendmsg`: bytes the server wrote, dated by `tcp_send_start`.
+#[tracepoint]
+pub fn sock_send_data(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = current_tgid_tid();
+    if !is_target(tgid) {
+        return 0;
+    }
+    // SAFETY: value copied out before the entry is removed.
+    let start = unsafe { SEND_START.get(tid) }.copied();
+    if start.is_some() {
+        let _ = SEND_START.remove(tid);
+    }
+    let ret: i32 = field(&ctx, tp::SEND_LENGTH_RET.offset);
+    if ret == -EAGAIN || ret == -EINTR {
+        return 0;
+    }
+    let sk: u64 = field(&ctx, tp::SEND_LENGTH_SK.offset);
+    let Some(r) = user_regs() else {
+        return 0;
+    };
+    let fd = r[2] as u32;
+    if !admit(tgid, tid, fd, sk) {
+        return 0;
+    }
+    let p = describe(&r, DIR_EGRESS, sk);
+    // Not TCP (no start stamp): the end of the call is the best time there is.
+    // SAFETY: plain helper call.
+    let ts = start.unwrap_or_else(|| unsafe { bpf_ktime_get_ns() });
+    capture_via_slot(p, ts, tgid, tid, i64::from(ret), 0);
+    0
+}
