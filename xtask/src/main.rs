@@ -38,7 +38,7 @@ enum Task {
     /// Benchmarks (docs/BENCHMARKS.md): overhead with/without the probe in the same run, RSS with
     /// 1k streams, ingestion and /metrics render micro-benchmarks. Needs root.
     Bench {
-        /// Only this one: micro, overhead, engine, rss, cuda, bystander; or longstreams (4,096 streams of
+        /// Only this one: micro, overhead, engine (llama-cpp-python), vllm, rss, cuda, bystander; or longstreams (4,096 streams of
         /// 4,100 events, minutes of full load: run only when named).
         #[arg(long)]
         only: Option<String>,
@@ -251,6 +251,17 @@ fn main() -> Result<()> {
             )?;
             total = (total.0 + t.0, total.1 + t.1, total.2 + t.2);
             if args.is_empty() {
+                // The default run above used the `sock:` capture path; the timing and outcome
+                // tests run once more on the syscall fallback (`llm-probe run --capture syscalls`).
+                step("accuracy tests on the syscall capture path (node, llama.cpp, vLLM)");
+                let t = cargo_test(
+                    cargo()
+                        .env(tests::CAPTURE_ENV, "syscalls")
+                        .args(["test", "--release", "-p", "tests"])
+                        .args(["--test", "node", "--test", "llama", "--test", "vllm"])
+                        .args(["--", "--test-threads=1"]),
+                )?;
+                total = (total.0 + t.0, total.1 + t.1, total.2 + t.2);
                 step("demo smoke test: `cargo xtask demo --duration 8` on a free port");
                 let port = std::net::TcpListener::bind("127.0.0.1:0")?
                     .local_addr()?
@@ -293,6 +304,9 @@ fn main() -> Result<()> {
             }
             if want("engine") {
                 bench::engine_overhead(&bin, rounds, seconds.max(8))?;
+            }
+            if want("vllm") {
+                bench::vllm_overhead(&bin, rounds, seconds.max(8))?;
             }
             if want("rss") {
                 bench::rss(&bin, 1000)?;
