@@ -134,7 +134,12 @@ pub enum LoadError {
          `cargo xtask build`"
     )]
     NoObject,
-    #[error("loading the eBPF object failed (are you root, or do you have CAP_BPF+CAP_PERFMON?)")]
+    #[error(
+        "loading the eBPF object failed (root, or CAP_BPF + CAP_PERFMON, are needed; in a \
+         container that has them, \"Operation not permitted\" comes from the seccomp profile: \
+         CRI-O's and podman's default allows bpf(2) only with CAP_SYS_ADMIN, use seccomp \
+         Unconfined there, see deploy/kubernetes/daemonset.yaml)"
+    )]
     Load(#[from] EbpfError),
     #[error("the eBPF object lacks map {0}")]
     MissingMap(&'static str),

@@ -317,7 +317,7 @@ fn recv_event(fd: i32, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    let (real_now, mono_now) = (clock_ns(libc::CLOCK_REALTIME), monotonic_ns());
+    let (real_now, mono_now) = realtime_and_monotonic();
     let mut stamp = None;
     // SAFETY: CMSG_* walk the control buffer the kernel filled, within `msg_controllen`.
     unsafe {
@@ -333,6 +333,27 @@ fn recv_event(fd: i32, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
         }
     }
     Ok((n as usize, stamp))
+}
+
+/// A `CLOCK_REALTIME` reading and the `CLOCK_MONOTONIC` time at that instant, read as monotonic –
+/// realtime – monotonic and retried while the two monotonic reads are more than 20 µs apart: a
+/// thread preempted between two plain reads (vCPU steal) shifted the conversion by the time it
+/// waited, which made consecutive stamps run backwards by up to 1.4 ms on a loaded 2-core VM.
+fn realtime_and_monotonic() -> (u64, u64) {
+    let mut best = (0, 0, u64::MAX);
+    for _ in 0..8 {
+        let before = monotonic_ns();
+        let real = clock_ns(libc::CLOCK_REALTIME);
+        let after = monotonic_ns();
+        let spread = after - before;
+        if spread < best.2 {
+            best = (real, before + spread / 2, spread);
+        }
+        if spread <= 20_000 {
+            break;
+        }
+    }
+    (best.0, best.1)
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {

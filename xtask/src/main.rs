@@ -4,6 +4,7 @@ mod bench;
 mod bench_bystander;
 mod bench_cuda;
 mod demo;
+mod image;
 mod setup;
 mod vllm;
 
@@ -29,6 +30,19 @@ enum Task {
     Setup,
     /// Setup (toolchain parts), then build target/release/llm-probe.
     Build,
+    /// Build the OCI image (deploy/container/Containerfile) with buildah: the release binary and
+    /// the libraries it links, as localhost/llm-probe:VERSION in containers/storage (vfs).
+    /// Needs root, buildah and podman (`cargo xtask setup` installs them on Debian).
+    Image {
+        /// Also push it to REGISTRY/llm-probe:VERSION (e.g. registry.example.com/team), after
+        /// `buildah login REGISTRY`; then set that name in deploy/kubernetes/kustomization.yaml.
+        #[arg(long, value_name = "REGISTRY")]
+        push: Option<String>,
+        /// Write the image as an OCI archive too (for `podman load`, `skopeo copy`, air-gapped
+        /// nodes).
+        #[arg(long, value_name = "FILE")]
+        archive: Option<PathBuf>,
+    },
     /// Setup, build, then run every test (unit, root integration with real eBPF, end-to-end).
     Test {
         /// Extra arguments for the test binaries (e.g. a test-name filter).
@@ -322,6 +336,13 @@ fn main() -> Result<()> {
                 bench_bystander::bystander(&bin, rounds)?;
             }
             Ok(())
+        }
+        Task::Image { push, archive } => {
+            if !is_root() {
+                bail!("buildah with the vfs driver needs root here: sudo -E cargo xtask image");
+            }
+            let bin = build()?;
+            image::image(&bin, push.as_deref(), archive.as_deref())
         }
         Task::Demo {
             duration,

@@ -147,6 +147,10 @@ pub fn system_packages() -> Result<()> {
         ("openssl", "openssl"),
         ("ip", "iproute2"),
         ("unshare", "util-linux"),
+        // The image: built with buildah, run with podman on runc (tests/tests/image.rs).
+        ("buildah", "buildah"),
+        ("podman", "podman"),
+        ("runc", "runc"),
     ] {
         if !have(tool) {
             missing.push(package);
@@ -155,7 +159,7 @@ pub fn system_packages() -> Result<()> {
     if missing.is_empty() {
         step(
             "system packages (node, python3, C/C++ compiler, prometheus, alertmanager, curl, \
-             openssl, iproute2, util-linux): present",
+             openssl, iproute2, util-linux, buildah, podman, runc): present",
         );
         return Ok(());
     }
