@@ -157,6 +157,34 @@ pub struct PendingIo {
 }
 const _: () = assert!(size_of::<PendingIo>() == 40);
 
+/// Scheduler time of one thread of a traced process (`THREADS` map, tid → this), kept by the
+/// `sched_switch` / `sched_wakeup` programs: where the thread has been since it was first seen.
+/// The agent reads the map; the time in the current state since `since_ns` is not yet added.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadTime {
+    pub tgid: u32,
+    /// `THREAD_*`.
+    pub state: u32,
+    /// `bpf_ktime_get_ns()` when the thread entered `state`.
+    pub since_ns: u64,
+    pub on_cpu_ns: u64,
+    /// Runnable, waiting for a CPU (run-queue delay).
+    pub runnable_ns: u64,
+    /// Sleeping or waiting (futex, I/O, the other process).
+    pub blocked_ns: u64,
+}
+const _: () = assert!(size_of::<ThreadTime>() == 40);
+
+/// Values of `ThreadTime::state`.
+pub const THREAD_ON_CPU: u32 = 0;
+pub const THREAD_RUNNABLE: u32 = 1;
+pub const THREAD_BLOCKED: u32 = 2;
+/// The thread exited; its entry waits for the agent's last read.
+pub const THREAD_EXITED: u32 = 3;
+/// Threads of traced processes whose scheduler time is kept (vLLM: a few hundred).
+pub const MAX_THREADS: u32 = 16 * 1024;
+
 /// Values of `DataEvent::syscall` and `PendingIo::syscall`.
 pub const SYSCALL_READ: u32 = 0;
 pub const SYSCALL_READV: u32 = 1;
@@ -265,6 +293,7 @@ mod user {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::PendingIo {}
     unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::ThreadTime {}
     unsafe impl aya::Pod for super::CudaThread {}
     unsafe impl aya::Pod for super::CudaMemEvent {}
     unsafe impl aya::Pod for super::CudartText {}

@@ -42,11 +42,14 @@ pub const RECV_LENGTH_RET: Field = field("sock", "sock_recv_length", "ret", 20, 
 pub const RECV_LENGTH_FLAGS: Field = field("sock", "sock_recv_length", "flags", 24, 4);
 pub const SEND_LENGTH_SK: Field = field("sock", "sock_send_length", "sk", 8, 8);
 pub const SEND_LENGTH_RET: Field = field("sock", "sock_send_length", "ret", 20, 4);
+pub const SWITCH_PREV_STATE: Field = field("sched", "sched_switch", "prev_state", 32, 8);
+pub const SWITCH_NEXT_PID: Field = field("sched", "sched_switch", "next_pid", 56, 4);
+pub const WAKEUP_PID: Field = field("sched", "sched_wakeup", "pid", 24, 4);
 /// Syscall tracepoints: the first argument (enter) or the return value (exit), then 8-byte slots.
 pub const SYSCALL_ARGS_OFFSET: usize = 16;
 
 /// Every fixed field read by a non-syscall program.
-pub const FIELDS: [Field; 13] = [
+pub const FIELDS: [Field; 16] = [
     NEWTASK_PID,
     NEWTASK_CLONE_FLAGS,
     EXIT_GROUP_DEAD,
@@ -60,4 +63,7 @@ pub const FIELDS: [Field; 13] = [
     RECV_LENGTH_FLAGS,
     SEND_LENGTH_SK,
     SEND_LENGTH_RET,
+    SWITCH_PREV_STATE,
+    SWITCH_NEXT_PID,
+    WAKEUP_PID,
 ];

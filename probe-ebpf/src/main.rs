@@ -2,7 +2,8 @@
 //! `sockio.rs` (the traced server's socket I/O from `sock:` tracepoints, the default capture path)
 //! and `http.rs` (the same from syscall tracepoints, the fallback), both copying through
 //! `capture.rs`; `arrival.rs` (when request bytes reach the socket), `sched.rs` (process tree of
-//! the targets), `cuda.rs` (CUDA driver/runtime uprobes).
+//! the targets), `threads.rs` (on-CPU / runnable / blocked time of their threads), `cuda.rs`
+//! (CUDA driver/runtime uprobes).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // On the host (a `cargo build --workspace`) this is an empty program; the real build targets
@@ -15,6 +16,7 @@ mod cuda;
 mod http;
 mod sched;
 mod sockio;
+mod threads;
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},

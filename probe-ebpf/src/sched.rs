@@ -5,7 +5,9 @@
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext, EbpfContext};
 use probe_common::{counter, tracepoint as tp, EventKind, ProcEvent};
 
-use crate::{bump, cuda::CUDA_PENDING, current_tgid_tid, emit, header_now, is_target, TARGETS};
+use crate::{
+    bump, cuda::CUDA_PENDING, current_tgid_tid, emit, header_now, is_target, threads, TARGETS,
+};
 
 /// include/uapi/linux/sched.h
 const CLONE_THREAD: u64 = 0x0001_0000;
@@ -56,6 +58,17 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     // pending entry; a later thread with the same id would read it as its own.
     let _ = CUDA_PENDING.remove(u64::from(tid) << 1);
     let _ = CUDA_PENDING.remove((u64::from(tid) << 1) | 1);
+    // The thread's scheduler time ends here; the agent reads the entry once more, then drops it.
+    if let Some(t) = threads::THREADS.get_ptr_mut(tid) {
+        // SAFETY: plain helper call; a map value (benign races as in threads.rs).
+        unsafe {
+            threads::enter(
+                &mut *t,
+                probe_common::THREAD_EXITED,
+                aya_ebpf::helpers::bpf_ktime_get_ns(),
+            );
+        }
+    }
     let group_dead: u8 = field(&ctx, tp::EXIT_GROUP_DEAD.offset);
     if group_dead == 0 {
         return 0;

@@ -12,6 +12,7 @@ mod ingest;
 mod privileges;
 mod samplers;
 mod targets;
+mod threads;
 
 use std::{
     future::Future,
@@ -230,6 +231,7 @@ struct Agent {
     health: SharedHealth,
     cuda: SharedCuda,
     cuda_housekeeping: CudaHousekeeping,
+    threads: threads::ThreadSampler,
 }
 
 /// Take the hard open-file limit as the soft one: the agent holds a descriptor per attached
@@ -272,6 +274,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let gpu_metrics = GpuMetrics::new(&mut registry);
     let engine_metrics = EngineMetrics::new(&mut registry);
     let cuda_metrics = CudaMetrics::new(&mut registry);
+    let thread_metrics = crate::metrics::threads::ThreadMetrics::new(&mut registry);
     let health: SharedHealth = Arc::new(Mutex::new(Health {
         port: opts.port,
         thresholds: opts.thresholds.clone(),
@@ -353,6 +356,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         health,
         cuda,
         cuda_housekeeping: CudaHousekeeping::default(),
+        threads: threads::ThreadSampler::new(thread_metrics),
     };
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer, and
     // nothing else closes it.
@@ -427,6 +431,7 @@ impl Agent {
             }
         }
         if let (Ok(mut k), Ok(mut c)) = (self.kernel.lock(), self.cuda.lock()) {
+            self.threads.tick(&mut k, &self.targets.alive(), now);
             self.cuda_housekeeping
                 .tick(&mut k, &mut c, &mut self.targets, now);
             if let Ok(mut h) = self.health.lock() {

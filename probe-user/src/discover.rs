@@ -202,6 +202,17 @@ pub fn comm(pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// The name of thread `tid` of `pid` (`/proc/PID/task/TID/comm`: at most 15 bytes; read
+/// bounded all the same), or "" when it is gone.
+pub fn thread_comm(pid: u32, tid: u32) -> String {
+    use std::io::Read as _;
+    let mut buf = [0u8; 64];
+    let n = std::fs::File::open(format!("/proc/{pid}/task/{tid}/comm"))
+        .and_then(|mut f| f.read(&mut buf))
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).trim_end().to_owned()
+}
+
 /// What a scan of one process found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sockets {

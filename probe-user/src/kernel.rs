@@ -4,6 +4,7 @@
 //! logged and reported as `llm_probe_attached{program} 0`; only the socket path is required.
 
 pub mod cuda;
+mod threads;
 
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
@@ -97,6 +98,9 @@ pub const COMMON: &[Program] = &[
     // path learns no new connection).
     prog("inet_sock_set_state", "sock", false),
     prog("sk_data_ready", "sock", false),
+    // Thread states (on-CPU / runnable / blocked) of the traced processes.
+    prog("sched_switch", "sched", false),
+    prog("sched_wakeup", "sched", false),
 ];
 
 /// Which socket capture path to use (`--capture`).
@@ -185,6 +189,8 @@ pub struct Kernel {
     conns: HashMap<MapData, ConnKey, u64>,
     listen_ports: HashMap<MapData, u16, u32>,
     counters: PerCpuArray<MapData, u64>,
+    /// Per-thread scheduler time (`threads`); `None` if the object lacks it.
+    threads: Option<HashMap<MapData, u32, probe_common::ThreadTime>>,
     pub attached: Vec<Attached>,
     /// The socket capture path in use.
     pub capture: CapturePath,
@@ -281,6 +287,9 @@ impl Kernel {
         let conns = take(&mut ebpf, "CONNS")?;
         let listen_ports = take(&mut ebpf, "LISTEN_PORTS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
+        let threads = take(&mut ebpf, "THREADS")
+            .inspect_err(|e| log::warn!("thread states unavailable: {e}"))
+            .ok();
         let cuda = cuda::CudaProbes::load(&mut ebpf)
             .inspect_err(|e| log::warn!("CUDA probes unavailable: {e:#}"))
             .ok();
@@ -291,6 +300,7 @@ impl Kernel {
                 conns,
                 listen_ports,
                 counters,
+                threads,
                 attached,
                 capture,
                 refused,

@@ -3,7 +3,7 @@
 //!
 //! Three layers (CONTRIBUTING.md; `tests/layers.rs` enforces them):
 //! - pure — values and bytes in, values out; no aya, no files, no sockets: `record`, `http`,
-//!   `requests`, `cuda`, `engine`, `gpu`, `health`, `metrics`;
+//!   `requests`, `cuda`, `engine`, `gpu`, `health`, `metrics`, `threads`;
 //! - system — the outside world: `kernel` (aya, the only module that imports it), `discover`
 //!   (targets in /proc), `cudalibs` (CUDA libraries inside a target's root), `symbolize`
 //!   (blazesym), `nvml`, `webclient` (the one HTTP client), `scrape` (engine pages);
@@ -18,6 +18,7 @@ pub mod http;
 pub mod metrics;
 pub mod record;
 pub mod requests;
+pub mod threads;
 
 // System.
 pub mod cudalibs;

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod gpu;
 pub mod probe;
 pub mod requests;
+pub mod threads;
 
 pub use probe::ProbeMetrics;
 pub use requests::RequestMetrics;

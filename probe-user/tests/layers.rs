@@ -17,7 +17,7 @@ use std::{
 use syn::visit::Visit;
 
 const PURE: &[&str] = &[
-    "cuda", "engine", "gpu", "health", "http", "metrics", "record", "requests",
+    "cuda", "engine", "gpu", "health", "http", "metrics", "record", "requests", "threads",
 ];
 const SYSTEM: &[&str] = &[
     "cudalibs",

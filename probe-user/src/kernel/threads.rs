@@ -1,0 +1,25 @@
+//! The `THREADS` map (probe-ebpf/src/threads.rs): scheduler time of each traced thread, read by
+//! the agent every second and pruned of exited threads.
+
+use probe_common::ThreadTime;
+
+use super::Kernel;
+
+impl Kernel {
+    /// Every thread entry now (one lookup per entry; a few hundred for a vLLM server).
+    pub fn thread_times(&self) -> Vec<(u32, ThreadTime)> {
+        self.threads
+            .as_ref()
+            .map(|m| m.iter().filter_map(Result::ok).collect())
+            .unwrap_or_default()
+    }
+
+    /// Drop the entries of `tids` (exited, or of processes no longer traced).
+    pub fn forget_threads(&mut self, tids: &[u32]) {
+        if let Some(m) = self.threads.as_mut() {
+            for tid in tids {
+                let _ = m.remove(tid);
+            }
+        }
+    }
+}
