@@ -28,6 +28,10 @@ pub struct Sample {
     pub ttft_ns: Option<u64>,
     pub gaps_ns: Vec<u64>,
     pub content_events: u64,
+    /// Events that stand for one generated token by the probe's documented rule, text empty or
+    /// not: a choice with a `text` string, or a chat `delta` with a `content` string that is not
+    /// the role announcement (see `llm_generated_tokens_total` in docs/metrics.md).
+    pub token_events: u64,
     pub duration_ns: u64,
     /// The client gave up on purpose after this many content events (abort tests).
     pub aborted: bool,
@@ -64,6 +68,18 @@ pub fn is_content(v: &Value) -> bool {
         return nonempty(&v["token"]["text"]) && v["token"]["special"] != Value::Bool(true);
     }
     nonempty(&v["response"]) || nonempty(&v["message"]["content"]) || nonempty(&v["content"])
+}
+
+/// Whether a streamed event counts as one token by the rule of `Sample::token_events`.
+pub fn is_token_event(v: &Value) -> bool {
+    v.get("choices")
+        .and_then(Value::as_array)
+        .is_some_and(|choices| {
+            choices.iter().any(|c| {
+                c["text"].is_string()
+                    || (c["delta"]["content"].is_string() && c["delta"].get("role").is_none())
+            })
+        })
 }
 
 /// Incremental de-chunker + event splitter over the response body.
@@ -207,6 +223,9 @@ async fn run_inner(addr: &str, req: &Req, s: &mut Sample) -> anyhow::Result<()> 
                     continue;
                 }
                 if let Ok(v) = serde_json::from_str::<Value>(data) {
+                    if is_token_event(&v) {
+                        s.token_events += 1;
+                    }
                     if is_content(&v) {
                         s.content_events += 1;
                         match last_content {
@@ -240,13 +259,31 @@ async fn run_inner(addr: &str, req: &Req, s: &mut Sample) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// A socket that asks for receive timestamps for as long as the process lives. The kernel stamps
+/// received packets only while some socket wants stamps (a reference-counted switch whose enabling
+/// is deferred to a work queue): when every client socket had closed between two requests, the
+/// next request's first segments came in unstamped (2,614 unstamped reads in one vLLM round).
+fn keep_rx_timestamps_on() {
+    static KEEPER: std::sync::OnceLock<Option<std::net::UdpSocket>> = std::sync::OnceLock::new();
+    KEEPER.get_or_init(|| {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+        set_timestamps(s.as_raw_fd()).ok()?;
+        Some(s)
+    });
+}
+
 /// Ask the kernel to stamp every received segment and report the stamp with each read.
 fn enable_rx_timestamps(sock: &TcpStream) -> io::Result<()> {
+    keep_rx_timestamps_on();
+    set_timestamps(sock.as_raw_fd())
+}
+
+fn set_timestamps(fd: i32) -> io::Result<()> {
     let on: libc::c_int = 1;
     // SAFETY: a valid socket, a c_int option value and its size.
     let rc = unsafe {
         libc::setsockopt(
-            sock.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
             libc::SO_TIMESTAMPNS,
             (&raw const on).cast(),

@@ -251,8 +251,10 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
     //    choice's text (vLLM sends one per token, empty text included). Equal to vLLM's count
     //    while its API server keeps up (280 = 280 in 4 runs); when it falls behind, vLLM merges
     //    queued tokens into one event (RequestOutputCollector) and the probe counts fewer (264 of
-    //    280 once under load). The difference is printed; the count must lie between the events
-    //    with text and vLLM's count, and above 80 % of it (counting events with text gave 55 %).
+    //    280 once under load, 222 of 280 in a full run on a busy host). So the witness is the
+    //    client: it counts the events the server wrote by the same rule (Sample::token_events),
+    //    and the probe must equal that exactly, lie at or under vLLM's count and at or above the
+    //    events with non-empty text.
     let (v0, p0) = (v1, p1);
     let no_usage: Vec<Req> = (0..16u64)
         .map(|i| {
@@ -272,18 +274,18 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
     let (v1, p1) = (vllm_counters(&addr), probe_counters(&probe));
     let (dv, dp) = (delta(v0, v1), delta(p0, p1));
     let content: u64 = samples.iter().map(|s| s.content_events).sum();
+    let token_events: u64 = samples.iter().map(|s| s.token_events).sum();
     eprintln!(
-        "tokens without usage: vLLM generated {}; probe {}; client saw {content} events with text",
+        "tokens without usage: vLLM generated {}; probe {}; client saw {token_events} token \
+         events, {content} with text",
         dv.generation_tokens, dp.generation_tokens
+    );
+    assert_eq!(
+        dp.generation_tokens, token_events as f64,
+        "the probe counts the token events the server wrote"
     );
     assert!(dp.generation_tokens <= dv.generation_tokens);
     assert!(dp.generation_tokens >= content as f64);
-    assert!(
-        dp.generation_tokens >= 0.8 * dv.generation_tokens,
-        "{} of {} tokens",
-        dp.generation_tokens,
-        dv.generation_tokens
-    );
 
     // 5. Lifecycle: abort mid-stream, unknown model, max_tokens beyond the context, and a long
     //    non-streamed answer. vLLM 0.32 records no finished-request stats for a client that
