@@ -38,9 +38,9 @@ fn llama_cpp_ttft_tbt_agree_with_client_at_1_and_64_streams() {
 
     // The reference (a client on the same 2-core VM) is itself noisy: when the host deschedules a
     // vCPU (steal time) the client reads several events late, in one read. A noisy round is
-    // measured once more; further rounds (up to eight, each started on a quiet host) only while the host took CPU time from the
-    // VM during the failed round. Every round is printed, the criteria of each are the same, and
-    // one round must meet them.
+    // measured once more; further rounds (up to eight, each started on a quiet host) only while
+    // the host took CPU time from the VM during the failed round. Every round is printed, the
+    // criteria of each are the same, and one round must meet them.
     let all = timing_rounds(&probe, 8, |round| round_of_requests(&addr, round));
     let streamed = all.iter().filter(|s| s.ttft_ns.is_some()).count() as u64;
     let samples_total = all.len();
