@@ -20,11 +20,10 @@ use aya_ebpf::{
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap},
     programs::TracePointContext,
-    EbpfContext,
 };
 use probe_common::{tracepoint as tp, EventKind, CONN_IGNORED, MAX_CONNS, MAX_LISTEN_PORTS};
 
-use crate::{current_tgid_tid, emit_conn, is_target, sockio::SOCK_CONN, CONNS, PENDING};
+use crate::{current_tgid_tid, emit_conn, field, is_target, sockio::SOCK_CONN, CONNS, PENDING};
 
 /// include/net/tcp_states.h
 const TCP_ESTABLISHED: i32 = 1;
@@ -45,13 +44,6 @@ pub static SERVER_SOCKS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX
 /// `struct sock *` → arrival time of its oldest unread data.
 #[map]
 pub static ARRIVAL: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_CONNS, 0);
-
-#[inline(always)]
-fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
-    // SAFETY: fixed offsets inside the tracepoint record, from
-    // /sys/kernel/tracing/events/sock/{inet_sock_set_state,sk_data_ready,sock_recv_length}/format.
-    unsafe { *ctx.as_ptr().cast::<u8>().add(off).cast::<T>() }
-}
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {

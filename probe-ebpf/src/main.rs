@@ -23,6 +23,8 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+    EbpfContext,
 };
 use probe_common::{
     counter, ConnEvent, ConnKey, EventHeader, EventKind, PendingIo, MAX_CAPTURE, MAX_CONNS,
@@ -122,6 +124,15 @@ fn emit<T>(record: &T) {
     {
         bump(counter::LOST_RINGBUF_FULL);
     }
+}
+
+/// A fixed-offset field of a tracepoint record. The offsets are `probe_common::tracepoint`'s,
+/// checked by the agent against the running kernel's format files before a program that reads
+/// them is attached.
+#[inline(always)]
+fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
+    // SAFETY: an offset inside the record (checked as above); the verifier checks ctx accesses.
+    unsafe { *ctx.as_ptr().cast::<u8>().add(off).cast::<T>() }
 }
 
 /// An accept or close of a tracked connection, stamped now.

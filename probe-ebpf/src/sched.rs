@@ -2,21 +2,16 @@
 //! engine core are separate processes), and exits are reported. Field offsets are
 //! `probe_common::tracepoint`'s, checked by the agent against the running kernel's format files.
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext, EbpfContext};
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use probe_common::{counter, tracepoint as tp, EventKind, ProcEvent};
 
 use crate::{
-    bump, cuda::CUDA_PENDING, current_tgid_tid, emit, header_now, is_target, threads, TARGETS,
+    bump, cuda::CUDA_PENDING, current_tgid_tid, emit, field, header_now, is_target, threads,
+    TARGETS,
 };
 
 /// include/uapi/linux/sched.h
 const CLONE_THREAD: u64 = 0x0001_0000;
-
-#[inline(always)]
-fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
-    // SAFETY: fixed offsets inside the tracepoint record (see the format files above).
-    unsafe { *ctx.as_ptr().cast::<u8>().add(off).cast::<T>() }
-}
 
 fn proc_event(kind: EventKind, tgid: u32, tid: u32, other: u32) -> ProcEvent {
     ProcEvent {

@@ -26,7 +26,6 @@ use aya_ebpf::{
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::TracePointContext,
-    EbpfContext,
 };
 use probe_common::{
     counter, regs, tracepoint as tp, ConnKey, EventKind, PendingIo, CONN_IGNORED, CONN_SK_UNKNOWN,
@@ -39,7 +38,7 @@ use crate::{
     arrival::{ARRIVAL, SERVER_SOCKS},
     bump,
     capture::{emit_data, msghdr_iov},
-    current_tgid_tid, emit_conn, is_target, CONNS,
+    current_tgid_tid, emit_conn, field, is_target, CONNS,
 };
 
 const EAGAIN: i32 = 11;
@@ -67,13 +66,6 @@ static IO_DESC: PerCpuArray<IoDesc> = PerCpuArray::with_max_entries(1, 0);
 /// `struct sock *` → the connection it was admitted as, for reporting its close.
 #[map]
 pub static SOCK_CONN: LruHashMap<u64, ConnKey> = LruHashMap::with_max_entries(MAX_CONNS, 0);
-
-#[inline(always)]
-fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
-    // SAFETY: fixed offsets inside the tracepoint record (probe_common::tracepoint, checked by the
-    // agent against the running kernel's format files before attaching).
-    unsafe { *ctx.as_ptr().cast::<u8>().add(off).cast::<T>() }
-}
 
 /// The calling thread's syscall as its saved user registers show it: `[dx, si, di, orig_ax]` =
 /// third, second, first argument and the syscall number.

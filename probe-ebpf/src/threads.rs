@@ -14,14 +14,13 @@ use aya_ebpf::{
     macros::{map, tracepoint},
     maps::HashMap,
     programs::TracePointContext,
-    EbpfContext,
 };
 use probe_common::{
     tracepoint as tp, ThreadTime, MAX_THREADS, THREAD_BLOCKED, THREAD_EXITED, THREAD_ON_CPU,
     THREAD_RUNNABLE,
 };
 
-use crate::{current_tgid_tid, is_target};
+use crate::{current_tgid_tid, field, is_target};
 
 /// Thread id → its scheduler time (read and pruned by the agent).
 #[map]
@@ -30,13 +29,6 @@ pub static THREADS: HashMap<u32, ThreadTime> = HashMap::with_max_entries(MAX_THR
 /// `prev_state` bits that name a sleeping state; none set means the thread was preempted (or
 /// yielded) and stays runnable (include/linux/sched.h, TASK_REPORT).
 const TASK_REPORT_MASK: i64 = 0xff;
-
-#[inline(always)]
-fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
-    // SAFETY: fixed offsets inside the tracepoint record, checked by the agent against the
-    // running kernel's format files before attaching.
-    unsafe { *ctx.as_ptr().cast::<u8>().add(off).cast::<T>() }
-}
 
 /// Close the interval `t` has been in since `since_ns` and start `state` at `now`.
 #[inline(always)]
