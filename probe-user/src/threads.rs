@@ -117,11 +117,10 @@ impl ThreadAccounting {
         for s in samples {
             seen.insert(s.tid);
             let now_totals = totals_at(&s.time, now);
-            let key = match self.last.get(&s.tid) {
-                Some((k, _)) => k.clone(),
-                None => self.key_for(&s.process, &s.thread),
+            let (key, before) = match self.last.get(&s.tid) {
+                Some((k, v)) => (k.clone(), *v),
+                None => (self.key_for(&s.process, &s.thread), [0; 3]),
             };
-            let before = self.last.get(&s.tid).map_or([0; 3], |(_, v)| *v);
             let d = added.entry(key.clone()).or_default();
             let mut after = before;
             for i in 0..3 {
