@@ -289,6 +289,20 @@ fn node_pipelining_keepalive_before_attach_and_bad_input() {
             "{r}"
         );
     }
+    // The junk connections' records may still be in flight on a loaded host: wait (bounded)
+    // for them to be counted, then assert on one page so a failure shows everything.
+    let counted = |m: &str| {
+        metric_sum(m, "llm_probe_parse_errors_total", &[]) >= 3.0
+            && metric_sum(
+                m,
+                "llm_probe_capture_incomplete_total",
+                &[("reason", "truncated")],
+            ) >= 1.0
+    };
+    let start = std::time::Instant::now();
+    while !counted(&probe.metrics()) && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let m = probe.metrics();
     let errors = metric_sum(&m, "llm_probe_parse_errors_total", &[]);
     assert!(errors >= 3.0, "bad input counted:\n{m}");
