@@ -104,8 +104,31 @@ pub struct DataEvent {
     /// `sock:sk_data_ready` tracepoint), or 0 when unknown. A server whose event loop is busy reads a
     /// request late; users feel that wait, so request arrival uses this, not the read time.
     pub arrival_ns: u64,
+    /// The calling thread's scheduler clock at `header.ts_ns` (all zero: unknown), so that the
+    /// agent can split the time between two records of one thread into on-CPU, runnable and
+    /// blocked (latency attribution).
+    pub thread: ThreadClock,
 }
-const _: () = assert!(size_of::<DataEvent>() == 56);
+const _: () = assert!(size_of::<DataEvent>() == 80);
+
+/// A thread's scheduler totals at one moment: `ThreadTime`'s counters with the interval it is in
+/// added up to that moment. All zero when the thread is not known (thread states not attached,
+/// or the thread has not left a CPU since attach). Differences between two clocks of one thread
+/// split the time between them exactly into the three states.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadClock {
+    pub on_cpu_ns: u64,
+    pub runnable_ns: u64,
+    pub blocked_ns: u64,
+}
+const _: () = assert!(size_of::<ThreadClock>() == 24);
+
+impl ThreadClock {
+    pub const fn is_known(&self) -> bool {
+        self.on_cpu_ns | self.runnable_ns | self.blocked_ns != 0
+    }
+}
 
 /// Accept and close of a tracked socket.
 #[repr(C)]
@@ -154,8 +177,10 @@ pub struct PendingIo {
     /// peer inside the syscall, and the writer can be preempted by the woken reader before its
     /// syscall exit (seen as a 2 ms skew on loopback).
     pub enter_ns: u64,
+    /// The thread's clock at the time the record is dated by (egress: entry; ingress: the read).
+    pub thread: ThreadClock,
 }
-const _: () = assert!(size_of::<PendingIo>() == 40);
+const _: () = assert!(size_of::<PendingIo>() == 64);
 
 /// Scheduler time of one thread of a traced process (`THREADS` map, tid → this), kept by the
 /// `sched_switch` / `sched_wakeup` programs: where the thread has been since it was first seen.

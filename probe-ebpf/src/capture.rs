@@ -203,6 +203,7 @@ pub fn emit_data(p: &PendingIo, tgid: u32, tid: u32, ts_ns: u64, ret: i64, arriv
         syscall: p.syscall as u16,
         tail_len: tail as u16,
         arrival_ns,
+        thread: p.thread,
     };
     // SAFETY: the scratch slot is 8-aligned and larger than `DataEvent`.
     unsafe { base.cast::<DataEvent>().write(ev) };

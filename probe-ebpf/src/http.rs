@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext, EbpfContext,
 };
 use probe_common::{
-    counter, ConnKey, EventKind, PendingIo, CONN_SK_UNKNOWN, DIR_EGRESS, DIR_INGRESS,
+    counter, ConnKey, EventKind, PendingIo, ThreadClock, CONN_SK_UNKNOWN, DIR_EGRESS, DIR_INGRESS,
     SYSCALL_ACCEPT, SYSCALL_ACCEPT4, SYSCALL_READ, SYSCALL_READV, SYSCALL_RECVFROM,
     SYSCALL_RECVMSG, SYSCALL_SENDMSG, SYSCALL_SENDTO, SYSCALL_WRITE, SYSCALL_WRITEV,
 };
@@ -16,7 +16,7 @@ use crate::{
     arrival::ARRIVAL,
     bump,
     capture::{emit_data, msghdr_iov},
-    current_tgid_tid, emit_conn, is_target, CONNS, PENDING,
+    current_tgid_tid, emit_conn, is_target, threads, CONNS, PENDING,
 };
 
 const EAGAIN: i64 = 11;
@@ -71,6 +71,8 @@ fn on_enter(ctx: &TracePointContext, syscall: u32, dir: u32, kind: Buf) {
             None => buf = 0,
         },
     }
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
     let pending = PendingIo {
         buf,
         iovcnt,
@@ -78,8 +80,13 @@ fn on_enter(ctx: &TracePointContext, syscall: u32, dir: u32, kind: Buf) {
         syscall,
         dir,
         sk: 0,
-        // SAFETY: plain helper call.
-        enter_ns: unsafe { bpf_ktime_get_ns() },
+        enter_ns: now,
+        // Egress records are dated by the entry: the thread's clock then.
+        thread: if dir == DIR_EGRESS {
+            threads::clock(tgid, tid, now)
+        } else {
+            ThreadClock::default()
+        },
     };
     if PENDING.insert(tid, pending, 0).is_err() {
         bump(counter::EVENTS_SEEN);
@@ -111,11 +118,14 @@ fn on_exit(ctx: &TracePointContext) {
         }
         let _ = ARRIVAL.remove(p.sk);
     }
+    let mut p = p;
     let ts_ns = if p.dir == DIR_EGRESS {
         p.enter_ns
     } else {
         // SAFETY: plain helper call.
-        unsafe { bpf_ktime_get_ns() }
+        let now = unsafe { bpf_ktime_get_ns() };
+        p.thread = threads::clock(tgid, tid, now);
+        now
     };
     emit_data(&p, tgid, tid, ts_ns, ret, arrival_ns);
 }

@@ -59,7 +59,8 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 
 /// Scratch space for a data record: header + payload. Three times `MAX_CAPTURE` of payload room lets
 /// the verifier accept `offset & (MAX_CAPTURE-1)` + `length & (2*MAX_CAPTURE-1)` (masks it can follow).
-pub const SCRATCH_BYTES: usize = 64 + 3 * MAX_CAPTURE;
+pub const SCRATCH_BYTES: usize = 128 + 3 * MAX_CAPTURE;
+const _: () = assert!(size_of::<probe_common::DataEvent>() + 3 * MAX_CAPTURE <= SCRATCH_BYTES);
 #[repr(C, align(8))]
 pub struct Scratch {
     pub bytes: [u8; SCRATCH_BYTES],

@@ -28,17 +28,17 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use probe_common::{
-    counter, regs, tracepoint as tp, ConnKey, EventKind, PendingIo, CONN_IGNORED, CONN_SK_UNKNOWN,
-    DIR_EGRESS, DIR_INGRESS, MAX_CONNS, MAX_PENDING, SYSCALL_OTHER, SYSCALL_READ, SYSCALL_READV,
-    SYSCALL_RECVFROM, SYSCALL_RECVMSG, SYSCALL_SENDMSG, SYSCALL_SENDTO, SYSCALL_WRITE,
-    SYSCALL_WRITEV,
+    counter, regs, tracepoint as tp, ConnKey, EventKind, PendingIo, ThreadClock, CONN_IGNORED,
+    CONN_SK_UNKNOWN, DIR_EGRESS, DIR_INGRESS, MAX_CONNS, MAX_PENDING, SYSCALL_OTHER, SYSCALL_READ,
+    SYSCALL_READV, SYSCALL_RECVFROM, SYSCALL_RECVMSG, SYSCALL_SENDMSG, SYSCALL_SENDTO,
+    SYSCALL_WRITE, SYSCALL_WRITEV,
 };
 
 use crate::{
     arrival::{ARRIVAL, SERVER_SOCKS},
     bump,
     capture::{emit_data, msghdr_iov},
-    current_tgid_tid, emit_conn, field, is_target, CONNS,
+    current_tgid_tid, emit_conn, field, is_target, threads, CONNS,
 };
 
 const EAGAIN: i32 = 11;
@@ -47,9 +47,17 @@ const EINTR: i32 = 4;
 const MSG_PEEK: i32 = 2;
 
 /// Thread id → when its socket send started queueing bytes (first `tcp_sendmsg_locked` of the
-/// call), consumed by `sock_send_data` at the end of the same call.
+/// call) and the thread's clock then, consumed by `sock_send_data` at the end of the same call.
 #[map]
-static SEND_START: HashMap<u32, u64> = HashMap::with_max_entries(MAX_PENDING, 0);
+static SEND_START: HashMap<u32, SendStart> = HashMap::with_max_entries(MAX_PENDING, 0);
+
+/// When a send began, and the sending thread's clock then.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SendStart {
+    ts_ns: u64,
+    thread: ThreadClock,
+}
 
 /// A call's description and result on their way to the capture code (see `capture_via_slot`).
 #[repr(C)]
@@ -94,6 +102,7 @@ fn describe(r: &[u64; 4], dir: u32, sk: u64) -> PendingIo {
         dir,
         sk,
         enter_ns: 0,
+        thread: ThreadClock::default(),
     };
     let (plain, iov, msg) = if dir == DIR_EGRESS {
         (
@@ -237,6 +246,8 @@ pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
+    let mut p = p;
+    p.thread = threads::clock(tgid, tid, now);
     capture_via_slot(p, now, tgid, tid, i64::from(ret), arrival_ns);
     0
 }
@@ -251,7 +262,11 @@ pub fn tcp_send_start(_ctx: TracePointContext) -> u32 {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     // NOEXIST: a long send loops here once per segment; the first one counts.
-    let _ = SEND_START.insert(tid, now, u64::from(BPF_NOEXIST));
+    let start = SendStart {
+        ts_ns: now,
+        thread: threads::clock(tgid, tid, now),
+    };
+    let _ = SEND_START.insert(tid, start, u64::from(BPF_NOEXIST));
     0
 }
 
@@ -279,10 +294,20 @@ pub fn sock_send_data(ctx: TracePointContext) -> u32 {
     if !admit(tgid, tid, fd, sk) {
         return 0;
     }
-    let p = describe(&r, DIR_EGRESS, sk);
+    let mut p = describe(&r, DIR_EGRESS, sk);
     // Not TCP (no start stamp): the end of the call is the best time there is.
-    // SAFETY: plain helper call.
-    let ts = start.unwrap_or_else(|| unsafe { bpf_ktime_get_ns() });
+    let ts = match start {
+        Some(s) => {
+            p.thread = s.thread;
+            s.ts_ns
+        }
+        None => {
+            // SAFETY: plain helper call.
+            let now = unsafe { bpf_ktime_get_ns() };
+            p.thread = threads::clock(tgid, tid, now);
+            now
+        }
+    };
     capture_via_slot(p, ts, tgid, tid, i64::from(ret), 0);
     0
 }

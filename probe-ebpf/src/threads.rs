@@ -16,8 +16,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use probe_common::{
-    tracepoint as tp, ThreadTime, MAX_THREADS, THREAD_BLOCKED, THREAD_EXITED, THREAD_ON_CPU,
-    THREAD_RUNNABLE,
+    tracepoint as tp, ThreadClock, ThreadTime, MAX_THREADS, THREAD_BLOCKED, THREAD_EXITED,
+    THREAD_ON_CPU, THREAD_RUNNABLE,
 };
 
 use crate::{current_tgid_tid, field, is_target};
@@ -42,6 +42,22 @@ pub fn enter(t: &mut ThreadTime, state: u32, now: u64) {
     }
     t.state = state;
     t.since_ns = now;
+}
+
+/// The clock of thread `tid` of `tgid`, running now (it is in a syscall), at `now`; all zero when
+/// the thread is not known. One map lookup.
+#[inline(always)]
+pub fn clock(tgid: u32, tid: u32, now: u64) -> ThreadClock {
+    // SAFETY: a map value read at once; a concurrent update of the same thread cannot happen (the
+    // thread is running here) except by `sched_wakeup` of a blocked thread, which it is not.
+    match unsafe { THREADS.get(tid) } {
+        Some(t) if t.tgid == tgid && t.state == THREAD_ON_CPU => ThreadClock {
+            on_cpu_ns: t.on_cpu_ns + now.saturating_sub(t.since_ns),
+            runnable_ns: t.runnable_ns,
+            blocked_ns: t.blocked_ns,
+        },
+        _ => ThreadClock::default(),
+    }
 }
 
 #[tracepoint]

@@ -6,7 +6,7 @@ use std::mem::size_of;
 
 use probe_common::{
     ConnEvent, CudaMemEvent, CudaSyncEvent, DataEvent, EventHeader, EventKind, ProcEvent,
-    DIR_EGRESS,
+    ThreadClock, DIR_EGRESS,
 };
 
 /// One decoded record. `payload` borrows the ring-buffer slot: it is parsed, never kept.
@@ -20,6 +20,8 @@ pub enum Event<'a> {
         syscall: u32,
         /// When the bytes reached the socket (0 = unknown; ingress only).
         arrival_ns: u64,
+        /// The calling thread's clock at `header.ts_ns` (all zero: unknown).
+        thread: ThreadClock,
         /// The first bytes moved (at most `MAX_CAPTURE`).
         payload: &'a [u8],
         /// The last bytes moved, of a write longer than the payload (`TAIL_CAPTURE`), or empty.
@@ -97,6 +99,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 ret: d.ret,
                 syscall: u32::from(d.syscall),
                 arrival_ns: d.arrival_ns,
+                thread: d.thread,
                 payload,
                 tail,
             })
@@ -159,6 +162,7 @@ pub fn encode_data_with_tail(
         },
         tail_len: tail.len() as u16,
         arrival_ns: 0,
+        thread: ThreadClock::default(),
     };
     let mut out = Vec::with_capacity(size_of::<DataEvent>() + payload.len() + tail.len());
     // SAFETY: `DataEvent` is `repr(C)`, integer-only and padding-free (size pinned in probe-common).
