@@ -14,6 +14,7 @@ mod sniff;
 mod sse;
 
 pub use conn::ConnTracker;
+pub use probe_common::ThreadClock;
 
 /// Connection identity: the traced process and the server-side socket fd. Successive connections
 /// that reuse an fd number are told apart by the accept and close records between them.
@@ -138,6 +139,16 @@ pub const MAX_FIELD_LEN: usize = 128;
 /// in-flight ones count against the memory budget).
 pub const MAX_GAPS_KEPT: usize = 1024;
 
+/// One server read or write as the kernel saw it: its time, the thread that made it and that
+/// thread's scheduler clock then (all zero when unknown). Latency attribution splits the time
+/// between two moments of one thread into on-CPU, runnable and blocked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moment {
+    pub ts_ns: u64,
+    pub tid: u32,
+    pub clock: ThreadClock,
+}
+
 /// One finished request, with the timings the probe measured. Timestamps are `CLOCK_MONOTONIC` ns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestRecord {
@@ -150,6 +161,11 @@ pub struct RequestRecord {
     pub arrival_ns: u64,
     /// First response event carrying generated content.
     pub first_token_ns: Option<u64>,
+    /// The server's read that returned the request's first bytes (`ts_ns` 0: not known).
+    pub read: Moment,
+    /// The write of the first content event (`None` without one); its `ts_ns` is
+    /// `first_token_ns`.
+    pub first_token_at: Option<Moment>,
     /// Last byte of the response written (or the abort/reset).
     pub end_ns: u64,
     /// Content-carrying events (SSE `data:` with choices/tokens, NDJSON lines with text).

@@ -3,13 +3,14 @@
 //!
 //! Three layers (CONTRIBUTING.md; `tests/layers.rs` enforces them):
 //! - pure — values and bytes in, values out; no aya, no files, no sockets: `record`, `http`,
-//!   `requests`, `cuda`, `engine`, `gpu`, `health`, `metrics`, `threads`;
+//!   `requests`, `attribution`, `cuda`, `engine`, `gpu`, `health`, `metrics`, `threads`;
 //! - system — the outside world: `kernel` (aya, the only module that imports it), `discover`
 //!   (targets in /proc), `cudalibs` (CUDA libraries inside a target's root), `symbolize`
 //!   (blazesym), `nvml`, `webclient` (the one HTTP client), `scrape` (engine pages);
 //! - wiring — `agent` joins both sides; `server` serves snapshots and never imports `agent`.
 
 // Pure.
+pub mod attribution;
 pub mod cuda;
 pub mod engine;
 pub mod gpu;

@@ -12,8 +12,12 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::{
+    attribution::{self, StageThreads, Stages},
     http::{ConnId, Endpoint, Observer, ParseErrorKind, RequestMeta, RequestRecord},
-    metrics::{ErrorLabels, KindLabels, ModelLabels, ReqLabels, RequestMetrics, StatusLabels},
+    metrics::{
+        ErrorLabels, KindLabels, ModelLabels, ReqLabels, RequestMetrics, StageLabels,
+        StageStateLabels, StatusLabels,
+    },
 };
 
 /// Distinct model label values admitted by default (`--max-models`); later ones are exported as
@@ -38,6 +42,11 @@ pub struct RequestView {
     pub outcome: &'static str,
     pub arrival_ns: u64,
     pub ttft_ns: Option<u64>,
+    /// The TTFT split into stages that sum to `ttft_ns` (`crate::attribution`); `None` without a
+    /// first token or when the read of the request's first bytes was not seen.
+    pub stages_ns: Option<Stages>,
+    /// Stages split by the state of the thread doing the work; `None` when no stage could be.
+    pub threads_ns: Option<StageThreads>,
     pub duration_ns: u64,
     pub content_events: u64,
     pub tokens: u64,
@@ -245,6 +254,39 @@ impl RequestStats {
     }
 }
 
+impl RequestStats {
+    /// One request's TTFT stages into `llm_ttft_stage_seconds` and its engine stage's thread
+    /// states (or `unknown`) into `llm_ttft_stage_thread_seconds_total`.
+    fn observe_stages(&self, model: &str, endpoint: Endpoint, b: &attribution::Breakdown) {
+        for (stage, ns) in b.stages.named() {
+            self.metrics
+                .ttft_stage
+                .get_or_create(&StageLabels {
+                    model: model.to_owned(),
+                    endpoint: endpoint.as_str(),
+                    stage,
+                })
+                .observe(ns as f64 / 1e9);
+        }
+        let split = b.threads.map(|t| t.engine);
+        let states = match split {
+            Some(s) => [s.on_cpu, s.runnable, s.blocked, 0],
+            None => [0, 0, 0, b.stages.engine],
+        };
+        for (state, ns) in attribution::STATES.into_iter().zip(states) {
+            if ns > 0 {
+                self.metrics
+                    .ttft_stage_thread
+                    .get_or_create(&StageStateLabels {
+                        stage: "engine",
+                        state,
+                    })
+                    .inc_by(ns as f64 / 1e9);
+            }
+        }
+    }
+}
+
 impl Observer for RequestStats {
     fn request_started(&mut self, _conn: ConnId, _meta: &RequestMeta, _arrival_ns: u64) {
         self.waiting += 1;
@@ -312,6 +354,10 @@ impl Observer for RequestStats {
             };
             self.metrics.errors.get_or_create(&e).inc();
         }
+        let breakdown = attribution::ttft(&r);
+        if let Some(b) = &breakdown {
+            self.observe_stages(&model, endpoint, b);
+        }
         let tokens = r.tokens();
         let ml = ModelLabels { model };
         self.metrics
@@ -338,6 +384,8 @@ impl Observer for RequestStats {
             outcome: status,
             arrival_ns: r.arrival_ns,
             ttft_ns: r.first_token_ns.map(|t| t.saturating_sub(r.arrival_ns)),
+            stages_ns: breakdown.map(|b| b.stages),
+            threads_ns: breakdown.and_then(|b| b.threads),
             duration_ns,
             content_events: r.content_events,
             tokens,
@@ -380,7 +428,7 @@ mod tests {
     use prometheus_client::registry::Registry;
 
     use super::*;
-    use crate::http::Outcome;
+    use crate::http::{Moment, Outcome, ThreadClock};
 
     fn meta(model: Option<&str>) -> RequestMeta {
         RequestMeta {
@@ -398,6 +446,26 @@ mod tests {
             outcome: Outcome::Ok,
             arrival_ns: 1_000,
             first_token_ns: Some(2_000),
+            // Read at 1,200 (200 ns in the socket); the same thread wrote the first token 800 ns
+            // later after 400 on a CPU, 100 runnable and 300 blocked.
+            read: Moment {
+                ts_ns: 1_200,
+                tid: 5,
+                clock: ThreadClock {
+                    on_cpu_ns: 100,
+                    runnable_ns: 0,
+                    blocked_ns: 0,
+                },
+            },
+            first_token_at: Some(Moment {
+                ts_ns: 2_000,
+                tid: 5,
+                clock: ThreadClock {
+                    on_cpu_ns: 500,
+                    runnable_ns: 100,
+                    blocked_ns: 300,
+                },
+            }),
             end_ns: 5_000,
             content_events: 3,
             token_events: 3,
@@ -456,6 +524,50 @@ mod tests {
             s.recent.lock().unwrap().finished_total,
             MAX_MODELS as u64 + 6
         );
+    }
+
+    #[test]
+    fn ttft_stages_reach_the_log_and_the_metrics() {
+        let mut registry = Registry::default();
+        let metrics = RequestMetrics::new(&mut registry);
+        let mut s = RequestStats::new(metrics, SharedRecent::default());
+        let conn = ConnId { tgid: 1, fd: 3 };
+        let m = meta(Some("m"));
+        s.request_started(conn, &m, 1_000);
+        s.first_token(conn, &m, 1_000);
+        s.request_finished(record(m.clone()));
+        // A second request whose first token was written by another thread: no split.
+        s.request_started(conn, &m, 1_000);
+        s.first_token(conn, &m, 1_000);
+        let mut other = record(m);
+        other.first_token_at = other.first_token_at.map(|f| Moment { tid: 6, ..f });
+        s.request_finished(other);
+
+        let recent = s.recent.lock().unwrap();
+        let v = serde_json::to_value(&recent.items[0]).unwrap();
+        assert_eq!(v["ttft_ns"], 1_000);
+        assert_eq!(
+            v["stages_ns"],
+            serde_json::json!({"socket_queue": 200, "engine": 800})
+        );
+        assert_eq!(
+            v["threads_ns"],
+            serde_json::json!({"engine": {"on_cpu": 400, "runnable": 100, "blocked": 300}})
+        );
+        let v = serde_json::to_value(&recent.items[1]).unwrap();
+        assert_eq!(v["threads_ns"], serde_json::Value::Null);
+        drop(recent);
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "llm_ttft_stage_seconds_count{model=\"m\",endpoint=\"/v1/chat/completions\",stage=\"socket_queue\"} 2",
+            "llm_ttft_stage_seconds_sum{model=\"m\",endpoint=\"/v1/chat/completions\",stage=\"engine\"} 0.0000016",
+            "llm_ttft_stage_thread_seconds_total{stage=\"engine\",state=\"on_cpu\"} 4e-7",
+            "llm_ttft_stage_thread_seconds_total{stage=\"engine\",state=\"unknown\"} 8e-7",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 
     #[test]

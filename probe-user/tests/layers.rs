@@ -17,7 +17,16 @@ use std::{
 use syn::visit::Visit;
 
 const PURE: &[&str] = &[
-    "cuda", "engine", "gpu", "health", "http", "metrics", "record", "requests", "threads",
+    "attribution",
+    "cuda",
+    "engine",
+    "gpu",
+    "health",
+    "http",
+    "metrics",
+    "record",
+    "requests",
+    "threads",
 ];
 const SYSTEM: &[&str] = &[
     "cudalibs",

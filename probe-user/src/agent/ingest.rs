@@ -5,7 +5,7 @@
 use super::targets::Targets;
 use crate::{
     cuda::state::SharedCuda,
-    http::{ConnId, ConnTracker},
+    http::{ConnId, ConnTracker, Moment},
     kernel::Ring,
     metrics::{ProbeMetrics, RequestMetrics},
     record::{decode, Event},
@@ -54,6 +54,7 @@ impl Ingest {
                 payload,
                 tail,
                 arrival_ns,
+                thread,
                 ..
             } => {
                 let conn = ConnId {
@@ -68,6 +69,11 @@ impl Ingest {
                     header.ts_ns
                 };
                 self.stats.now_ns = ts;
+                self.tracker.set_io(Moment {
+                    ts_ns: header.ts_ns,
+                    tid: header.tid,
+                    clock: thread,
+                });
                 let s = &mut self.stats;
                 match (ret, egress) {
                     (n, true) if n > 0 => {

@@ -33,6 +33,8 @@ fn view(ttft_s: Option<f64>, outcome: &'static str) -> RequestView {
         outcome,
         arrival_ns: 0,
         ttft_ns: ttft_s.map(|s| (s * 1e9) as u64),
+        stages_ns: None,
+        threads_ns: None,
         duration_ns: 0,
         content_events: 1,
         tokens: 1,

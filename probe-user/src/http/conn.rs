@@ -12,8 +12,9 @@ use rustc_hash::FxHashMap;
 use super::{
     body::{Framer, Seg},
     response::Analyzer,
-    ConnId, Observer, Outcome, ParseErrorKind, RequestMeta,
+    ConnId, Moment, Observer, Outcome, ParseErrorKind, RequestMeta,
 };
+use evict::touch;
 use sink::{ensure_started, finish, ReqSink};
 
 /// Requests queued on one connection awaiting responses. Real clients pipeline rarely and
@@ -62,6 +63,8 @@ struct HeadRead {
     /// The timestamp of the ingress record holding its first byte: when those bytes reached the
     /// socket (the agent dates ingress by arrival when the kernel knows it), else the read.
     arrival_ns: u64,
+    /// The read that returned its first byte.
+    read: Moment,
     /// Found while resynchronising: may be a false start.
     from_sync: bool,
 }
@@ -113,6 +116,9 @@ struct Req {
     started: bool,
     status: Option<u16>,
     first_token_ns: Option<u64>,
+    /// See `RequestRecord::read` and `first_token_at`.
+    read: Moment,
+    first_token_at: Option<Moment>,
     last_content_ns: u64,
     content_events: u64,
     /// Events that stand for a generated token, with or without text (`Classified::token`).
@@ -137,6 +143,8 @@ impl Req {
             started: false,
             status: None,
             first_token_ns: None,
+            read: Moment::default(),
+            first_token_at: None,
             last_content_ns: 0,
             content_events: 0,
             token_events: 0,
@@ -202,6 +210,8 @@ pub struct ConnTracker {
     /// Bytes all parser buffers may hold (see `DEFAULT_MEMORY_BUDGET`), and hold now.
     budget: usize,
     used: usize,
+    /// The moment of the record being fed (`set_io`), taken by the next `on_*` call.
+    io: Option<Moment>,
 }
 
 impl Default for ConnTracker {
@@ -232,12 +242,20 @@ impl ConnTracker {
             max_conns: max_conns.max(1),
             budget: DEFAULT_MEMORY_BUDGET,
             used: 0,
+            io: None,
         }
     }
 
     /// Bytes the parser buffers of all connections hold now.
     pub fn buffered(&self) -> usize {
         self.used
+    }
+
+    /// The thread and clock of the record the next `on_ingress`/`on_egress` call feeds (its
+    /// read or write time in `ts_ns`; ingress calls are dated by arrival). Without it a call's
+    /// moment is its `ts_ns` with no thread.
+    pub fn set_io(&mut self, io: Moment) {
+        self.io = Some(io);
     }
 
     /// Bytes the server read. `len` = bytes the syscall moved; `data` = the captured prefix.
@@ -305,6 +323,10 @@ impl ConnTracker {
         seg: Seg<'_>,
         obs: &mut impl Observer,
     ) {
+        let io = self.io.take().unwrap_or(Moment {
+            ts_ns,
+            ..Moment::default()
+        });
         let (conns, lru, used) = (&mut self.conns, &mut self.lru, &mut self.used);
         let Some(c) = touch(
             conns,
@@ -320,9 +342,9 @@ impl ConnTracker {
             return;
         };
         if egress {
-            c.egress(conn, ts_ns, seg, &mut self.next_seq, obs);
+            c.egress(conn, ts_ns, io, seg, &mut self.next_seq, obs);
         } else {
-            c.ingress(conn, ts_ns, seg, &mut self.next_seq, obs);
+            c.ingress(conn, ts_ns, io, seg, &mut self.next_seq, obs);
         }
         // One event adds at most one capture (4 KiB) to one connection, so checking the
         // connection that grew keeps the total within the budget plus one capture.
@@ -409,62 +431,6 @@ impl ConnTracker {
         self.used = self.used.saturating_sub(c.accounted);
         Some(c)
     }
-}
-
-/// Finds or creates a connection's state and marks it most recently used (one hash lookup on the
-/// hot path); `accepted` says a state created now follows an accept. `None` for connections no
-/// longer parsed. A free function over the tracker's fields so that the caller can borrow
-/// `next_seq` next to the returned state.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the tracker's fields, borrowed apart from its sequence counter"
-)]
-fn touch<'a>(
-    conns: &'a mut FxHashMap<ConnId, Conn>,
-    lru: &mut VecDeque<(u64, ConnId)>,
-    tick: &mut u64,
-    used: &mut usize,
-    max_conns: usize,
-    id: ConnId,
-    ts: u64,
-    accepted: bool,
-    obs: &mut impl Observer,
-) -> Option<&'a mut Conn> {
-    *tick += 1;
-    if conns.len() >= max_conns && !conns.contains_key(&id) {
-        while conns.len() >= max_conns {
-            let Some((stamp, victim)) = lru.pop_front() else {
-                break;
-            };
-            let Some(c) = conns.get_mut(&victim) else {
-                continue; // closed since it was queued
-            };
-            if c.queued != stamp {
-                continue; // an entry of an earlier connection on the same fd
-            }
-            if c.tick > stamp {
-                c.queued = c.tick;
-                lru.push_back((c.tick, victim));
-                continue;
-            }
-            if let Some(c) = conns.remove(&victim) {
-                *used = used.saturating_sub(c.accounted);
-                c.reset_all(victim, ts, obs);
-            }
-        }
-    }
-    if lru.len() > 2 * conns.len() + 1024 {
-        lru.retain(|(stamp, id)| conns.get(id).is_some_and(|c| c.queued == *stamp));
-    }
-    let now = *tick;
-    let c = conns.entry(id).or_insert_with(|| {
-        lru.push_back((now, id));
-        let mut c = Conn::new(accepted);
-        c.queued = now;
-        c
-    });
-    c.tick = now;
-    (c.mode == Mode::Active).then_some(c)
 }
 
 /// Upper bound on state-machine steps for one syscall's bytes: every step consumes bytes or is
@@ -576,6 +542,7 @@ impl Conn {
                             id,
                             req,
                             obs: &mut *obs,
+                            io: None,
                         },
                     );
                     self.finish_front(id, None, ts, obs);
@@ -612,6 +579,7 @@ fn next(seq: &mut u64) -> u64 {
 }
 
 mod egress;
+mod evict;
 mod ingress;
 mod sink;
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! What users feel, per model and endpoint: `llm_ttft_seconds`, `llm_tbt_seconds`,
 //! `llm_request_duration_seconds`, `llm_requests_total`, `llm_error_total`, token counters and
-//! rates, and the probe's own view of queue depth and batch size. Updated by
+//! rates, the probe's own view of queue depth and batch size, and the TTFT stage breakdown
+//! (`llm_ttft_stage_seconds`, `llm_ttft_stage_thread_seconds_total`; see `crate::attribution`). Updated by
 //! `crate::requests::RequestStats`.
+
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -9,8 +12,8 @@ use prometheus_client::{
 };
 
 use super::{
-    ErrorLabels, F64Gauge, HistFamily, KindLabels, ModelLabels, ReqLabels, StatusLabels,
-    WhatLabels, DURATION_BUCKETS, TBT_BUCKETS, TTFT_BUCKETS,
+    ErrorLabels, F64Gauge, HistFamily, KindLabels, ModelLabels, ReqLabels, StageLabels,
+    StageStateLabels, StatusLabels, WhatLabels, DURATION_BUCKETS, TBT_BUCKETS, TTFT_BUCKETS,
 };
 
 fn ttft() -> Histogram {
@@ -27,6 +30,10 @@ fn duration() -> Histogram {
 #[derive(Clone)]
 pub struct RequestMetrics {
     pub ttft: HistFamily<ReqLabels>,
+    /// TTFT stages per request (`attribution::STAGES`).
+    pub ttft_stage: HistFamily<StageLabels>,
+    /// Seconds of TTFT stages by the state of the thread doing the work.
+    pub ttft_stage_thread: Family<StageStateLabels, Counter<f64, AtomicU64>>,
     pub tbt: HistFamily<ReqLabels>,
     pub duration: HistFamily<StatusLabels>,
     pub requests: Family<StatusLabels, Counter>,
@@ -49,6 +56,8 @@ impl RequestMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
             ttft: Family::new_with_constructor(ttft),
+            ttft_stage: Family::new_with_constructor(ttft),
+            ttft_stage_thread: Family::default(),
             tbt: Family::new_with_constructor(tbt),
             duration: Family::new_with_constructor(duration),
             requests: Family::default(),
@@ -67,6 +76,26 @@ impl RequestMetrics {
              first response event carrying generated content",
             m.ttft.clone(),
         );
+        registry.register(
+            "llm_ttft_stage_seconds",
+            "Time to first token split into stages that add up to it: socket_queue (bytes on the \
+             socket until the server read them), engine (that read until the first content \
+             write); docs/attribution.md",
+            m.ttft_stage.clone(),
+        );
+        registry.register(
+            "llm_ttft_stage_thread_seconds",
+            "Seconds of TTFT stages by the scheduler state of the thread that read the request and \
+             wrote its first token: on_cpu, runnable (waiting for a CPU), blocked, or unknown (no \
+             single thread did both)",
+            m.ttft_stage_thread.clone(),
+        );
+        for state in crate::attribution::STATES {
+            let _ = m.ttft_stage_thread.get_or_create(&StageStateLabels {
+                stage: "engine",
+                state,
+            });
+        }
         registry.register(
             "llm_tbt_seconds",
             "Time between tokens: gap between successive content events of a streamed response",

@@ -7,7 +7,7 @@ use crate::http::{
     classify::EventSink,
     request,
     response::{self, Analyzer, ForRequest, MAX_RESPONSE_HEAD},
-    ConnId, Observer, ParseErrorKind, RequestMeta,
+    ConnId, Moment, Observer, ParseErrorKind, RequestMeta,
 };
 
 impl Conn {
@@ -15,6 +15,7 @@ impl Conn {
         &mut self,
         id: ConnId,
         ts: u64,
+        io: Moment,
         mut seg: Seg<'_>,
         next_seq: &mut u64,
         obs: &mut impl Observer,
@@ -61,6 +62,7 @@ impl Conn {
                         id,
                         req,
                         obs: &mut *obs,
+                        io: Some(io),
                     };
                     let fed = framer.feed(seg, &mut |p| match p {
                         Piece::Bytes(b) => analyzer.bytes(b, ts, &mut sink),
@@ -212,7 +214,13 @@ impl Conn {
         obs: &mut impl Observer,
     ) -> Egress {
         if let Some(req) = self.queue.front_mut() {
-            ReqSink { id, req, obs }.parse_error(kind);
+            ReqSink {
+                id,
+                req,
+                obs,
+                io: None,
+            }
+            .parse_error(kind);
             Egress::Lost { last_ts: ts }
         } else {
             obs.parse_error(id, kind);

@@ -4,7 +4,7 @@ use super::{next, step_budget, BodyRead, Conn, HeadRead, Ingress, Mode, Req, MAX
 use crate::http::{
     body::{ChunkDecoder, Fed, Framer, Piece, Seg},
     request::{self, BodyFraming, MAX_BODY_SNIFF, MAX_HEAD_BYTES},
-    sniff, ConnId, Observer, ParseErrorKind, RequestMeta,
+    sniff, ConnId, Moment, Observer, ParseErrorKind, RequestMeta,
 };
 
 impl Conn {
@@ -12,6 +12,7 @@ impl Conn {
         &mut self,
         id: ConnId,
         ts: u64,
+        io: Moment,
         mut seg: Seg<'_>,
         next_seq: &mut u64,
         obs: &mut impl Observer,
@@ -22,6 +23,7 @@ impl Conn {
             let fresh_head = |from_sync| HeadRead {
                 buf: Vec::new(),
                 arrival_ns: ts,
+                read: io,
                 from_sync,
             };
             self.ingress = match std::mem::replace(&mut self.ingress, Ingress::Syncing) {
@@ -75,7 +77,7 @@ impl Conn {
         match request::parse_head(&head.buf) {
             request::HeadStatus::Complete(parsed, n) => {
                 seg.advance(n.saturating_sub(old) as u64);
-                Some(self.request_parsed(id, parsed, head.arrival_ns, next_seq, obs))
+                Some(self.request_parsed(id, parsed, (head.arrival_ns, head.read), next_seq, obs))
             }
             request::HeadStatus::TooLarge => {
                 self.kill(id, ts, Some(ParseErrorKind::HeadTooLarge), obs);
@@ -120,7 +122,7 @@ impl Conn {
         &mut self,
         id: ConnId,
         head: request::RequestHead,
-        arrival_ns: u64,
+        (arrival_ns, read): (u64, Moment),
         next_seq: &mut u64,
         obs: &mut impl Observer,
     ) -> Ingress {
@@ -131,9 +133,9 @@ impl Conn {
             ..RequestMeta::default()
         };
         let timed = meta.endpoint.is_some();
-        let queued = self
-            .enqueue(Req::new(seq, meta, arrival_ns, head.is_head), id, obs)
-            .then_some(seq);
+        let mut req = Req::new(seq, meta, arrival_ns, head.is_head);
+        req.read = read;
+        let queued = self.enqueue(req, id, obs).then_some(seq);
         let framer = match head.body {
             BodyFraming::None => {
                 self.body_done(id, queued, &[], true, obs);

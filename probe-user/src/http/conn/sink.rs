@@ -4,7 +4,7 @@
 use super::{Ingress, Req};
 use crate::http::{
     classify::{Classified, EventSink},
-    sniff, ConnId, Observer, Outcome, ParseErrorKind, RequestRecord, MAX_GAPS_KEPT,
+    sniff, ConnId, Moment, Observer, Outcome, ParseErrorKind, RequestRecord, MAX_GAPS_KEPT,
 };
 
 /// Fills in a request's body fields if that has not happened yet (its response began, or it ended,
@@ -48,6 +48,8 @@ pub(super) fn finish(
         outcome,
         arrival_ns: req.arrival_ns,
         first_token_ns: req.first_token_ns,
+        read: req.read,
+        first_token_at: req.first_token_at,
         end_ns,
         content_events: req.content_events,
         token_events: req.token_events,
@@ -62,6 +64,8 @@ pub(super) struct ReqSink<'a, O: Observer> {
     pub id: ConnId,
     pub req: &'a mut Req,
     pub obs: &'a mut O,
+    /// The write being parsed (`None` when the response ends without one: close, give-up).
+    pub io: Option<Moment>,
 }
 
 impl<O: Observer> EventSink for ReqSink<'_, O> {
@@ -79,6 +83,7 @@ impl<O: Observer> EventSink for ReqSink<'_, O> {
         r.content_events += 1;
         if r.first_token_ns.is_none() {
             r.first_token_ns = Some(ts);
+            r.first_token_at = self.io.map(|io| Moment { ts_ns: ts, ..io });
             if r.timed() {
                 self.obs
                     .first_token(self.id, &r.meta, ts.saturating_sub(r.arrival_ns));

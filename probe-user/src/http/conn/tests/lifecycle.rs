@@ -398,3 +398,37 @@ fn eviction_takes_the_least_recently_used() {
         t.lru.len()
     );
 }
+
+#[test]
+fn read_and_first_token_moments_reach_the_record() {
+    use crate::http::{Moment, ThreadClock};
+    let at = |ts_ns, on_cpu_ns| Moment {
+        ts_ns,
+        tid: 9,
+        clock: ThreadClock {
+            on_cpu_ns,
+            ..ThreadClock::default()
+        },
+    };
+    let mut t = ConnTracker::new();
+    let mut rec = Rec::default();
+    let req = post("/v1/chat/completions", CHAT_BODY);
+    // Bytes arrived at 10, read at 15 (the ingress call is dated by arrival).
+    t.set_io(at(15, 1));
+    t.on_ingress(C, 10, req.len() as u64, &req, &mut rec);
+    let resp = chat_stream_response();
+    let cut = completing_byte(&resp, "Hel") + 1;
+    // The headers and role event at 20 carry no content; the first content event is at 30.
+    t.set_io(at(20, 6));
+    t.on_egress(C, 20, 40, &resp[..40], &mut rec);
+    t.set_io(at(30, 16));
+    t.on_egress(C, 30, (cut - 40) as u64, &resp[40..cut], &mut rec);
+    // A call without `set_io` has no thread: the moment set before is not reused.
+    t.on_egress(C, 40, (resp.len() - cut) as u64, &resp[cut..], &mut rec);
+    let r = rec.only();
+    assert_eq!(
+        (r.arrival_ns, r.read, r.first_token_ns),
+        (10, at(15, 1), Some(30))
+    );
+    assert_eq!(r.first_token_at, Some(at(30, 16)));
+}
