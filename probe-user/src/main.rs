@@ -15,6 +15,7 @@ use probe_user::{
     server, webclient,
 };
 
+mod explain;
 mod memleak;
 
 #[derive(Parser)]
@@ -184,6 +185,11 @@ enum Command {
     },
     /// Print one NVML sample of every GPU as JSON (what `run` exports as llm_gpu_*).
     Gpu,
+    /// Why were requests slow? The slowest recent requests of a running `llm-probe run`, by time
+    /// to first token, each split into stages (waiting in the server's socket; the server's
+    /// read until its first token) and the engine stage by thread state (on a CPU, waiting for a
+    /// CPU, blocked).
+    Explain(explain::Args),
 }
 
 fn main() {
@@ -194,6 +200,7 @@ fn main() {
         Command::Memleak(args) => memleak::run(&args),
         Command::Health { url, json } => std::process::exit(health_cli(&url, json)),
         Command::Gpu => gpu_cli(),
+        Command::Explain(args) => explain::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -389,8 +396,8 @@ fn health_cli(url: &str, json: bool) -> i32 {
 }
 
 /// Largest answer read from a running agent (a /health verdict is a few KiB; a memleak report
-/// tens).
-const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+/// tens; a page of 1,000 requests with all their kept gaps about 10 MiB).
+const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 /// A running agent answers in milliseconds; this bounds a hung one.
 const ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 

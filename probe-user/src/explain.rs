@@ -1,0 +1,175 @@
+//! `llm-probe explain`: the slowest recent requests (by time to first token) of a running agent,
+//! each with where its TTFT went: the stages and the thread states of `/api/v1/requests`
+//! (docs/attribution.md).
+
+use serde_json::Value;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The running agent.
+    #[arg(long, default_value_t = format!("http://{}", probe_user::server::DEFAULT_LISTEN))]
+    pub url: String,
+    /// How many requests to show, slowest TTFT first (of the last 1,000 the agent kept).
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    /// Show only the request with this X-Request-Id (exit status 1 when it is not among them).
+    #[arg(long = "request-id", value_name = "ID")]
+    pub request_id: Option<String>,
+}
+
+const HEADER: [&str; 11] = [
+    "REQUEST",
+    "MODEL",
+    "STATUS",
+    "TTFT",
+    "socket_queue",
+    "engine",
+    "on_cpu",
+    "runnable",
+    "blocked",
+    "TOKENS",
+    "E2E",
+];
+
+pub fn run(a: &Args) -> anyhow::Result<()> {
+    let (status, body) = crate::ask(&a.url, "/api/v1/requests?limit=1000")?;
+    anyhow::ensure!(status == 200, "{}/api/v1/requests answered {status}", a.url);
+    let page: Value = serde_json::from_str(&body)
+        .map_err(|e| anyhow::anyhow!("{}/api/v1/requests is not JSON: {e}", a.url))?;
+    let requests = page["requests"].as_array().cloned().unwrap_or_default();
+    let rows = select(&requests, a.top, a.request_id.as_deref());
+    if rows.is_empty() {
+        if let Some(id) = &a.request_id {
+            anyhow::bail!("no recent request has X-Request-Id {id:?}");
+        }
+        println!("no finished requests with a first token yet");
+        return Ok(());
+    }
+    print!("{}", table(&rows));
+    println!(
+        "\ntimes in ms. socket_queue: the request waited in the server's socket before it was \
+         read; engine: read → first token written, split by the state of the thread that read \
+         it and wrote the token (on_cpu, runnable = waiting for a CPU, blocked); '-' = not \
+         split (see docs/attribution.md)."
+    );
+    Ok(())
+}
+
+/// The requests to show: the one with `id`, or the `top` with the longest TTFT (those with one).
+fn select<'a>(requests: &'a [Value], top: usize, id: Option<&str>) -> Vec<&'a Value> {
+    let mut rows: Vec<&Value> = requests
+        .iter()
+        .filter(|r| r["ttft_ns"].is_u64())
+        .filter(|r| id.is_none_or(|id| r["request_id"] == id))
+        .collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r["ttft_ns"].as_u64()));
+    rows.truncate(top.max(1));
+    rows
+}
+
+fn ms(v: &Value) -> String {
+    v.as_u64()
+        .map_or_else(|| "-".to_owned(), |ns| format!("{:.1}", ns as f64 / 1e6))
+}
+
+/// Aligned columns; label text from the hostile side (ids, model names) is cut to 40 chars and
+/// its control characters replaced.
+fn table(rows: &[&Value]) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .take(40)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect()
+    };
+    let mut lines: Vec<[String; 11]> = vec![HEADER.map(str::to_owned)];
+    for r in rows {
+        let name = r["request_id"].as_str().map_or_else(
+            || format!("pid {} fd {} #{}", r["pid"], r["fd"], r["seq"]),
+            &clean,
+        );
+        let t = &r["threads_ns"]["engine"];
+        lines.push([
+            name,
+            clean(r["model"].as_str().unwrap_or("-")),
+            r["status"]
+                .as_u64()
+                .map_or_else(|| "-".to_owned(), |s| s.to_string()),
+            ms(&r["ttft_ns"]),
+            ms(&r["stages_ns"]["socket_queue"]),
+            ms(&r["stages_ns"]["engine"]),
+            ms(&t["on_cpu"]),
+            ms(&t["runnable"]),
+            ms(&t["blocked"]),
+            r["tokens"].to_string(),
+            ms(&r["duration_ns"]),
+        ]);
+    }
+    let width: Vec<usize> = (0..HEADER.len())
+        .map(|i| {
+            lines
+                .iter()
+                .map(|l| l[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for l in &lines {
+        let cells: Vec<String> = l
+            .iter()
+            .zip(&width)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i < 2 {
+                    format!("{c:<w$}")
+                } else {
+                    format!("{c:>w$}")
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn slowest_first_with_stages_and_unsplit_dashes() {
+        let reqs = vec![
+            json!({"request_id": "a", "model": "m", "status": 200, "ttft_ns": 5_000_000u64,
+                   "stages_ns": {"socket_queue": 1_000_000u64, "engine": 4_000_000u64},
+                   "threads_ns": {"engine": {"on_cpu": 3_000_000u64, "runnable": 0, "blocked": 1_000_000u64}},
+                   "tokens": 3, "duration_ns": 9_000_000u64}),
+            json!({"request_id": "b\u{1b}[31m", "model": null, "status": 200, "ttft_ns": 9_000_000u64,
+                   "stages_ns": {"socket_queue": 0, "engine": 9_000_000u64}, "threads_ns": null,
+                   "tokens": 1, "duration_ns": 9_500_000u64}),
+            json!({"request_id": "c", "ttft_ns": null, "tokens": 0}),
+        ];
+        let rows = select(&reqs, 10, None);
+        assert_eq!(rows.len(), 2, "requests without a first token are left out");
+        let t = table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].starts_with("REQUEST") && lines[0].contains("socket_queue"),
+            "{t}"
+        );
+        assert!(
+            lines[1].starts_with("b?[31m"),
+            "slowest first, control chars replaced: {t}"
+        );
+        assert!(lines[1].contains("9.0") && lines[1].contains(" - "), "{t}");
+        assert!(
+            lines[2].starts_with("a ") && lines[2].contains("3.0"),
+            "{t}"
+        );
+        assert_eq!(select(&reqs, 10, Some("a")).len(), 1);
+        assert!(select(&reqs, 10, Some("zzz")).is_empty());
+        assert_eq!(select(&reqs, 1, None).len(), 1);
+    }
+}
