@@ -267,12 +267,13 @@ fn main() -> Result<()> {
             if args.is_empty() {
                 // The default run above used the `sock:` capture path; the timing and outcome
                 // tests run once more on the syscall fallback (`llm-probe run --capture syscalls`).
-                step("accuracy tests on the syscall capture path (node, llama.cpp, vLLM)");
+                step("accuracy tests on the syscall capture path (node, attribution, llama.cpp, vLLM)");
                 let t = cargo_test(
                     cargo()
                         .env(tests::CAPTURE_ENV, "syscalls")
                         .args(["test", "--release", "-p", "tests"])
-                        .args(["--test", "node", "--test", "llama", "--test", "vllm"])
+                        .args(["--test", "node", "--test", "attribution"])
+                        .args(["--test", "llama", "--test", "vllm"])
                         .args(["--", "--test-threads=1"]),
                 )?;
                 total = (total.0 + t.0, total.1 + t.1, total.2 + t.2);

@@ -1,0 +1,311 @@
+//! TTFT attribution against known ground truth: the Node stand-in server (one event-loop thread
+//! reads the request and writes the response) does things the test controls — sleeps (its thread
+//! is blocked), spins the loop for a known CPU time (on-CPU; requests behind it wait in the socket),
+//! spins while a hog shares its CPU (runnable) — and prints the monotonic times it received each
+//! request and wrote its first token. Witnesses: that print, the client's send time, and the
+//! kernel's own per-thread accounting (/proc/PID/task/TID/schedstat). Needs root (eBPF).
+
+use std::{process::Command, thread, time::Duration};
+
+use serde_json::{json, Value};
+use tests::{
+    node_under_probe,
+    traffic::{by_id, chat_req, records, run_concurrent, run_one},
+    NodeUnderProbe, Proc,
+};
+
+/// Allowed difference between a probe figure and its witness: max(1 ms, 5 %), as the issue asks;
+/// `extra_ms` for witnesses that cover a longer window than the stage (stated where used).
+fn close(probe_ns: u64, witness_ns: u64, extra_ms: f64) -> bool {
+    let (p, w) = (probe_ns as f64 / 1e6, witness_ns as f64 / 1e6);
+    (p - w).abs() <= (w * 0.05).max(1.0) + extra_ms
+}
+
+fn ns(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// (on-CPU ns, run-queue wait ns) of the server's event-loop thread (its main thread).
+fn schedstat(pid: u32) -> (u64, u64) {
+    let s =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/schedstat")).expect("schedstat");
+    let f: Vec<u64> = s
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (f[0], f[1])
+}
+
+/// The stand-in's `timing ID req_ns=.. first_ns=..` line for `id`.
+fn server_times(served: &NodeUnderProbe, id: &str) -> (u64, u64) {
+    let log = served.node.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.starts_with(&format!("timing {id} ")))
+        .unwrap_or_else(|| panic!("no timing line for {id} in:\n{log}"));
+    let field = |k: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {line}"))
+    };
+    (field("req_ns="), field("first_ns="))
+}
+
+/// Stages and the engine stage's thread split of one record, checked to add up.
+fn breakdown(rec: &Value) -> (u64, u64, (u64, u64, u64)) {
+    let st = &rec["stages_ns"];
+    let (q, e) = (ns(&st["socket_queue"]), ns(&st["engine"]));
+    assert_eq!(
+        q + e,
+        ns(&rec["ttft_ns"]),
+        "stages add up to the TTFT: {rec}"
+    );
+    let t = &rec["threads_ns"]["engine"];
+    assert!(
+        t.is_object(),
+        "the engine stage is split by thread state: {rec}"
+    );
+    let split = (ns(&t["on_cpu"]), ns(&t["runnable"]), ns(&t["blocked"]));
+    assert_eq!(
+        split.0 + split.1 + split.2,
+        e,
+        "states add up to the stage: {rec}"
+    );
+    (q, e, split)
+}
+
+/// One request alone, with the event-loop thread's schedstat read around it.
+fn solo(served: &NodeUnderProbe, id: &str, extra: &Value) -> ((u64, u64), u64) {
+    let pid = served.node.pid();
+    let before = schedstat(pid);
+    let s = run_one(&served.addr, chat_req(id, "m", true, 1, extra));
+    assert!(s.error.is_none(), "{id}: {:?}", s.error);
+    let after = schedstat(pid);
+    ((after.0 - before.0, after.1 - before.1), s.duration_ns)
+}
+
+fn pin(pid: u32, cpus: &str) {
+    let ok = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .output()
+        .expect("taskset")
+        .status
+        .success();
+    assert!(ok, "taskset -a -p -c {cpus} {pid}");
+}
+
+#[test]
+fn ttft_stages_match_what_the_stand_in_did() {
+    let Some(served) = node_under_probe("ttft_stages_match_what_the_stand_in_did") else {
+        return;
+    };
+    let pid = served.node.pid();
+    let mut n = 0;
+    let mut next = |k: usize| {
+        n += k;
+        n
+    };
+
+    // A thread's clock starts the first time it leaves a CPU after attach: the idle loop's
+    // first wake-up (this request's read) comes before that, so it has no split.
+    run_one(&served.addr, chat_req("warm-up", "m", true, 1, &json!({})));
+    let warm = records(&served.probe, next(1));
+    assert!(by_id(&warm, "warm-up")["stages_ns"].is_object());
+
+    // Blocked: the loop waits 120 ms on a timer.
+    let (ws, _) = solo(&served, "sleep", &json!({"ttft_ms": 120, "report": true}));
+    let recs = records(&served.probe, next(1));
+    let rec = by_id(&recs, "sleep");
+    let (q, e, (on, run, blk)) = breakdown(rec);
+    let (t_req, t_first) = server_times(&served, "sleep");
+    eprintln!(
+        "sleep: socket_queue {q} engine {e} (server {}) on {on} run {run} blocked {blk} ns; \
+         schedstat on {} run {} over the request",
+        t_first - t_req,
+        ws.0,
+        ws.1
+    );
+    assert!(
+        close(e, t_first - t_req, 0.0),
+        "engine vs the server's own clock: {rec}"
+    );
+    assert!(blk >= 114_000_000, "the 120 ms wait is blocked time: {rec}");
+    // schedstat covers the whole request (+ the rest of the response): ≤ 1 ms more CPU.
+    assert!(
+        close(on, ws.0, 1.0) && close(run, ws.1, 1.0),
+        "split vs schedstat {ws:?}: {rec}"
+    );
+
+    // On-CPU: the loop spins for 150 ms of CPU time.
+    let (ws, _) = solo(
+        &served,
+        "burn",
+        &json!({"burn_cpu_ms": 150, "report": true}),
+    );
+    let recs = records(&served.probe, next(1));
+    let rec = by_id(&recs, "burn");
+    let (_, e, (on, run, blk)) = breakdown(rec);
+    let (t_req, t_first) = server_times(&served, "burn");
+    eprintln!(
+        "burn: engine {e} (server {}) on {on} run {run} blocked {blk}; schedstat {ws:?}",
+        t_first - t_req
+    );
+    assert!(
+        close(e, t_first - t_req, 0.0),
+        "engine vs the server's clock: {rec}"
+    );
+    assert!(
+        on >= 140_000_000,
+        "150 ms of spinning is on-CPU time: {rec}"
+    );
+    assert!(
+        close(on, ws.0, 1.0) && close(run, ws.1, 1.0),
+        "split vs schedstat {ws:?}: {rec}"
+    );
+
+    // Runnable: the same spin with a CPU hog pinned to the server's CPU.
+    pin(pid, "1");
+    let hog = Proc::spawn(
+        "hog",
+        Command::new("taskset").args(["-c", "1", "sh", "-c", "while :; do :; done"]),
+    );
+    thread::sleep(Duration::from_millis(100));
+    let (ws, _) = solo(
+        &served,
+        "starved",
+        &json!({"burn_cpu_ms": 100, "report": true}),
+    );
+    drop(hog);
+    pin(pid, "0-1");
+    let recs = records(&served.probe, next(1));
+    let rec = by_id(&recs, "starved");
+    let (_, e, (on, run, blk)) = breakdown(rec);
+    eprintln!("starved: engine {e} on {on} run {run} blocked {blk}; schedstat {ws:?}");
+    assert!(
+        run >= 30_000_000,
+        "a hog on the server's CPU shows as runnable time: {rec}"
+    );
+    assert!(
+        close(on, ws.0, 1.0) && close(run, ws.1, 1.0),
+        "split vs schedstat {ws:?}: {rec}"
+    );
+
+    // Socket queue: a request sent while the loop spins on another one waits in the socket.
+    let addr = served.addr.clone();
+    let busy = thread::spawn(move || {
+        run_one(
+            &addr,
+            chat_req("busy", "m", true, 1, &json!({"burn_cpu_ms": 250})),
+        )
+    });
+    thread::sleep(Duration::from_millis(60));
+    let s = run_one(
+        &served.addr,
+        chat_req("queued", "m", true, 1, &json!({"report": true})),
+    );
+    assert!(busy.join().expect("busy").error.is_none());
+    let recs = records(&served.probe, next(2));
+    let rec = by_id(&recs, "queued");
+    let (q, e, _) = breakdown(rec);
+    let (t_req, _) = server_times(&served, "queued");
+    let waited = t_req - s.start_ns;
+    eprintln!("queued: socket_queue {q} (client send → server handler {waited}) engine {e}");
+    assert!(
+        q >= 100_000_000,
+        "the request waited behind the spin: {rec}"
+    );
+    // The witness also holds the loopback delivery and the parse (tens of µs).
+    assert!(
+        close(q, waited, 0.0),
+        "socket_queue vs the server's and client's clocks: {rec}"
+    );
+
+    // 32 at once: every breakdown adds up and has its thread split.
+    let reqs = (0..32)
+        .map(|i| chat_req(&format!("c{i}"), "m", true, 2, &json!({"ttft_ms": 30})))
+        .collect();
+    for s in run_concurrent(&served.addr, reqs) {
+        assert!(s.error.is_none(), "{}: {:?}", s.request_id, s.error);
+    }
+    let recs = records(&served.probe, next(32));
+    for i in 0..32 {
+        let rec = by_id(&recs, &format!("c{i}"));
+        let (_, e, (_, _, blk)) = breakdown(rec);
+        assert!(e >= 29_000_000 && blk > 0, "c{i}: {rec}");
+    }
+}
+
+#[test]
+fn explain_prints_the_slowest_requests_with_their_stages() {
+    let Some(served) = node_under_probe("explain_prints_the_slowest_requests_with_their_stages")
+    else {
+        return;
+    };
+    for (id, ttft) in [("fast", 5), ("slow", 90), ("mid", 40)] {
+        run_one(
+            &served.addr,
+            chat_req(id, "m", true, 2, &json!({"ttft_ms": ttft})),
+        );
+    }
+    records(&served.probe, 3);
+    let out = Command::new(tests::probe_bin())
+        .args([
+            "explain",
+            "--url",
+            &format!("http://{}", served.probe.addr),
+            "--top",
+            "2",
+        ])
+        .output()
+        .expect("llm-probe explain");
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = text.lines().filter(|l| l.contains(" m ")).collect();
+    assert_eq!(rows.len(), 2, "--top 2: {text}");
+    assert!(
+        rows[0].starts_with("slow") && rows[1].starts_with("mid"),
+        "slowest first: {text}"
+    );
+    for h in [
+        "TTFT",
+        "socket_queue",
+        "engine",
+        "on_cpu",
+        "runnable",
+        "blocked",
+    ] {
+        assert!(text.contains(h), "column {h}: {text}");
+    }
+    let one = Command::new(tests::probe_bin())
+        .args([
+            "explain",
+            "--url",
+            &format!("http://{}", served.probe.addr),
+            "--request-id",
+            "fast",
+        ])
+        .output()
+        .expect("llm-probe explain --request-id");
+    let text = String::from_utf8_lossy(&one.stdout);
+    assert!(
+        one.status.success() && text.contains("fast") && !text.contains("slow"),
+        "{text}"
+    );
+    let none = Command::new(tests::probe_bin())
+        .args([
+            "explain",
+            "--url",
+            &format!("http://{}", served.probe.addr),
+            "--request-id",
+            "nope",
+        ])
+        .output()
+        .expect("llm-probe explain --request-id nope");
+    assert_eq!(none.status.code(), Some(1), "an unknown id is an error");
+}
