@@ -40,7 +40,6 @@ pub struct ReqLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabels {
     pub model: String,
-    pub endpoint: &'static str,
     pub stage: &'static str,
 }
 

@@ -257,13 +257,12 @@ impl RequestStats {
 impl RequestStats {
     /// One request's TTFT stages into `llm_ttft_stage_seconds` and its engine stage's thread
     /// states (or `unknown`) into `llm_ttft_stage_thread_seconds_total`.
-    fn observe_stages(&self, model: &str, endpoint: Endpoint, b: &attribution::Breakdown) {
+    fn observe_stages(&self, model: &str, b: &attribution::Breakdown) {
         for (stage, ns) in b.stages.named() {
             self.metrics
                 .ttft_stage
                 .get_or_create(&StageLabels {
                     model: model.to_owned(),
-                    endpoint: endpoint.as_str(),
                     stage,
                 })
                 .observe(ns as f64 / 1e9);
@@ -356,7 +355,7 @@ impl Observer for RequestStats {
         }
         let breakdown = attribution::ttft(&r);
         if let Some(b) = &breakdown {
-            self.observe_stages(&model, endpoint, b);
+            self.observe_stages(&model, b);
         }
         let tokens = r.tokens();
         let ml = ModelLabels { model };
@@ -561,8 +560,8 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         for line in [
-            "llm_ttft_stage_seconds_count{model=\"m\",endpoint=\"/v1/chat/completions\",stage=\"socket_queue\"} 2",
-            "llm_ttft_stage_seconds_sum{model=\"m\",endpoint=\"/v1/chat/completions\",stage=\"engine\"} 0.0000016",
+            "llm_ttft_stage_seconds_count{model=\"m\",stage=\"socket_queue\"} 2",
+            "llm_ttft_stage_seconds_sum{model=\"m\",stage=\"engine\"} 0.0000016",
             "llm_ttft_stage_thread_seconds_total{stage=\"engine\",state=\"on_cpu\"} 4e-7",
             "llm_ttft_stage_thread_seconds_total{stage=\"engine\",state=\"unknown\"} 8e-7",
         ] {
