@@ -172,11 +172,12 @@ pub const TOLERANCE_MS: f64 = 1.0;
 /// are left out and counted; more than 2 % of them makes the round noisy.
 pub fn judge(samples: &[Sample], recs: &[Value]) -> Result<String, String> {
     let (mut ttft_diffs, mut gap_diffs, mut outliers) = (Vec::new(), Vec::new(), Vec::new());
-    let mut unusable = 0usize;
+    let (mut unusable, mut split) = (0usize, 0usize);
     for s in samples {
         assert_eq!(s.status, 200, "{}: {:?}", s.request_id, s.error);
         let rec = by_id(recs, &s.request_id);
         assert_eq!(rec["outcome"], "ok", "{rec}");
+        split += usize::from(stages_add_up(rec));
         let (t, _) = compare_parts(s, rec);
         ttft_diffs.push(t);
         // A client stamp later than the next event's (the gap after it ran backwards, seen only
@@ -205,7 +206,7 @@ pub fn judge(samples: &[Sample], recs: &[Value]) -> Result<String, String> {
         v[((v.len() - 1) as f64 * q) as usize]
     };
     let line = format!(
-        "{} requests, {} gaps ({} left out: client stamps out of order); |probe - client| TTFT p50 {:.3} ms, max {:.3} ms; gaps p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} gaps over 1 ms; {} client reads without a kernel stamp",
+        "{} requests ({split} with a thread split of the engine stage), {} gaps ({} left out: client stamps out of order); |probe - client| TTFT p50 {:.3} ms, max {:.3} ms; gaps p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} gaps over 1 ms; {} client reads without a kernel stamp",
         samples.len(),
         gap_diffs.len(),
         unusable,
@@ -227,6 +228,23 @@ pub fn judge(samples: &[Sample], recs: &[Value]) -> Result<String, String> {
     } else {
         Err(line)
     }
+}
+
+/// Asserts that a record's TTFT stages are present and add up to its TTFT, and that a thread
+/// split, when present, adds up to the engine stage (docs/attribution.md); returns whether there
+/// is one.
+pub fn stages_add_up(rec: &Value) -> bool {
+    let n = |v: &Value| v.as_u64().unwrap_or_else(|| panic!("not a number in {rec}"));
+    let st = &rec["stages_ns"];
+    assert!(st.is_object(), "a request with a first token has stages: {rec}");
+    let engine = n(&st["engine"]);
+    assert_eq!(n(&st["socket_queue"]) + engine, n(&rec["ttft_ns"]), "stages add up: {rec}");
+    let t = &rec["threads_ns"]["engine"];
+    if !t.is_object() {
+        return false;
+    }
+    assert_eq!(n(&t["on_cpu"]) + n(&t["runnable"]) + n(&t["blocked"]), engine, "{rec}");
+    true
 }
 
 /// Wait (at most 20 s) until the host steals at most 1 tick of CPU time from this VM in half a
