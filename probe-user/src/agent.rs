@@ -128,6 +128,8 @@ pub struct Options {
     pub memory_budget: usize,
     /// Which socket capture path to load.
     pub capture: crate::kernel::CaptureChoice,
+    /// Attach the scheduler programs (thread states, the thread split of TTFT stages).
+    pub thread_states: bool,
     /// Which processes found by `--port` are meant.
     pub scope: discover::Scope,
     /// Serve the endpoint over TLS (`--tls-cert`, `--tls-key`).
@@ -265,7 +267,7 @@ fn no_new_privs() {
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     raise_nofile();
     no_new_privs();
-    let (mut kernel, ring) = Kernel::load(opts.capture).map_err(AgentError::Load)?;
+    let (mut kernel, ring) = Kernel::load(opts.capture, opts.thread_states).map_err(AgentError::Load)?;
     kernel.set_cuda_runtime_launches(opts.cuda.launch_probes == LaunchProbes::All);
     kernel.set_cuda_per_process(opts.cuda.scope == ProbeScope::Process);
     let mut registry = Registry::default();

@@ -98,7 +98,11 @@ pub const COMMON: &[Program] = &[
     // path learns no new connection).
     prog("inet_sock_set_state", "sock", false),
     prog("sk_data_ready", "sock", false),
-    // Thread states (on-CPU / runnable / blocked) of the traced processes.
+];
+
+/// Thread states (on-CPU / runnable / blocked) of the traced processes, and the thread clocks of
+/// latency attribution (`--thread-states`).
+pub const THREAD_STATES: &[Program] = &[
     prog("sched_switch", "sched", false),
     prog("sched_wakeup", "sched", false),
 ];
@@ -171,6 +175,8 @@ pub enum AttachError {
     Attach(#[source] aya::programs::ProgramError),
     #[error("the kernel's record layout differs from the program's: {0}")]
     Layout(String),
+    #[error("turned off (--thread-states off)")]
+    Off,
 }
 
 /// Result of attaching one program.
@@ -211,7 +217,7 @@ where
 
 impl Kernel {
     /// Load and attach. Returns the kernel handle and the ring buffer (read by the agent's task).
-    pub fn load(choice: CaptureChoice) -> Result<(Self, Ring), LoadError> {
+    pub fn load(choice: CaptureChoice, thread_states: bool) -> Result<(Self, Ring), LoadError> {
         if OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
@@ -273,6 +279,16 @@ impl Kernel {
                 .join(", ")
         );
         attached.extend(attach_all(&mut ebpf, COMMON));
+        if thread_states {
+            attached.extend(attach_all(&mut ebpf, THREAD_STATES));
+        } else {
+            log::info!("thread states off: no sched_switch/sched_wakeup programs, no thread splits");
+            refused.extend(THREAD_STATES.iter().map(|p| Attached {
+                program: p.name,
+                ok: false,
+                error: Some(AttachError::Off),
+            }));
+        }
         let all: Vec<&Program> = SOCK_PATH.iter().chain(SYSCALL_PATH).chain(COMMON).collect();
         let missing: Vec<_> = attached
             .iter()

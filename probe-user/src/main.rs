@@ -154,11 +154,22 @@ struct RunArgs {
     /// `syscalls` force one; the log and llm_probe_attached{program} say which is in use.
     #[arg(long, value_enum, default_value_t = probe_user::kernel::CaptureChoice::Auto, value_name = "PATH")]
     capture: probe_user::kernel::CaptureChoice,
+    /// Scheduler programs (sched_switch, sched_wakeup): where the traced threads spend their time
+    /// (llm_thread_seconds_total) and the thread-state split of each request's TTFT stages.
+    /// `off` saves their cost on every context switch of the machine; stages are still timed.
+    #[arg(long = "thread-states", value_enum, default_value_t = OnOff::On, value_name = "ON|OFF")]
+    thread_states: OnOff,
     /// Config file; its `[health]` table overrides the health thresholds (see docs/health.md).
     #[arg(long, value_name = "FILE")]
     config: Option<std::path::PathBuf>,
     #[command(flatten)]
     cuda: CudaArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 /// NVML sampling and engine scraping, every 5 s unless told otherwise.
@@ -256,6 +267,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         access: server::Access { token },
         memory_budget: args.memory_budget,
         capture: args.capture,
+        thread_states: args.thread_states == OnOff::On,
         scope: probe_user::discover::Scope {
             comms: args.target_comm,
             cgroups: args.target_cgroup,

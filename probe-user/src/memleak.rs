@@ -97,6 +97,7 @@ fn watch_self(a: &Args) -> anyhow::Result<String> {
         access: probe_user::server::Access::default(),
         memory_budget: probe_user::http::conn::DEFAULT_MEMORY_BUDGET,
         capture: probe_user::kernel::CaptureChoice::Auto,
+        thread_states: false,
         scope: probe_user::discover::Scope::default(),
         tls: None,
     };

@@ -72,23 +72,33 @@ pub(crate) fn bench_server(events: usize, gap_us: u64) -> Result<(Kill, u16)> {
     Ok((server, port))
 }
 
-/// The socket capture paths the benchmarks compare (`llm-probe run --capture`): the default one
-/// first.
-pub(crate) const CAPTURE_PATHS: [&str; 2] = ["sock", "syscalls"];
+/// The probe configurations the benchmarks compare, by name: the default (the `sock:` capture
+/// path with thread states) first, the same without the scheduler programs
+/// (`--thread-states off`: what latency attribution's thread split costs), the syscall fallback.
+pub(crate) const CAPTURE_PATHS: [&str; 3] = ["sock", "sock-nothreads", "syscalls"];
+
+/// `llm-probe run` arguments of a [`CAPTURE_PATHS`] entry.
+fn config_args(config: &str) -> &'static [&'static str] {
+    match config {
+        "sock" => &["--capture", "sock"],
+        "sock-nothreads" => &["--capture", "sock", "--thread-states", "off"],
+        "syscalls" => &["--capture", "syscalls"],
+        _ => &["--capture", "auto"],
+    }
+}
 
 pub(crate) fn start_probe(probe: &Path, port: u16) -> Result<(Kill, u16)> {
     start_probe_with(probe, port, "auto")
 }
 
-/// [`start_probe`] on capture path `capture`.
-pub(crate) fn start_probe_with(probe: &Path, port: u16, capture: &str) -> Result<(Kill, u16)> {
+/// [`start_probe`] in configuration `config` (a [`CAPTURE_PATHS`] name; anything else: defaults).
+pub(crate) fn start_probe_with(probe: &Path, port: u16, config: &str) -> Result<(Kill, u16)> {
     let listen = tests::free_port();
     let p = Kill(
         Command::new(probe)
+            .arg("run")
+            .args(config_args(config))
             .args([
-                "run",
-                "--capture",
-                capture,
                 "--port",
                 &port.to_string(),
                 "--listen",
@@ -127,13 +137,13 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Saturated SSE server (`llm-bench server`, 8 keep-alive streams of 16 events): req/s and p99
-/// without the probe, then with it on each capture path, in alternating rounds; and the agent's
+/// without the probe, then with it in each configuration, in alternating rounds; and the agent's
 /// CPU per 1,000 kernel events.
 pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
     let (_server, port) = bench_server(16, 0)?;
     step(&format!(
         "overhead: {rounds} rounds x ({seconds} s without llm-probe, then {seconds} s with it on \
-         each capture path: {}), 8 keep-alive streams, 16 SSE events each",
+         each probe configuration: {}), 8 keep-alive streams, 16 SSE events each",
         CAPTURE_PATHS.join(", ")
     ));
     let get = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
@@ -176,7 +186,7 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
     for (i, path) in CAPTURE_PATHS.iter().enumerate() {
         let (wr, wp) = (median(rps[i].clone()), median(p99[i].clone()));
         println!(
-            "overhead, capture path {path}: {wr:.0} req/s = {:.1} % of baseline (goal >= 90 %), \
+            "overhead, {path}: {wr:.0} req/s = {:.1} % of baseline (goal >= 90 %), \
              p99 {wp:.3} ms = {:+.1} % (goal <= +15 %); {:.0} kernel events; agent {:.0} % of \
              one core (median) on this {}-core machine, {:.3} ms of CPU per 1,000 events",
             wr / br * 100.0,

@@ -70,7 +70,7 @@ pub fn bystander(probe: &Path, rounds: usize) -> Result<()> {
     let (_server, port) = bench_server(16, 0)?;
     step(&format!(
         "bystanders: {rounds} rounds, an untraced process without llm-probe, then with it \
-         attached elsewhere on each capture path: {}",
+         attached elsewhere in each configuration: {}",
         CAPTURE_PATHS.join(", ")
     ));
     let _ = measure()?; // warm-up
@@ -107,7 +107,7 @@ pub fn bystander(probe: &Path, rounds: usize) -> Result<()> {
             let w = median(with[i].iter().map(|m| m[k]).collect());
             let _ = write!(
                 line,
-                "; {path} path {w:.0} ns ({:+.1} %)",
+                "; {path} {w:.0} ns ({:+.1} %)",
                 (w / b - 1.0) * 100.0
             );
         }
