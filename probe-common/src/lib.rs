@@ -39,6 +39,9 @@ pub enum EventKind {
     CudaMem = 6,
     /// A CUDA synchronisation call returned (`CudaSyncEvent`).
     CudaSync = 7,
+    /// A traced process moved bytes on a socket that is not a client connection of its server:
+    /// IPC to another process of the engine, or an outbound call (`IpcEvent`; `sock:` path only).
+    Ipc = 8,
 }
 
 impl EventKind {
@@ -51,6 +54,7 @@ impl EventKind {
             5 => Some(Self::Exit),
             6 => Some(Self::CudaMem),
             7 => Some(Self::CudaSync),
+            8 => Some(Self::Ipc),
             _ => None,
         }
     }
@@ -139,6 +143,19 @@ pub struct ConnEvent {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<ConnEvent>() == 32);
+
+/// I/O of a traced process on a socket other than its server's client connections: when, which
+/// way and how many bytes — never the bytes (latency attribution's hand-off to the engine).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcEvent {
+    pub header: EventHeader,
+    /// `DIR_INGRESS` or `DIR_EGRESS`.
+    pub dir: u32,
+    /// Bytes moved (> 0).
+    pub len: u32,
+}
+const _: () = assert!(size_of::<IpcEvent>() == 32);
 
 /// Fork (child tgid in `other`) and exit (`other` = exit code) of a traced process.
 #[repr(C)]

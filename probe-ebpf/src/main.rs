@@ -136,6 +136,22 @@ fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
     unsafe { *ctx.as_ptr().cast::<u8>().add(off).cast::<T>() }
 }
 
+/// I/O of a traced process on a socket that is not one of its server's connections.
+#[inline(always)]
+fn emit_ipc(tgid: u32, tid: u32, ts_ns: u64, dir: u32, len: u32) {
+    emit(&probe_common::IpcEvent {
+        header: EventHeader {
+            kind: EventKind::Ipc as u32,
+            tgid,
+            tid,
+            _pad: 0,
+            ts_ns,
+        },
+        dir,
+        len,
+    });
+}
+
 /// An accept or close of a tracked connection, stamped now.
 #[inline(always)]
 fn emit_conn(kind: EventKind, tgid: u32, tid: u32, fd: u32) {

@@ -12,6 +12,10 @@
 //!   bytes reach the peer inside the call, and a woken reader can preempt the writer before the
 //!   call ends, so the end is too late (the syscall path stamps at entry for the same reason).
 //!
+//! Other sockets of a traced process (IPC to the engine's other processes, outbound calls) are
+//! reported by time, direction and size only (`IpcEvent`): the hand-off points that split a
+//! request's time between the front end and the engine (docs/attribution.md).
+//!
 //! Connections: no accept or close syscall is seen. A socket that became ESTABLISHED on a port a
 //! traced server listens on (`arrival::SERVER_SOCKS`) is admitted on its first read or write
 //! (an `Accept` record then goes first); `CONNS` keeps its `struct sock *` so that a reused fd is
@@ -38,7 +42,7 @@ use crate::{
     arrival::{ARRIVAL, SERVER_SOCKS},
     bump,
     capture::{emit_data, msghdr_iov},
-    current_tgid_tid, emit_conn, field, is_target, threads, CONNS,
+    current_tgid_tid, emit_conn, emit_ipc, field, is_target, threads, CONNS,
 };
 
 const EAGAIN: i32 = 11;
@@ -175,22 +179,33 @@ fn capture_via_slot(mut p: PendingIo, ts_ns: u64, tgid: u32, tid: u32, ret: i64,
     emit_data(&d.io, tgid, tid, d.io.enter_ns, d.ret, arrival);
 }
 
+/// What a socket call of a traced process is to the capture.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// A server connection: capture it.
+    Capture,
+    /// A server connection the agent gave up on (not HTTP), or one the maps could not hold.
+    Skip,
+    /// Not a server connection: IPC or an outbound call, reported by size only.
+    Other,
+}
+
 /// Whether I/O on `fd` (socket `sk`) of `tgid` is captured, admitting a new server-side
 /// connection on its first I/O and retiring a connection whose fd now names another socket.
 #[inline(always)]
-fn admit(tgid: u32, tid: u32, fd: u32, sk: u64) -> bool {
+fn admit(tgid: u32, tid: u32, fd: u32, sk: u64) -> Admit {
     let key = ConnKey { tgid, fd };
     // SAFETY: value copied out at once.
     let known = unsafe { CONNS.get(key) }.copied();
     match known {
-        Some(v) if v == sk => return true,
-        Some(v) if v == sk | CONN_IGNORED => return false,
+        Some(v) if v == sk => return Admit::Capture,
+        Some(v) if v == sk | CONN_IGNORED => return Admit::Skip,
         Some(CONN_SK_UNKNOWN) => {
             // Open before attach (seeded by the agent from /proc): learn its socket now.
             let _ = CONNS.insert(key, sk, 0);
             let _ = SOCK_CONN.insert(sk, key, 0);
             let _ = SERVER_SOCKS.insert(sk, 1, 0);
-            return true;
+            return Admit::Capture;
         }
         _ => {}
     }
@@ -202,18 +217,18 @@ fn admit(tgid: u32, tid: u32, fd: u32, sk: u64) -> bool {
             let _ = CONNS.remove(key);
             emit_conn(EventKind::Close, tgid, tid, fd);
         }
-        return false;
+        return Admit::Other;
     }
     if CONNS.insert(key, sk, 0).is_err() {
         // Accounted as a lost event, so that seen = delivered + lost stays exact.
         bump(counter::EVENTS_SEEN);
         bump(counter::LOST_MAP_FULL);
-        return false;
+        return Admit::Skip;
     }
     let _ = SOCK_CONN.insert(sk, key, 0);
     // A record under a reused fd: the agent finishes the state of the connection it replaced.
     emit_conn(EventKind::Accept, tgid, tid, fd);
-    true
+    Admit::Capture
 }
 
 /// The end of `sock_recvmsg`: bytes the server read, stamped now (the syscall path's exit time).
@@ -234,8 +249,17 @@ pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let fd = r[2] as u32;
-    if !admit(tgid, tid, fd, sk) {
-        return 0;
+    match admit(tgid, tid, fd, sk) {
+        Admit::Capture => {}
+        Admit::Skip => return 0,
+        Admit::Other => {
+            if ret > 0 {
+                // SAFETY: plain helper call.
+                let now = unsafe { bpf_ktime_get_ns() };
+                emit_ipc(tgid, tid, now, DIR_INGRESS, ret as u32);
+            }
+            return 0;
+        }
     }
     let p = describe(&r, DIR_INGRESS, sk);
     let mut arrival_ns = 0;
@@ -291,8 +315,17 @@ pub fn sock_send_data(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let fd = r[2] as u32;
-    if !admit(tgid, tid, fd, sk) {
-        return 0;
+    match admit(tgid, tid, fd, sk) {
+        Admit::Capture => {}
+        Admit::Skip => return 0,
+        Admit::Other => {
+            if ret > 0 {
+                // SAFETY: plain helper call.
+                let ts = start.map_or_else(|| unsafe { bpf_ktime_get_ns() }, |s| s.ts_ns);
+                emit_ipc(tgid, tid, ts, DIR_EGRESS, ret as u32);
+            }
+            return 0;
+        }
     }
     let mut p = describe(&r, DIR_EGRESS, sk);
     // Not TCP (no start stamp): the end of the call is the best time there is.

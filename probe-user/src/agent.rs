@@ -267,7 +267,8 @@ fn no_new_privs() {
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     raise_nofile();
     no_new_privs();
-    let (mut kernel, ring) = Kernel::load(opts.capture, opts.thread_states).map_err(AgentError::Load)?;
+    let (mut kernel, ring) =
+        Kernel::load(opts.capture, opts.thread_states).map_err(AgentError::Load)?;
     kernel.set_cuda_runtime_launches(opts.cuda.launch_probes == LaunchProbes::All);
     kernel.set_cuda_per_process(opts.cuda.scope == ProbeScope::Process);
     let mut registry = Registry::default();

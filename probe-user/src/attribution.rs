@@ -1,48 +1,72 @@
 //! Latency attribution: where a request's time to first token went, from the moments the kernel
-//! saw (docs/attribution.md has the definitions and what is not built yet). Pure: a finished
-//! `RequestRecord` in, stage durations out.
+//! saw (docs/attribution.md has the definitions). Pure: a finished `RequestRecord` and the
+//! front process's recent IPC times in, stage durations out.
 //!
 //! Stages, in order, adding up to the TTFT exactly:
 //! - `socket_queue`: the request's first bytes reached the server's socket → the server's read
 //!   that returned them (the event loop was busy elsewhere, or the thread waited for a CPU);
-//! - `engine`: that read → the write of the first content event. For a single-process server this
-//!   is all of parsing, queueing, prefill, detokenizing and the first write; the multi-process
-//!   split (frontend → engine hand-off → output) is not built yet.
+//! - `frontend`: that read → the hand-off, the front process's first IPC send at or after it
+//!   (vLLM's API server → `EngineCore` over ZMQ): parsing, templating, tokenization;
+//! - `engine`: the hand-off → the return, the front process's last IPC receive at or before the
+//!   first content write: queueing and prefill in the engine process;
+//! - `output`: the return → the first content write (detokenize, SSE).
 //!
-//! The `engine` stage is split by the scheduler state of the thread that read the request, when
-//! the same thread also wrote the first content event (asyncio, Node, llama.cpp's HTTP thread):
-//! the differences of that thread's kernel clock (`ThreadClock`) between the two moments are its
-//! on-CPU, runnable (run-queue delay) and blocked time, and add up to the stage exactly. Other
-//! requests get no split (`threads` is `None`), counted as `unknown` time in the metrics.
+//! Without IPC of the front process between its read and its first content write (a
+//! single-process server), `frontend` and `output` are 0 and `engine` is all of it. With requests
+//! overlapping, the first send after a read may be another request's hand-off and the last receive
+//! before a write may carry other requests' outputs: boundaries are times, shared by every request
+//! whose window holds them (a batched message is not apportioned), and exact for a request alone.
+//!
+//! The serving thread's states: when one thread read the request and wrote its first content
+//! event (asyncio, Node, llama.cpp's HTTP thread), the differences of that thread's kernel clock
+//! (`ThreadClock`) between the two moments are its on-CPU, runnable (run-queue delay) and blocked
+//! time over `frontend` + `engine` + `output` together ("server"), adding up exactly.
 
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::http::{Moment, RequestRecord, ThreadClock};
 
 /// Stage names, as metric label values and `/api/v1/requests` keys.
-pub const STAGES: [&str; 2] = ["socket_queue", "engine"];
-/// Thread states of a stage's split (`unknown`: the stage had no split).
+pub const STAGES: [&str; 4] = ["socket_queue", "frontend", "engine", "output"];
+/// Thread states of the serving thread's split (`unknown`: the request had no split).
 pub const STATES: [&str; 4] = ["on_cpu", "runnable", "blocked", "unknown"];
+/// The span the thread split covers: `frontend` + `engine` + `output`.
+pub const SERVER_SPAN: &str = "server";
 
 /// A request's TTFT split into stages (ns); the fields sum to its `ttft_ns`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Stages {
     pub socket_queue: u64,
+    pub frontend: u64,
     pub engine: u64,
+    pub output: u64,
 }
 
 impl Stages {
     pub const fn total(&self) -> u64 {
-        self.socket_queue + self.engine
+        self.socket_queue + self.frontend + self.engine + self.output
+    }
+
+    /// The stages after `socket_queue`: the serving thread's span.
+    pub const fn server(&self) -> u64 {
+        self.frontend + self.engine + self.output
     }
 
     /// (name, ns) in `STAGES` order.
-    pub const fn named(&self) -> [(&'static str, u64); 2] {
-        [(STAGES[0], self.socket_queue), (STAGES[1], self.engine)]
+    pub const fn named(&self) -> [(&'static str, u64); 4] {
+        [
+            (STAGES[0], self.socket_queue),
+            (STAGES[1], self.frontend),
+            (STAGES[2], self.engine),
+            (STAGES[3], self.output),
+        ]
     }
 }
 
-/// One stage's time by the state of the thread doing the work (ns); sums to the stage.
+/// A span's time by the state of the thread doing the work (ns); sums to the span.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct StateSplit {
     pub on_cpu: u64,
@@ -56,22 +80,66 @@ impl StateSplit {
     }
 }
 
-/// The stages that have a thread split; today only `engine`.
+/// The spans that have a thread split: `server` (= `frontend` + `engine` + `output`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct StageThreads {
-    pub engine: StateSplit,
+    pub server: StateSplit,
 }
 
 /// A request's TTFT breakdown.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Breakdown {
     pub stages: Stages,
+    /// Whether IPC of the front process split the server's time (else all of it is `engine`).
+    pub handed_off: bool,
     pub threads: Option<StageThreads>,
+}
+
+/// IPC sends or receives of one process kept for attribution.
+pub const IPC_KEPT: usize = 4096;
+/// Processes whose IPC times are kept; IPC of further ones is not (their requests get no split).
+pub const IPC_PROCESSES: usize = 256;
+
+/// Recent IPC times (the kernel's `Ipc` records) per traced process, in time order, bounded.
+#[derive(Debug, Default)]
+pub struct IpcLog {
+    procs: FxHashMap<u32, [VecDeque<u64>; 2]>,
+}
+
+impl IpcLog {
+    /// One IPC send (`egress`) or receive of process `tgid` at `ts_ns`.
+    pub fn record(&mut self, tgid: u32, ts_ns: u64, egress: bool) {
+        if self.procs.len() >= IPC_PROCESSES && !self.procs.contains_key(&tgid) {
+            return;
+        }
+        let q = &mut self.procs.entry(tgid).or_default()[usize::from(egress)];
+        if q.len() >= IPC_KEPT {
+            q.pop_front();
+        }
+        // Records reach the agent nearly in time order (per-CPU producers): insert from the back.
+        let at = q.iter().rposition(|&t| t <= ts_ns).map_or(0, |i| i + 1);
+        q.insert(at, ts_ns);
+    }
+
+    /// The process exited: its times go.
+    pub fn forget(&mut self, tgid: u32) {
+        self.procs.remove(&tgid);
+    }
+
+    /// (first send in `[from, to]`, then the last receive in `[that send, to]`).
+    fn hand_off(&self, tgid: u32, from: u64, to: u64) -> Option<(u64, u64)> {
+        let [recvs, sends] = self.procs.get(&tgid)?;
+        let i = sends.partition_point(|&t| t < from);
+        let sent = *sends.get(i).filter(|&&t| t <= to)?;
+        let j = recvs.partition_point(|&t| t <= to);
+        let back = *recvs.get(j.checked_sub(1)?).filter(|&&t| t >= sent)?;
+        Some((sent, back))
+    }
 }
 
 /// The breakdown of a finished request with a first token, or `None` (no first token, or the
 /// read that returned its first bytes is not known: a connection picked up mid-request).
-pub fn ttft(r: &RequestRecord) -> Option<Breakdown> {
+pub fn ttft(r: &RequestRecord, ipc: &IpcLog) -> Option<Breakdown> {
     let first = r.first_token_at?;
     if r.read.ts_ns == 0 || first.ts_ns < r.arrival_ns {
         return None;
@@ -79,15 +147,29 @@ pub fn ttft(r: &RequestRecord) -> Option<Breakdown> {
     // Arrival is never after the read that returned the bytes, nor the read after the response;
     // clamping keeps the sum exact if a clock ever says otherwise.
     let read_ns = r.read.ts_ns.clamp(r.arrival_ns, first.ts_ns);
-    let stages = Stages {
+    let mut stages = Stages {
         socket_queue: read_ns - r.arrival_ns,
         engine: first.ts_ns - read_ns,
+        ..Stages::default()
+    };
+    let handed_off = match ipc.hand_off(r.conn.tgid, read_ns, first.ts_ns) {
+        Some((sent, back)) => {
+            stages.frontend = sent - read_ns;
+            stages.engine = back - sent;
+            stages.output = first.ts_ns - back;
+            true
+        }
+        None => false,
     };
     let threads = (read_ns == r.read.ts_ns)
-        .then(|| split(&r.read, &first, stages.engine))
+        .then(|| split(&r.read, &first, stages.server()))
         .flatten()
-        .map(|engine| StageThreads { engine });
-    Some(Breakdown { stages, threads })
+        .map(|server| StageThreads { server });
+    Some(Breakdown {
+        stages,
+        handed_off,
+        threads,
+    })
 }
 
 /// The state split of `[from, to]` on one thread, when both moments are on the same thread, both
@@ -156,16 +238,17 @@ mod tests {
             at(1_400, 7, clock(5_000, 100, 9_000)),
             Some(at(2_400, 7, clock(5_300, 300, 9_500))),
         );
-        let b = ttft(&r).expect("breakdown");
+        let b = ttft(&r, &IpcLog::default()).expect("breakdown");
         assert_eq!(
             b.stages,
             Stages {
                 socket_queue: 400,
-                engine: 1_000
+                engine: 1_000,
+                ..Stages::default()
             }
         );
         assert_eq!(b.stages.total(), 1_400);
-        let t = b.threads.expect("split").engine;
+        let t = b.threads.expect("split").server;
         assert_eq!((t.on_cpu, t.runnable, t.blocked), (300, 200, 500));
     }
 
@@ -176,40 +259,61 @@ mod tests {
             at(100, 7, clock(10, 0, 0)),
             Some(at(200, 8, clock(110, 0, 0))),
         );
-        assert_eq!(ttft(&other_thread).expect("stages").threads, None);
+        assert_eq!(
+            ttft(&other_thread, &IpcLog::default())
+                .expect("stages")
+                .threads,
+            None
+        );
         let unknown = record(
             0,
             at(100, 7, ThreadClock::default()),
             Some(at(200, 7, clock(110, 0, 0))),
         );
-        assert_eq!(ttft(&unknown).expect("stages").threads, None);
+        assert_eq!(
+            ttft(&unknown, &IpcLog::default()).expect("stages").threads,
+            None
+        );
         // Thread id reused: the new thread's clock is behind the old one's.
         let restarted = record(
             0,
             at(100, 7, clock(1_000, 0, 0)),
             Some(at(200, 7, clock(50, 50, 0))),
         );
-        assert_eq!(ttft(&restarted).expect("stages").threads, None);
+        assert_eq!(
+            ttft(&restarted, &IpcLog::default())
+                .expect("stages")
+                .threads,
+            None
+        );
         // Differences that do not add up to the stage are not a split either.
         let gap = record(
             0,
             at(100, 7, clock(10, 0, 0)),
             Some(at(200, 7, clock(60, 0, 0))),
         );
-        assert_eq!(ttft(&gap).expect("stages").threads, None);
+        assert_eq!(
+            ttft(&gap, &IpcLog::default()).expect("stages").threads,
+            None
+        );
     }
 
     #[test]
     fn unknown_read_or_no_first_token_gives_no_breakdown() {
         assert_eq!(
-            ttft(&record(
-                0,
-                Moment::default(),
-                Some(at(5, 1, clock(1, 0, 0)))
-            )),
+            ttft(
+                &record(0, Moment::default(), Some(at(5, 1, clock(1, 0, 0)))),
+                &IpcLog::default()
+            ),
             None
         );
-        assert_eq!(ttft(&record(0, at(5, 1, clock(1, 0, 0)), None)), None);
+        assert_eq!(
+            ttft(
+                &record(0, at(5, 1, clock(1, 0, 0)), None),
+                &IpcLog::default()
+            ),
+            None
+        );
     }
 
     #[test]
@@ -220,14 +324,75 @@ mod tests {
             at(900, 7, clock(1, 0, 0)),
             Some(at(1_500, 7, clock(601, 0, 0))),
         );
-        let b = ttft(&r).expect("breakdown");
+        let b = ttft(&r, &IpcLog::default()).expect("breakdown");
         assert_eq!(
             b.stages,
             Stages {
                 socket_queue: 0,
-                engine: 500
+                engine: 500,
+                ..Stages::default()
             }
         );
         assert_eq!(b.threads, None);
+    }
+
+    #[test]
+    fn ipc_splits_the_server_time_into_frontend_engine_and_output() {
+        // Read at 1,000; hand-off sent at 1,300; the engine's outputs came back at 1,700 and
+        // 2,100; the first token was written at 2,400. IPC of another process and IPC outside
+        // the window change nothing.
+        let mut ipc = IpcLog::default();
+        for (t, egress) in [(900, true), (1_300, true), (1_500, true), (1_200, false)] {
+            ipc.record(1, t, egress);
+        }
+        for t in [2_100, 1_700, 2_500] {
+            ipc.record(1, t, false); // out of order on purpose
+        }
+        ipc.record(2, 1_100, true);
+        let r = record(
+            1_000,
+            at(1_000, 7, clock(10, 0, 0)),
+            Some(at(2_400, 7, clock(410, 0, 1_000))),
+        );
+        let b = ttft(&r, &ipc).expect("breakdown");
+        assert!(b.handed_off);
+        assert_eq!(
+            b.stages,
+            Stages {
+                socket_queue: 0,
+                frontend: 300,
+                engine: 800,
+                output: 300
+            }
+        );
+        assert_eq!(b.stages.total(), 1_400);
+        assert_eq!(b.threads.expect("split").server.total(), 1_400);
+        // A return before the hand-off is not one: no split, all of it is engine.
+        let mut early = IpcLog::default();
+        early.record(1, 1_300, true);
+        early.record(1, 1_200, false);
+        let b = ttft(&r, &early).expect("breakdown");
+        assert!(!b.handed_off);
+        assert_eq!(
+            (b.stages.frontend, b.stages.engine, b.stages.output),
+            (0, 1_400, 0)
+        );
+        // A process that exited is forgotten.
+        ipc.forget(1);
+        assert!(!ttft(&r, &ipc).expect("breakdown").handed_off);
+    }
+
+    #[test]
+    fn ipc_log_is_bounded() {
+        let mut ipc = IpcLog::default();
+        for t in 0..(IPC_KEPT as u64 + 10) {
+            ipc.record(1, t, true);
+        }
+        assert_eq!(ipc.procs[&1][1].len(), IPC_KEPT);
+        assert_eq!(ipc.procs[&1][1].front(), Some(&10));
+        for p in 0..(IPC_PROCESSES as u32 + 5) {
+            ipc.record(100 + p, 1, false);
+        }
+        assert_eq!(ipc.procs.len(), IPC_PROCESSES);
     }
 }

@@ -17,13 +17,15 @@ pub struct Args {
     pub request_id: Option<String>,
 }
 
-const HEADER: [&str; 11] = [
+const HEADER: [&str; 13] = [
     "REQUEST",
     "MODEL",
     "STATUS",
     "TTFT",
     "socket_queue",
+    "frontend",
     "engine",
+    "output",
     "on_cpu",
     "runnable",
     "blocked",
@@ -48,9 +50,10 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     print!("{}", table(&rows));
     println!(
         "\ntimes in ms. socket_queue: the request waited in the server's socket before it was \
-         read; engine: read → first token written, split by the state of the thread that read \
-         it and wrote the token (on_cpu, runnable = waiting for a CPU, blocked); '-' = not \
-         split (see docs/attribution.md)."
+         read; frontend: read -> hand-off to the engine process; engine: -> its output back; \
+         output: -> first token written (single-process servers: all in engine). on_cpu, \
+         runnable (waiting for a CPU), blocked: the thread that read the request and wrote the \
+         token, over frontend + engine + output; '-' = not split (docs/attribution.md)."
     );
     Ok(())
 }
@@ -81,13 +84,14 @@ fn table(rows: &[&Value]) -> String {
             .map(|c| if c.is_control() { '?' } else { c })
             .collect()
     };
-    let mut lines: Vec<[String; 11]> = vec![HEADER.map(str::to_owned)];
+    let mut lines: Vec<[String; 13]> = vec![HEADER.map(str::to_owned)];
     for r in rows {
         let name = r["request_id"].as_str().map_or_else(
             || format!("pid {} fd {} #{}", r["pid"], r["fd"], r["seq"]),
             &clean,
         );
-        let t = &r["threads_ns"]["engine"];
+        let t = &r["threads_ns"]["server"];
+        let st = &r["stages_ns"];
         lines.push([
             name,
             clean(r["model"].as_str().unwrap_or("-")),
@@ -95,8 +99,10 @@ fn table(rows: &[&Value]) -> String {
                 .as_u64()
                 .map_or_else(|| "-".to_owned(), |s| s.to_string()),
             ms(&r["ttft_ns"]),
-            ms(&r["stages_ns"]["socket_queue"]),
-            ms(&r["stages_ns"]["engine"]),
+            ms(&st["socket_queue"]),
+            ms(&st["frontend"]),
+            ms(&st["engine"]),
+            ms(&st["output"]),
             ms(&t["on_cpu"]),
             ms(&t["runnable"]),
             ms(&t["blocked"]),
@@ -143,11 +149,11 @@ mod tests {
     fn slowest_first_with_stages_and_unsplit_dashes() {
         let reqs = vec![
             json!({"request_id": "a", "model": "m", "status": 200, "ttft_ns": 5_000_000u64,
-                   "stages_ns": {"socket_queue": 1_000_000u64, "engine": 4_000_000u64},
-                   "threads_ns": {"engine": {"on_cpu": 3_000_000u64, "runnable": 0, "blocked": 1_000_000u64}},
+                   "stages_ns": {"socket_queue": 1_000_000u64, "frontend": 0, "engine": 4_000_000u64, "output": 0},
+                   "threads_ns": {"server": {"on_cpu": 3_000_000u64, "runnable": 0, "blocked": 1_000_000u64}},
                    "tokens": 3, "duration_ns": 9_000_000u64}),
             json!({"request_id": "b\u{1b}[31m", "model": null, "status": 200, "ttft_ns": 9_000_000u64,
-                   "stages_ns": {"socket_queue": 0, "engine": 9_000_000u64}, "threads_ns": null,
+                   "stages_ns": {"socket_queue": 0, "frontend": 2_000_000u64, "engine": 6_000_000u64, "output": 1_000_000u64}, "threads_ns": null,
                    "tokens": 1, "duration_ns": 9_500_000u64}),
             json!({"request_id": "c", "ttft_ns": null, "tokens": 0}),
         ];

@@ -282,7 +282,9 @@ impl Kernel {
         if thread_states {
             attached.extend(attach_all(&mut ebpf, THREAD_STATES));
         } else {
-            log::info!("thread states off: no sched_switch/sched_wakeup programs, no thread splits");
+            log::info!(
+                "thread states off: no sched_switch/sched_wakeup programs, no thread splits"
+            );
             refused.extend(THREAD_STATES.iter().map(|p| Attached {
                 program: p.name,
                 ok: false,

@@ -197,9 +197,9 @@ enum Command {
     /// Print one NVML sample of every GPU as JSON (what `run` exports as llm_gpu_*).
     Gpu,
     /// Why were requests slow? The slowest recent requests of a running `llm-probe run`, by time
-    /// to first token, each split into stages (waiting in the server's socket; the server's
-    /// read until its first token) and the engine stage by thread state (on a CPU, waiting for a
-    /// CPU, blocked).
+    /// to first token, each split into stages (waiting in the server's socket; the front end
+    /// until its hand-off to the engine process; the engine; the output until the first token)
+    /// and the server's time by thread state (on a CPU, waiting for a CPU, blocked).
     Explain(explain::Args),
 }
 

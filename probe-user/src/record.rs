@@ -5,7 +5,7 @@
 use std::mem::size_of;
 
 use probe_common::{
-    ConnEvent, CudaMemEvent, CudaSyncEvent, DataEvent, EventHeader, EventKind, ProcEvent,
+    ConnEvent, CudaMemEvent, CudaSyncEvent, DataEvent, EventHeader, EventKind, IpcEvent, ProcEvent,
     ThreadClock, DIR_EGRESS,
 };
 
@@ -47,6 +47,12 @@ pub enum Event<'a> {
     CudaMem(CudaMemEvent),
     /// A CUDA synchronisation call returned.
     CudaSync(CudaSyncEvent),
+    /// Bytes a traced process moved on a socket that is not one of its server's connections.
+    Ipc {
+        header: EventHeader,
+        egress: bool,
+        len: u32,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -122,6 +128,14 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         Some(EventKind::Exit) => Ok(Event::Exit { header }),
         Some(EventKind::CudaMem) => Ok(Event::CudaMem(read(bytes)?)),
         Some(EventKind::CudaSync) => Ok(Event::CudaSync(read(bytes)?)),
+        Some(EventKind::Ipc) => {
+            let i: IpcEvent = read(bytes)?;
+            Ok(Event::Ipc {
+                header,
+                egress: i.dir == DIR_EGRESS,
+                len: i.len,
+            })
+        }
         None => Err(DecodeError::UnknownKind(header.kind)),
     }
 }

@@ -163,6 +163,8 @@ pub struct RequestStats {
     /// Times of first tokens since the agent last looked (engine steps before them are prefill
     /// steps); drained by the agent after every record.
     pub first_tokens: Vec<u64>,
+    /// The traced processes' recent IPC, for the frontend / engine / output split.
+    pub ipc: attribution::IpcLog,
 }
 
 impl RequestStats {
@@ -179,6 +181,7 @@ impl RequestStats {
             untrack: Vec::new(),
             now_ns: 0,
             first_tokens: Vec::new(),
+            ipc: attribution::IpcLog::default(),
         }
     }
 
@@ -255,10 +258,14 @@ impl RequestStats {
 }
 
 impl RequestStats {
-    /// One request's TTFT stages into `llm_ttft_stage_seconds` and its engine stage's thread
-    /// states (or `unknown`) into `llm_ttft_stage_thread_seconds_total`.
+    /// One request's TTFT stages into `llm_ttft_stage_seconds` (`frontend` and `output` only
+    /// when IPC split the server's time) and its serving thread's states (or `unknown`) into
+    /// `llm_ttft_stage_thread_seconds_total{stage="server"}`.
     fn observe_stages(&self, model: &str, b: &attribution::Breakdown) {
         for (stage, ns) in b.stages.named() {
+            if !b.handed_off && (stage == "frontend" || stage == "output") {
+                continue;
+            }
             self.metrics
                 .ttft_stage
                 .get_or_create(&StageLabels {
@@ -267,17 +274,16 @@ impl RequestStats {
                 })
                 .observe(ns as f64 / 1e9);
         }
-        let split = b.threads.map(|t| t.engine);
-        let states = match split {
+        let states = match b.threads.map(|t| t.server) {
             Some(s) => [s.on_cpu, s.runnable, s.blocked, 0],
-            None => [0, 0, 0, b.stages.engine],
+            None => [0, 0, 0, b.stages.server()],
         };
         for (state, ns) in attribution::STATES.into_iter().zip(states) {
             if ns > 0 {
                 self.metrics
                     .ttft_stage_thread
                     .get_or_create(&StageStateLabels {
-                        stage: "engine",
+                        stage: attribution::SERVER_SPAN,
                         state,
                     })
                     .inc_by(ns as f64 / 1e9);
@@ -353,7 +359,7 @@ impl Observer for RequestStats {
             };
             self.metrics.errors.get_or_create(&e).inc();
         }
-        let breakdown = attribution::ttft(&r);
+        let breakdown = attribution::ttft(&r, &self.ipc);
         if let Some(b) = &breakdown {
             self.observe_stages(&model, b);
         }
@@ -547,11 +553,11 @@ mod tests {
         assert_eq!(v["ttft_ns"], 1_000);
         assert_eq!(
             v["stages_ns"],
-            serde_json::json!({"socket_queue": 200, "engine": 800})
+            serde_json::json!({"socket_queue": 200, "frontend": 0, "engine": 800, "output": 0})
         );
         assert_eq!(
             v["threads_ns"],
-            serde_json::json!({"engine": {"on_cpu": 400, "runnable": 100, "blocked": 300}})
+            serde_json::json!({"server": {"on_cpu": 400, "runnable": 100, "blocked": 300}})
         );
         let v = serde_json::to_value(&recent.items[1]).unwrap();
         assert_eq!(v["threads_ns"], serde_json::Value::Null);
@@ -562,8 +568,8 @@ mod tests {
         for line in [
             "llm_ttft_stage_seconds_count{model=\"m\",stage=\"socket_queue\"} 2",
             "llm_ttft_stage_seconds_sum{model=\"m\",stage=\"engine\"} 0.0000016",
-            "llm_ttft_stage_thread_seconds_total{stage=\"engine\",state=\"on_cpu\"} 4e-7",
-            "llm_ttft_stage_thread_seconds_total{stage=\"engine\",state=\"unknown\"} 8e-7",
+            "llm_ttft_stage_thread_seconds_total{stage=\"server\",state=\"on_cpu\"} 4e-7",
+            "llm_ttft_stage_thread_seconds_total{stage=\"server\",state=\"unknown\"} 8e-7",
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }

@@ -206,7 +206,7 @@ pub fn judge(samples: &[Sample], recs: &[Value]) -> Result<String, String> {
         v[((v.len() - 1) as f64 * q) as usize]
     };
     let line = format!(
-        "{} requests ({split} with a thread split of the engine stage), {} gaps ({} left out: client stamps out of order); |probe - client| TTFT p50 {:.3} ms, max {:.3} ms; gaps p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} gaps over 1 ms; {} client reads without a kernel stamp",
+        "{} requests ({split} with a thread split), {} gaps ({} left out: client stamps out of order); |probe - client| TTFT p50 {:.3} ms, max {:.3} ms; gaps p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} gaps over 1 ms; {} client reads without a kernel stamp",
         samples.len(),
         gap_diffs.len(),
         unusable,
@@ -230,20 +230,34 @@ pub fn judge(samples: &[Sample], recs: &[Value]) -> Result<String, String> {
     }
 }
 
-/// Asserts that a record's TTFT stages are present and add up to its TTFT, and that a thread
-/// split, when present, adds up to the engine stage (docs/attribution.md); returns whether there
-/// is one.
+/// Asserts that a record's TTFT stages are present and add up to its TTFT, and that the serving
+/// thread's split, when present, adds up to frontend + engine + output (docs/attribution.md);
+/// returns whether there is one.
 pub fn stages_add_up(rec: &Value) -> bool {
-    let n = |v: &Value| v.as_u64().unwrap_or_else(|| panic!("not a number in {rec}"));
+    let n = |v: &Value| {
+        v.as_u64()
+            .unwrap_or_else(|| panic!("not a number in {rec}"))
+    };
     let st = &rec["stages_ns"];
-    assert!(st.is_object(), "a request with a first token has stages: {rec}");
-    let engine = n(&st["engine"]);
-    assert_eq!(n(&st["socket_queue"]) + engine, n(&rec["ttft_ns"]), "stages add up: {rec}");
-    let t = &rec["threads_ns"]["engine"];
+    assert!(
+        st.is_object(),
+        "a request with a first token has stages: {rec}"
+    );
+    let server = n(&st["frontend"]) + n(&st["engine"]) + n(&st["output"]);
+    assert_eq!(
+        n(&st["socket_queue"]) + server,
+        n(&rec["ttft_ns"]),
+        "stages add up: {rec}"
+    );
+    let t = &rec["threads_ns"]["server"];
     if !t.is_object() {
         return false;
     }
-    assert_eq!(n(&t["on_cpu"]) + n(&t["runnable"]) + n(&t["blocked"]), engine, "{rec}");
+    assert_eq!(
+        n(&t["on_cpu"]) + n(&t["runnable"]) + n(&t["blocked"]),
+        server,
+        "{rec}"
+    );
     true
 }
 

@@ -5,6 +5,11 @@
 //! request and wrote its first token. Witnesses: that print, the client's send time, and the
 //! kernel's own per-thread accounting (/proc/PID/task/TID/schedstat). Needs root (eBPF).
 
+#![allow(
+    clippy::many_single_char_names,
+    reason = "stage figures read best as q, f, e, o next to their witnesses"
+)]
+
 use std::{process::Command, thread, time::Duration};
 
 use serde_json::{json, Value};
@@ -52,20 +57,29 @@ fn server_times(served: &NodeUnderProbe, id: &str) -> (u64, u64) {
     (field("req_ns="), field("first_ns="))
 }
 
-/// Stages and the engine stage's thread split of one record, checked to add up.
-fn breakdown(rec: &Value) -> (u64, u64, (u64, u64, u64)) {
+/// The four stages of one record (checked to add up to its TTFT).
+fn stages(rec: &Value) -> [u64; 4] {
     let st = &rec["stages_ns"];
-    let (q, e) = (ns(&st["socket_queue"]), ns(&st["engine"]));
+    let s = ["socket_queue", "frontend", "engine", "output"].map(|k| ns(&st[k]));
     assert_eq!(
-        q + e,
+        s.iter().sum::<u64>(),
         ns(&rec["ttft_ns"]),
         "stages add up to the TTFT: {rec}"
     );
-    let t = &rec["threads_ns"]["engine"];
-    assert!(
-        t.is_object(),
-        "the engine stage is split by thread state: {rec}"
+    s
+}
+
+/// Stages and the serving thread's split of a single-process request: no hand-off, so frontend
+/// and output are 0 and the split covers the engine stage.
+fn breakdown(rec: &Value) -> (u64, u64, (u64, u64, u64)) {
+    let [q, f, e, o] = stages(rec);
+    assert_eq!(
+        (f, o),
+        (0, 0),
+        "a single-process server has no hand-off: {rec}"
     );
+    let t = &rec["threads_ns"]["server"];
+    assert!(t.is_object(), "the serving thread's time is split: {rec}");
     let split = (ns(&t["on_cpu"]), ns(&t["runnable"]), ns(&t["blocked"]));
     assert_eq!(
         split.0 + split.1 + split.2,
@@ -73,6 +87,19 @@ fn breakdown(rec: &Value) -> (u64, u64, (u64, u64, u64)) {
         "states add up to the stage: {rec}"
     );
     (q, e, split)
+}
+
+/// The stand-in's `timing` line for `id` as (`key`, ns) pairs.
+fn server_line(served: &NodeUnderProbe, id: &str) -> Vec<(String, u64)> {
+    let log = served.node.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.starts_with(&format!("timing {id} ")))
+        .unwrap_or_else(|| panic!("no timing line for {id} in:\n{log}"));
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.parse().expect("ns")))
+        .collect()
 }
 
 /// One request alone, with the event-loop thread's schedstat read around it.
@@ -233,6 +260,72 @@ fn ttft_stages_match_what_the_stand_in_did() {
         let rec = by_id(&recs, &format!("c{i}"));
         let (_, e, (_, _, blk)) = breakdown(rec);
         assert!(e >= 29_000_000 && blk > 0, "c{i}: {rec}");
+    }
+
+    // Two processes, shaped like vLLM: the front spins 40 ms (tokenizing), hands the request to
+    // a worker over a unix socket, the worker takes 80 ms (the engine), the front spins 40 ms on
+    // the answer (detokenizing) and writes the first token.
+    run_one(
+        &served.addr,
+        chat_req(
+            "two-process",
+            "m",
+            true,
+            1,
+            &json!({"front_burn_ms": 40, "worker_ms": 80, "output_burn_ms": 40, "report": true}),
+        ),
+    );
+    let recs = records(&served.probe, next(1));
+    let rec = by_id(&recs, "two-process");
+    let [_, f, e, o] = stages(rec);
+    let t: std::collections::HashMap<String, u64> =
+        server_line(&served, "two-process").into_iter().collect();
+    let (w_f, w_e, w_o) = (
+        t["sent_ns"] - t["req_ns"],
+        t["got_ns"] - t["sent_ns"],
+        t["first_ns"] - t["got_ns"],
+    );
+    eprintln!("two-process: frontend {f} engine {e} output {o} ns; the front's clock {w_f} / {w_e} / {w_o}");
+    if std::env::var(tests::CAPTURE_ENV).as_deref() == Ok("syscalls") {
+        // The syscall path sees only the server's own connections: no hand-off, no split.
+        assert_eq!((f, o), (0, 0), "{rec}");
+        return;
+    }
+    assert!(
+        close(f, w_f, 0.0),
+        "frontend vs the front's clock {w_f}: {rec}"
+    );
+    assert!(
+        close(e, w_e, 0.0),
+        "engine vs the front's clock {w_e}: {rec}"
+    );
+    // The front's `got` is stamped after Node parsed and dispatched the IPC message (~1 ms after
+    // the receive the probe sees): that time is the probe's `output`, the witness's engine.
+    assert!(
+        close(o, w_o, 0.0),
+        "output vs the front's clock {w_o}: {rec}"
+    );
+    assert!(rec["threads_ns"]["server"].is_object(), "{rec}");
+
+    // Overlapping hand-offs: the boundaries are the nearest IPC times (docs/attribution.md), so a
+    // request's engine stage can only grow past the worker's own time, never shrink below it.
+    let reqs = (0..8)
+        .map(|i| {
+            let extra = json!({"front_burn_ms": 5, "worker_ms": 60, "output_burn_ms": 5});
+            chat_req(&format!("w{i}"), "m", true, 1, &extra)
+        })
+        .collect();
+    for s in run_concurrent(&served.addr, reqs) {
+        assert!(s.error.is_none(), "{}: {:?}", s.request_id, s.error);
+    }
+    let recs = records(&served.probe, next(8));
+    for i in 0..8 {
+        let rec = by_id(&recs, &format!("w{i}"));
+        let [_, _, e, _] = stages(rec);
+        assert!(
+            e >= 59_000_000,
+            "w{i}: the engine stage holds the worker's 60 ms: {rec}"
+        );
     }
 }
 

@@ -60,8 +60,9 @@ struct VllmCounters {
     prompt_tokens: f64,
     ttft_sum: f64,
     ttft_count: f64,
-    /// The probe's engine stage of the TTFT (its read → first content write); 0 for vLLM.
-    engine_sum: f64,
+    /// The probe's TTFT stages (`socket_queue`, `frontend`, `engine`, `output`) summed; 0 for
+    /// vLLM.
+    stage_sums: [f64; 4],
     aborted: f64,
 }
 
@@ -72,7 +73,7 @@ fn vllm_counters(addr: &str) -> VllmCounters {
         prompt_tokens: metric_sum(&page, "vllm:prompt_tokens_total", &[]),
         ttft_sum: metric_sum(&page, "vllm:time_to_first_token_seconds_sum", &[]),
         ttft_count: metric_sum(&page, "vllm:time_to_first_token_seconds_count", &[]),
-        engine_sum: 0.0,
+        stage_sums: [0.0; 4],
         aborted: metric_sum(
             &page,
             "vllm:request_success_total",
@@ -90,11 +91,13 @@ fn probe_counters(probe: &Probe) -> VllmCounters {
         prompt_tokens: metric_sum(&m, "llm_prompt_tokens_total", &l),
         ttft_sum: metric_sum(&m, "llm_ttft_seconds_sum", &l),
         ttft_count: metric_sum(&m, "llm_ttft_seconds_count", &l),
-        engine_sum: metric_sum(
-            &m,
-            "llm_ttft_stage_seconds_sum",
-            &[("model", MODEL), ("stage", "engine")],
-        ),
+        stage_sums: ["socket_queue", "frontend", "engine", "output"].map(|stage| {
+            metric_sum(
+                &m,
+                "llm_ttft_stage_seconds_sum",
+                &[("model", MODEL), ("stage", stage)],
+            )
+        }),
         aborted: metric_sum(&m, "llm_requests_total", &[("status", "client_abort")]),
     }
 }
@@ -105,7 +108,7 @@ fn delta(a: VllmCounters, b: VllmCounters) -> VllmCounters {
         prompt_tokens: b.prompt_tokens - a.prompt_tokens,
         ttft_sum: b.ttft_sum - a.ttft_sum,
         ttft_count: b.ttft_count - a.ttft_count,
-        engine_sum: b.engine_sum - a.engine_sum,
+        stage_sums: [0, 1, 2, 3].map(|i| b.stage_sums[i] - a.stage_sums[i]),
         aborted: b.aborted - a.aborted,
     }
 }
@@ -228,18 +231,26 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
         probe_mean >= vllm_mean,
         "the socket sees at least what the engine sees"
     );
-    // The engine stage (the API server's read → its first content write) holds vLLM's own TTFT
-    // (from after the request is parsed and templated to the first output reaching the front
-    // end), plus the parse before and the detokenize/SSE write after.
-    let engine_mean = pt.engine_sum / pt.ttft_count.max(1.0) * 1e3;
+    // The stages: vLLM's own TTFT runs from after the API server parsed, templated and tokenized
+    // the request (inside `frontend`, before its ZMQ hand-off to EngineCore) to the first output
+    // reaching its output processor (inside `output`): within frontend + engine + output.
+    let [queue, front, eng, out] = pt.stage_sums.map(|s| s / pt.ttft_count.max(1.0) * 1e3);
     eprintln!(
-        "engine stage mean {engine_mean:.2} ms, socket_queue mean {:.2} ms; engine - vLLM = {:.2} ms",
-        probe_mean - engine_mean,
-        engine_mean - vllm_mean
+        "stage means: socket_queue {queue:.2} ms, frontend {front:.2} ms, engine {eng:.2} ms, \
+         output {out:.2} ms; vLLM's TTFT {vllm_mean:.2} ms = engine {:+.2} ms",
+        vllm_mean - eng
     );
     assert!(
-        engine_mean >= vllm_mean,
-        "vLLM's TTFT lies inside the engine stage"
+        (queue + front + eng + out - probe_mean).abs() < 0.01,
+        "the stage means add up to the TTFT mean"
+    );
+    assert!(
+        front > 0.0 && out > 0.0,
+        "vLLM's API server hands requests off over IPC"
+    );
+    assert!(
+        vllm_mean <= front + eng + out,
+        "vLLM's TTFT lies inside frontend + engine + output"
     );
 
     // 2. Tokens, usage reported: the probe's counters move exactly as vLLM's.
@@ -432,7 +443,10 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
                 .filter(|(name, c)| *name != "latency" && c["status"] == "critical")
                 .map(|(name, _)| name)
                 .collect();
-            assert!(critical.is_empty(), "critical after the restart: {critical:?}");
+            assert!(
+                critical.is_empty(),
+                "critical after the restart: {critical:?}"
+            );
             break;
         }
         assert!(

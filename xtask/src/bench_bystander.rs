@@ -105,11 +105,7 @@ pub fn bystander(probe: &Path, rounds: usize) -> Result<()> {
         let mut line = format!("bystander {name}: median {b:.0} ns without llm-probe");
         for (i, path) in CAPTURE_PATHS.iter().enumerate() {
             let w = median(with[i].iter().map(|m| m[k]).collect());
-            let _ = write!(
-                line,
-                "; {path} {w:.0} ns ({:+.1} %)",
-                (w / b - 1.0) * 100.0
-            );
+            let _ = write!(line, "; {path} {w:.0} ns ({:+.1} %)", (w / b - 1.0) * 100.0);
         }
         println!("{line} (goal <= +{goal} %)");
     }

@@ -108,6 +108,9 @@ impl Ingest {
                 };
                 self.tracker.on_close(conn, header.ts_ns, &mut self.stats);
             }
+            Event::Ipc { header, egress, .. } => {
+                self.stats.ipc.record(header.tgid, header.ts_ns, egress);
+            }
             Event::Fork { header, child } => {
                 log::info!(
                     "traced process {} forked {child}; tracing it too",
@@ -130,6 +133,7 @@ impl Ingest {
                 log::warn!("traced process {} exited", header.tgid);
                 self.tracker
                     .on_process_exit(header.tgid, header.ts_ns, &mut self.stats);
+                self.stats.ipc.forget(header.tgid);
                 targets.exited(header.tgid);
                 if let Some(Ok(mut c)) = self.cuda.as_ref().map(|c| c.lock()) {
                     c.forget(header.tgid);

@@ -79,20 +79,21 @@ impl RequestMetrics {
         registry.register(
             "llm_ttft_stage_seconds",
             "Time to first token split into stages that add up to it: socket_queue (bytes on the \
-             socket until the server read them), engine (that read until the first content \
-             write); docs/attribution.md",
+             socket until the server read them), frontend (that read until the hand-off to the \
+             engine process), engine (until its output came back), output (until the first \
+             content write); single-process servers: engine only; docs/attribution.md",
             m.ttft_stage.clone(),
         );
         registry.register(
             "llm_ttft_stage_thread_seconds",
-            "Seconds of TTFT stages by the scheduler state of the thread that read the request and \
-             wrote its first token: on_cpu, runnable (waiting for a CPU), blocked, or unknown (no \
-             single thread did both)",
+            "Seconds of the server span of TTFT (frontend + engine + output) by the scheduler \
+             state of the thread that read the request and wrote its first token: on_cpu, \
+             runnable (waiting for a CPU), blocked, or unknown (no single thread did both)",
             m.ttft_stage_thread.clone(),
         );
         for state in crate::attribution::STATES {
             let _ = m.ttft_stage_thread.get_or_create(&StageStateLabels {
-                stage: "engine",
+                stage: crate::attribution::SERVER_SPAN,
                 state,
             });
         }
