@@ -323,10 +323,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         "serving /metrics, /health and /api/v1/requests on http://{}",
         listener.local_addr().unwrap_or(opts.listen)
     );
+    let thread_sampler = threads::ThreadSampler::new(thread_metrics);
     let state = Arc::new(ServerState {
         access: opts.access.clone(),
         registry,
         recent: recent.clone(),
+        threads: thread_sampler.shared.clone(),
         health: health.clone(),
         cuda: Some(cuda.clone()),
         symbolizer: Mutex::new(Box::new(BlazeSymbolizer::new())),
@@ -359,7 +361,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         health,
         cuda,
         cuda_housekeeping: CudaHousekeeping::default(),
-        threads: threads::ThreadSampler::new(thread_metrics),
+        threads: thread_sampler,
     };
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer, and
     // nothing else closes it.

@@ -17,6 +17,7 @@ use probe_user::{
 
 mod explain;
 mod memleak;
+mod trace;
 
 #[derive(Parser)]
 #[command(
@@ -201,6 +202,10 @@ enum Command {
     /// until its hand-off to the engine process; the engine; the output until the first token)
     /// and the server's time by thread state (on a CPU, waiting for a CPU, blocked).
     Explain(explain::Args),
+    /// Record a running `llm-probe run` for --duration into a Chrome trace-event file (open it in
+    /// https://ui.perfetto.dev or chrome://tracing): a track per request with its TTFT stages
+    /// and decode, and every traced thread's on-CPU / runnable / blocked share per second.
+    Trace(trace::Args),
 }
 
 fn main() {
@@ -212,6 +217,7 @@ fn main() {
         Command::Health { url, json } => std::process::exit(health_cli(&url, json)),
         Command::Gpu => gpu_cli(),
         Command::Explain(args) => explain::run(&args),
+        Command::Trace(args) => trace::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,8 +1,8 @@
 //! The agent's HTTP face: `/metrics` (Prometheus text), `/health` (JSON verdict),
-//! `/api/v1/requests` (recent finished requests: timings and ids, never text) and
-//! `/api/v1/memleak` (the GPU memory ledger). Reads snapshots the agent keeps current; never
-//! imports the agent or the system side (kernel counters reach `/metrics` through the registry's
-//! collectors).
+//! `/api/v1/requests` (recent finished requests: timings and ids, never text),
+//! `/api/v1/memleak` (the GPU memory ledger) and `/api/v1/threads` (traced threads' totals).
+//! Reads snapshots the agent keeps current; never imports the agent or the system side (kernel
+//! counters reach `/metrics` through the registry's collectors).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -23,6 +23,7 @@ use crate::{
     },
     health::SharedHealth,
     requests::SharedRecent,
+    threads::SharedThreads,
 };
 
 /// Where the agent serves by default: loopback only.
@@ -104,6 +105,8 @@ pub struct ServerState {
     pub access: Access,
     pub registry: Registry,
     pub recent: SharedRecent,
+    /// Every traced thread's totals (`/api/v1/threads`).
+    pub threads: SharedThreads,
     pub health: SharedHealth,
     /// The GPU memory ledger (`/api/v1/memleak`); `None` in tests without CUDA state.
     pub cuda: Option<SharedCuda>,
@@ -159,11 +162,19 @@ fn handle(state: &ServerState, peer: SocketAddr, req: &Request<Incoming>) -> Res
         }
         "/api/v1/requests" => requests_page(state, req.uri().query().unwrap_or("")),
         "/api/v1/memleak" => memleak(state, req.uri().query().unwrap_or("")),
+        "/api/v1/threads" => {
+            let body = state.threads.lock().map_or_else(
+                |_| "{}".to_owned(),
+                |t| serde_json::to_string(&*t).unwrap_or_else(|_| "{}".to_owned()),
+            );
+            reply(StatusCode::OK, "application/json", body)
+        }
         "/" => reply(
             StatusCode::OK,
             "text/plain",
             "llm-probe: /metrics (Prometheus), /health (JSON verdict), /api/v1/requests (recent \
-             requests), /api/v1/memleak?pid=PID&older_than=30s&top=10 (GPU memory ledger)\n",
+             requests), /api/v1/memleak?pid=PID&older_than=30s&top=10 (GPU memory ledger), \
+             /api/v1/threads (traced threads' on-CPU / runnable / blocked totals)\n",
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }

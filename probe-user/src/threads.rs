@@ -8,9 +8,13 @@
 //! name and `MAX_KEYS` (process, role) pairs in all; beyond them the time goes to role `other`
 //! (and process `other`), never lost.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+};
 
 use probe_common::{ThreadTime, THREAD_BLOCKED, THREAD_ON_CPU, THREAD_RUNNABLE};
+use serde::Serialize;
 
 /// The `state` label values, in `ThreadTime` order.
 pub const STATES: [&str; 3] = ["on_cpu", "runnable", "blocked"];
@@ -37,6 +41,51 @@ pub struct Sample {
     pub process: String,
     /// The thread's name (`/proc/PID/task/TID/comm`).
     pub thread: String,
+}
+
+/// One traced thread's totals at a moment (`/api/v1/threads`; `llm-probe trace` turns two of
+/// them into a timeline).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ThreadView {
+    pub pid: u32,
+    pub tid: u32,
+    pub process: String,
+    pub thread: String,
+    pub on_cpu_ns: u64,
+    pub runnable_ns: u64,
+    pub blocked_ns: u64,
+}
+
+/// Every traced thread's totals at `at_ns` (`CLOCK_MONOTONIC`), refreshed every second.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ThreadsSnapshot {
+    pub at_ns: u64,
+    pub threads: Vec<ThreadView>,
+}
+
+pub type SharedThreads = Arc<Mutex<ThreadsSnapshot>>;
+
+/// The snapshot of `samples` at `now`, open intervals included.
+pub fn snapshot(samples: &[Sample], now: u64) -> ThreadsSnapshot {
+    let threads = samples
+        .iter()
+        .map(|s| {
+            let [on, run, blk] = totals_at(&s.time, now);
+            ThreadView {
+                pid: s.time.tgid,
+                tid: s.tid,
+                process: s.process.clone(),
+                thread: s.thread.clone(),
+                on_cpu_ns: on,
+                runnable_ns: run,
+                blocked_ns: blk,
+            }
+        })
+        .collect();
+    ThreadsSnapshot {
+        at_ns: now,
+        threads,
+    }
 }
 
 /// A thread's name without the number a worker pool puts after a separator (`ZMQbg/IO/0`,

@@ -274,11 +274,17 @@ pub fn mock_llm_js() -> PathBuf {
 
 /// The second stack: a Node.js `http` server with controlled delays ([`mock_llm_js`]).
 pub fn start_node(port: u16) -> Proc {
+    start_node_with(port, &[])
+}
+
+/// [`start_node`] with more arguments for the server (`--worker`: a worker process behind it).
+pub fn start_node_with(port: u16, args: &[&str]) -> Proc {
     let p = Proc::spawn(
         "node",
         Command::new("node")
             .arg(mock_llm_js())
-            .arg(port.to_string()),
+            .arg(port.to_string())
+            .args(args),
     );
     let addr = format!("127.0.0.1:{port}");
     wait_for("node mock server", Duration::from_secs(20), || {
@@ -305,11 +311,20 @@ pub fn node_under_probe(test: &str) -> Option<NodeUnderProbe> {
 
 /// [`node_under_probe`] with `extra` arguments for the probe.
 pub fn node_under_probe_with(test: &str, extra: &[&str]) -> Option<NodeUnderProbe> {
+    node_with_args_under_probe(test, &[], extra)
+}
+
+/// [`node_under_probe`] with arguments for the server ([`start_node_with`]) and the probe.
+pub fn node_with_args_under_probe(
+    test: &str,
+    node_args: &[&str],
+    extra: &[&str],
+) -> Option<NodeUnderProbe> {
     if !require_root(test) {
         return None;
     }
     let port = free_port();
-    let node = start_node(port);
+    let node = start_node_with(port, node_args);
     let mut args = vec!["--port".to_owned(), port.to_string()];
     args.extend(extra.iter().map(|a| (*a).to_owned()));
     let probe = Probe::start(&args);

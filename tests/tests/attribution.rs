@@ -14,7 +14,7 @@ use std::{process::Command, thread, time::Duration};
 
 use serde_json::{json, Value};
 use tests::{
-    node_under_probe,
+    node_under_probe, node_with_args_under_probe,
     traffic::{by_id, chat_req, records, run_concurrent, run_one},
     NodeUnderProbe, Proc,
 };
@@ -124,7 +124,11 @@ fn pin(pid: u32, cpus: &str) {
 
 #[test]
 fn ttft_stages_match_what_the_stand_in_did() {
-    let Some(served) = node_under_probe("ttft_stages_match_what_the_stand_in_did") else {
+    let Some(served) = node_with_args_under_probe(
+        "ttft_stages_match_what_the_stand_in_did",
+        &["--worker"],
+        &[],
+    ) else {
         return;
     };
     let pid = served.node.pid();
@@ -401,4 +405,90 @@ fn explain_prints_the_slowest_requests_with_their_stages() {
         .output()
         .expect("llm-probe explain --request-id nope");
     assert_eq!(none.status.code(), Some(1), "an unknown id is an error");
+}
+
+#[test]
+fn trace_writes_request_and_thread_tracks() {
+    let Some(served) = node_under_probe("trace_writes_request_and_thread_tracks") else {
+        return;
+    };
+    let out = std::env::temp_dir().join(format!("llm-probe-trace-{}.json", std::process::id()));
+    let url = format!("http://{}", served.probe.addr);
+    let (bin, path) = (tests::probe_bin(), out.clone());
+    let recorder = thread::spawn(move || {
+        Command::new(bin)
+            .args(["trace", "--url", &url, "--duration", "3s", "-o"])
+            .arg(&path)
+            .output()
+            .expect("llm-probe trace")
+    });
+    thread::sleep(Duration::from_millis(1200));
+    for i in 0..4 {
+        let extra = json!({"ttft_ms": 20, "gap_ms": 5, "burn_cpu_ms": 10});
+        run_one(
+            &served.addr,
+            chat_req(&format!("t{i}"), "m", true, 3, &extra),
+        );
+    }
+    let done = recorder.join().expect("recorder");
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let trace: Value =
+        serde_json::from_slice(&std::fs::read(&out).expect("trace file")).expect("JSON");
+    let _ = std::fs::remove_file(&out);
+    let events = trace["traceEvents"].as_array().expect("traceEvents");
+    // Trace-event format: every event has a phase, a pid, and (but metadata) a numeric time.
+    for e in events {
+        let ph = e["ph"].as_str().expect("ph");
+        assert!(["X", "C", "M"].contains(&ph) && e["pid"].is_u64(), "{e}");
+        assert!(
+            ph == "M" || e["ts"].as_f64().is_some_and(|t| t >= 0.0),
+            "{e}"
+        );
+    }
+    let recs = records(&served.probe, 4);
+    for i in 0..4 {
+        let id = format!("t{i}");
+        let rec = by_id(&recs, &id);
+        let slices: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["ph"] == "X" && e["args"]["request_id"] == id.as_str())
+            .collect();
+        let stage_us: f64 = slices
+            .iter()
+            .filter(|e| e["name"] != "decode")
+            .map(|e| e["dur"].as_f64().expect("dur"))
+            .sum();
+        let ttft_us = ns(&rec["ttft_ns"]) as f64 / 1e3;
+        assert!(
+            (stage_us - ttft_us).abs() < 0.01,
+            "{id}: stage slices {stage_us} µs vs TTFT {ttft_us}"
+        );
+        assert!(
+            slices.iter().any(|e| e["name"] == "decode"),
+            "{id}: decode slice"
+        );
+    }
+    let pid = u64::from(served.node.pid());
+    let counters: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["ph"] == "C" && e["pid"] == pid)
+        .collect();
+    assert!(
+        counters.len() >= 2,
+        "per-second thread counters of the server: {counters:?}"
+    );
+    for c in &counters {
+        let sum: f64 = ["on_cpu", "runnable", "blocked"]
+            .iter()
+            .map(|k| c["args"][k].as_f64().expect("share"))
+            .sum();
+        assert!(
+            sum > 0.5 && sum < 1.1,
+            "a thread's shares of an interval add up to ~1: {c}"
+        );
+    }
 }

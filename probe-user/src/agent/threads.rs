@@ -9,7 +9,7 @@ use crate::{
     discover,
     kernel::Kernel,
     metrics::{label_value, threads::ThreadMetrics},
-    threads::{Sample, ThreadAccounting},
+    threads::{snapshot, Sample, SharedThreads, ThreadAccounting},
 };
 
 pub struct ThreadSampler {
@@ -18,6 +18,8 @@ pub struct ThreadSampler {
     /// tid → (process name, thread name), read once per thread.
     names: HashMap<u32, (String, String)>,
     warned_full: bool,
+    /// What `/api/v1/threads` serves.
+    pub shared: SharedThreads,
 }
 
 impl ThreadSampler {
@@ -27,6 +29,7 @@ impl ThreadSampler {
             metrics,
             names: HashMap::new(),
             warned_full: false,
+            shared: SharedThreads::default(),
         }
     }
 
@@ -60,6 +63,9 @@ impl ThreadSampler {
                 }
             })
             .collect();
+        if let Ok(mut s) = self.shared.lock() {
+            *s = snapshot(&samples, now);
+        }
         let (deltas, forget) = self
             .acct
             .update(now, &samples, |tgid| traced.contains(&tgid));
