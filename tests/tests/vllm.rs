@@ -151,6 +151,58 @@ fn probe_on(port: u16, addr: &str, interval: &str) -> Probe {
     ])
 }
 
+/// `llm_ttft_stage_thread_seconds_total{stage="server"}` by state: `on_cpu`, `runnable`, `blocked`,
+/// `unknown`.
+fn server_states(probe: &Probe) -> [f64; 4] {
+    let m = probe.metrics();
+    ["on_cpu", "runnable", "blocked", "unknown"].map(|state| {
+        metric_sum(
+            &m,
+            "llm_ttft_stage_thread_seconds_total",
+            &[("stage", "server"), ("state", state)],
+        )
+    })
+}
+
+/// The processes below `pid` (vLLM's engine core and workers), from /proc's parent links.
+fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(p) = queue.pop() {
+        for &(child, _) in parents.iter().filter(|&&(_, pp)| pp == p) {
+            out.push(child);
+            queue.push(child);
+        }
+    }
+    out
+}
+
+/// Every thread of process `pid` (vLLM's API server; its engine processes are not moved) on `cpus`.
+fn pin_all(pid: u32, cpus: &str) {
+    let ok = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(ok, "taskset -a -p -c {cpus} {pid}");
+}
+
 fn health_status(probe: &Probe) -> String {
     probe.health().1["overall"]
         .as_str()
@@ -193,7 +245,7 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
     //    218 ms above the probe's and the client's (122 ms).
     let mut round_start = (vllm_counters(&addr), probe_counters(&probe));
     let mut last_round = 0;
-    let total = timing_rounds(&probe, 3, |round| {
+    let mut total = timing_rounds(&probe, 3, |round| {
         round_start = (vllm_counters(&addr), probe_counters(&probe));
         let samples = accuracy_round(&addr, round);
         last_round = samples.len();
@@ -251,6 +303,48 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
     assert!(
         vllm_mean <= front + eng + out,
         "vLLM's TTFT lies inside frontend + engine + output"
+    );
+
+    // 1b. A CPU hog pinned to the API server's CPU shows up as run-queue delay of its serving
+    //     thread (`runnable` in the server span), against the same requests without the hog.
+    let mut share = |probe: &Probe, id: &str, n: usize| {
+        let before = server_states(probe);
+        for i in 0..n {
+            let s = run_one(&addr, vreq(&format!("{id}-{i}"), true, true, false, 40, 8));
+            assert!(s.error.is_none(), "{:?}", s.error);
+        }
+        records(probe, total + n);
+        total += n;
+        let after = server_states(probe);
+        let d: Vec<f64> = (0..4).map(|i| after[i] - before[i]).collect();
+        (d[1] / d.iter().sum::<f64>().max(1e-9), d)
+    };
+    // The API server alone on CPU 1, its engine processes on CPU 0: a baseline without
+    // contention, then the hog joins the API server.
+    pin_all(engine.pid(), "1");
+    for child in descendants(engine.pid()) {
+        pin_all(child, "0");
+    }
+    let (calm, calm_s) = share(&probe, "calm", 8);
+    let hog = tests::Proc::spawn(
+        "hog",
+        std::process::Command::new("taskset").args(["-c", "1", "sh", "-c", "while :; do :; done"]),
+    );
+    let (hogged, hog_s) = share(&probe, "hogged", 8);
+    drop(hog);
+    for pid in std::iter::once(engine.pid()).chain(descendants(engine.pid())) {
+        pin_all(pid, "0-1");
+    }
+    eprintln!(
+        "runnable share of the server span: {:.1} % alone on CPU 1, {:.1} % with a hog there \
+         (on_cpu/runnable/blocked/unknown s: {calm_s:.3?} vs {hog_s:.3?})",
+        calm * 100.0,
+        hogged * 100.0
+    );
+    // CFS shares CPU 1 between the two: the API server's thread waits about as long as it runs.
+    assert!(
+        hogged >= 0.15 && hog_s[1] >= 2.0 * calm_s[1] && hog_s[1] >= 0.5 * hog_s[0],
+        "the hog shows as run-queue delay of the API server's thread"
     );
 
     // 2. Tokens, usage reported: the probe's counters move exactly as vLLM's.
