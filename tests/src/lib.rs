@@ -455,6 +455,18 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// (on-CPU ns, run-queue wait ns) of thread `tid` of `pid`, as the kernel accounts them
+/// (`/proc/PID/task/TID/schedstat`).
+pub fn schedstat(pid: u32, tid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+        .unwrap_or_else(|e| panic!("schedstat of {pid}/{tid}: {e}"));
+    let v: Vec<u64> = s
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (v[0], v[1])
+}
+
 /// Host steal time of this VM (`/proc/stat` cpu line, 8th value), in clock ticks: how much the
 /// hypervisor took from the timing tests' reference client.
 pub fn steal_ticks() -> u64 {

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use tests::{metric_sum, require_root, workspace_root, Probe};
+use tests::{metric_sum, require_root, schedstat, steal_ticks, workspace_root, Probe};
 
 /// Kills the stand-in and the hog whatever happens.
 struct Kill(std::process::Child);
@@ -18,26 +18,6 @@ impl Drop for Kill {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// (on-CPU ns, run-queue wait ns) of one thread.
-fn schedstat(pid: u32, tid: u64) -> (f64, f64) {
-    let s =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).expect("schedstat");
-    let v: Vec<f64> = s
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    (v[0], v[1])
-}
-
-/// Steal ticks of all CPUs so far (/proc/stat, 8th value of the `cpu` line).
-fn steal_ticks() -> u64 {
-    std::fs::read_to_string("/proc/stat")
-        .ok()
-        .and_then(|s| s.lines().next().map(str::to_owned))
-        .and_then(|l| l.split_whitespace().nth(8).and_then(|x| x.parse().ok()))
-        .unwrap_or(0)
 }
 
 #[test]
@@ -81,7 +61,8 @@ fn thread_states_match_the_kernels_schedstat() {
     let steal_ms = (steal_ticks() - steal0) as f64 * 10.0;
     for (role, min_on_cpu_ms) in [("burner", 1500.0), ("sleeper", 0.0)] {
         let tid = tids[role].as_u64().expect("tid");
-        let (on, wait) = schedstat(pid, tid);
+        let (on, wait) = schedstat(pid, u32::try_from(tid).expect("tid"));
+        let (on, wait) = (on as f64, wait as f64);
         let get = |state: &str| {
             metric_sum(
                 &text,
