@@ -296,8 +296,10 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
         (queue + front + eng + out - probe_mean).abs() < 0.01,
         "the stage means add up to the TTFT mean"
     );
+    // IPC is seen on the sock: path only; on the syscall path all of it is `engine`.
+    let sock_path = std::env::var(tests::CAPTURE_ENV).as_deref() != Ok("syscalls");
     assert!(
-        front > 0.0 && out > 0.0,
+        !sock_path || (front > 0.0 && out > 0.0),
         "vLLM's API server hands requests off over IPC"
     );
     assert!(
