@@ -76,7 +76,8 @@ fn modules(src: &Path) -> Vec<Module> {
                 .map(|c| c.to_string_lossy().into_owned())
                 .collect();
             // The binary's own modules and test files are not part of the library's layers.
-            if ["lib", "main", "memleak"].contains(&path[0].as_str()) && path.len() == 1
+            if ["lib", "main", "memleak", "explain", "trace"].contains(&path[0].as_str())
+                && path.len() == 1
                 || path.last().is_some_and(|l| l == "tests")
                 || path.iter().any(|c| c == "tests")
             {
