@@ -1,0 +1,226 @@
+use prometheus_client::registry::Registry;
+
+use super::*;
+use crate::http::{Moment, Outcome, ThreadClock};
+
+fn meta(model: Option<&str>) -> RequestMeta {
+    RequestMeta {
+        endpoint: Some(Endpoint::ChatCompletions),
+        model: model.map(str::to_owned),
+        ..RequestMeta::default()
+    }
+}
+
+fn record(m: RequestMeta) -> RequestRecord {
+    RequestRecord {
+        conn: ConnId { tgid: 1, fd: 3 },
+        meta: m,
+        status: Some(200),
+        outcome: Outcome::Ok,
+        arrival_ns: 1_000,
+        first_token_ns: Some(2_000),
+        // Read at 1,200 (200 ns in the socket); the same thread wrote the first token 800 ns
+        // later after 400 on a CPU, 100 runnable and 300 blocked.
+        read: Moment {
+            ts_ns: 1_200,
+            tid: 5,
+            clock: ThreadClock {
+                on_cpu_ns: 100,
+                runnable_ns: 0,
+                blocked_ns: 0,
+            },
+        },
+        first_token_at: Some(Moment {
+            ts_ns: 2_000,
+            tid: 5,
+            clock: ThreadClock {
+                on_cpu_ns: 500,
+                runnable_ns: 100,
+                blocked_ns: 300,
+            },
+        }),
+        end_ns: 5_000,
+        content_events: 3,
+        token_events: 3,
+        gaps_ns: vec![1_000, 1_000],
+        prompt_tokens: Some(4),
+        completion_tokens: Some(5),
+    }
+}
+
+#[test]
+fn model_labels_are_capped_and_gauges_balance() {
+    let mut registry = Registry::default();
+    let metrics = RequestMetrics::new(&mut registry);
+    let mut s = RequestStats::new(metrics, SharedRecent::default());
+    let conn = ConnId { tgid: 1, fd: 3 };
+    for i in 0..(MAX_MODELS + 5) {
+        let m = meta(Some(&format!("model-{i}")));
+        s.request_started(conn, &m, 1_000);
+        s.first_token(conn, &m, 1_000);
+        s.token_gap(conn, &m, 1_000);
+        s.request_finished(record(m));
+    }
+    let m = meta(None);
+    s.request_started(conn, &m, 1_000);
+    assert_eq!((s.queue_depth(), s.batch_size()), (1, 0));
+    s.request_finished(RequestRecord {
+        first_token_ns: None,
+        ..record(m)
+    });
+    assert_eq!((s.queue_depth(), s.batch_size()), (0, 0));
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let models: std::collections::BTreeSet<_> = text
+        .lines()
+        .filter(|l| l.starts_with("llm_requests_total{"))
+        .filter_map(|l| l.split("model=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(
+        models.len(),
+        MAX_MODELS + 2,
+        "32 names + other + unknown: {models:?}"
+    );
+    assert!(models.contains("other") && models.contains("unknown"));
+    assert!(
+        text.contains(
+            "llm_requests_total{model=\"other\",endpoint=\"/v1/chat/completions\",status=\"ok\"} 5"
+        ),
+        "{text}"
+    );
+    // usage.completion_tokens (5) wins over content events (3).
+    assert!(
+        text.contains("llm_generated_tokens_total{model=\"model-0\"} 5"),
+        "{text}"
+    );
+    assert!(
+        text.contains("llm_prompt_tokens_total{model=\"model-0\"} 4"),
+        "{text}"
+    );
+    assert_eq!(
+        s.recent.lock().unwrap().finished_total,
+        MAX_MODELS as u64 + 6
+    );
+}
+
+#[test]
+fn ttft_stages_reach_the_log_and_the_metrics() {
+    let mut registry = Registry::default();
+    let metrics = RequestMetrics::new(&mut registry);
+    let mut s = RequestStats::new(metrics, SharedRecent::default());
+    let conn = ConnId { tgid: 1, fd: 3 };
+    let m = meta(Some("m"));
+    s.request_started(conn, &m, 1_000);
+    s.first_token(conn, &m, 1_000);
+    s.request_finished(record(m.clone()));
+    // A second request whose first token was written by another thread: no split.
+    s.request_started(conn, &m, 1_000);
+    s.first_token(conn, &m, 1_000);
+    let mut other = record(m);
+    other.first_token_at = other.first_token_at.map(|f| Moment { tid: 6, ..f });
+    s.request_finished(other);
+
+    let recent = s.recent.lock().unwrap();
+    let v = serde_json::to_value(&recent.items[0]).unwrap();
+    assert_eq!(v["ttft_ns"], 1_000);
+    assert_eq!(
+        v["stages_ns"],
+        serde_json::json!({"socket_queue": 200, "frontend": 0, "engine": 800, "output": 0})
+    );
+    assert_eq!(
+        v["threads_ns"],
+        serde_json::json!({"server": {"on_cpu": 400, "runnable": 100, "blocked": 300}})
+    );
+    let v = serde_json::to_value(&recent.items[1]).unwrap();
+    assert_eq!(v["threads_ns"], serde_json::Value::Null);
+    drop(recent);
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for line in [
+        "llm_ttft_stage_seconds_count{model=\"m\",stage=\"socket_queue\"} 2",
+        "llm_ttft_stage_seconds_sum{model=\"m\",stage=\"engine\"} 0.0000016",
+        "llm_ttft_stage_thread_seconds_total{stage=\"server\",state=\"on_cpu\"} 4e-7",
+        "llm_ttft_stage_thread_seconds_total{stage=\"server\",state=\"unknown\"} 8e-7",
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
+}
+
+#[test]
+fn token_window_rate() {
+    let mut w = TokenWindow::default();
+    for sec in 0..10u64 {
+        w.add(sec * 1_000_000_000 + 5, 20);
+    }
+    assert!((w.rate(10 * 1_000_000_000) - 20.0).abs() < 1e-9);
+    assert!(
+        w.rate(30 * 1_000_000_000).abs() < 1e-9,
+        "old seconds fall out of the window"
+    );
+}
+
+fn labels_of(registry: &Registry) -> std::collections::BTreeSet<String> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("llm_requests_total{"))
+        .filter_map(|l| Some(l.split("model=\"").nth(1)?.split('"').next()?.to_owned()))
+        .collect()
+}
+
+/// A flood of made-up names answered 404 takes no slot; the real model, answered 2xx, gets
+/// its own label afterwards; hostile bytes never reach the page.
+#[test]
+fn models_are_admitted_on_success_only_and_made_safe() {
+    let mut registry = Registry::default();
+    let mut s = RequestStats::new(RequestMetrics::new(&mut registry), SharedRecent::default());
+    let conn = ConnId { tgid: 1, fd: 3 };
+    for i in 0..1000 {
+        let m = meta(Some(&format!("bogus-{i}")));
+        s.request_started(conn, &m, 1_000);
+        s.request_finished(RequestRecord {
+            status: Some(404),
+            outcome: Outcome::ClientError,
+            first_token_ns: None,
+            content_events: 0,
+            token_events: 0,
+            gaps_ns: Vec::new(),
+            ..record(m)
+        });
+    }
+    for name in ["real-model", "evil\"} 1\nllm_x{a=\"", "nul\0esc\u{1b}[31m"] {
+        let m = meta(Some(name));
+        s.request_started(conn, &m, 1_000);
+        s.first_token(conn, &m, 1_000);
+        s.request_finished(record(m));
+    }
+    let got = labels_of(&registry);
+    let want: std::collections::BTreeSet<String> =
+        ["other", "real-model", "evil___1_llm_x_a=_", "nul_esc__31m"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+    assert_eq!(got, want);
+}
+
+/// With an allowlist, exactly those names get a label, even when others are answered 2xx.
+#[test]
+fn allowlisted_models_only() {
+    let mut registry = Registry::default();
+    let mut s = RequestStats::new(RequestMetrics::new(&mut registry), SharedRecent::default());
+    s.set_policy(ModelPolicy {
+        allow: vec!["llama".to_owned()],
+        max: 1,
+    });
+    let conn = ConnId { tgid: 1, fd: 3 };
+    for name in ["whatever", "llama"] {
+        let m = meta(Some(name));
+        s.request_started(conn, &m, 1_000);
+        s.first_token(conn, &m, 1_000);
+        s.request_finished(record(m));
+    }
+    let got = labels_of(&registry);
+    assert_eq!(got.into_iter().collect::<Vec<_>>(), ["llama", "other"]);
+}
