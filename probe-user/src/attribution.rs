@@ -128,12 +128,39 @@ impl IpcLog {
 
     /// (first send in `[from, to]`, then the last receive in `[that send, to]`).
     fn hand_off(&self, tgid: u32, from: u64, to: u64) -> Option<(u64, u64)> {
-        let [recvs, sends] = self.procs.get(&tgid)?;
+        let [_, sends] = self.procs.get(&tgid)?;
         let i = sends.partition_point(|&t| t < from);
         let sent = *sends.get(i).filter(|&&t| t <= to)?;
+        Some((sent, self.last_recv_in(tgid, sent, to)?))
+    }
+
+    /// The last receive of `tgid` in `[from, to]`.
+    fn last_recv_in(&self, tgid: u32, from: u64, to: u64) -> Option<u64> {
+        let [recvs, _] = self.procs.get(&tgid)?;
         let j = recvs.partition_point(|&t| t <= to);
-        let back = *recvs.get(j.checked_sub(1)?).filter(|&&t| t >= sent)?;
-        Some((sent, back))
+        recvs.get(j.checked_sub(1)?).copied().filter(|&t| t >= from)
+    }
+}
+
+/// A request's decode time (first content write → last) split like the TTFT's server span: per
+/// gap between two content writes, `engine` until the front process's last IPC receive inside the
+/// gap, `output` from it to the write (a single-process server: all `engine`). Sums to the gaps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Decode {
+    pub engine: u64,
+    pub output: u64,
+}
+
+impl Decode {
+    /// Split the gap `[from, to]` of a request served by `tgid` and add it.
+    pub fn add_gap(&mut self, ipc: &IpcLog, tgid: u32, from: u64, to: u64) -> (u64, u64) {
+        let split = match ipc.last_recv_in(tgid, from, to) {
+            Some(r) => (r - from, to - r),
+            None => (to - from, 0),
+        };
+        self.engine += split.0;
+        self.output += split.1;
+        split
     }
 }
 
@@ -394,5 +421,27 @@ mod tests {
             ipc.record(100 + p, 1, false);
         }
         assert_eq!(ipc.procs.len(), IPC_PROCESSES);
+    }
+
+    #[test]
+    fn decode_gaps_split_at_the_last_receive_inside_them() {
+        let mut ipc = IpcLog::default();
+        for t in [150, 180, 260] {
+            ipc.record(1, t, false);
+        }
+        let mut d = Decode::default();
+        // Gap 100..200: the engine's answer arrived at 180 (the last inside), then 20 of output.
+        assert_eq!(d.add_gap(&ipc, 1, 100, 200), (80, 20));
+        // Gap 200..250: no receive inside: all engine. Another process's IPC does not count.
+        ipc.record(2, 220, false);
+        assert_eq!(d.add_gap(&ipc, 1, 200, 250), (50, 0));
+        assert_eq!(d.add_gap(&ipc, 1, 250, 300), (10, 40));
+        assert_eq!(
+            d,
+            Decode {
+                engine: 140,
+                output: 60
+            }
+        );
     }
 }

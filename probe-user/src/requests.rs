@@ -12,11 +12,11 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::{
-    attribution::{self, StageThreads, Stages},
+    attribution::{self, Decode, StageThreads, Stages},
     http::{ConnId, Endpoint, Observer, ParseErrorKind, RequestMeta, RequestRecord},
     metrics::{
         ErrorLabels, KindLabels, ModelLabels, ReqLabels, RequestMetrics, StageLabels,
-        StageStateLabels, StatusLabels,
+        StageOnlyLabels, StageStateLabels, StatusLabels,
     },
 };
 
@@ -47,6 +47,9 @@ pub struct RequestView {
     pub stages_ns: Option<Stages>,
     /// Stages split by the state of the thread doing the work; `None` when no stage could be.
     pub threads_ns: Option<StageThreads>,
+    /// The gaps after the first token split into engine and output time (`attribution::Decode`);
+    /// `None` without a second content event.
+    pub decode_ns: Option<Decode>,
     pub duration_ns: u64,
     pub content_events: u64,
     pub tokens: u64,
@@ -165,6 +168,9 @@ pub struct RequestStats {
     pub first_tokens: Vec<u64>,
     /// The traced processes' recent IPC, for the frontend / engine / output split.
     pub ipc: attribution::IpcLog,
+    /// The decode split of each streaming request so far, by connection (one response streams
+    /// at a time on a connection); taken at its end.
+    decode: FxHashMap<ConnId, Decode>,
 }
 
 impl RequestStats {
@@ -182,6 +188,7 @@ impl RequestStats {
             now_ns: 0,
             first_tokens: Vec::new(),
             ipc: attribution::IpcLog::default(),
+            decode: FxHashMap::default(),
         }
     }
 
@@ -315,16 +322,31 @@ impl Observer for RequestStats {
         self.metrics.batch_size.set(self.streaming);
     }
 
-    fn token_gap(&mut self, _conn: ConnId, meta: &RequestMeta, gap_ns: u64) {
+    fn token_gap(&mut self, conn: ConnId, meta: &RequestMeta, gap_ns: u64) {
         let i = self.entry(meta, true);
         if let Some(ep) = meta.endpoint {
             self.handles(i, ep).tbt.observe(gap_ns as f64 / 1e9);
         }
         let now = self.now_ns;
+        if self.decode.len() < crate::http::conn::MAX_CONNS_TRACKED
+            || self.decode.contains_key(&conn)
+        {
+            let d = self.decode.entry(conn).or_default();
+            let (engine, output) = d.add_gap(&self.ipc, conn.tgid, now - gap_ns.min(now), now);
+            for (stage, ns) in [("engine", engine), ("output", output)] {
+                if ns > 0 {
+                    self.metrics
+                        .tbt_stage
+                        .get_or_create(&StageOnlyLabels { stage })
+                        .inc_by(ns as f64 / 1e9);
+                }
+            }
+        }
         self.entries[i].window.add(now, 1);
     }
 
     fn request_finished(&mut self, r: RequestRecord) {
+        let decode = self.decode.remove(&r.conn);
         if r.first_token_ns.is_some() {
             self.streaming -= 1;
         } else {
@@ -391,6 +413,7 @@ impl Observer for RequestStats {
             ttft_ns: r.first_token_ns.map(|t| t.saturating_sub(r.arrival_ns)),
             stages_ns: breakdown.map(|b| b.stages),
             threads_ns: breakdown.and_then(|b| b.threads),
+            decode_ns: decode,
             duration_ns,
             content_events: r.content_events,
             tokens,

@@ -302,6 +302,35 @@ fn ttft_stages_match_what_the_stand_in_did() {
     );
     assert!(rec["threads_ns"]["server"].is_object(), "{rec}");
 
+    // Decode through the worker: each of 3 gaps is 30 ms in the worker, then 10 ms of the
+    // front's CPU. The probe splits each gap at the front's receive of the answer.
+    let extra = json!({"worker_ms": 30, "output_burn_ms": 10, "worker_gaps": true});
+    run_one(&served.addr, chat_req("decode", "m", true, 4, &extra));
+    let recs = records(&served.probe, next(1));
+    let rec = by_id(&recs, "decode");
+    let gaps: u64 = rec["gaps_ns"]
+        .as_array()
+        .expect("gaps")
+        .iter()
+        .map(ns)
+        .sum();
+    let (de, dout) = (
+        ns(&rec["decode_ns"]["engine"]),
+        ns(&rec["decode_ns"]["output"]),
+    );
+    eprintln!("decode: engine {de} output {dout} ns over gaps {gaps} ns");
+    assert_eq!(
+        de + dout,
+        gaps,
+        "the decode split adds up to the gaps: {rec}"
+    );
+    assert!(de >= 89_000_000, "3 x 30 ms in the worker: {rec}");
+    // 3 x (10 ms of CPU + Node's dispatch of the answer, 1-3 ms, + the write).
+    assert!(
+        (30_000_000..=45_000_000).contains(&dout),
+        "3 x 10 ms of output work: {rec}"
+    );
+
     // Overlapping hand-offs: the boundaries are the nearest IPC times (docs/attribution.md), so a
     // request's engine stage can only grow past the worker's own time, never shrink below it.
     let reqs = (0..8)

@@ -13,7 +13,8 @@ use prometheus_client::{
 
 use super::{
     ErrorLabels, F64Gauge, HistFamily, KindLabels, ModelLabels, ReqLabels, StageLabels,
-    StageStateLabels, StatusLabels, WhatLabels, DURATION_BUCKETS, TBT_BUCKETS, TTFT_BUCKETS,
+    StageOnlyLabels, StageStateLabels, StatusLabels, WhatLabels, DURATION_BUCKETS, TBT_BUCKETS,
+    TTFT_BUCKETS,
 };
 
 fn ttft() -> Histogram {
@@ -34,6 +35,8 @@ pub struct RequestMetrics {
     pub ttft_stage: HistFamily<StageLabels>,
     /// Seconds of TTFT stages by the state of the thread doing the work.
     pub ttft_stage_thread: Family<StageStateLabels, Counter<f64, AtomicU64>>,
+    /// Seconds between tokens by stage (`engine`, `output`).
+    pub tbt_stage: Family<StageOnlyLabels, Counter<f64, AtomicU64>>,
     pub tbt: HistFamily<ReqLabels>,
     pub duration: HistFamily<StatusLabels>,
     pub requests: Family<StatusLabels, Counter>,
@@ -58,6 +61,7 @@ impl RequestMetrics {
             ttft: Family::new_with_constructor(ttft),
             ttft_stage: Family::new_with_constructor(ttft),
             ttft_stage_thread: Family::default(),
+            tbt_stage: Family::default(),
             tbt: Family::new_with_constructor(tbt),
             duration: Family::new_with_constructor(duration),
             requests: Family::default(),
@@ -96,6 +100,16 @@ impl RequestMetrics {
                 stage: crate::attribution::SERVER_SPAN,
                 state,
             });
+        }
+        registry.register(
+            "llm_tbt_stage_seconds",
+            "Seconds between content events split at the front process's last IPC receive inside \
+             each gap: engine (waiting for the engine process's next output), output (the front \
+             end turning it into the write); single-process servers: engine only",
+            m.tbt_stage.clone(),
+        );
+        for stage in ["engine", "output"] {
+            let _ = m.tbt_stage.get_or_create(&StageOnlyLabels { stage });
         }
         registry.register(
             "llm_tbt_seconds",

@@ -113,6 +113,12 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
     let m = meta(Some("m"));
     s.request_started(conn, &m, 1_000);
     s.first_token(conn, &m, 1_000);
+    // Two gaps: 2,000..3,000 with the engine's answer received at 2,700; 3,000..3,400 without.
+    s.ipc.record(1, 2_700, false);
+    s.now_ns = 3_000;
+    s.token_gap(conn, &m, 1_000);
+    s.now_ns = 3_400;
+    s.token_gap(conn, &m, 400);
     s.request_finished(record(m.clone()));
     // A second request whose first token was written by another thread: no split.
     s.request_started(conn, &m, 1_000);
@@ -132,8 +138,17 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
         v["threads_ns"],
         serde_json::json!({"server": {"on_cpu": 400, "runnable": 100, "blocked": 300}})
     );
+    assert_eq!(
+        v["decode_ns"],
+        serde_json::json!({"engine": 1_100, "output": 300})
+    );
     let v = serde_json::to_value(&recent.items[1]).unwrap();
     assert_eq!(v["threads_ns"], serde_json::Value::Null);
+    assert_eq!(
+        v["decode_ns"],
+        serde_json::Value::Null,
+        "no gaps, no decode split"
+    );
     drop(recent);
 
     let mut text = String::new();
@@ -143,6 +158,8 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
         "llm_ttft_stage_seconds_sum{model=\"m\",stage=\"engine\"} 0.0000016",
         "llm_ttft_stage_thread_seconds_total{stage=\"server\",state=\"on_cpu\"} 4e-7",
         "llm_ttft_stage_thread_seconds_total{stage=\"server\",state=\"unknown\"} 8e-7",
+        "llm_tbt_stage_seconds_total{stage=\"engine\"} 0.0000011",
+        "llm_tbt_stage_seconds_total{stage=\"output\"} 3e-7",
     ] {
         assert!(text.contains(line), "{line} in\n{text}");
     }
