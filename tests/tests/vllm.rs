@@ -63,6 +63,8 @@ struct VllmCounters {
     /// The probe's TTFT stages (`socket_queue`, `frontend`, `engine`, `output`) summed; 0 for
     /// vLLM.
     stage_sums: [f64; 4],
+    /// The probe's time between tokens by stage (`engine`, `output`); 0 for vLLM.
+    tbt_sums: [f64; 2],
     aborted: f64,
 }
 
@@ -74,6 +76,7 @@ fn vllm_counters(addr: &str) -> VllmCounters {
         ttft_sum: metric_sum(&page, "vllm:time_to_first_token_seconds_sum", &[]),
         ttft_count: metric_sum(&page, "vllm:time_to_first_token_seconds_count", &[]),
         stage_sums: [0.0; 4],
+        tbt_sums: [0.0; 2],
         aborted: metric_sum(
             &page,
             "vllm:request_success_total",
@@ -91,6 +94,8 @@ fn probe_counters(probe: &Probe) -> VllmCounters {
         prompt_tokens: metric_sum(&m, "llm_prompt_tokens_total", &l),
         ttft_sum: metric_sum(&m, "llm_ttft_seconds_sum", &l),
         ttft_count: metric_sum(&m, "llm_ttft_seconds_count", &l),
+        tbt_sums: ["engine", "output"]
+            .map(|stage| metric_sum(&m, "llm_tbt_stage_seconds_total", &[("stage", stage)])),
         stage_sums: ["socket_queue", "frontend", "engine", "output"].map(|stage| {
             metric_sum(
                 &m,
@@ -109,6 +114,7 @@ fn delta(a: VllmCounters, b: VllmCounters) -> VllmCounters {
         ttft_sum: b.ttft_sum - a.ttft_sum,
         ttft_count: b.ttft_count - a.ttft_count,
         stage_sums: [0, 1, 2, 3].map(|i| b.stage_sums[i] - a.stage_sums[i]),
+        tbt_sums: [0, 1].map(|i| b.tbt_sums[i] - a.tbt_sums[i]),
         aborted: b.aborted - a.aborted,
     }
 }
@@ -305,6 +311,18 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
     assert!(
         vllm_mean <= front + eng + out,
         "vLLM's TTFT lies inside frontend + engine + output"
+    );
+    let [tbt_engine, tbt_output] = pt.tbt_sums;
+    eprintln!(
+        "time between tokens: engine {:.1} ms, output {:.1} ms ({:.1} % in the API server after \
+         the engine's output arrived)",
+        tbt_engine * 1e3,
+        tbt_output * 1e3,
+        tbt_output / (tbt_engine + tbt_output).max(1e-9) * 100.0
+    );
+    assert!(
+        !sock_path || tbt_output > 0.0,
+        "vLLM's token outputs arrive over IPC"
     );
 
     // 1b. A CPU hog pinned to the API server's CPU shows up as run-queue delay of its serving
