@@ -101,7 +101,7 @@ fn on_exit(ctx: &TracePointContext) {
         return;
     }
     // SAFETY: the entry is copied out before it is removed.
-    let Some(p) = (unsafe { PENDING.get(tid) }).copied() else {
+    let Some(mut p) = (unsafe { PENDING.get(tid) }).copied() else {
         return;
     };
     let _ = PENDING.remove(tid);
@@ -118,7 +118,6 @@ fn on_exit(ctx: &TracePointContext) {
         }
         let _ = ARRIVAL.remove(p.sk);
     }
-    let mut p = p;
     let ts_ns = if p.dir == DIR_EGRESS {
         p.enter_ns
     } else {

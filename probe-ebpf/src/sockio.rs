@@ -261,7 +261,7 @@ pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
             return 0;
         }
     }
-    let p = describe(&r, DIR_INGRESS, sk);
+    let mut p = describe(&r, DIR_INGRESS, sk);
     let mut arrival_ns = 0;
     // SAFETY: value copied out before the entry is removed.
     if let Some(t) = unsafe { ARRIVAL.get(sk) } {
@@ -270,7 +270,6 @@ pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    let mut p = p;
     p.thread = threads::clock(tgid, tid, now);
     capture_via_slot(p, now, tgid, tid, i64::from(ret), arrival_ns);
     0

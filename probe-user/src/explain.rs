@@ -34,10 +34,7 @@ const HEADER: [&str; 13] = [
 ];
 
 pub fn run(a: &Args) -> anyhow::Result<()> {
-    let (status, body) = crate::ask(&a.url, "/api/v1/requests?limit=1000")?;
-    anyhow::ensure!(status == 200, "{}/api/v1/requests answered {status}", a.url);
-    let page: Value = serde_json::from_str(&body)
-        .map_err(|e| anyhow::anyhow!("{}/api/v1/requests is not JSON: {e}", a.url))?;
+    let page = crate::ask_json(&a.url, "/api/v1/requests?limit=1000")?;
     let requests = page["requests"].as_array().cloned().unwrap_or_default();
     let rows = select(&requests, a.top, a.request_id.as_deref());
     if rows.is_empty() {

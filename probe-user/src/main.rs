@@ -434,6 +434,13 @@ fn ask(url: &str, path: &str) -> anyhow::Result<(u16, String)> {
     Ok((r.status, r.body))
 }
 
+/// GET `path` from the agent at `url`: its JSON answer, or an error naming what went wrong.
+fn ask_json(url: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    let (status, body) = ask(url, path)?;
+    anyhow::ensure!(status == 200, "{url}{path} answered {status}");
+    serde_json::from_str(&body).map_err(|e| anyhow::anyhow!("{url}{path} is not JSON: {e}"))
+}
+
 fn gpu_cli() -> anyhow::Result<()> {
     use probe_user::{gpu::GpuInventory as _, nvml::NvmlInventory};
 

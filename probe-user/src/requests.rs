@@ -171,10 +171,21 @@ pub struct RequestStats {
     /// The decode split of each streaming request so far, by connection (one response streams
     /// at a time on a connection); taken at its end.
     decode: FxHashMap<ConnId, Decode>,
+    /// `llm_tbt_stage_seconds_total` for `engine` and `output`, looked up once (a gap is a hot
+    /// path event: no label hashing per gap).
+    tbt_stage: [TbtCounter; 2],
 }
+
+type TbtCounter = prometheus_client::metrics::counter::Counter<f64, std::sync::atomic::AtomicU64>;
 
 impl RequestStats {
     pub fn new(metrics: RequestMetrics, recent: SharedRecent) -> Self {
+        let tbt_stage = ["engine", "output"].map(|stage| {
+            metrics
+                .tbt_stage
+                .get_or_create(&StageOnlyLabels { stage })
+                .clone()
+        });
         Self {
             metrics,
             policy: ModelPolicy::default(),
@@ -189,6 +200,7 @@ impl RequestStats {
             first_tokens: Vec::new(),
             ipc: attribution::IpcLog::default(),
             decode: FxHashMap::default(),
+            tbt_stage,
         }
     }
 
@@ -328,18 +340,17 @@ impl Observer for RequestStats {
             self.handles(i, ep).tbt.observe(gap_ns as f64 / 1e9);
         }
         let now = self.now_ns;
-        if self.decode.len() < crate::http::conn::MAX_CONNS_TRACKED
-            || self.decode.contains_key(&conn)
-        {
-            let d = self.decode.entry(conn).or_default();
-            let (engine, output) = d.add_gap(&self.ipc, conn.tgid, now - gap_ns.min(now), now);
-            for (stage, ns) in [("engine", engine), ("output", output)] {
-                if ns > 0 {
-                    self.metrics
-                        .tbt_stage
-                        .get_or_create(&StageOnlyLabels { stage })
-                        .inc_by(ns as f64 / 1e9);
-                }
+        // One map lookup per gap; past the connection cap a gap is still split and counted.
+        let mut spare = Decode::default();
+        let d = if self.decode.len() < crate::http::conn::MAX_CONNS_TRACKED {
+            self.decode.entry(conn).or_default()
+        } else {
+            self.decode.get_mut(&conn).unwrap_or(&mut spare)
+        };
+        let (engine, output) = d.add_gap(&self.ipc, conn.tgid, now.saturating_sub(gap_ns), now);
+        for (counter, ns) in self.tbt_stage.iter().zip([engine, output]) {
+            if ns > 0 {
+                counter.inc_by(ns as f64 / 1e9);
             }
         }
         self.entries[i].window.add(now, 1);

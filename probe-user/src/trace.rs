@@ -23,15 +23,9 @@ pub struct Args {
 /// Thread snapshots kept (one per second): an hour.
 const MAX_SNAPSHOTS: usize = 3600;
 
-fn get_json(url: &str, path: &str) -> anyhow::Result<Value> {
-    let (status, body) = crate::ask(url, path)?;
-    anyhow::ensure!(status == 200, "{url}{path} answered {status}");
-    serde_json::from_str(&body).map_err(|e| anyhow::anyhow!("{url}{path} is not JSON: {e}"))
-}
-
 pub fn run(a: &Args) -> anyhow::Result<()> {
     // Requests finished before the start are left out: remember the newest one now.
-    let newest = get_json(&a.url, "/api/v1/requests?limit=1")?;
+    let newest = crate::ask_json(&a.url, "/api/v1/requests?limit=1")?;
     let after = newest["requests"][0]["seq"].as_u64().unwrap_or(0);
     eprintln!(
         "recording {} from {} ...",
@@ -42,14 +36,14 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let mut snaps = Vec::new();
     loop {
         if snaps.len() < MAX_SNAPSHOTS {
-            snaps.push(get_json(&a.url, "/api/v1/threads")?);
+            snaps.push(crate::ask_json(&a.url, "/api/v1/threads")?);
         }
         if start.elapsed() >= a.duration {
             break;
         }
         std::thread::sleep(Duration::from_secs(1).min(a.duration.saturating_sub(start.elapsed())));
     }
-    let page = get_json(
+    let page = crate::ask_json(
         &a.url,
         &format!("/api/v1/requests?after={after}&limit=1000"),
     )?;

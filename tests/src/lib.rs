@@ -467,6 +467,23 @@ pub fn schedstat(pid: u32, tid: u32) -> (u64, u64) {
     (v[0], v[1])
 }
 
+/// Every thread of process `pid` on `cpus` (`taskset -a -p -c`).
+pub fn pin(pid: u32, cpus: &str) {
+    let ok = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(ok, "taskset -a -p -c {cpus} {pid}");
+}
+
+/// A busy loop pinned to CPU `cpu`, killed on drop: a noisy neighbour.
+pub fn cpu_hog(cpu: u32) -> Proc {
+    Proc::spawn(
+        "hog",
+        Command::new("taskset").args(["-c", &cpu.to_string(), "sh", "-c", "while :; do :; done"]),
+    )
+}
+
 /// Host steal time of this VM (`/proc/stat` cpu line, 8th value), in clock ticks: how much the
 /// hypervisor took from the timing tests' reference client.
 pub fn steal_ticks() -> u64 {

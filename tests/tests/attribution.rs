@@ -14,9 +14,9 @@ use std::{process::Command, thread, time::Duration};
 
 use serde_json::{json, Value};
 use tests::{
-    node_under_probe, node_with_args_under_probe, schedstat, steal_ticks,
+    cpu_hog, node_under_probe, node_with_args_under_probe, pin, schedstat, steal_ticks,
     traffic::{by_id, chat_req, records, run_concurrent, run_one},
-    NodeUnderProbe, Proc,
+    NodeUnderProbe,
 };
 
 /// Allowed difference between a probe figure and its witness: max(1 ms, 5 %), as the issue asks;
@@ -96,16 +96,6 @@ fn solo(served: &NodeUnderProbe, id: &str, extra: &Value) -> ((u64, u64), f64) {
     ((after.0 - before.0, after.1 - before.1), steal_ms)
 }
 
-fn pin(pid: u32, cpus: &str) {
-    let ok = Command::new("taskset")
-        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
-        .output()
-        .expect("taskset")
-        .status
-        .success();
-    assert!(ok, "taskset -a -p -c {cpus} {pid}");
-}
-
 #[test]
 fn ttft_stages_match_what_the_stand_in_did() {
     let Some(served) = node_with_args_under_probe(
@@ -181,10 +171,7 @@ fn ttft_stages_match_what_the_stand_in_did() {
 
     // Runnable: the same spin with a CPU hog pinned to the server's CPU.
     pin(pid, "1");
-    let hog = Proc::spawn(
-        "hog",
-        Command::new("taskset").args(["-c", "1", "sh", "-c", "while :; do :; done"]),
-    );
+    let hog = cpu_hog(1);
     thread::sleep(Duration::from_millis(100));
     let (ws, steal) = solo(
         &served,

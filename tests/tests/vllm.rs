@@ -200,15 +200,6 @@ fn descendants(pid: u32) -> Vec<u32> {
     out
 }
 
-/// Every thread of process `pid` (vLLM's API server; its engine processes are not moved) on `cpus`.
-fn pin_all(pid: u32, cpus: &str) {
-    let ok = std::process::Command::new("taskset")
-        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(ok, "taskset -a -p -c {cpus} {pid}");
-}
-
 fn health_status(probe: &Probe) -> String {
     probe.health().1["overall"]
         .as_str()
@@ -341,19 +332,17 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
     };
     // The API server alone on CPU 1, its engine processes on CPU 0: a baseline without
     // contention, then the hog joins the API server.
-    pin_all(engine.pid(), "1");
+    tests::pin(engine.pid(), "1");
     for child in descendants(engine.pid()) {
-        pin_all(child, "0");
+        tests::pin(child, "0");
     }
     let (calm, calm_s) = share(&probe, "calm", 8);
-    let hog = tests::Proc::spawn(
-        "hog",
-        std::process::Command::new("taskset").args(["-c", "1", "sh", "-c", "while :; do :; done"]),
-    );
+    // The API server's engine processes stay on CPU 0; `pin` moves one process's threads.
+    let hog = tests::cpu_hog(1);
     let (hogged, hog_s) = share(&probe, "hogged", 8);
     drop(hog);
     for pid in std::iter::once(engine.pid()).chain(descendants(engine.pid())) {
-        pin_all(pid, "0-1");
+        tests::pin(pid, "0-1");
     }
     eprintln!(
         "runnable share of the server span: {:.1} % alone on CPU 1, {:.1} % with a hog there \
