@@ -199,15 +199,17 @@ pub struct PendingIo {
 }
 const _: () = assert!(size_of::<PendingIo>() == 64);
 
-/// Scheduler time of one thread of a traced process (`THREADS` map, tid → this), kept by the
-/// `sched_switch` / `sched_wakeup` programs: where the thread has been since it was first seen.
-/// The agent reads the map; the time in the current state since `since_ns` is not yet added.
+/// Scheduler time of one thread of a traced process (`THREADS` map, task address → this), kept
+/// by the `sched_switch` / `sched_wakeup` programs: where the thread has been since it was first
+/// seen. The agent reads the map; the time in the current state since `since_ns` is not yet added.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThreadTime {
     pub tgid: u32,
+    pub tid: u32,
     /// `THREAD_*`.
     pub state: u32,
+    pub _pad: u32,
     /// `bpf_ktime_get_ns()` when the thread entered `state`.
     pub since_ns: u64,
     pub on_cpu_ns: u64,
@@ -216,7 +218,7 @@ pub struct ThreadTime {
     /// Sleeping or waiting (futex, I/O, the other process).
     pub blocked_ns: u64,
 }
-const _: () = assert!(size_of::<ThreadTime>() == 40);
+const _: () = assert!(size_of::<ThreadTime>() == 48);
 
 /// Values of `ThreadTime::state`.
 pub const THREAD_ON_CPU: u32 = 0;
@@ -289,7 +291,10 @@ pub mod counter {
     pub const TRUNCATED: u32 = 4;
     /// iovecs beyond `MAX_IOV` not captured.
     pub const IOV_SKIPPED: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// A running thread's `THREADS` entry said runnable or blocked (a scheduler event was not
+    /// seen); repaired at that moment (probe-ebpf/src/threads.rs).
+    pub const THREAD_REPAIRS: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Wake the agent only once this many bytes wait in the ring buffer; below it the agent drains on a

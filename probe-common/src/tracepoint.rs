@@ -1,7 +1,10 @@
 //! Fields the kernel programs read from tracepoint records at fixed offsets, with the offsets and
 //! sizes of the running kernel's format files (`/sys/kernel/tracing/events/<category>/<event>/
 //! format`, Linux 6.x). The agent checks every one against the format file before attaching the
-//! program that reads it, and leaves a program unattached when its layout differs.
+//! program that reads it, and leaves a program unattached when its layout differs. (Raw
+//! tracepoint programs — `sched_switch`, `sched_wakeup`, `sk_data_ready` — read the `TP_PROTO`
+//! arguments instead; the kernel refuses their attach when a program reads more arguments than
+//! the tracepoint has.)
 
 /// One field of one tracepoint record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,20 +39,16 @@ pub const SET_STATE_SKADDR: Field = field("sock", "inet_sock_set_state", "skaddr
 pub const SET_STATE_NEWSTATE: Field = field("sock", "inet_sock_set_state", "newstate", 20, 4);
 pub const SET_STATE_SPORT: Field = field("sock", "inet_sock_set_state", "sport", 24, 2);
 pub const SET_STATE_PROTOCOL: Field = field("sock", "inet_sock_set_state", "protocol", 30, 2);
-pub const DATA_READY_SKADDR: Field = field("sock", "sk_data_ready", "skaddr", 8, 8);
 pub const RECV_LENGTH_SK: Field = field("sock", "sock_recv_length", "sk", 8, 8);
 pub const RECV_LENGTH_RET: Field = field("sock", "sock_recv_length", "ret", 20, 4);
 pub const RECV_LENGTH_FLAGS: Field = field("sock", "sock_recv_length", "flags", 24, 4);
 pub const SEND_LENGTH_SK: Field = field("sock", "sock_send_length", "sk", 8, 8);
 pub const SEND_LENGTH_RET: Field = field("sock", "sock_send_length", "ret", 20, 4);
-pub const SWITCH_PREV_STATE: Field = field("sched", "sched_switch", "prev_state", 32, 8);
-pub const SWITCH_NEXT_PID: Field = field("sched", "sched_switch", "next_pid", 56, 4);
-pub const WAKEUP_PID: Field = field("sched", "sched_wakeup", "pid", 24, 4);
 /// Syscall tracepoints: the first argument (enter) or the return value (exit), then 8-byte slots.
 pub const SYSCALL_ARGS_OFFSET: usize = 16;
 
 /// Every fixed field read by a non-syscall program.
-pub const FIELDS: [Field; 16] = [
+pub const FIELDS: [Field; 12] = [
     NEWTASK_PID,
     NEWTASK_CLONE_FLAGS,
     EXIT_GROUP_DEAD,
@@ -57,13 +56,9 @@ pub const FIELDS: [Field; 16] = [
     SET_STATE_NEWSTATE,
     SET_STATE_SPORT,
     SET_STATE_PROTOCOL,
-    DATA_READY_SKADDR,
     RECV_LENGTH_SK,
     RECV_LENGTH_RET,
     RECV_LENGTH_FLAGS,
     SEND_LENGTH_SK,
     SEND_LENGTH_RET,
-    SWITCH_PREV_STATE,
-    SWITCH_NEXT_PID,
-    WAKEUP_PID,
 ];

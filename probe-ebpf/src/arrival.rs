@@ -17,9 +17,9 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_ktime_get_ns,
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{HashMap, LruHashMap},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use probe_common::{tracepoint as tp, EventKind, CONN_IGNORED, MAX_CONNS, MAX_LISTEN_PORTS};
 
@@ -100,9 +100,12 @@ fn server_closed(sk: u64) {
     emit_conn(EventKind::Close, key.tgid, tid, key.fd);
 }
 
-#[tracepoint]
-pub fn sk_data_ready(ctx: TracePointContext) -> u32 {
-    let sk: u64 = field(&ctx, tp::DATA_READY_SKADDR.offset);
+/// A raw tracepoint (`TP_PROTO(const struct sock *sk)`): it runs in softirq, often nested in
+/// another program's run on that CPU, where a classic tracepoint program would be skipped (the
+/// kernel's global `bpf_prog_active`) and the arrival lost.
+#[raw_tracepoint(tracepoint = "sk_data_ready")]
+pub fn sk_data_ready(ctx: RawTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
     // SAFETY: presence test only.
     if unsafe { SERVER_SOCKS.get(sk) }.is_none() {
         return 0;

@@ -54,7 +54,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let _ = CUDA_PENDING.remove(u64::from(tid) << 1);
     let _ = CUDA_PENDING.remove((u64::from(tid) << 1) | 1);
     // The thread's scheduler time ends here; the agent reads the entry once more, then drops it.
-    if let Some(t) = threads::THREADS.get_ptr_mut(tid) {
+    if let Some(t) = threads::THREADS.get_ptr_mut(threads::current_task()) {
         // SAFETY: plain helper call; a map value (benign races as in threads.rs).
         unsafe {
             threads::enter(

@@ -1,34 +1,44 @@
 //! Where the threads of traced processes spend their time: on a CPU, runnable but waiting for one
 //! (run-queue delay: CPU starvation, noisy neighbours, too few cores), or blocked (futex/GIL,
-//! I/O, waiting on another process). From `sched:sched_switch` (the CPU changes hands) and
-//! `sched:sched_wakeup` (a blocked thread becomes runnable); `sched.rs` closes a thread's entry
-//! when it exits. (`sched_wakeup_new` is not needed: a thread is counted from its first switch.)
+//! I/O, waiting on another process). From the raw tracepoints `sched_switch` (the CPU changes
+//! hands) and `sched_wakeup` (a blocked thread becomes runnable); `sched.rs` closes a thread's
+//! entry when it exits. (`sched_wakeup_new` is not needed: a thread is counted from its first
+//! switch.)
+//!
+//! Raw tracepoints, not the classic ones: a classic tracepoint program is skipped whenever any
+//! other kprobe/tracepoint program is running on that CPU (the kernel's global `bpf_prog_active`,
+//! also held during the agent's own map syscalls), and one skipped switch-in left a running
+//! thread marked runnable (its time counted as run-queue delay, its clock unknown). A raw
+//! tracepoint program is skipped only if it is nested in itself. Their arguments are the
+//! tracepoint's `TP_PROTO` ones (`task_struct` pointers), so entries are keyed by the task's
+//! address, which the syscall programs also know (`bpf_get_current_task`); the thread id is kept
+//! in the value for the agent.
 //!
 //! These fire for every task on the machine, so each program tests one map first: the current
 //! process against `TARGETS` (`sched_switch`'s outgoing thread is the current task), or the
-//! thread id against `THREADS` (incoming and woken threads). A thread enters `THREADS` the first
+//! task against `THREADS` (incoming and woken threads). A thread enters `THREADS` the first
 //! time it leaves a CPU; until then its time is not counted.
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
-    macros::{map, tracepoint},
+    helpers::{bpf_get_current_task, bpf_ktime_get_ns},
+    macros::{map, raw_tracepoint},
     maps::HashMap,
-    programs::TracePointContext,
+    programs::RawTracePointContext,
 };
 use probe_common::{
-    tracepoint as tp, ThreadClock, ThreadTime, MAX_THREADS, THREAD_BLOCKED, THREAD_EXITED,
-    THREAD_ON_CPU, THREAD_RUNNABLE,
+    counter, ThreadClock, ThreadTime, MAX_THREADS, THREAD_BLOCKED, THREAD_EXITED, THREAD_ON_CPU,
+    THREAD_RUNNABLE,
 };
 
-use crate::{current_tgid_tid, field, is_target};
+use crate::{bump, current_tgid_tid, is_target};
 
-/// Thread id → its scheduler time (read and pruned by the agent).
+/// Task address (`struct task_struct *`) → its scheduler time (read and pruned by the agent).
 #[map]
-pub static THREADS: HashMap<u32, ThreadTime> = HashMap::with_max_entries(MAX_THREADS, 0);
+pub static THREADS: HashMap<u64, ThreadTime> = HashMap::with_max_entries(MAX_THREADS, 0);
 
-/// `prev_state` bits that name a sleeping state; none set means the thread was preempted (or
-/// yielded) and stays runnable (include/linux/sched.h, TASK_REPORT).
-const TASK_REPORT_MASK: i64 = 0xff;
+/// `prev_state` bits that name a sleeping state (include/linux/sched.h, TASK_REPORT); none set
+/// (or a preemption) means the thread stays runnable.
+const TASK_REPORT: u64 = 0x7f;
 
 /// Close the interval `t` has been in since `since_ns` and start `state` at `now`.
 #[inline(always)]
@@ -44,66 +54,105 @@ pub fn enter(t: &mut ThreadTime, state: u32, now: u64) {
     t.since_ns = now;
 }
 
-/// The clock of thread `tid` of `tgid`, running now (it is in a syscall), at `now`; all zero when
-/// the thread is not known. One map lookup.
+/// The current task's address (the key of `THREADS`).
+#[inline(always)]
+pub fn current_task() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_get_current_task() }
+}
+
+/// The clock of the current thread (`tid` of `tgid`, running now: it is in a syscall) at `now`;
+/// all zero when the thread is not known. One map lookup.
+///
+/// An entry that says runnable or blocked is wrong here: a switch-in or wake-up was not seen (a
+/// race of the scheduler programs on two CPUs). It is repaired — the thread is on a CPU from
+/// `now` — and counted (`counter::THREAD_REPAIRS`); the time since its last change stays in the
+/// state it named.
 #[inline(always)]
 pub fn clock(tgid: u32, tid: u32, now: u64) -> ThreadClock {
-    // SAFETY: a map value read at once; a concurrent update of the same thread cannot happen (the
-    // thread is running here) except by `sched_wakeup` of a blocked thread, which it is not.
-    match unsafe { THREADS.get(tid) } {
-        Some(t) if t.tgid == tgid && t.state == THREAD_ON_CPU => ThreadClock {
-            on_cpu_ns: t.on_cpu_ns + now.saturating_sub(t.since_ns),
-            runnable_ns: t.runnable_ns,
-            blocked_ns: t.blocked_ns,
-        },
-        _ => ThreadClock::default(),
+    let Some(t) = THREADS.get_ptr_mut(current_task()) else {
+        return ThreadClock::default();
+    };
+    // SAFETY: a map value; the running thread's own entry (the scheduler programs' benign races
+    // as above).
+    let t = unsafe { &mut *t };
+    if t.tgid != tgid || t.tid != tid {
+        return ThreadClock::default();
+    }
+    match t.state {
+        THREAD_ON_CPU => {}
+        THREAD_RUNNABLE | THREAD_BLOCKED => {
+            bump(counter::THREAD_REPAIRS);
+            enter(t, THREAD_ON_CPU, now);
+        }
+        _ => return ThreadClock::default(),
+    }
+    ThreadClock {
+        on_cpu_ns: t.on_cpu_ns + now.saturating_sub(t.since_ns),
+        runnable_ns: t.runnable_ns,
+        blocked_ns: t.blocked_ns,
     }
 }
 
-#[tracepoint]
-pub fn sched_switch(ctx: TracePointContext) -> u32 {
+/// `TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
+/// unsigned int prev_state)` (Linux 5.18+; older kernels refuse the attach: no thread states).
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let (tgid, tid) = current_tgid_tid();
     if is_target(tgid) && tid != 0 {
-        let prev_state: i64 = field(&ctx, tp::SWITCH_PREV_STATE.offset);
-        let next = if prev_state & TASK_REPORT_MASK == 0 {
+        let preempt: u64 = ctx.arg(0);
+        let prev: u64 = ctx.arg(1);
+        let prev_state: u64 = ctx.arg(3);
+        let next = if preempt & 1 != 0 || prev_state & TASK_REPORT == 0 {
             THREAD_RUNNABLE
         } else {
             THREAD_BLOCKED
         };
-        match THREADS.get_ptr_mut(tid) {
+        match THREADS.get_ptr_mut(prev) {
             // SAFETY: a map value; concurrent updates of one thread's entry are benign races
             // on plain counters.
-            Some(t) if unsafe { (*t).tgid == tgid && (*t).state != THREAD_EXITED } => {
+            Some(t)
+                if unsafe {
+                    (*t).tgid == tgid && (*t).tid == tid && (*t).state != THREAD_EXITED
+                } =>
+            {
                 enter(unsafe { &mut *t }, next, now);
             }
-            // New, or a reused thread id whose old entry the agent has not pruned yet.
+            // New, or a reused task address whose old entry the agent has not pruned yet.
             _ => {
                 let t = ThreadTime {
                     tgid,
+                    tid,
                     state: next,
                     since_ns: now,
                     ..ThreadTime::default()
                 };
                 // A full map (MAX_THREADS) leaves the thread uncounted; the agent sees the map at
                 // capacity and says so.
-                let _ = THREADS.insert(tid, t, 0);
+                let _ = THREADS.insert(prev, t, 0);
             }
         }
     }
-    let next_pid: i32 = field(&ctx, tp::SWITCH_NEXT_PID.offset);
-    if let Some(t) = THREADS.get_ptr_mut(next_pid as u32) {
+    let next_task: u64 = ctx.arg(2);
+    if let Some(t) = THREADS.get_ptr_mut(next_task) {
         // SAFETY: as above.
-        enter(unsafe { &mut *t }, THREAD_ON_CPU, now);
+        let t = unsafe { &mut *t };
+        if t.state == THREAD_ON_CPU {
+            // Already on a CPU: its last switch-out was not seen.
+            bump(counter::THREAD_REPAIRS);
+        }
+        enter(t, THREAD_ON_CPU, now);
     }
     0
 }
 
-#[tracepoint]
-pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
-    let pid: i32 = field(&ctx, tp::WAKEUP_PID.offset);
-    if let Some(t) = THREADS.get_ptr_mut(pid as u32) {
+/// `TP_PROTO(struct task_struct *p)`.
+#[raw_tracepoint(tracepoint = "sched_wakeup")]
+pub fn sched_wakeup(ctx: RawTracePointContext) -> u32 {
+    let task: u64 = ctx.arg(0);
+    if let Some(t) = THREADS.get_ptr_mut(task) {
         // SAFETY: plain helper call; the map value as above.
         unsafe {
             if (*t).state == THREAD_BLOCKED {

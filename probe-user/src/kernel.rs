@@ -4,11 +4,12 @@
 //! logged and reported as `llm_probe_attached{program} 0`; only the socket path is required.
 
 pub mod cuda;
+mod misses;
 mod threads;
 
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{RawTracePoint, TracePoint},
     Ebpf, EbpfError,
 };
 use probe_common::{counter, tracepoint, ConnKey, CONN_IGNORED, CONN_SK_UNKNOWN};
@@ -21,13 +22,15 @@ pub type Ring = RingBuf<MapData>;
 /// The kernel object built by build.rs (empty when built with `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe"));
 
-/// One tracepoint program: its name in the object, the tracepoint it attaches to, and whether
-/// requests can be timed without it (`required`: the socket capture of its path).
+/// One tracepoint program: its name in the object, the tracepoint it attaches to, whether it is a
+/// raw tracepoint program (`TP_PROTO` arguments, no record layout to check), and whether requests
+/// can be timed without it (`required`: the socket capture of its path).
 #[derive(Clone, Copy, Debug)]
 pub struct Program {
     pub name: &'static str,
     pub category: &'static str,
     pub event: &'static str,
+    pub raw: bool,
     pub required: bool,
 }
 
@@ -36,7 +39,18 @@ const fn prog(name: &'static str, category: &'static str, required: bool) -> Pro
         name,
         category,
         event: name,
+        raw: false,
         required,
+    }
+}
+
+/// A raw tracepoint program: skipped by the kernel only when nested in itself, where a classic
+/// one is skipped whenever any kprobe/tracepoint program runs on that CPU (probe-ebpf/src/
+/// threads.rs); and cheaper (no trace record is formatted).
+const fn raw(name: &'static str, category: &'static str) -> Program {
+    Program {
+        raw: true,
+        ..prog(name, category, false)
     }
 }
 
@@ -48,18 +62,21 @@ pub const SOCK_PATH: &[Program] = &[
         name: "sock_recv_data",
         category: "sock",
         event: "sock_recv_length",
+        raw: false,
         required: true,
     },
     Program {
         name: "sock_send_data",
         category: "sock",
         event: "sock_send_length",
+        raw: false,
         required: true,
     },
     Program {
         name: "tcp_send_start",
         category: "tcp",
         event: "tcp_sendmsg_locked",
+        raw: false,
         required: true,
     },
 ];
@@ -97,15 +114,12 @@ pub const COMMON: &[Program] = &[
     // Without these two, request arrival falls back to the server's first read (and the sock
     // path learns no new connection).
     prog("inet_sock_set_state", "sock", false),
-    prog("sk_data_ready", "sock", false),
+    raw("sk_data_ready", "sock"),
 ];
 
 /// Thread states (on-CPU / runnable / blocked) of the traced processes, and the thread clocks of
 /// latency attribution (`--thread-states`).
-pub const THREAD_STATES: &[Program] = &[
-    prog("sched_switch", "sched", false),
-    prog("sched_wakeup", "sched", false),
-];
+pub const THREAD_STATES: &[Program] = &[raw("sched_switch", "sched"), raw("sched_wakeup", "sched")];
 
 /// Which socket capture path to use (`--capture`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -196,7 +210,7 @@ pub struct Kernel {
     listen_ports: HashMap<MapData, u16, u32>,
     counters: PerCpuArray<MapData, u64>,
     /// Per-thread scheduler time (`threads`); `None` if the object lacks it.
-    threads: Option<HashMap<MapData, u32, probe_common::ThreadTime>>,
+    threads: Option<HashMap<MapData, u64, probe_common::ThreadTime>>,
     pub attached: Vec<Attached>,
     /// The socket capture path in use.
     pub capture: CapturePath,
@@ -379,6 +393,7 @@ impl Kernel {
             read_user_failed: sum(counter::LOST_READ_USER),
             truncated: sum(counter::TRUNCATED),
             iov_skipped: sum(counter::IOV_SKIPPED),
+            thread_repairs: sum(counter::THREAD_REPAIRS),
         }
     }
 }
@@ -471,8 +486,14 @@ fn attach_all(ebpf: &mut Ebpf, programs: &[Program]) -> Vec<Attached> {
         .iter()
         .map(|p| {
             let result = (|| -> Result<(), AttachError> {
-                check_layout(p.category, p.event).map_err(AttachError::Layout)?;
                 let prog = ebpf.program_mut(p.name).ok_or(AttachError::Missing)?;
+                if p.raw {
+                    let tp: &mut RawTracePoint = prog.try_into().map_err(AttachError::Kind)?;
+                    tp.load().map_err(AttachError::Load)?;
+                    tp.attach(p.event).map_err(AttachError::Attach)?;
+                    return Ok(());
+                }
+                check_layout(p.category, p.event).map_err(AttachError::Layout)?;
                 let tp: &mut TracePoint = prog.try_into().map_err(AttachError::Kind)?;
                 tp.load().map_err(AttachError::Load)?;
                 tp.attach(p.category, p.event)

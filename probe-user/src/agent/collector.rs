@@ -22,6 +22,12 @@ impl CounterSource for KernelSource {
     fn read(&self) -> KernelCounters {
         self.0.lock().map(|k| k.counters()).unwrap_or_default()
     }
+    fn misses(&self) -> Vec<(&'static str, u64)> {
+        self.0
+            .lock()
+            .map(|k| k.program_misses())
+            .unwrap_or_default()
+    }
 }
 
 fn thread_alive(tgid: u32, tid: u32) -> bool {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use probe_common::MAX_THREADS;
+use probe_common::{MAX_THREADS, THREAD_BLOCKED};
 
 use crate::{
     discover,
@@ -42,9 +42,17 @@ impl ThreadSampler {
             );
             self.warned_full = true;
         }
+        // Entries to drop after this read: exited threads, processes no longer traced (the rule
+        // `ThreadAccounting::update` applies to its own state, by thread id).
+        let gone: Vec<u64> = entries
+            .iter()
+            .filter(|(_, t)| t.state > THREAD_BLOCKED || !traced.contains(&t.tgid))
+            .map(|(key, _)| *key)
+            .collect();
         let samples: Vec<Sample> = entries
             .into_iter()
-            .map(|(tid, time)| {
+            .map(|(_, time)| {
+                let tid = time.tid;
                 let (process, thread) = self
                     .names
                     .entry(tid)
@@ -74,8 +82,8 @@ impl ThreadSampler {
         for tid in &forget {
             self.names.remove(tid);
         }
-        if !forget.is_empty() {
-            kernel.forget_threads(&forget);
+        if !gone.is_empty() {
+            kernel.forget_threads(&gone);
         }
         let present: std::collections::HashSet<u32> = samples.iter().map(|s| s.tid).collect();
         self.names.retain(|tid, _| present.contains(tid));

@@ -33,6 +33,7 @@ pub struct KernelCounters {
     pub read_user_failed: u64,
     pub truncated: u64,
     pub iov_skipped: u64,
+    pub thread_repairs: u64,
 }
 
 impl KernelCounters {
@@ -45,6 +46,10 @@ impl KernelCounters {
 /// Where `KernelCollector` reads the kernel's counters (the agent implements it over the maps).
 pub trait CounterSource: Send + Sync + 'static {
     fn read(&self) -> KernelCounters;
+    /// Runs the kernel skipped, per attached program (`kernel::misses`).
+    fn misses(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Records that reached the agent but could not be decoded, by reason; shared between the ingest
@@ -184,6 +189,24 @@ impl Collector for KernelCollector {
             "Kernel records lost, by reason",
             &lost,
         )?;
+        let mut family = enc.encode_descriptor(
+            "llm_probe_program_misses",
+            "Runs of a kernel program the kernel skipped because it would have nested in another \
+             BPF program's run on that CPU: records or thread-state changes missing",
+            None,
+            MetricType::Counter,
+        )?;
+        for (program, v) in self.source.misses() {
+            ConstCounter::new(v).encode(family.encode_family(&ProgramLabels { program })?)?;
+        }
+        let repairs = ConstCounter::new(k.thread_repairs);
+        repairs.encode(enc.encode_descriptor(
+            "llm_probe_thread_state_repairs",
+            "Times a running traced thread's state entry said runnable or blocked (a scheduler \
+             event was not seen); repaired then, the time since its last change stays where it was",
+            None,
+            repairs.metric_type(),
+        )?)?;
         reasons(
             &mut enc,
             "llm_probe_capture_incomplete",
@@ -207,6 +230,9 @@ mod tests {
         fn read(&self) -> KernelCounters {
             self.0
         }
+        fn misses(&self) -> Vec<(&'static str, u64)> {
+            vec![("sched_switch", 0), ("sock_recv_data", 7)]
+        }
     }
 
     /// The collector exports what the source says at scrape time, under the families' names.
@@ -223,6 +249,7 @@ mod tests {
                 read_user_failed: 2,
                 truncated: 5,
                 iov_skipped: 4,
+                thread_repairs: 6,
             })),
         );
         m.decode_losses.count("malformed");
@@ -237,6 +264,9 @@ mod tests {
             "llm_probe_capture_incomplete_total{reason=\"truncated\"} 5",
             "llm_probe_capture_incomplete_total{reason=\"iov_skipped\"} 4",
             "llm_probe_capture_incomplete_total{reason=\"read_user_failed\"} 2",
+            "llm_probe_program_misses_total{program=\"sched_switch\"} 0",
+            "llm_probe_program_misses_total{program=\"sock_recv_data\"} 7",
+            "llm_probe_thread_state_repairs_total 6",
         ] {
             assert!(out.lines().any(|l| l == line), "{line} missing from\n{out}");
         }

@@ -7,11 +7,13 @@ fn sample(tid: u32, thread: &str, state: u32, since: u64, acc: [u64; 3]) -> Samp
         tid,
         time: ThreadTime {
             tgid: 100,
+            tid,
             state,
             since_ns: since,
             on_cpu_ns: acc[0],
             runnable_ns: acc[1],
             blocked_ns: acc[2],
+            ..ThreadTime::default()
         },
         process: "python3".into(),
         thread: thread.into(),
