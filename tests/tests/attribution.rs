@@ -26,6 +26,19 @@ fn close(probe_ns: u64, witness_ns: u64, extra_ms: f64) -> bool {
     (p - w).abs() <= (w * 0.05).max(1.0) + extra_ms
 }
 
+/// A thread state of a stage within max(1 ms, 5 % of the stage) + `extra_ms` of the witness: a
+/// state's share is what the stage is split into, so its error is measured against the stage (a
+/// 4 ms shift between on-CPU and runnable in a 152 ms spin was seen twice in 40 runs, with the
+/// sum exact; 5 % of a 6 ms runnable share would be 0.3 ms).
+fn state_close(probe_ns: u64, witness_ns: u64, stage_ns: u64, extra_ms: f64) -> bool {
+    let (p, w, s) = (
+        probe_ns as f64 / 1e6,
+        witness_ns as f64 / 1e6,
+        stage_ns as f64 / 1e6,
+    );
+    (p - w).abs() <= (s * 0.05).max(1.0) + extra_ms
+}
+
 fn ns(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
@@ -138,7 +151,7 @@ fn ttft_stages_match_what_the_stand_in_did() {
     assert!(blk >= 114_000_000, "the 120 ms wait is blocked time: {rec}");
     // schedstat covers the whole request (+ the rest of the response): ≤ 1 ms more CPU.
     assert!(
-        close(on, ws.0, 1.0 + steal) && close(run, ws.1, 1.0),
+        state_close(on, ws.0, e, 1.0 + steal) && state_close(run, ws.1, e, 1.0),
         "split vs schedstat {ws:?} (steal {steal} ms): {rec}"
     );
 
@@ -165,7 +178,7 @@ fn ttft_stages_match_what_the_stand_in_did() {
         "150 ms of spinning is on-CPU time: {rec}"
     );
     assert!(
-        close(on, ws.0, 1.0 + steal) && close(run, ws.1, 1.0),
+        state_close(on, ws.0, e, 1.0 + steal) && state_close(run, ws.1, e, 1.0),
         "split vs schedstat {ws:?} (steal {steal} ms): {rec}"
     );
 
@@ -189,7 +202,7 @@ fn ttft_stages_match_what_the_stand_in_did() {
         "a hog on the server's CPU shows as runnable time: {rec}"
     );
     assert!(
-        close(on, ws.0, 1.0 + steal) && close(run, ws.1, 1.0),
+        state_close(on, ws.0, e, 1.0 + steal) && state_close(run, ws.1, e, 1.0),
         "split vs schedstat {ws:?} (steal {steal} ms): {rec}"
     );
 
@@ -260,27 +273,36 @@ fn ttft_stages_match_what_the_stand_in_did() {
         t["got_ns"] - t["sent_ns"],
         t["first_ns"] - t["got_ns"],
     );
-    eprintln!("two-process: frontend {f} engine {e} output {o} ns; the front's clock {w_f} / {w_e} / {w_o}");
+    // The front's IPC write happens inside its send call, between `sent` and `sent_end` (a
+    // preemption there delayed it by 4.9 ms in one run): the probe's hand-off must fall in it.
+    let send_call = t["sent_end_ns"] - t["sent_ns"];
+    eprintln!(
+        "two-process: frontend {f} engine {e} output {o} ns; the front's clock {w_f} / {w_e} / \
+         {w_o} (send call {send_call})"
+    );
     if std::env::var(tests::CAPTURE_ENV).as_deref() == Ok("syscalls") {
         // The syscall path sees only the server's own connections: no hand-off, no split.
         assert_eq!((f, o), (0, 0), "{rec}");
         return;
     }
+    let within = |probe: u64, lo: u64, hi: u64| {
+        close(probe, lo, 0.0) || close(probe, hi, 0.0) || (lo..=hi).contains(&probe)
+    };
     assert!(
-        close(f, w_f, 0.0),
-        "frontend vs the front's clock {w_f}: {rec}"
+        within(f, w_f, w_f + send_call),
+        "frontend vs the front's clock {w_f} (+ send call {send_call}): {rec}"
     );
     // The front's `got` is stamped after Node parsed and dispatched the IPC message, after the
     // receive the probe sees (1.0 ms quiet, 2.2 ms on a loaded host, measured): that time is the
     // probe's `output` and the witness's engine. Their sum has no such offset.
     const DISPATCH_MS: f64 = 3.0;
     assert!(
-        close(e + o, w_e + w_o, 0.0),
+        within(e + o, (w_e + w_o).saturating_sub(send_call), w_e + w_o),
         "engine + output vs the front's clock {}: {rec}",
         w_e + w_o
     );
     assert!(
-        close(e, w_e, DISPATCH_MS) && e <= w_e,
+        close(e, w_e.saturating_sub(send_call), DISPATCH_MS) && e <= w_e,
         "engine vs the front's clock {w_e}: {rec}"
     );
     assert!(
