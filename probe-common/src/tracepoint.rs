@@ -2,7 +2,7 @@
 //! sizes of the running kernel's format files (`/sys/kernel/tracing/events/<category>/<event>/
 //! format`, Linux 6.x). The agent checks every one against the format file before attaching the
 //! program that reads it, and leaves a program unattached when its layout differs. (Raw
-//! tracepoint programs — `sched_switch`, `sched_wakeup`, `sk_data_ready` — read the `TP_PROTO`
+//! tracepoint programs — the `sock:` capture path, `sched_switch`, `sched_wakeup`, `sk_data_ready` — read the `TP_PROTO`
 //! arguments instead; the kernel refuses their attach when a program reads more arguments than
 //! the tracepoint has.)
 
@@ -40,15 +40,11 @@ pub const SET_STATE_NEWSTATE: Field = field("sock", "inet_sock_set_state", "news
 pub const SET_STATE_SPORT: Field = field("sock", "inet_sock_set_state", "sport", 24, 2);
 pub const SET_STATE_PROTOCOL: Field = field("sock", "inet_sock_set_state", "protocol", 30, 2);
 pub const RECV_LENGTH_SK: Field = field("sock", "sock_recv_length", "sk", 8, 8);
-pub const RECV_LENGTH_RET: Field = field("sock", "sock_recv_length", "ret", 20, 4);
-pub const RECV_LENGTH_FLAGS: Field = field("sock", "sock_recv_length", "flags", 24, 4);
-pub const SEND_LENGTH_SK: Field = field("sock", "sock_send_length", "sk", 8, 8);
-pub const SEND_LENGTH_RET: Field = field("sock", "sock_send_length", "ret", 20, 4);
 /// Syscall tracepoints: the first argument (enter) or the return value (exit), then 8-byte slots.
 pub const SYSCALL_ARGS_OFFSET: usize = 16;
 
 /// Every fixed field read by a non-syscall program.
-pub const FIELDS: [Field; 12] = [
+pub const FIELDS: [Field; 8] = [
     NEWTASK_PID,
     NEWTASK_CLONE_FLAGS,
     EXIT_GROUP_DEAD,
@@ -57,8 +53,4 @@ pub const FIELDS: [Field; 12] = [
     SET_STATE_SPORT,
     SET_STATE_PROTOCOL,
     RECV_LENGTH_SK,
-    RECV_LENGTH_RET,
-    RECV_LENGTH_FLAGS,
-    SEND_LENGTH_SK,
-    SEND_LENGTH_RET,
 ];

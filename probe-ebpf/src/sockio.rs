@@ -1,4 +1,5 @@
 //! Server-side socket I/O of traced processes from `sock:` tracepoints — the default capture path.
+//! All three programs are raw tracepoints (`TP_PROTO` arguments; see `sock_recv_data`).
 //!
 //! The syscall path (`http.rs`) enables `syscalls:sys_{enter,exit}_*`, and any enabled syscall
 //! tracepoint puts *every* task on the machine on the syscall slow path: bystanders paid +32 % on
@@ -27,22 +28,22 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_task_pt_regs,
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::TracePointContext,
+    programs::RawTracePointContext,
 };
 use probe_common::{
-    counter, regs, tracepoint as tp, ConnKey, EventKind, PendingIo, ThreadClock, CONN_IGNORED,
-    CONN_SK_UNKNOWN, DIR_EGRESS, DIR_INGRESS, MAX_CONNS, MAX_PENDING, SYSCALL_OTHER, SYSCALL_READ,
-    SYSCALL_READV, SYSCALL_RECVFROM, SYSCALL_RECVMSG, SYSCALL_SENDMSG, SYSCALL_SENDTO,
-    SYSCALL_WRITE, SYSCALL_WRITEV,
+    counter, regs, ConnKey, EventKind, PendingIo, ThreadClock, CONN_IGNORED, CONN_SK_UNKNOWN,
+    DIR_EGRESS, DIR_INGRESS, MAX_CONNS, MAX_PENDING, SYSCALL_OTHER, SYSCALL_READ, SYSCALL_READV,
+    SYSCALL_RECVFROM, SYSCALL_RECVMSG, SYSCALL_SENDMSG, SYSCALL_SENDTO, SYSCALL_WRITE,
+    SYSCALL_WRITEV,
 };
 
 use crate::{
     arrival::{ARRIVAL, SERVER_SOCKS},
     bump,
     capture::{emit_data, msghdr_iov},
-    current_tgid_tid, emit_conn, emit_ipc, field, is_target, threads, CONNS,
+    current_tgid_tid, emit_conn, emit_ipc, is_target, threads, CONNS,
 };
 
 const EAGAIN: i32 = 11;
@@ -232,19 +233,22 @@ fn admit(tgid: u32, tid: u32, fd: u32, sk: u64) -> Admit {
 }
 
 /// The end of `sock_recvmsg`: bytes the server read, stamped now (the syscall path's exit time).
-#[tracepoint]
-pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
+/// A raw tracepoint, as all three programs here: `TP_PROTO(struct sock *sk, int ret, int flags)`.
+/// Raw tracepoint programs are skipped only when nested in themselves (a classic one whenever any
+/// other program runs on that CPU: a lost request) and format no trace record.
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn sock_recv_data(ctx: RawTracePointContext) -> u32 {
     let (tgid, tid) = current_tgid_tid();
     if !is_target(tgid) {
         return 0;
     }
-    let ret: i32 = field(&ctx, tp::RECV_LENGTH_RET.offset);
-    let flags: i32 = field(&ctx, tp::RECV_LENGTH_FLAGS.offset);
+    let ret = ctx.arg::<u64>(1) as i32;
+    let flags = ctx.arg::<u64>(2) as i32;
     // Nothing to move on a non-blocking socket, or a peek that leaves the bytes for the read.
     if ret == -EAGAIN || ret == -EINTR || flags & MSG_PEEK != 0 {
         return 0;
     }
-    let sk: u64 = field(&ctx, tp::RECV_LENGTH_SK.offset);
+    let sk: u64 = ctx.arg(0);
     let Some(r) = user_regs() else {
         return 0;
     };
@@ -276,8 +280,10 @@ pub fn sock_recv_data(ctx: TracePointContext) -> u32 {
 }
 
 /// TCP is about to queue the first bytes of a send: the time a response write is dated by.
-#[tracepoint]
-pub fn tcp_send_start(_ctx: TracePointContext) -> u32 {
+/// `TP_PROTO(const struct sock *sk, const struct msghdr *msg, const struct sk_buff *skb,
+/// int size_goal)`; nothing of it is read.
+#[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
+pub fn tcp_send_start(_ctx: RawTracePointContext) -> u32 {
     let (tgid, tid) = current_tgid_tid();
     if !is_target(tgid) {
         return 0;
@@ -294,8 +300,9 @@ pub fn tcp_send_start(_ctx: TracePointContext) -> u32 {
 }
 
 /// The end of `sock_sendmsg`: bytes the server wrote, dated by `tcp_send_start`.
-#[tracepoint]
-pub fn sock_send_data(ctx: TracePointContext) -> u32 {
+/// `TP_PROTO(struct sock *sk, int ret, int flags)`.
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
     let (tgid, tid) = current_tgid_tid();
     if !is_target(tgid) {
         return 0;
@@ -305,11 +312,11 @@ pub fn sock_send_data(ctx: TracePointContext) -> u32 {
     if start.is_some() {
         let _ = SEND_START.remove(tid);
     }
-    let ret: i32 = field(&ctx, tp::SEND_LENGTH_RET.offset);
+    let ret = ctx.arg::<u64>(1) as i32;
     if ret == -EAGAIN || ret == -EINTR {
         return 0;
     }
-    let sk: u64 = field(&ctx, tp::SEND_LENGTH_SK.offset);
+    let sk: u64 = ctx.arg(0);
     let Some(r) = user_regs() else {
         return 0;
     };

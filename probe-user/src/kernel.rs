@@ -54,29 +54,29 @@ const fn raw(name: &'static str, category: &'static str) -> Program {
     }
 }
 
-/// Socket capture from `sock:`/`tcp:` tracepoints, which fire only inside socket calls: processes
-/// that are not traced pay nothing for their syscalls (probe-ebpf/src/sockio.rs). Needs x86-64,
+/// Socket capture from `sock:`/`tcp:` tracepoints (raw), which fire only inside socket calls:
+/// processes that are not traced pay nothing for their syscalls (probe-ebpf/src/sockio.rs). Needs x86-64,
 /// `sock_{send,recv}_length` (Linux 6.3), `tcp_sendmsg_locked` (6.6) and `bpf_task_pt_regs`.
 pub const SOCK_PATH: &[Program] = &[
     Program {
         name: "sock_recv_data",
         category: "sock",
         event: "sock_recv_length",
-        raw: false,
+        raw: true,
         required: true,
     },
     Program {
         name: "sock_send_data",
         category: "sock",
         event: "sock_send_length",
-        raw: false,
+        raw: true,
         required: true,
     },
     Program {
         name: "tcp_send_start",
         category: "tcp",
         event: "tcp_sendmsg_locked",
-        raw: false,
+        raw: true,
         required: true,
     },
 ];
@@ -263,7 +263,7 @@ impl Kernel {
                     // Detaches what did attach: no half path stays behind.
                     let tp = ebpf
                         .program_mut(p.name)
-                        .and_then(|prog| <&mut TracePoint>::try_from(prog).ok());
+                        .and_then(|prog| <&mut RawTracePoint>::try_from(prog).ok());
                     if let Some(tp) = tp {
                         let _ = tp.unload();
                     }
