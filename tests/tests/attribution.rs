@@ -206,6 +206,35 @@ fn ttft_stages_match_what_the_stand_in_did() {
         "split vs schedstat {ws:?} (steal {steal} ms): {rec}"
     );
 
+    // Blocked on a lock: another thread of the server holds it 100 ms while the loop waits in a
+    // futex (the first use starts that thread: a warm-up request first).
+    run_one(
+        &served.addr,
+        chat_req("lock-warm-up", "m", true, 1, &json!({"lock_ms": 1})),
+    );
+    records(&served.probe, next(1));
+    let (ws, steal) = solo(&served, "locked", &json!({"lock_ms": 100, "report": true}));
+    let recs = records(&served.probe, next(1));
+    let rec = by_id(&recs, "locked");
+    let (_, e, (on, run, blk)) = breakdown(rec);
+    let wait: u64 = server_line(&served, "locked")
+        .into_iter()
+        .find(|(k, _)| k == "lock_wait_ns")
+        .map(|(_, v)| v)
+        .expect("lock_wait_ns");
+    eprintln!(
+        "locked: engine {e} on {on} run {run} blocked {blk}; the loop's own wait {wait}; \
+         schedstat {ws:?}"
+    );
+    assert!(
+        wait >= 100_000_000 && state_close(blk, wait, e, 1.0),
+        "the wait for the lock is blocked time: {rec}"
+    );
+    assert!(
+        state_close(on, ws.0, e, 1.0 + steal) && state_close(run, ws.1, e, 1.0),
+        "split vs schedstat {ws:?} (steal {steal} ms): {rec}"
+    );
+
     // Socket queue: a request sent while the loop spins on another one waits in the socket.
     let addr = served.addr.clone();
     let busy = thread::spawn(move || {
