@@ -29,6 +29,9 @@ use serde::Serialize;
 
 use crate::http::{Moment, RequestRecord, ThreadClock};
 
+mod gpu;
+pub use gpu::{GpuLog, GpuWait};
+
 /// Stage names, as metric label values and `/api/v1/requests` keys.
 pub const STAGES: [&str; 4] = ["socket_queue", "frontend", "engine", "output"];
 /// Thread states of the serving thread's split (`unknown`: the request had no split).
@@ -93,6 +96,8 @@ pub struct Breakdown {
     /// Whether IPC of the front process split the server's time (else all of it is `engine`).
     pub handed_off: bool,
     pub threads: Option<StageThreads>,
+    /// The engine stage's wait in CUDA synchronize calls (`gpu::GpuLog`); `None` without CUDA.
+    pub gpu: Option<GpuWait>,
 }
 
 /// IPC sends or receives of one process kept for attribution.
@@ -166,7 +171,7 @@ impl Decode {
 
 /// The breakdown of a finished request with a first token, or `None` (no first token, or the
 /// read that returned its first bytes is not known: a connection picked up mid-request).
-pub fn ttft(r: &RequestRecord, ipc: &IpcLog) -> Option<Breakdown> {
+pub fn ttft(r: &RequestRecord, ipc: &IpcLog, gpu: &GpuLog) -> Option<Breakdown> {
     let first = r.first_token_at?;
     if r.read.ts_ns == 0 || first.ts_ns < r.arrival_ns {
         return None;
@@ -179,11 +184,13 @@ pub fn ttft(r: &RequestRecord, ipc: &IpcLog) -> Option<Breakdown> {
         engine: first.ts_ns - read_ns,
         ..Stages::default()
     };
+    let mut engine_at = (read_ns, first.ts_ns);
     let handed_off = match ipc.hand_off(r.conn.tgid, read_ns, first.ts_ns) {
         Some((sent, back)) => {
             stages.frontend = sent - read_ns;
             stages.engine = back - sent;
             stages.output = first.ts_ns - back;
+            engine_at = (sent, back);
             true
         }
         None => false,
@@ -196,6 +203,7 @@ pub fn ttft(r: &RequestRecord, ipc: &IpcLog) -> Option<Breakdown> {
         stages,
         handed_off,
         threads,
+        gpu: gpu.wait_in(r.conn.tgid, engine_at.0, engine_at.1),
     })
 }
 
@@ -265,7 +273,7 @@ mod tests {
             at(1_400, 7, clock(5_000, 100, 9_000)),
             Some(at(2_400, 7, clock(5_300, 300, 9_500))),
         );
-        let b = ttft(&r, &IpcLog::default()).expect("breakdown");
+        let b = ttft(&r, &IpcLog::default(), &GpuLog::default()).expect("breakdown");
         assert_eq!(
             b.stages,
             Stages {
@@ -287,7 +295,7 @@ mod tests {
             Some(at(200, 8, clock(110, 0, 0))),
         );
         assert_eq!(
-            ttft(&other_thread, &IpcLog::default())
+            ttft(&other_thread, &IpcLog::default(), &GpuLog::default())
                 .expect("stages")
                 .threads,
             None
@@ -298,7 +306,9 @@ mod tests {
             Some(at(200, 7, clock(110, 0, 0))),
         );
         assert_eq!(
-            ttft(&unknown, &IpcLog::default()).expect("stages").threads,
+            ttft(&unknown, &IpcLog::default(), &GpuLog::default())
+                .expect("stages")
+                .threads,
             None
         );
         // Thread id reused: the new thread's clock is behind the old one's.
@@ -308,7 +318,7 @@ mod tests {
             Some(at(200, 7, clock(50, 50, 0))),
         );
         assert_eq!(
-            ttft(&restarted, &IpcLog::default())
+            ttft(&restarted, &IpcLog::default(), &GpuLog::default())
                 .expect("stages")
                 .threads,
             None
@@ -320,7 +330,9 @@ mod tests {
             Some(at(200, 7, clock(60, 0, 0))),
         );
         assert_eq!(
-            ttft(&gap, &IpcLog::default()).expect("stages").threads,
+            ttft(&gap, &IpcLog::default(), &GpuLog::default())
+                .expect("stages")
+                .threads,
             None
         );
     }
@@ -330,14 +342,16 @@ mod tests {
         assert_eq!(
             ttft(
                 &record(0, Moment::default(), Some(at(5, 1, clock(1, 0, 0)))),
-                &IpcLog::default()
+                &IpcLog::default(),
+                &GpuLog::default()
             ),
             None
         );
         assert_eq!(
             ttft(
                 &record(0, at(5, 1, clock(1, 0, 0)), None),
-                &IpcLog::default()
+                &IpcLog::default(),
+                &GpuLog::default()
             ),
             None
         );
@@ -351,7 +365,7 @@ mod tests {
             at(900, 7, clock(1, 0, 0)),
             Some(at(1_500, 7, clock(601, 0, 0))),
         );
-        let b = ttft(&r, &IpcLog::default()).expect("breakdown");
+        let b = ttft(&r, &IpcLog::default(), &GpuLog::default()).expect("breakdown");
         assert_eq!(
             b.stages,
             Stages {
@@ -381,7 +395,7 @@ mod tests {
             at(1_000, 7, clock(10, 0, 0)),
             Some(at(2_400, 7, clock(410, 0, 1_000))),
         );
-        let b = ttft(&r, &ipc).expect("breakdown");
+        let b = ttft(&r, &ipc, &GpuLog::default()).expect("breakdown");
         assert!(b.handed_off);
         assert_eq!(
             b.stages,
@@ -394,11 +408,19 @@ mod tests {
         );
         assert_eq!(b.stages.total(), 1_400);
         assert_eq!(b.threads.expect("split").server.total(), 1_400);
+        // The GPU wait is taken over the engine stage only ([1_300, 2_100]), from the syncs of
+        // the engine process (5, a child of the front) as well as the front's own.
+        let mut gpu = GpuLog::default();
+        gpu.join(5, 1);
+        gpu.record(5, 1_000, 1_400);
+        gpu.record(1, 2_000, 2_300);
+        let w = ttft(&r, &ipc, &gpu).expect("breakdown").gpu;
+        assert_eq!(w.map(|w| (w.sync_wait, w.syncs)), Some((200, 2)));
         // A return before the hand-off is not one: no split, all of it is engine.
         let mut early = IpcLog::default();
         early.record(1, 1_300, true);
         early.record(1, 1_200, false);
-        let b = ttft(&r, &early).expect("breakdown");
+        let b = ttft(&r, &early, &GpuLog::default()).expect("breakdown");
         assert!(!b.handed_off);
         assert_eq!(
             (b.stages.frontend, b.stages.engine, b.stages.output),
@@ -406,7 +428,11 @@ mod tests {
         );
         // A process that exited is forgotten.
         ipc.forget(1);
-        assert!(!ttft(&r, &ipc).expect("breakdown").handed_off);
+        assert!(
+            !ttft(&r, &ipc, &GpuLog::default())
+                .expect("breakdown")
+                .handed_off
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `llm-probe explain`: the slowest recent requests (by time to first token) of a running agent,
-//! each with where its TTFT went: the stages and the thread states of `/api/v1/requests`
-//! (docs/attribution.md).
+//! each with where its TTFT went: the stages, the engine stage's wait on the GPU (`gpu_sync`, when
+//! the CUDA probes are live) and the thread states of `/api/v1/requests` (docs/attribution.md).
 
 use serde_json::Value;
 
@@ -17,7 +17,7 @@ pub struct Args {
     pub request_id: Option<String>,
 }
 
-const HEADER: [&str; 13] = [
+const HEADER: [&str; 14] = [
     "REQUEST",
     "MODEL",
     "STATUS",
@@ -25,6 +25,7 @@ const HEADER: [&str; 13] = [
     "socket_queue",
     "frontend",
     "engine",
+    "gpu_sync",
     "output",
     "on_cpu",
     "runnable",
@@ -81,7 +82,7 @@ fn table(rows: &[&Value]) -> String {
             .map(|c| if c.is_control() { '?' } else { c })
             .collect()
     };
-    let mut lines: Vec<[String; 13]> = vec![HEADER.map(str::to_owned)];
+    let mut lines: Vec<[String; 14]> = vec![HEADER.map(str::to_owned)];
     for r in rows {
         let name = r["request_id"].as_str().map_or_else(
             || format!("pid {} fd {} #{}", r["pid"], r["fd"], r["seq"]),
@@ -99,6 +100,7 @@ fn table(rows: &[&Value]) -> String {
             ms(&st["socket_queue"]),
             ms(&st["frontend"]),
             ms(&st["engine"]),
+            ms(&r["gpu_ns"]["sync_wait"]),
             ms(&st["output"]),
             ms(&t["on_cpu"]),
             ms(&t["runnable"]),
@@ -148,6 +150,7 @@ mod tests {
             json!({"request_id": "a", "model": "m", "status": 200, "ttft_ns": 5_000_000u64,
                    "stages_ns": {"socket_queue": 1_000_000u64, "frontend": 0, "engine": 4_000_000u64, "output": 0},
                    "threads_ns": {"server": {"on_cpu": 3_000_000u64, "runnable": 0, "blocked": 1_000_000u64}},
+                   "gpu_ns": {"sync_wait": 2_500_000u64, "syncs": 1},
                    "tokens": 3, "duration_ns": 9_000_000u64}),
             json!({"request_id": "b\u{1b}[31m", "model": null, "status": 200, "ttft_ns": 9_000_000u64,
                    "stages_ns": {"socket_queue": 0, "frontend": 2_000_000u64, "engine": 6_000_000u64, "output": 1_000_000u64}, "threads_ns": null,
@@ -168,7 +171,7 @@ mod tests {
         );
         assert!(lines[1].contains("9.0") && lines[1].contains(" - "), "{t}");
         assert!(
-            lines[2].starts_with("a ") && lines[2].contains("3.0"),
+            lines[2].starts_with("a ") && lines[2].contains("3.0") && lines[2].contains("2.5"),
             "{t}"
         );
         assert_eq!(select(&reqs, 10, Some("a")).len(), 1);

@@ -199,8 +199,9 @@ enum Command {
     Gpu,
     /// Why were requests slow? The slowest recent requests of a running `llm-probe run`, by time
     /// to first token, each split into stages (waiting in the server's socket; the front end
-    /// until its hand-off to the engine process; the engine; the output until the first token)
-    /// and the server's time by thread state (on a CPU, waiting for a CPU, blocked).
+    /// until its hand-off to the engine process; the engine; the output until the first token),
+    /// the engine stage's wait for the GPU in CUDA synchronize calls (gpu_sync, with the CUDA
+    /// probes live) and the server's time by thread state (on a CPU, waiting for a CPU, blocked).
     Explain(explain::Args),
     /// Record a running `llm-probe run` for --duration into a Chrome trace-event file (open it in
     /// https://ui.perfetto.dev or chrome://tracing): a track per request with its TTFT stages

@@ -12,7 +12,7 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::{
-    attribution::{self, Decode, StageThreads, Stages},
+    attribution::{self, Decode, GpuWait, StageThreads, Stages},
     http::{ConnId, Endpoint, Observer, ParseErrorKind, RequestMeta, RequestRecord},
     metrics::{
         ErrorLabels, KindLabels, ModelLabels, ReqLabels, RequestMetrics, StageLabels,
@@ -47,6 +47,9 @@ pub struct RequestView {
     pub stages_ns: Option<Stages>,
     /// Stages split by the state of the thread doing the work; `None` when no stage could be.
     pub threads_ns: Option<StageThreads>,
+    /// The engine stage's wait in CUDA synchronize calls of the serving process tree
+    /// (`attribution::GpuWait`); `None` when no CUDA synchronize of that tree is on record.
+    pub gpu_ns: Option<GpuWait>,
     /// The gaps after the first token split into engine and output time (`attribution::Decode`);
     /// `None` without a second content event.
     pub decode_ns: Option<Decode>,
@@ -168,6 +171,8 @@ pub struct RequestStats {
     pub first_tokens: Vec<u64>,
     /// The traced processes' recent IPC, for the frontend / engine / output split.
     pub ipc: attribution::IpcLog,
+    /// The traced process trees' recent CUDA synchronize calls, for the engine stage's GPU wait.
+    pub gpu: attribution::GpuLog,
     /// The decode split of each streaming request so far, by connection (one response streams
     /// at a time on a connection); taken at its end.
     decode: FxHashMap<ConnId, Decode>,
@@ -199,6 +204,7 @@ impl RequestStats {
             now_ns: 0,
             first_tokens: Vec::new(),
             ipc: attribution::IpcLog::default(),
+            gpu: attribution::GpuLog::default(),
             decode: FxHashMap::default(),
             tbt_stage,
         }
@@ -278,7 +284,7 @@ impl RequestStats {
 
 impl RequestStats {
     /// One request's TTFT stages into `llm_ttft_stage_seconds` (`frontend` and `output` only
-    /// when IPC split the server's time) and its serving thread's states (or `unknown`) into
+    /// when IPC split the server's time), its GPU wait into `llm_ttft_gpu_wait_seconds` and its serving thread's states (or `unknown`) into
     /// `llm_ttft_stage_thread_seconds_total{stage="server"}`.
     fn observe_stages(&self, model: &str, b: &attribution::Breakdown) {
         for (stage, ns) in b.stages.named() {
@@ -292,6 +298,14 @@ impl RequestStats {
                     stage,
                 })
                 .observe(ns as f64 / 1e9);
+        }
+        if let Some(w) = b.gpu {
+            self.metrics
+                .ttft_gpu_wait
+                .get_or_create(&ModelLabels {
+                    model: model.to_owned(),
+                })
+                .observe(w.sync_wait as f64 / 1e9);
         }
         let states = match b.threads.map(|t| t.server) {
             Some(s) => [s.on_cpu, s.runnable, s.blocked, 0],
@@ -392,7 +406,7 @@ impl Observer for RequestStats {
             };
             self.metrics.errors.get_or_create(&e).inc();
         }
-        let breakdown = attribution::ttft(&r, &self.ipc);
+        let breakdown = attribution::ttft(&r, &self.ipc, &self.gpu);
         if let Some(b) = &breakdown {
             self.observe_stages(&model, b);
         }
@@ -424,6 +438,7 @@ impl Observer for RequestStats {
             ttft_ns: r.first_token_ns.map(|t| t.saturating_sub(r.arrival_ns)),
             stages_ns: breakdown.map(|b| b.stages),
             threads_ns: breakdown.and_then(|b| b.threads),
+            gpu_ns: breakdown.and_then(|b| b.gpu),
             decode_ns: decode,
             duration_ns,
             content_events: r.content_events,

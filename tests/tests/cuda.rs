@@ -257,18 +257,7 @@ fn the_step_before_each_first_token_is_prefill() {
     let decode_per_request = info["decode_steps_per_request"].as_f64().unwrap();
     let requests = 3;
     for _ in 0..requests {
-        let body = r#"{"model":"fake","stream":true}"#;
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        write!(
-            s,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("response");
-        assert!(out.contains("[DONE]"), "{out}");
+        post_stream(port);
     }
     wait_for("requests recorded", Duration::from_secs(5), || {
         metric_sum(&probe.metrics(), "llm_requests_total", &[]) >= f64::from(requests)
@@ -284,6 +273,85 @@ fn the_step_before_each_first_token_is_prefill() {
     assert_eq!(
         metric_sum(&m, "llm_ttft_seconds_count", &[]),
         f64::from(requests)
+    );
+    engine.finish().expect("engine exit");
+}
+
+/// One streamed chat request to `fake_engine serve`, read to its end.
+fn post_stream(port: u16) {
+    let body = r#"{"model":"fake","stream":true}"#;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    assert!(out.contains("[DONE]"), "{out}");
+}
+
+/// Ground truth for the engine stage's GPU wait: `fake_engine serve` with each synchronize call
+/// sleeping `SYNC_MS` (the stand-in's `clock_nanosleep` to an absolute deadline: never shorter).
+/// Between a request's read and its first token the engine makes exactly one synchronize call (the
+/// prefill step's); the decode steps' syncs come after the first token. Each request's `gpu_ns`
+/// must show that one call and its length within max(1 ms, 5 %) above `SYNC_MS`, inside the
+/// engine stage.
+#[test]
+fn the_engine_stage_shows_its_wait_on_the_gpu() {
+    if !require_root("the_engine_stage_shows_its_wait_on_the_gpu") {
+        return;
+    }
+    const SYNC_MS: f64 = 40.0;
+    let fc = fake_cuda::build().expect("building the stand-in CUDA libraries");
+    let port = tests::free_port();
+    let mut engine = FakeEngine::start(&fc, "serve", &[&port.to_string()], 40_000).expect("engine");
+    let probe = Probe::start(&["--pid".into(), engine.pid.to_string()]);
+    fake_cuda::wait_attached(&probe);
+    engine.go().expect("serve");
+    let requests = 4;
+    for _ in 0..requests {
+        post_stream(port);
+    }
+    wait_for("requests recorded", Duration::from_secs(5), || {
+        metric_sum(&probe.metrics(), "llm_requests_total", &[]) >= f64::from(requests)
+    });
+    let (code, page) = tests::http_get(&probe.addr, "/api/v1/requests").expect("GET");
+    assert_eq!(code, 200, "{page}");
+    let page: Value = serde_json::from_str(&page).expect("JSON");
+    let list = page["requests"].as_array().expect("requests");
+    assert_eq!(list.len(), requests as usize, "{page}");
+    let ms = |v: &Value| v.as_f64().unwrap_or(f64::NAN) / 1e6;
+    for r in list {
+        let (wait, engine_ms) = (ms(&r["gpu_ns"]["sync_wait"]), ms(&r["stages_ns"]["engine"]));
+        eprintln!(
+            "ttft {:.3} ms: engine stage {engine_ms:.3} ms, GPU wait {wait:.3} ms in {} sync(s)",
+            ms(&r["ttft_ns"]),
+            r["gpu_ns"]["syncs"]
+        );
+        assert_eq!(r["gpu_ns"]["syncs"], 1, "only the prefill sync: {r}");
+        let allowed = (SYNC_MS * 0.05).max(1.0);
+        assert!(
+            wait >= SYNC_MS && wait <= SYNC_MS + allowed,
+            "GPU wait {wait:.3} ms, the stand-in slept {SYNC_MS} ms: {r}"
+        );
+        assert!(
+            wait <= engine_ms,
+            "the wait lies inside the engine stage: {r}"
+        );
+    }
+    let m = probe.metrics();
+    assert_eq!(
+        metric_sum(&m, "llm_ttft_gpu_wait_seconds_count", &[]),
+        f64::from(requests),
+        "{m}"
+    );
+    let sum = metric_sum(&m, "llm_ttft_gpu_wait_seconds_sum", &[]);
+    assert!(
+        (sum * 1e3 - SYNC_MS * f64::from(requests)).abs() <= f64::from(requests) * 2.0,
+        "{sum} s"
     );
     engine.finish().expect("engine exit");
 }

@@ -117,6 +117,7 @@ impl Ingest {
                     header.tgid
                 );
                 targets.add(child, "fork");
+                self.stats.gpu.join(child, header.tgid);
             }
             Event::CudaMem(ev) => {
                 if let Some(Ok(mut c)) = self.cuda.as_ref().map(|c| c.lock()) {
@@ -124,6 +125,12 @@ impl Ingest {
                 }
             }
             Event::CudaSync(ev) => {
+                // A sync called inside another (the runtime's inside the driver's) is one wait.
+                if ev.nested == 0 {
+                    self.stats
+                        .gpu
+                        .record(ev.header.tgid, ev.enter_ns, ev.header.ts_ns);
+                }
                 let waiting = self.stats.queue_depth() > 0;
                 if let Some(Ok(mut c)) = self.cuda.as_ref().map(|c| c.lock()) {
                     c.on_sync(&ev, waiting);
@@ -134,6 +141,7 @@ impl Ingest {
                 self.tracker
                     .on_process_exit(header.tgid, header.ts_ns, &mut self.stats);
                 self.stats.ipc.forget(header.tgid);
+                self.stats.gpu.forget(header.tgid);
                 targets.exited(header.tgid);
                 if let Some(Ok(mut c)) = self.cuda.as_ref().map(|c| c.lock()) {
                     c.forget(header.tgid);
@@ -145,6 +153,9 @@ impl Ingest {
     /// What the ring holds now, at most `MAX_DRAIN_BATCH` records. Returns whether the batch was
     /// full (more may be waiting).
     pub fn drain(&mut self, ring: &mut Ring, targets: &mut Targets) -> bool {
+        for (pid, root) in targets.take_tree_joins() {
+            self.stats.gpu.join(pid, root);
+        }
         let mut n = 0u64;
         while n < MAX_DRAIN_BATCH {
             let Some(item) = ring.next() else { break };

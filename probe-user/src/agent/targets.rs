@@ -34,6 +34,9 @@ pub struct Targets {
     live_tx: watch::Sender<Vec<u32>>,
     dirty: bool,
     exits: u64,
+    /// (descendant, root) pairs found at attach, for the ingest's process trees (see
+    /// `take_tree_joins`).
+    tree_joins: Vec<(u32, u32)>,
 }
 
 impl Targets {
@@ -44,6 +47,7 @@ impl Targets {
             live_tx: watch::Sender::new(Vec::new()),
             dirty: false,
             exits: 0,
+            tree_joins: Vec::new(),
         }
     }
 
@@ -69,6 +73,19 @@ impl Targets {
         );
         self.dirty = true;
         true
+    }
+
+    /// `pid` was found under `root` (a process the user named, or one listening on the port):
+    /// the engine that computes for `root`'s requests may be `pid`.
+    pub fn in_tree(&mut self, pid: u32, root: u32) {
+        if pid != root {
+            self.tree_joins.push((pid, root));
+        }
+    }
+
+    /// The tree memberships found since the last call (forks are reported by the kernel).
+    pub fn take_tree_joins(&mut self) -> Vec<(u32, u32)> {
+        std::mem::take(&mut self.tree_joins)
     }
 
     /// `pid` exited (or was found gone). Returns whether it was alive until now.

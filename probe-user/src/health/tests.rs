@@ -35,6 +35,7 @@ fn view(ttft_s: Option<f64>, outcome: &'static str) -> RequestView {
         ttft_ns: ttft_s.map(|s| (s * 1e9) as u64),
         stages_ns: None,
         threads_ns: None,
+        gpu_ns: None,
         decode_ns: None,
         duration_ns: 0,
         content_events: 1,

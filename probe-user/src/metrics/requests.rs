@@ -1,8 +1,8 @@
 //! What users feel, per model and endpoint: `llm_ttft_seconds`, `llm_tbt_seconds`,
 //! `llm_request_duration_seconds`, `llm_requests_total`, `llm_error_total`, token counters and
 //! rates, the probe's own view of queue depth and batch size, and the TTFT stage breakdown
-//! (`llm_ttft_stage_seconds`, `llm_ttft_stage_thread_seconds_total`; see `crate::attribution`). Updated by
-//! `crate::requests::RequestStats`.
+//! (`llm_ttft_stage_seconds`, `llm_ttft_stage_thread_seconds_total`, `llm_ttft_gpu_wait_seconds`;
+//! see `crate::attribution`). Updated by `crate::requests::RequestStats`.
 
 use std::sync::atomic::AtomicU64;
 
@@ -35,6 +35,8 @@ pub struct RequestMetrics {
     pub ttft_stage: HistFamily<StageLabels>,
     /// Seconds of TTFT stages by the state of the thread doing the work.
     pub ttft_stage_thread: Family<StageStateLabels, Counter<f64, AtomicU64>>,
+    /// The engine stage's wait in CUDA synchronize calls, per request (`attribution::GpuWait`).
+    pub ttft_gpu_wait: HistFamily<ModelLabels>,
     /// Seconds between tokens by stage (`engine`, `output`).
     pub tbt_stage: Family<StageOnlyLabels, Counter<f64, AtomicU64>>,
     pub tbt: HistFamily<ReqLabels>,
@@ -61,6 +63,7 @@ impl RequestMetrics {
             ttft: Family::new_with_constructor(ttft),
             ttft_stage: Family::new_with_constructor(ttft),
             ttft_stage_thread: Family::default(),
+            ttft_gpu_wait: Family::new_with_constructor(ttft),
             tbt_stage: Family::default(),
             tbt: Family::new_with_constructor(tbt),
             duration: Family::new_with_constructor(duration),
@@ -101,6 +104,13 @@ impl RequestMetrics {
                 state,
             });
         }
+        registry.register(
+            "llm_ttft_gpu_wait_seconds",
+            "Part of the engine stage of TTFT during which the serving process tree waited for \
+             the GPU in CUDA synchronize calls (union over its threads); only requests of trees \
+             with CUDA probes live and a synchronize call on record",
+            m.ttft_gpu_wait.clone(),
+        );
         registry.register(
             "llm_tbt_stage_seconds",
             "Seconds between content events split at the front process's last IPC receive inside \
