@@ -150,21 +150,43 @@ impl IpcLog {
 /// A request's decode time (first content write → last) split like the TTFT's server span: per
 /// gap between two content writes, `engine` until the front process's last IPC receive inside the
 /// gap, `output` from it to the write (a single-process server: all `engine`). Sums to the gaps.
+/// `gpu_sync`: the part of `engine` during which the serving process tree waited in CUDA
+/// synchronize calls (`gpu::GpuLog`), summed over the gaps that had a figure; `None` when none did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Decode {
     pub engine: u64,
     pub output: u64,
+    pub gpu_sync: Option<u64>,
+}
+
+/// One gap's split: engine and output time, and the engine part's GPU wait when known.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GapSplit {
+    pub engine: u64,
+    pub output: u64,
+    pub gpu_sync: Option<u64>,
 }
 
 impl Decode {
     /// Split the gap `[from, to]` of a request served by `tgid` and add it.
-    pub fn add_gap(&mut self, ipc: &IpcLog, tgid: u32, from: u64, to: u64) -> (u64, u64) {
-        let split = match ipc.last_recv_in(tgid, from, to) {
-            Some(r) => (r - from, to - r),
-            None => (to - from, 0),
+    pub fn add_gap(
+        &mut self,
+        (ipc, gpu): (&IpcLog, &GpuLog),
+        tgid: u32,
+        from: u64,
+        to: u64,
+    ) -> GapSplit {
+        let back = ipc.last_recv_in(tgid, from, to).unwrap_or(to);
+        let split = GapSplit {
+            engine: back - from,
+            output: to - back,
+            gpu_sync: gpu.wait_in(tgid, from, back).map(|w| w.sync_wait),
         };
-        self.engine += split.0;
-        self.output += split.1;
+        self.engine += split.engine;
+        self.output += split.output;
+        if let Some(w) = split.gpu_sync {
+            self.gpu_sync = Some(self.gpu_sync.unwrap_or(0) + w);
+        }
         split
     }
 }
@@ -455,19 +477,50 @@ mod tests {
         for t in [150, 180, 260] {
             ipc.record(1, t, false);
         }
+        let no_gpu = GpuLog::default();
+        let split = |engine, output| GapSplit {
+            engine,
+            output,
+            gpu_sync: None,
+        };
         let mut d = Decode::default();
         // Gap 100..200: the engine's answer arrived at 180 (the last inside), then 20 of output.
-        assert_eq!(d.add_gap(&ipc, 1, 100, 200), (80, 20));
+        assert_eq!(d.add_gap((&ipc, &no_gpu), 1, 100, 200), split(80, 20));
         // Gap 200..250: no receive inside: all engine. Another process's IPC does not count.
         ipc.record(2, 220, false);
-        assert_eq!(d.add_gap(&ipc, 1, 200, 250), (50, 0));
-        assert_eq!(d.add_gap(&ipc, 1, 250, 300), (10, 40));
+        assert_eq!(d.add_gap((&ipc, &no_gpu), 1, 200, 250), split(50, 0));
+        assert_eq!(d.add_gap((&ipc, &no_gpu), 1, 250, 300), split(10, 40));
         assert_eq!(
             d,
             Decode {
                 engine: 140,
-                output: 60
+                output: 60,
+                gpu_sync: None
             }
         );
+    }
+
+    #[test]
+    fn decode_gaps_gpu_wait_is_taken_over_their_engine_part() {
+        let ipc = {
+            let mut l = IpcLog::default();
+            l.record(1, 180, false);
+            l
+        };
+        let mut gpu = GpuLog::default();
+        gpu.join(3, 1);
+        gpu.record(3, 120, 170); // inside the engine part of gap 100..200 (until 180)
+        gpu.record(3, 185, 195); // in its output part: not counted
+        let mut d = Decode::default();
+        assert_eq!(
+            d.add_gap((&ipc, &gpu), 1, 100, 200),
+            GapSplit {
+                engine: 80,
+                output: 20,
+                gpu_sync: Some(50)
+            }
+        );
+        assert_eq!(d.add_gap((&ipc, &gpu), 1, 200, 260).gpu_sync, Some(0));
+        assert_eq!(d.gpu_sync, Some(50));
     }
 }

@@ -361,11 +361,19 @@ impl Observer for RequestStats {
         } else {
             self.decode.get_mut(&conn).unwrap_or(&mut spare)
         };
-        let (engine, output) = d.add_gap(&self.ipc, conn.tgid, now.saturating_sub(gap_ns), now);
-        for (counter, ns) in self.tbt_stage.iter().zip([engine, output]) {
+        let split = d.add_gap(
+            (&self.ipc, &self.gpu),
+            conn.tgid,
+            now.saturating_sub(gap_ns),
+            now,
+        );
+        for (counter, ns) in self.tbt_stage.iter().zip([split.engine, split.output]) {
             if ns > 0 {
                 counter.inc_by(ns as f64 / 1e9);
             }
+        }
+        if let Some(ns) = split.gpu_sync.filter(|&ns| ns > 0) {
+            self.metrics.tbt_gpu_wait.inc_by(ns as f64 / 1e9);
         }
         self.entries[i].window.add(now, 1);
     }

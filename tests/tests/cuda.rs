@@ -296,9 +296,9 @@ fn post_stream(port: u16) {
 /// Ground truth for the engine stage's GPU wait: `fake_engine serve` with each synchronize call
 /// sleeping `SYNC_MS` (the stand-in's `clock_nanosleep` to an absolute deadline: never shorter).
 /// Between a request's read and its first token the engine makes exactly one synchronize call (the
-/// prefill step's); the decode steps' syncs come after the first token. Each request's `gpu_ns`
-/// must show that one call and its length within max(1 ms, 5 %) above `SYNC_MS`, inside the
-/// engine stage.
+/// prefill step's); the decode steps' syncs come after the first token, one in each gap. Each
+/// request's `gpu_ns` must show that one call and its length within max(1 ms, 5 %) above
+/// `SYNC_MS`, inside the engine stage; its `decode_ns.gpu_sync` the 5 decode calls likewise.
 #[test]
 fn the_engine_stage_shows_its_wait_on_the_gpu() {
     if !require_root("the_engine_stage_shows_its_wait_on_the_gpu") {
@@ -341,6 +341,18 @@ fn the_engine_stage_shows_its_wait_on_the_gpu() {
             wait <= engine_ms,
             "the wait lies inside the engine stage: {r}"
         );
+        // Decode: each of the 5 gaps holds one decode step's synchronize call.
+        let (dwait, dengine) = (
+            ms(&r["decode_ns"]["gpu_sync"]),
+            ms(&r["decode_ns"]["engine"]),
+        );
+        eprintln!("decode: engine {dengine:.3} ms, GPU wait {dwait:.3} ms");
+        let steps = r["gaps_ns"].as_array().map_or(0, Vec::len) as f64;
+        assert_eq!(steps, 5.0, "{r}");
+        assert!(
+            dwait >= steps * SYNC_MS && dwait <= steps * (SYNC_MS + allowed) && dwait <= dengine,
+            "decode GPU wait {dwait:.3} ms for {steps} syncs of {SYNC_MS} ms: {r}"
+        );
     }
     let m = probe.metrics();
     assert_eq!(
@@ -352,6 +364,12 @@ fn the_engine_stage_shows_its_wait_on_the_gpu() {
     assert!(
         (sum * 1e3 - SYNC_MS * f64::from(requests)).abs() <= f64::from(requests) * 2.0,
         "{sum} s"
+    );
+    let decode = metric_sum(&m, "llm_tbt_gpu_wait_seconds_total", &[]);
+    assert!(
+        (decode * 1e3 - 5.0 * SYNC_MS * f64::from(requests)).abs()
+            <= 5.0 * f64::from(requests) * 2.0,
+        "{decode} s"
     );
     engine.finish().expect("engine exit");
 }

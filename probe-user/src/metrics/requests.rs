@@ -39,6 +39,8 @@ pub struct RequestMetrics {
     pub ttft_gpu_wait: HistFamily<ModelLabels>,
     /// Seconds between tokens by stage (`engine`, `output`).
     pub tbt_stage: Family<StageOnlyLabels, Counter<f64, AtomicU64>>,
+    /// Seconds of the gaps' engine part spent waiting in CUDA synchronize calls.
+    pub tbt_gpu_wait: Counter<f64, AtomicU64>,
     pub tbt: HistFamily<ReqLabels>,
     pub duration: HistFamily<StatusLabels>,
     pub requests: Family<StatusLabels, Counter>,
@@ -65,6 +67,7 @@ impl RequestMetrics {
             ttft_stage_thread: Family::default(),
             ttft_gpu_wait: Family::new_with_constructor(ttft),
             tbt_stage: Family::default(),
+            tbt_gpu_wait: Counter::default(),
             tbt: Family::new_with_constructor(tbt),
             duration: Family::new_with_constructor(duration),
             requests: Family::default(),
@@ -121,6 +124,13 @@ impl RequestMetrics {
         for stage in ["engine", "output"] {
             let _ = m.tbt_stage.get_or_create(&StageOnlyLabels { stage });
         }
+        registry.register(
+            "llm_tbt_gpu_wait_seconds",
+            "Seconds of the engine part of the gaps between content events (llm_tbt_stage_seconds \
+             {stage=\"engine\"}) during which the serving process tree waited for the GPU in CUDA \
+             synchronize calls; counted only with the CUDA probes live",
+            m.tbt_gpu_wait.clone(),
+        );
         registry.register(
             "llm_tbt_seconds",
             "Time between tokens: gap between successive content events of a streamed response",

@@ -115,6 +115,11 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
     s.first_token(conn, &m, 1_000);
     // Two gaps: 2,000..3,000 with the engine's answer received at 2,700; 3,000..3,400 without.
     s.ipc.record(1, 2_700, false);
+    // GPU waits of the process: one inside the TTFT's engine stage (1,200..2,000), one inside the
+    // first gap's engine part (2,000..2,700), one in its output part (not counted).
+    s.gpu.record(1, 1_300, 1_500);
+    s.gpu.record(1, 2_100, 2_500);
+    s.gpu.record(1, 2_750, 2_800);
     s.now_ns = 3_000;
     s.token_gap(conn, &m, 1_000);
     s.now_ns = 3_400;
@@ -140,7 +145,11 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
     );
     assert_eq!(
         v["decode_ns"],
-        serde_json::json!({"engine": 1_100, "output": 300})
+        serde_json::json!({"engine": 1_100, "output": 300, "gpu_sync": 400})
+    );
+    assert_eq!(
+        v["gpu_ns"],
+        serde_json::json!({"sync_wait": 200, "syncs": 1})
     );
     let v = serde_json::to_value(&recent.items[1]).unwrap();
     assert_eq!(v["threads_ns"], serde_json::Value::Null);
@@ -157,6 +166,8 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
         "llm_ttft_stage_seconds_count{model=\"m\",stage=\"socket_queue\"} 2",
         "llm_ttft_stage_seconds_sum{model=\"m\",stage=\"engine\"} 0.0000016",
         "llm_ttft_stage_thread_seconds_total{stage=\"server\",state=\"on_cpu\"} 4e-7",
+        "llm_ttft_gpu_wait_seconds_count{model=\"m\"} 2",
+        "llm_tbt_gpu_wait_seconds_total 4e-7",
         "llm_ttft_stage_thread_seconds_total{stage=\"server\",state=\"unknown\"} 8e-7",
         "llm_tbt_stage_seconds_total{stage=\"engine\"} 0.0000011",
         "llm_tbt_stage_seconds_total{stage=\"output\"} 3e-7",
