@@ -205,7 +205,8 @@ enum Command {
     Explain(explain::Args),
     /// Record a running `llm-probe run` for --duration into a Chrome trace-event file (open it in
     /// https://ui.perfetto.dev or chrome://tracing): a track per request with its TTFT stages
-    /// and decode, and every traced thread's on-CPU / runnable / blocked share per second.
+    /// and decode, every traced thread's on-CPU / runnable / blocked share per second, and with
+    /// the CUDA probes live each engine thread's prefill and decode steps.
     Trace(trace::Args),
 }
 

@@ -1,6 +1,7 @@
 //! The agent's HTTP face: `/metrics` (Prometheus text), `/health` (JSON verdict),
 //! `/api/v1/requests` (recent finished requests: timings and ids, never text),
-//! `/api/v1/memleak` (the GPU memory ledger) and `/api/v1/threads` (traced threads' totals).
+//! `/api/v1/memleak` (the GPU memory ledger), `/api/v1/threads` (traced threads' totals) and
+//! `/api/v1/steps` (recent CUDA engine steps).
 //! Reads snapshots the agent keeps current; never imports the agent or the system side (kernel
 //! counters reach `/metrics` through the registry's collectors).
 
@@ -162,6 +163,7 @@ fn handle(state: &ServerState, peer: SocketAddr, req: &Request<Incoming>) -> Res
         }
         "/api/v1/requests" => requests_page(state, req.uri().query().unwrap_or("")),
         "/api/v1/memleak" => memleak(state, req.uri().query().unwrap_or("")),
+        "/api/v1/steps" => steps_page(state, req.uri().query().unwrap_or("")),
         "/api/v1/threads" => {
             let body = state.threads.lock().map_or_else(
                 |_| "{}".to_owned(),
@@ -174,32 +176,47 @@ fn handle(state: &ServerState, peer: SocketAddr, req: &Request<Incoming>) -> Res
             "text/plain",
             "llm-probe: /metrics (Prometheus), /health (JSON verdict), /api/v1/requests (recent \
              requests), /api/v1/memleak?pid=PID&older_than=30s&top=10 (GPU memory ledger), \
-             /api/v1/threads (traced threads' on-CPU / runnable / blocked totals)\n",
+             /api/v1/threads (traced threads' on-CPU / runnable / blocked totals), \
+             /api/v1/steps?after=SEQ (recent CUDA engine steps)\n",
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
 
-/// `/api/v1/requests[?limit=N][&after=SEQ]`: the newest `limit` finished requests (default and
-/// cap `MAX_REQUESTS_PAGE`) with a sequence number above `after`, oldest first.
-fn requests_page(state: &ServerState, query: &str) -> Response<Full<Bytes>> {
-    let mut limit = MAX_REQUESTS_PAGE;
+/// `limit` (default and cap `max`) and `after` (default 0) of a paged `/api/*` query, or the
+/// 400 answer to a value that is not a number.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the answer, built once"
+)]
+fn page_query(query: &str, max: usize) -> Result<(usize, u64), Response<Full<Bytes>>> {
+    let mut limit = max;
     let mut after = 0u64;
     for kv in query.split('&').filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         let parsed = match k {
-            "limit" => v.parse().map(|n: usize| limit = n.min(MAX_REQUESTS_PAGE)),
+            "limit" => v.parse().map(|n: usize| limit = n.min(max)),
             "after" => v.parse().map(|n| after = n),
             _ => Ok(()),
         };
         if parsed.is_err() {
-            return reply(
+            return Err(reply(
                 StatusCode::BAD_REQUEST,
                 "text/plain",
                 format!("bad {k}: {v:?} (a number)\n"),
-            );
+            ));
         }
     }
+    Ok((limit, after))
+}
+
+/// `/api/v1/requests[?limit=N][&after=SEQ]`: the newest `limit` finished requests (default and
+/// cap `MAX_REQUESTS_PAGE`) with a sequence number above `after`, oldest first.
+fn requests_page(state: &ServerState, query: &str) -> Response<Full<Bytes>> {
+    let (limit, after) = match page_query(query, MAX_REQUESTS_PAGE) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
     let body = state.recent.lock().map_or_else(
         |_| "{}".to_owned(),
         |r| {
@@ -215,6 +232,40 @@ fn requests_page(state: &ServerState, query: &str) -> Response<Full<Bytes>> {
             serde_json::to_string(&page).unwrap_or_else(|_| "{}".to_owned())
         },
     );
+    reply(StatusCode::OK, "application/json", body)
+}
+
+/// Steps one `/api/v1/steps` answer holds at most (`?limit=`).
+pub const MAX_STEPS_PAGE: usize = 4096;
+
+/// `/api/v1/steps[?after=SEQ][&limit=N]`: CUDA engine steps released after `after`, oldest first,
+/// at most `limit` (default and cap `MAX_STEPS_PAGE`); `newest` is the last step's sequence
+/// number (page on from the last `seq` until the list is empty). Without CUDA probes: no steps.
+fn steps_page(state: &ServerState, query: &str) -> Response<Full<Bytes>> {
+    let (limit, after) = match page_query(query, MAX_STEPS_PAGE) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    #[derive(serde::Serialize)]
+    struct StepsPage<'a> {
+        newest: u64,
+        steps: Vec<&'a crate::cuda::steps::StepView>,
+    }
+    let empty = || {
+        serde_json::to_string(&StepsPage {
+            newest: 0,
+            steps: Vec::new(),
+        })
+        .unwrap_or_default()
+    };
+    let body = match state.cuda.as_ref().map(|c| c.lock()) {
+        Some(Ok(c)) => serde_json::to_string(&StepsPage {
+            newest: c.recent_steps.newest(),
+            steps: c.recent_steps.after(after, limit).collect(),
+        })
+        .unwrap_or_else(|_| empty()),
+        _ => empty(),
+    };
     reply(StatusCode::OK, "application/json", body)
 }
 

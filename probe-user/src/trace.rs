@@ -1,7 +1,9 @@
 //! `llm-probe trace`: a Chrome trace-event JSON file (Perfetto, chrome://tracing) of what a
 //! running agent saw for `--duration`: a track per finished request with its TTFT stages and
-//! decode as slices, and per traced thread its on-CPU / runnable / blocked shares per second as a
-//! counter track. Built from `/api/v1/requests` and `/api/v1/threads`; the agent keeps no trace.
+//! decode as slices, per traced thread its on-CPU / runnable / blocked shares per second as a
+//! counter track, and with the CUDA probes live each engine thread's steps (prefill / decode) as
+//! slices on its own track. Built from `/api/v1/requests`, `/api/v1/threads` and
+//! `/api/v1/steps`, polled once a second; the agent keeps no trace.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -22,11 +24,37 @@ pub struct Args {
 
 /// Thread snapshots kept (one per second): an hour.
 const MAX_SNAPSHOTS: usize = 3600;
+/// CUDA steps kept (≈ 150 bytes each in the file).
+const MAX_STEPS: usize = 200_000;
+
+/// The CUDA steps released since the last poll, appended to `steps`; returns the steps the agent
+/// dropped before they could be read (its buffer holds the last 8,192).
+fn poll_steps(url: &str, after: &mut u64, steps: &mut Vec<Value>) -> anyhow::Result<u64> {
+    let mut dropped = 0;
+    while steps.len() < MAX_STEPS {
+        let page = crate::ask_json(url, &format!("/api/v1/steps?after={after}"))?;
+        let list = page["steps"].as_array().cloned().unwrap_or_default();
+        let (Some(first), Some(last)) = (
+            list.first().and_then(|v| v["seq"].as_u64()),
+            list.last().and_then(|v| v["seq"].as_u64()),
+        ) else {
+            break;
+        };
+        dropped += first.saturating_sub(*after + 1);
+        *after = last;
+        steps.extend(list.into_iter().take(MAX_STEPS - steps.len()));
+    }
+    Ok(dropped)
+}
 
 pub fn run(a: &Args) -> anyhow::Result<()> {
     // Requests finished before the start are left out: remember the newest one now.
     let newest = crate::ask_json(&a.url, "/api/v1/requests?limit=1")?;
     let after = newest["requests"][0]["seq"].as_u64().unwrap_or(0);
+    let mut step_after = crate::ask_json(&a.url, "/api/v1/steps?limit=0")?["newest"]
+        .as_u64()
+        .unwrap_or(0);
+    let (mut steps, mut dropped) = (Vec::new(), 0);
     eprintln!(
         "recording {} from {} ...",
         humantime::format_duration(a.duration),
@@ -38,6 +66,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         if snaps.len() < MAX_SNAPSHOTS {
             snaps.push(crate::ask_json(&a.url, "/api/v1/threads")?);
         }
+        dropped += poll_steps(&a.url, &mut step_after, &mut steps)?;
         if start.elapsed() >= a.duration {
             break;
         }
@@ -48,16 +77,23 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         &format!("/api/v1/requests?after={after}&limit=1000"),
     )?;
     let requests = page["requests"].as_array().cloned().unwrap_or_default();
-    let trace = build(&requests, &snaps);
+    let trace = build(&requests, &snaps, &steps);
     let events = trace["traceEvents"].as_array().map_or(0, Vec::len);
+    if dropped > 0 || steps.len() >= MAX_STEPS {
+        eprintln!(
+            "CUDA steps missing from the trace: {dropped} released faster than they were read, \
+             and none after the first {MAX_STEPS}"
+        );
+    }
     std::fs::write(&a.output, serde_json::to_vec(&trace)?)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", a.output.display()))?;
     println!(
-        "{}: {} requests, {} thread snapshots, {events} events — open it in \
+        "{}: {} requests, {} thread snapshots, {} CUDA steps, {events} events — open it in \
          https://ui.perfetto.dev or chrome://tracing",
         a.output.display(),
         requests.len(),
-        snaps.len()
+        snaps.len(),
+        steps.len()
     );
     Ok(())
 }
@@ -67,13 +103,14 @@ fn us(ns: u64, t0: u64) -> f64 {
     ns.saturating_sub(t0) as f64 / 1e3
 }
 
-/// The trace: requests (`/api/v1/requests` entries) and thread snapshots (`/api/v1/threads`
-/// answers, in time order).
-pub fn build(requests: &[Value], snaps: &[Value]) -> Value {
+/// The trace: requests (`/api/v1/requests` entries), thread snapshots (`/api/v1/threads`
+/// answers, in time order) and CUDA steps (`/api/v1/steps` entries).
+pub fn build(requests: &[Value], snaps: &[Value], steps: &[Value]) -> Value {
     let t0 = requests
         .iter()
         .filter_map(|r| r["arrival_ns"].as_u64())
         .chain(snaps.iter().filter_map(|s| s["at_ns"].as_u64()))
+        .chain(steps.iter().filter_map(|s| s["start_ns"].as_u64()))
         .min()
         .unwrap_or(0);
     let mut events = Vec::new();
@@ -96,7 +133,9 @@ pub fn build(requests: &[Value], snaps: &[Value]) -> Value {
                            "args": {"name": label}}),
         );
         let args = json!({"request_id": r["request_id"], "model": r["model"],
-                          "endpoint": r["endpoint"], "outcome": r["outcome"]});
+                          "endpoint": r["endpoint"], "outcome": r["outcome"],
+                          "engine_gpu_sync_ns": r["gpu_ns"]["sync_wait"],
+                          "decode_gpu_sync_ns": r["decode_ns"]["gpu_sync"]});
         let mut at = arrival;
         let mut slice = |name: &str, ns: u64, at: &mut u64| {
             if ns > 0 {
@@ -156,6 +195,26 @@ pub fn build(requests: &[Value], snaps: &[Value]) -> Value {
                                         "blocked": d("blocked_ns")}}));
         }
     }
+    // CUDA steps: slices on the thread that launched and synchronized them.
+    for st in steps {
+        let (Some(pid), Some(tid), Some(start), Some(end)) = (
+            st["pid"].as_u64(),
+            st["tid"].as_u64(),
+            st["start_ns"].as_u64(),
+            st["end_ns"].as_u64(),
+        ) else {
+            continue;
+        };
+        events.push(json!({"ph": "X", "cat": "gpu",
+                           "name": format!("{} step", st["phase"].as_str().unwrap_or("?")),
+                           "pid": pid, "tid": tid, "ts": us(start, t0),
+                           "dur": end.saturating_sub(start) as f64 / 1e3,
+                           "args": {"kernel_launches": st["kernel_launches"],
+                                    "graph_launches": st["graph_launches"]}}));
+        if let Ok(pid) = u32::try_from(pid) {
+            names.entry(pid).or_insert_with(|| format!("pid {pid}"));
+        }
+    }
     for r in requests {
         if let Some(pid) = r["pid"].as_u64().and_then(|p| u32::try_from(p).ok()) {
             names.entry(pid).or_insert_with(|| format!("pid {pid}"));
@@ -189,11 +248,32 @@ mod tests {
                    "thread": "node", "on_cpu_ns": 5_000_000u64, "runnable_ns": 1_000_000u64,
                    "blocked_ns": 4_000_000u64}]}),
         ];
-        let t = build(&requests, &snaps);
+        let steps = vec![
+            json!({"seq": 1, "pid": 42, "tid": 43, "start_ns": 2_500_000u64,
+                                "end_ns": 4_500_000u64, "phase": "prefill",
+                                "kernel_launches": 50, "graph_launches": 0}),
+        ];
+        let t = build(&requests, &snaps, &steps);
         let ev = t["traceEvents"].as_array().unwrap();
+        let step: Vec<&Value> = ev.iter().filter(|e| e["cat"] == "gpu").collect();
+        assert_eq!(step.len(), 1);
+        assert_eq!(
+            (
+                &step[0]["name"],
+                &step[0]["tid"],
+                &step[0]["ts"],
+                &step[0]["dur"]
+            ),
+            (
+                &json!("prefill step"),
+                &json!(43),
+                &json!(1_500.0),
+                &json!(2_000.0)
+            )
+        );
         let slices: Vec<(&str, f64, f64)> = ev
             .iter()
-            .filter(|e| e["ph"] == "X")
+            .filter(|e| e["ph"] == "X" && e["cat"] == "request")
             .map(|e| {
                 (
                     e["name"].as_str().unwrap(),

@@ -311,6 +311,17 @@ fn the_engine_stage_shows_its_wait_on_the_gpu() {
     let probe = Probe::start(&["--pid".into(), engine.pid.to_string()]);
     fake_cuda::wait_attached(&probe);
     engine.go().expect("serve");
+    // `llm-probe trace` records the requests and their steps meanwhile.
+    let out = std::env::temp_dir().join(format!("llm-probe-gpu-trace-{}.json", std::process::id()));
+    let (url, path) = (format!("http://{}", probe.addr), out.clone());
+    let recorder = std::thread::spawn(move || {
+        std::process::Command::new(probe_bin())
+            .args(["trace", "--url", &url, "--duration", "4s", "-o"])
+            .arg(&path)
+            .output()
+            .expect("llm-probe trace")
+    });
+    std::thread::sleep(Duration::from_millis(1200));
     let requests = 4;
     for _ in 0..requests {
         post_stream(port);
@@ -318,6 +329,37 @@ fn the_engine_stage_shows_its_wait_on_the_gpu() {
     wait_for("requests recorded", Duration::from_secs(5), || {
         metric_sum(&probe.metrics(), "llm_requests_total", &[]) >= f64::from(requests)
     });
+    let done = recorder.join().expect("recorder");
+    assert!(
+        done.status.success(),
+        "llm-probe trace: {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let trace: Value = serde_json::from_slice(&std::fs::read(&out).expect("trace file")).unwrap();
+    let _ = std::fs::remove_file(&out);
+    let step_slices = |name: &str| {
+        trace["traceEvents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["cat"] == "gpu" && e["name"] == name)
+            .map(|e| e["dur"].as_f64().unwrap_or(0.0) / 1e3)
+            .collect::<Vec<f64>>()
+    };
+    let (prefill, decode) = (step_slices("prefill step"), step_slices("decode step"));
+    eprintln!(
+        "trace: prefill steps {prefill:?} ms, {} decode steps",
+        decode.len()
+    );
+    assert_eq!(
+        (prefill.len(), decode.len()),
+        (4, 20),
+        "one prefill and 5 decode steps each"
+    );
+    assert!(
+        prefill.iter().chain(&decode).all(|&d| d >= SYNC_MS),
+        "every step holds its {SYNC_MS} ms sync: {prefill:?} {decode:?}"
+    );
     let (code, page) = tests::http_get(&probe.addr, "/api/v1/requests").expect("GET");
     assert_eq!(code, 200, "{page}");
     let page: Value = serde_json::from_str(&page).expect("JSON");

@@ -12,7 +12,7 @@ use rustc_hash::FxHashSet;
 use super::{
     launches::LaunchTracker,
     ledger::{Applied, LeakReport, Ledger, LedgerConfig, NoSymbols, Symbolize},
-    steps::{Phase, Step, Steps},
+    steps::{Phase, RecentSteps, Step, Steps},
 };
 use crate::metrics::{
     cuda::{ApiLabels, Collected, CudaMetrics, FreeErrorLabels, PhaseLabels},
@@ -39,6 +39,8 @@ const USER_ADDR_END: u64 = 0x8000_0000_0000;
 pub struct CudaState {
     pub ledger: Ledger,
     pub steps: Steps,
+    /// Finished steps for `/api/v1/steps`.
+    pub recent_steps: RecentSteps,
     pub launches: LaunchTracker,
     pub metrics: CudaMetrics,
     /// Processes that exited since the server last symbolized (their cached names are stale).
@@ -104,6 +106,7 @@ impl CudaState {
         Self {
             ledger: Ledger::new(cfg),
             steps: Steps::default(),
+            recent_steps: RecentSteps::default(),
             launches: LaunchTracker::default(),
             metrics,
             exited: Vec::new(),
@@ -200,6 +203,7 @@ impl CudaState {
 
     fn flush_steps(&mut self) {
         for (s, phase) in self.out.drain(..) {
+            self.recent_steps.push(&s, phase);
             self.metrics
                 .step
                 .get_or_create(&PhaseLabels {

@@ -48,6 +48,61 @@ impl Step {
     }
 }
 
+/// Finished steps kept for `/api/v1/steps` (`llm-probe trace` draws them): at 100 steps/s on 8
+/// workers, the last ~10 s.
+pub const RECENT_STEPS: usize = 8192;
+
+/// A finished step as `/api/v1/steps` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StepView {
+    /// Order of release (a step held for a first token is released later than it ended).
+    pub seq: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub phase: &'static str,
+    pub kernel_launches: u64,
+    pub graph_launches: u64,
+}
+
+/// The newest `RECENT_STEPS` finished steps.
+#[derive(Debug, Default)]
+pub struct RecentSteps {
+    seq: u64,
+    items: VecDeque<StepView>,
+}
+
+impl RecentSteps {
+    pub fn push(&mut self, s: &Step, phase: Phase) {
+        if self.items.len() >= RECENT_STEPS {
+            self.items.pop_front();
+        }
+        self.seq += 1;
+        self.items.push_back(StepView {
+            seq: self.seq,
+            pid: s.tgid,
+            tid: s.tid,
+            start_ns: s.start_ns,
+            end_ns: s.end_ns,
+            phase: phase.as_str(),
+            kernel_launches: s.kernel_launches,
+            graph_launches: s.graph_launches,
+        });
+    }
+
+    /// The sequence number of the newest step released (0: none yet).
+    pub const fn newest(&self) -> u64 {
+        self.seq
+    }
+
+    /// At most `limit` steps released after `after`, oldest first (page on with the last `seq`).
+    pub fn after(&self, after: u64, limit: usize) -> impl Iterator<Item = &StepView> {
+        let skip = self.items.partition_point(|v| v.seq <= after);
+        self.items.range(skip..).take(limit)
+    }
+}
+
 #[derive(Default)]
 struct ThreadMark {
     tgid: u32,
@@ -228,5 +283,21 @@ mod tests {
         ev.nested = 1;
         s.on_sync(&ev, false, &mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn recent_steps_page_oldest_first_and_stay_bounded() {
+        let mut r = RecentSteps::default();
+        for i in 0..(RECENT_STEPS as u64 + 5) {
+            r.push(&sync_step(i, i + 1), Phase::Decode);
+        }
+        assert_eq!(r.newest(), RECENT_STEPS as u64 + 5);
+        let first: Vec<u64> = r.after(0, 3).map(|v| v.seq).collect();
+        assert_eq!(first, [6, 7, 8], "the 5 oldest were dropped");
+        let next: Vec<u64> = r.after(8, 2).map(|v| v.seq).collect();
+        assert_eq!(next, [9, 10]);
+        assert_eq!(r.after(r.newest(), 10).count(), 0);
+        let v = r.after(8, 1).next().copied().expect("step");
+        assert_eq!((v.start_ns, v.end_ns, v.phase, v.tid), (8, 9, "decode", 7));
     }
 }
