@@ -217,8 +217,14 @@ pub struct ThreadTime {
     pub runnable_ns: u64,
     /// Sleeping or waiting (futex, I/O, the other process).
     pub blocked_ns: u64,
+    /// When the thread's socket send in progress began queueing bytes (its first
+    /// `tcp_sendmsg_locked`; 0: none), and the thread's clock then — the time a response write is
+    /// dated by, kept here instead of a map of its own so that a send costs no map update
+    /// (probe-ebpf/src/sockio.rs). Written and cleared by the thread itself; the agent ignores it.
+    pub send_start_ns: u64,
+    pub send_clock: ThreadClock,
 }
-const _: () = assert!(size_of::<ThreadTime>() == 48);
+const _: () = assert!(size_of::<ThreadTime>() == 80);
 
 /// Values of `ThreadTime::state`.
 pub const THREAD_ON_CPU: u32 = 0;

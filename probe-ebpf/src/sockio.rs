@@ -52,7 +52,10 @@ const EINTR: i32 = 4;
 const MSG_PEEK: i32 = 2;
 
 /// Thread id → when its socket send started queueing bytes (first `tcp_sendmsg_locked` of the
-/// call) and the thread's clock then, consumed by `sock_send_data` at the end of the same call.
+/// call) and the thread's clock then, consumed by `sock_send_data` at the end of the same call —
+/// for threads without a `THREADS` entry (thread states off; a thread not yet switched out), whose
+/// entry holds the stamp otherwise (`threads::stamp_send`: a field write instead of a hash
+/// insert, lookup and delete per send).
 #[map]
 static SEND_START: HashMap<u32, SendStart> = HashMap::with_max_entries(MAX_PENDING, 0);
 
@@ -290,6 +293,10 @@ pub fn tcp_send_start(_ctx: RawTracePointContext) -> u32 {
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
+    // In the thread's own THREADS entry when it has one (no map update); else in SEND_START.
+    if threads::stamp_send(tgid, tid, now) {
+        return 0;
+    }
     // NOEXIST: a long send loops here once per segment; the first one counts.
     let start = SendStart {
         ts_ns: now,
@@ -307,11 +314,17 @@ pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
     if !is_target(tgid) {
         return 0;
     }
-    // SAFETY: value copied out before the entry is removed.
-    let start = unsafe { SEND_START.get(tid) }.copied();
-    if start.is_some() {
-        let _ = SEND_START.remove(tid);
-    }
+    let start = match threads::take_send(tgid, tid) {
+        Some((ts_ns, thread)) => Some(SendStart { ts_ns, thread }),
+        None => {
+            // SAFETY: value copied out before the entry is removed.
+            let s = unsafe { SEND_START.get(tid) }.copied();
+            if s.is_some() {
+                let _ = SEND_START.remove(tid);
+            }
+            s
+        }
+    };
     let ret = ctx.arg::<u64>(1) as i32;
     if ret == -EAGAIN || ret == -EINTR {
         return 0;

@@ -70,15 +70,52 @@ pub fn current_task() -> u64 {
 /// state it named.
 #[inline(always)]
 pub fn clock(tgid: u32, tid: u32, now: u64) -> ThreadClock {
-    let Some(t) = THREADS.get_ptr_mut(current_task()) else {
-        return ThreadClock::default();
-    };
+    match own_entry(tgid, tid) {
+        Some(t) => clock_of(t, now),
+        None => ThreadClock::default(),
+    }
+}
+
+/// The current thread's `THREADS` entry, when it has one that is its own.
+#[inline(always)]
+fn own_entry(tgid: u32, tid: u32) -> Option<&'static mut ThreadTime> {
+    let t = THREADS.get_ptr_mut(current_task())?;
     // SAFETY: a map value; the running thread's own entry (the scheduler programs' benign races
     // as above).
     let t = unsafe { &mut *t };
-    if t.tgid != tgid || t.tid != tid {
-        return ThreadClock::default();
+    (t.tgid == tgid && t.tid == tid).then_some(t)
+}
+
+/// Stamp the start of the current thread's socket send in its own entry (the first call of a
+/// send counts; `take_send` clears it). False when the thread has no entry — thread states off,
+/// or it has not left a CPU yet — and the caller keeps the stamp in a map instead.
+#[inline(always)]
+pub fn stamp_send(tgid: u32, tid: u32, now: u64) -> bool {
+    let Some(t) = own_entry(tgid, tid) else {
+        return false;
+    };
+    if t.send_start_ns == 0 {
+        t.send_clock = clock_of(t, now);
+        t.send_start_ns = now;
     }
+    true
+}
+
+/// The current thread's send stamp (time, clock), cleared; `None` when it has none here.
+#[inline(always)]
+pub fn take_send(tgid: u32, tid: u32) -> Option<(u64, ThreadClock)> {
+    let t = own_entry(tgid, tid)?;
+    if t.send_start_ns == 0 {
+        return None;
+    }
+    let stamp = (t.send_start_ns, t.send_clock);
+    t.send_start_ns = 0;
+    Some(stamp)
+}
+
+/// `t`'s clock at `now`, `t` being the running thread's entry (see `clock`).
+#[inline(always)]
+fn clock_of(t: &mut ThreadTime, now: u64) -> ThreadClock {
     match t.state {
         THREAD_ON_CPU => {}
         THREAD_RUNNABLE | THREAD_BLOCKED => {

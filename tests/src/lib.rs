@@ -339,6 +339,9 @@ pub fn node_with_args_under_probe(
 /// Environment variable naming the `--capture` path every probe the tests start uses (unset: the
 /// agent's default, `auto`).
 pub const CAPTURE_ENV: &str = "LLM_PROBE_TEST_CAPTURE";
+/// Environment variable naming the `--thread-states` value every probe the tests start uses
+/// (unset: the agent's default, `on`).
+pub const THREAD_STATES_ENV: &str = "LLM_PROBE_TEST_THREAD_STATES";
 
 /// `llm-probe run` against `target_args`, serving on a free port.
 pub struct Probe {
@@ -363,12 +366,17 @@ impl Probe {
         let port = listen.rsplit(':').next().unwrap_or_default();
         let addr = format!("127.0.0.1:{port}");
         // `cargo xtask test` runs the accuracy tests once more on the fallback capture path.
-        let capture: Vec<String> = match std::env::var(CAPTURE_ENV) {
+        let mut capture: Vec<String> = match std::env::var(CAPTURE_ENV) {
             Ok(path) if !target_args.iter().any(|a| a == "--capture") => {
                 vec!["--capture".into(), path]
             }
             _ => Vec::new(),
         };
+        if let Ok(v) = std::env::var(THREAD_STATES_ENV) {
+            if !target_args.iter().any(|a| a == "--thread-states") {
+                capture.extend(["--thread-states".into(), v]);
+            }
+        }
         let proc = Proc::spawn(
             "llm-probe",
             Command::new(bin)

@@ -43,7 +43,7 @@ pub(crate) fn wait_port(port: u16) -> Result<()> {
     Ok(())
 }
 
-fn client(port: u16, concurrency: usize, seconds: u64) -> Result<Value> {
+pub(crate) fn client(port: u16, concurrency: usize, seconds: u64) -> Result<Value> {
     let out = Command::new(bench_bin())
         .args([
             "client",

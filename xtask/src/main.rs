@@ -3,6 +3,7 @@
 mod bench;
 mod bench_bystander;
 mod bench_cuda;
+mod bench_progcost;
 mod demo;
 mod image;
 mod setup;
@@ -52,7 +53,8 @@ enum Task {
     /// Benchmarks (docs/BENCHMARKS.md): overhead with/without the probe in the same run, RSS with
     /// 1k streams, ingestion and /metrics render micro-benchmarks. Needs root.
     Bench {
-        /// Only this one: micro, overhead, engine (llama-cpp-python), vllm, rss, cuda, bystander; or longstreams (4,096 streams of
+        /// Only this one: micro, overhead, progcost (ns per run of each kernel program), engine
+        /// (llama-cpp-python), vllm, rss, cuda, bystander; or longstreams (4,096 streams of
         /// 4,100 events, minutes of full load: run only when named).
         #[arg(long)]
         only: Option<String>,
@@ -277,6 +279,17 @@ fn main() -> Result<()> {
                         .args(["--", "--test-threads=1"]),
                 )?;
                 total = (total.0 + t.0, total.1 + t.1, total.2 + t.2);
+                // Without the scheduler programs a response write is dated from a map of its own
+                // instead of the thread's THREADS entry (probe-ebpf/src/sockio.rs).
+                step("accuracy tests on the sock: path with --thread-states off (node, llama.cpp)");
+                let t = cargo_test(
+                    cargo()
+                        .env(tests::THREAD_STATES_ENV, "off")
+                        .args(["test", "--release", "-p", "tests"])
+                        .args(["--test", "node", "--test", "llama"])
+                        .args(["--", "--test-threads=1"]),
+                )?;
+                total = (total.0 + t.0, total.1 + t.1, total.2 + t.2);
                 step("demo smoke test: `cargo xtask demo --duration 8` on a free port");
                 let port = std::net::TcpListener::bind("127.0.0.1:0")?
                     .local_addr()?
@@ -316,6 +329,9 @@ fn main() -> Result<()> {
             }
             if want("overhead") {
                 bench::overhead(&bin, rounds, seconds)?;
+            }
+            if want("progcost") {
+                bench_progcost::program_cost(&bin, seconds)?;
             }
             if want("engine") {
                 bench::engine_overhead(&bin, rounds, seconds.max(8))?;

@@ -151,6 +151,8 @@ pub fn system_packages() -> Result<()> {
         ("buildah", "buildah"),
         ("podman", "podman"),
         ("runc", "runc"),
+        // Per-program cost in `cargo xtask bench --only progcost`.
+        ("bpftool", "bpftool"),
     ] {
         if !have(tool) {
             missing.push(package);
@@ -159,7 +161,7 @@ pub fn system_packages() -> Result<()> {
     if missing.is_empty() {
         step(
             "system packages (node, python3, C/C++ compiler, prometheus, alertmanager, curl, \
-             openssl, iproute2, util-linux, buildah, podman, runc): present",
+             openssl, iproute2, util-linux, buildah, podman, runc, bpftool): present",
         );
         return Ok(());
     }
