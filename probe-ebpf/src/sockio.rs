@@ -288,15 +288,13 @@ pub fn sock_recv_data(ctx: RawTracePointContext) -> u32 {
 #[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
 pub fn tcp_send_start(_ctx: RawTracePointContext) -> u32 {
     let (tgid, tid) = current_tgid_tid();
-    if !is_target(tgid) {
+    // In the thread's own THREADS entry when it has one (no map update, no TARGETS lookup: only
+    // traced threads have one); else, for a traced process, in SEND_START.
+    if threads::stamp_send(tgid, tid) || !is_target(tgid) {
         return 0;
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    // In the thread's own THREADS entry when it has one (no map update); else in SEND_START.
-    if threads::stamp_send(tgid, tid, now) {
-        return 0;
-    }
     // NOEXIST: a long send loops here once per segment; the first one counts.
     let start = SendStart {
         ts_ns: now,
@@ -311,12 +309,13 @@ pub fn tcp_send_start(_ctx: RawTracePointContext) -> u32 {
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
     let (tgid, tid) = current_tgid_tid();
-    if !is_target(tgid) {
-        return 0;
-    }
+    // A stamp in the thread's THREADS entry marks a traced thread; without one, test the process.
     let start = match threads::take_send(tgid, tid) {
         Some((ts_ns, thread)) => Some(SendStart { ts_ns, thread }),
         None => {
+            if !is_target(tgid) {
+                return 0;
+            }
             // SAFETY: value copied out before the entry is removed.
             let s = unsafe { SEND_START.get(tid) }.copied();
             if s.is_some() {

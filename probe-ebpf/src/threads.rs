@@ -87,21 +87,26 @@ fn own_entry(tgid: u32, tid: u32) -> Option<&'static mut ThreadTime> {
 }
 
 /// Stamp the start of the current thread's socket send in its own entry (the first call of a
-/// send counts; `take_send` clears it). False when the thread has no entry — thread states off,
-/// or it has not left a CPU yet — and the caller keeps the stamp in a map instead.
+/// send counts; `take_send` clears it). False when the thread has no entry — an untraced thread,
+/// thread states off, or a traced thread that has not left a CPU yet — and the caller tests the
+/// process and keeps the stamp in a map instead. An entry exists only for threads of traced
+/// processes, so finding it is the process filter too (one lookup instead of two).
 #[inline(always)]
-pub fn stamp_send(tgid: u32, tid: u32, now: u64) -> bool {
+pub fn stamp_send(tgid: u32, tid: u32) -> bool {
     let Some(t) = own_entry(tgid, tid) else {
         return false;
     };
     if t.send_start_ns == 0 {
+        // SAFETY: plain helper call.
+        let now = unsafe { bpf_ktime_get_ns() };
         t.send_clock = clock_of(t, now);
         t.send_start_ns = now;
     }
     true
 }
 
-/// The current thread's send stamp (time, clock), cleared; `None` when it has none here.
+/// The current thread's send stamp (time, clock), cleared; `None` when it has none here (then
+/// the thread may still be traced: the caller tests the process).
 #[inline(always)]
 pub fn take_send(tgid: u32, tid: u32) -> Option<(u64, ThreadClock)> {
     let t = own_entry(tgid, tid)?;
