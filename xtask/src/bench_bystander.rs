@@ -1,7 +1,8 @@
 //! What llm-probe costs processes it does not trace (the bystanders on a shared node): ns per
-//! `getppid()`, per 64-byte `write` to /dev/null and per TCP loopback ping-pong round trip, timed
-//! in this untraced process, in alternating rounds without llm-probe and with it attached to a
-//! server elsewhere (`llm-bench server`, traced by port), on each socket capture path.
+//! `getppid()`, per 64-byte `write` to /dev/null, per TCP loopback ping-pong round trip and per
+//! pipe ping-pong round trip with another process (`cat`), timed in this untraced process, in
+//! alternating rounds without llm-probe and with it attached to a server elsewhere
+//! (`llm-bench server`, traced by port), on each socket capture path.
 
 use std::fmt::Write as _;
 use std::{
@@ -9,10 +10,11 @@ use std::{
     net::{TcpListener, TcpStream},
     os::fd::AsRawFd as _,
     path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use crate::{
     bench::{bench_server, median, start_probe_with, CAPTURE_PATHS},
@@ -23,8 +25,9 @@ const SYSCALLS: u32 = 2_000_000;
 const WRITES: u32 = 1_000_000;
 const ROUND_TRIPS: u32 = 50_000;
 
-/// ns per call of `getppid`, of a 64-byte write to /dev/null, and per ping-pong round trip.
-fn measure() -> Result<[f64; 3]> {
+/// ns per call of `getppid`, of a 64-byte write to /dev/null, per TCP ping-pong round trip
+/// (two threads of this process) and per pipe ping-pong round trip with a `cat` process.
+fn measure() -> Result<[f64; 4]> {
     let t = Instant::now();
     for _ in 0..SYSCALLS {
         // SAFETY: a plain syscall without arguments.
@@ -63,7 +66,27 @@ fn measure() -> Result<[f64; 3]> {
     let pingpong = t.elapsed().as_nanos() as f64 / f64::from(ROUND_TRIPS);
     drop(c);
     let _ = echo.join();
-    Ok([getppid, write, pingpong])
+
+    // Two processes over pipes: `cat` writes back each byte as it reads it. Every round trip is
+    // two wake-ups and two context switches, which the scheduler programs see.
+    let mut cat = Command::new("cat")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cat")?;
+    let (mut to, mut from) = (
+        cat.stdin.take().context("cat's stdin")?,
+        cat.stdout.take().context("cat's stdout")?,
+    );
+    let t = Instant::now();
+    for _ in 0..ROUND_TRIPS {
+        to.write_all(b"p")?;
+        from.read_exact(&mut b)?;
+    }
+    let pipe = t.elapsed().as_nanos() as f64 / f64::from(ROUND_TRIPS);
+    drop(to);
+    let _ = cat.wait();
+    Ok([getppid, write, pingpong, pipe])
 }
 
 pub fn bystander(probe: &Path, rounds: usize) -> Result<()> {
@@ -79,8 +102,9 @@ pub fn bystander(probe: &Path, rounds: usize) -> Result<()> {
     for r in 0..rounds {
         let b = measure()?;
         let mut line = format!(
-            "  round {r}: without: getppid {:.0} ns, write {:.0} ns, ping-pong {:.0} ns",
-            b[0], b[1], b[2]
+            "  round {r}: without: getppid {:.0} ns, write {:.0} ns, ping-pong {:.0} ns, pipe \
+             {:.0} ns",
+            b[0], b[1], b[2], b[3]
         );
         without.push(b);
         for (i, path) in CAPTURE_PATHS.iter().enumerate() {
@@ -88,7 +112,11 @@ pub fn bystander(probe: &Path, rounds: usize) -> Result<()> {
             std::thread::sleep(Duration::from_secs(1));
             let w = measure()?;
             drop(p);
-            let _ = write!(line, " | {path}: {:.0}, {:.0}, {:.0}", w[0], w[1], w[2]);
+            let _ = write!(
+                line,
+                " | {path}: {:.0}, {:.0}, {:.0}, {:.0}",
+                w[0], w[1], w[2], w[3]
+            );
             with[i].push(w);
         }
         println!("{line}");
@@ -97,6 +125,7 @@ pub fn bystander(probe: &Path, rounds: usize) -> Result<()> {
         ("getppid", 3.0),
         ("write 64 B to /dev/null", 5.0),
         ("TCP loopback ping-pong", 10.0),
+        ("pipe ping-pong with another process", 3.0),
     ]
     .iter()
     .enumerate()

@@ -97,6 +97,9 @@ impl GpuLog {
     /// The GPU wait of `tgid`'s tree inside `[from, to]`: `None` when the tree has no sync on
     /// record (no CUDA probes, or no GPU work yet) or its history no longer reaches `from`.
     pub fn wait_in(&self, tgid: u32, from: u64, to: u64) -> Option<GpuWait> {
+        if self.trees.is_empty() {
+            return None; // no GPU work seen (every gap of a CPU-only server asks)
+        }
         let t = self.trees.get(&self.tree(tgid))?;
         if from < t.dropped_until || to < from {
             return None;
