@@ -29,7 +29,7 @@ pub use ingest::Ingest;
 pub use targets::Targets;
 
 use self::{
-    collector::{KernelSource, LaunchCollector},
+    collector::{KernelSource, LaunchCollector, SelfCpuCollector},
     cuda::CudaHousekeeping,
     samplers::{run_bridge, start_gpu_sampler, GpuSampler},
 };
@@ -310,6 +310,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     }
     let kernel = Arc::new(Mutex::new(kernel));
     probe.collect_kernel(&mut registry, Box::new(KernelSource(kernel.clone())));
+    registry.register_collector(Box::new(SelfCpuCollector));
     registry.register_collector(Box::new(LaunchCollector {
         kernel: kernel.clone(),
         cuda: cuda.clone(),

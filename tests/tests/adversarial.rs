@@ -463,4 +463,28 @@ fn long_streams_and_the_request_log_fit_the_daemonset_limit() {
     assert!(hwm < 128 << 20, "peak RSS {:.1} MiB", mib(hwm));
     let delivered = metric_sum(&m, "llm_probe_events_total", &[]);
     assert_eq!(seen, delivered + lost, "seen = delivered + lost");
+    // The agent reports its own CPU, which /proc/PID/stat read around a scrape brackets.
+    let cpu_s = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let f: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("comm")
+            .1
+            .split_whitespace()
+            .collect();
+        // SAFETY: a plain libc query.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / hz
+    };
+    let before = cpu_s();
+    let cpu = metric_sum(&probe.metrics(), "llm_probe_cpu_seconds_total", &[]);
+    let after = cpu_s();
+    eprintln!(
+        "agent CPU {cpu:.2} s (/proc: {before:.2}-{after:.2} s) = {:.3} ms per 1,000 records",
+        cpu / delivered.max(1.0) * 1e6
+    );
+    assert!(
+        cpu > 0.0 && before <= cpu && cpu <= after,
+        "llm_probe_cpu_seconds_total {cpu} outside {before}..{after}"
+    );
 }

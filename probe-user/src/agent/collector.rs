@@ -52,6 +52,21 @@ pub(super) fn fold_launches(kernel: &mut Kernel, cuda: &mut CudaState) {
     }
 }
 
+/// `llm_probe_cpu_seconds_total`: the agent's own user + system CPU time (/proc/self/stat), read
+/// at each scrape; over `llm_probe_events_total` it is the agent's CPU per record.
+#[derive(Debug)]
+pub(super) struct SelfCpuCollector;
+
+impl Collector for SelfCpuCollector {
+    fn encode(&self, enc: DescriptorEncoder) -> fmt::Result {
+        let Ok(stat) = procfs::process::Process::myself().and_then(|p| p.stat()) else {
+            return Ok(());
+        };
+        let ticks = (stat.utime + stat.stime) as f64;
+        crate::metrics::probe::encode_cpu(enc, ticks / procfs::ticks_per_second() as f64)
+    }
+}
+
 /// `llm_cuda_kernel_launches_total`, `llm_cuda_graph_launches_total` and
 /// `llm_probe_cuda_nested_calls_total`, folded from the kernel at each scrape.
 pub(super) struct LaunchCollector {

@@ -136,6 +136,18 @@ impl ProbeMetrics {
     }
 }
 
+/// `llm_probe_cpu_seconds_total` with the agent's CPU time so far (read by the agent's collector).
+pub fn encode_cpu(mut enc: DescriptorEncoder, seconds: f64) -> fmt::Result {
+    let c = ConstCounter::new(seconds);
+    c.encode(enc.encode_descriptor(
+        "llm_probe_cpu_seconds",
+        "CPU time (user + system) the agent itself used; per record: its rate over \
+         rate(llm_probe_events_total)",
+        None,
+        c.metric_type(),
+    )?)
+}
+
 /// `llm_probe_events_seen_total`, `llm_probe_events_lost_total{reason}` and
 /// `llm_probe_capture_incomplete_total{reason}`, read from the kernel at each scrape.
 pub struct KernelCollector {
@@ -233,6 +245,27 @@ mod tests {
         fn misses(&self) -> Vec<(&'static str, u64)> {
             vec![("sched_switch", 0), ("sock_recv_data", 7)]
         }
+    }
+
+    #[derive(Debug)]
+    struct Cpu;
+    impl Collector for Cpu {
+        fn encode(&self, enc: DescriptorEncoder) -> fmt::Result {
+            encode_cpu(enc, 1.25)
+        }
+    }
+
+    #[test]
+    fn the_agents_cpu_is_a_counter_in_seconds() {
+        let mut r = Registry::default();
+        r.register_collector(Box::new(Cpu));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        assert!(
+            text.contains("# TYPE llm_probe_cpu_seconds counter"),
+            "{text}"
+        );
+        assert!(text.contains("llm_probe_cpu_seconds_total 1.25"), "{text}");
     }
 
     /// The collector exports what the source says at scrape time, under the families' names.
