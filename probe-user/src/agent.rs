@@ -147,14 +147,10 @@ fn add_targets(
     via: &'static str,
 ) -> Result<(), AgentError> {
     let mut all = Vec::new();
-    for &root in pids {
-        for pid in discover::with_descendants(&[root])? {
-            targets.in_tree(pid, root);
-            all.push(pid);
-        }
+    for (pid, root) in discover::with_descendants(pids)? {
+        targets.in_tree(pid, root);
+        all.push(pid);
     }
-    all.sort_unstable();
-    all.dedup();
     let mut k = kernel.lock().map_err(|_| AgentError::Poisoned)?;
     for &pid in &all {
         k.add_target(pid).map_err(AgentError::Maps)?;

@@ -2,7 +2,7 @@
 //! /proc (procfs crate). Runs unprivileged where /proc allows; the agent feeds the answers to the
 //! kernel maps and the target set.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap, HashSet};
 
 use procfs::{
     net::{TcpNetEntry, TcpState},
@@ -157,8 +157,9 @@ pub fn listening_in_own_netns(port: u16) -> bool {
         .any(|e| e.state == TcpState::Listen && e.local_address.port() == port)
 }
 
-/// `roots` and every live descendant, found through each process's parent pid.
-pub fn with_descendants(roots: &[u32]) -> Result<Vec<u32>, DiscoverError> {
+/// `roots` and every live descendant, found through each process's parent pid (one scan of
+/// /proc), each as (pid, the root it descends from; the first such root for a pid under two).
+pub fn with_descendants(roots: &[u32]) -> Result<Vec<(u32, u32)>, DiscoverError> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     for p in procfs::process::all_processes()?.filter_map(Result::ok) {
         if let Ok(stat) = p.stat() {
@@ -168,11 +169,14 @@ pub fn with_descendants(roots: &[u32]) -> Result<Vec<u32>, DiscoverError> {
                 .push(p.pid as u32);
         }
     }
-    let mut seen: BTreeSet<u32> = BTreeSet::new();
-    let mut stack: Vec<u32> = roots.to_vec();
-    while let Some(pid) = stack.pop() {
-        if seen.insert(pid) {
-            stack.extend(children.get(&pid).into_iter().flatten());
+    let mut seen: BTreeMap<u32, u32> = BTreeMap::new();
+    for &root in roots {
+        let mut stack = vec![root];
+        while let Some(pid) = stack.pop() {
+            if let btree_map::Entry::Vacant(e) = seen.entry(pid) {
+                e.insert(root);
+                stack.extend(children.get(&pid).into_iter().flatten());
+            }
         }
     }
     Ok(seen.into_iter().collect())
@@ -348,7 +352,7 @@ mod tests {
             .spawn()
             .unwrap();
         let all = with_descendants(&[std::process::id()]).unwrap();
-        assert!(all.contains(&child.id()));
+        assert!(all.iter().any(|&(pid, _)| pid == child.id()));
         child.kill().unwrap();
         let _ = child.wait();
     }

@@ -284,7 +284,8 @@ impl RequestStats {
 
 impl RequestStats {
     /// One request's TTFT stages into `llm_ttft_stage_seconds` (`frontend` and `output` only
-    /// when IPC split the server's time), its GPU wait into `llm_ttft_gpu_wait_seconds` and its serving thread's states (or `unknown`) into
+    /// when IPC split the server's time), its GPU wait into `llm_ttft_gpu_wait_seconds` and its
+    /// serving thread's states (or `unknown`) into
     /// `llm_ttft_stage_thread_seconds_total{stage="server"}`.
     fn observe_stages(&self, model: &str, b: &attribution::Breakdown) {
         for (stage, ns) in b.stages.named() {

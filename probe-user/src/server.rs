@@ -251,20 +251,14 @@ fn steps_page(state: &ServerState, query: &str) -> Response<Full<Bytes>> {
         newest: u64,
         steps: Vec<&'a crate::cuda::steps::StepView>,
     }
-    let empty = || {
-        serde_json::to_string(&StepsPage {
-            newest: 0,
-            steps: Vec::new(),
-        })
-        .unwrap_or_default()
-    };
+    const EMPTY: &str = r#"{"newest":0,"steps":[]}"#;
     let body = match state.cuda.as_ref().map(|c| c.lock()) {
         Some(Ok(c)) => serde_json::to_string(&StepsPage {
             newest: c.recent_steps.newest(),
             steps: c.recent_steps.after(after, limit).collect(),
         })
-        .unwrap_or_else(|_| empty()),
-        _ => empty(),
+        .unwrap_or_else(|_| EMPTY.to_owned()),
+        _ => EMPTY.to_owned(),
     };
     reply(StatusCode::OK, "application/json", body)
 }

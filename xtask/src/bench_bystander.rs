@@ -57,13 +57,7 @@ fn measure() -> Result<[f64; 4]> {
     });
     let mut c = TcpStream::connect(addr)?;
     c.set_nodelay(true)?;
-    let mut b = [0u8; 1];
-    let t = Instant::now();
-    for _ in 0..ROUND_TRIPS {
-        c.write_all(b"p")?;
-        c.read_exact(&mut b)?;
-    }
-    let pingpong = t.elapsed().as_nanos() as f64 / f64::from(ROUND_TRIPS);
+    let pingpong = round_trips(&mut c.try_clone()?, &mut c)?;
     drop(c);
     let _ = echo.join();
 
@@ -78,15 +72,21 @@ fn measure() -> Result<[f64; 4]> {
         cat.stdin.take().context("cat's stdin")?,
         cat.stdout.take().context("cat's stdout")?,
     );
+    let pipe = round_trips(&mut to, &mut from)?;
+    drop(to);
+    let _ = cat.wait();
+    Ok([getppid, write, pingpong, pipe])
+}
+
+/// ns per one-byte round trip: `ROUND_TRIPS` times a byte written to `to`, its echo read back.
+fn round_trips(to: &mut impl std::io::Write, from: &mut impl std::io::Read) -> Result<f64> {
+    let mut b = [0u8; 1];
     let t = Instant::now();
     for _ in 0..ROUND_TRIPS {
         to.write_all(b"p")?;
         from.read_exact(&mut b)?;
     }
-    let pipe = t.elapsed().as_nanos() as f64 / f64::from(ROUND_TRIPS);
-    drop(to);
-    let _ = cat.wait();
-    Ok([getppid, write, pingpong, pipe])
+    Ok(t.elapsed().as_nanos() as f64 / f64::from(ROUND_TRIPS))
 }
 
 pub fn bystander(probe: &Path, rounds: usize) -> Result<()> {

@@ -268,28 +268,33 @@ fn main() -> Result<()> {
             total = (total.0 + t.0, total.1 + t.1, total.2 + t.2);
             if args.is_empty() {
                 // The default run above used the `sock:` capture path; the timing and outcome
-                // tests run once more on the syscall fallback (`llm-probe run --capture syscalls`).
-                step("accuracy tests on the syscall capture path (node, attribution, llama.cpp, vLLM)");
-                let t = cargo_test(
-                    cargo()
-                        .env(tests::CAPTURE_ENV, "syscalls")
-                        .args(["test", "--release", "-p", "tests"])
-                        .args(["--test", "node", "--test", "attribution"])
-                        .args(["--test", "llama", "--test", "vllm"])
-                        .args(["--", "--test-threads=1"]),
-                )?;
-                total = (total.0 + t.0, total.1 + t.1, total.2 + t.2);
-                // Without the scheduler programs a response write is dated from a map of its own
-                // instead of the thread's THREADS entry (probe-ebpf/src/sockio.rs).
-                step("accuracy tests on the sock: path with --thread-states off (node, llama.cpp)");
-                let t = cargo_test(
-                    cargo()
-                        .env(tests::THREAD_STATES_ENV, "off")
-                        .args(["test", "--release", "-p", "tests"])
-                        .args(["--test", "node", "--test", "llama"])
-                        .args(["--", "--test-threads=1"]),
-                )?;
-                total = (total.0 + t.0, total.1 + t.1, total.2 + t.2);
+                // tests run once more on the syscall fallback (`llm-probe run --capture syscalls`)
+                // and on the `sock:` path without the scheduler programs, where a response write
+                // is dated from a map of its own instead of the thread's THREADS entry
+                // (probe-ebpf/src/sockio.rs).
+                for (what, env, value, suites) in [
+                    (
+                        "on the syscall capture path",
+                        tests::CAPTURE_ENV,
+                        "syscalls",
+                        &["node", "attribution", "llama", "vllm"][..],
+                    ),
+                    (
+                        "on the sock: path with --thread-states off",
+                        tests::THREAD_STATES_ENV,
+                        "off",
+                        &["node", "llama"][..],
+                    ),
+                ] {
+                    step(&format!("accuracy tests {what} ({})", suites.join(", ")));
+                    let mut c = cargo();
+                    c.env(env, value).args(["test", "--release", "-p", "tests"]);
+                    for s in suites {
+                        c.args(["--test", s]);
+                    }
+                    let t = cargo_test(c.args(["--", "--test-threads=1"]))?;
+                    total = (total.0 + t.0, total.1 + t.1, total.2 + t.2);
+                }
                 step("demo smoke test: `cargo xtask demo --duration 8` on a free port");
                 let port = std::net::TcpListener::bind("127.0.0.1:0")?
                     .local_addr()?

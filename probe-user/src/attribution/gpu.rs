@@ -3,8 +3,8 @@
 //!
 //! A synchronize call (`cuStreamSynchronize`, `cuCtxSynchronize`, `cuEventSynchronize`, the
 //! runtime's) returns when the GPU finished the work queued before it: the host thread's wait in
-//! it is GPU time the request could not get past. Its interval (entry → return, both stamped by the
-//! kernel) is kept per *process tree* — the engine that computes for a request is often another
+//! it is GPU time the request could not get past. Its interval (entry → return, both stamped by
+//! the kernel) is kept per *process tree* — the engine that computes for a request is often another
 //! process than the one that read it (vLLM's API server hands requests to `EngineCore`, whose
 //! workers sync) — and a request's wait is the part of its engine stage covered by the union of
 //! those intervals: two workers of one tensor-parallel step waiting at once count once, and a step
@@ -104,26 +104,26 @@ impl GpuLog {
         if from < t.dropped_until || to < from {
             return None;
         }
-        // Intervals ending after `from`; those also starting before `to` overlap the window.
+        // Intervals ending after `from` and starting before `to`, clipped to the window. Walked
+        // by end, newest first, their union needs no sort: an interval ending before the start
+        // of the block merged so far cannot touch it, nor can any after it.
         let first = t.syncs.partition_point(|&(_, e)| e <= from);
-        let mut spans: Vec<(u64, u64)> = t
-            .syncs
-            .range(first..)
-            .filter(|&&(s, _)| s < to)
-            .map(|&(s, e)| (s.max(from), e.min(to)))
-            .collect();
-        spans.sort_unstable();
-        let mut w = GpuWait {
-            syncs: u32::try_from(spans.len()).unwrap_or(u32::MAX),
-            ..GpuWait::default()
-        };
-        let mut covered_to = from;
-        for (s, e) in spans {
-            let s = s.max(covered_to);
-            if e > s {
-                w.sync_wait += e - s;
-                covered_to = e;
-            }
+        let mut w = GpuWait::default();
+        let mut block: Option<(u64, u64)> = None;
+        for &(s, e) in t.syncs.range(first..).rev().filter(|&&(s, _)| s < to) {
+            let (s, e) = (s.max(from), e.min(to));
+            w.syncs = w.syncs.saturating_add(1);
+            block = match block {
+                Some((lo, hi)) if e >= lo => Some((lo.min(s), hi)),
+                Some((lo, hi)) => {
+                    w.sync_wait += hi - lo;
+                    Some((s, e))
+                }
+                None => Some((s, e)),
+            };
+        }
+        if let Some((lo, hi)) = block {
+            w.sync_wait += hi - lo;
         }
         Some(w)
     }
