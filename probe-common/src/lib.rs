@@ -42,6 +42,9 @@ pub enum EventKind {
     /// A traced process moved bytes on a socket that is not a client connection of its server:
     /// IPC to another process of the engine, or an outbound call (`IpcEvent`; `sock:` path only).
     Ipc = 8,
+    /// Plaintext a traced process passed through OpenSSL's `SSL_read`/`SSL_write` (`DataEvent`
+    /// with `ssl` set and `fd` unknown): the agent ties the `SSL *` to a connection.
+    TlsData = 9,
 }
 
 impl EventKind {
@@ -55,6 +58,7 @@ impl EventKind {
             6 => Some(Self::CudaMem),
             7 => Some(Self::CudaSync),
             8 => Some(Self::Ipc),
+            9 => Some(Self::TlsData),
             _ => None,
         }
     }
@@ -112,8 +116,11 @@ pub struct DataEvent {
     /// agent can split the time between two records of one thread into on-CPU, runnable and
     /// blocked (latency attribution).
     pub thread: ThreadClock,
+    /// `TlsData` records: the `SSL *` the plaintext went through (per process); 0 on socket
+    /// records.
+    pub ssl: u64,
 }
-const _: () = assert!(size_of::<DataEvent>() == 80);
+const _: () = assert!(size_of::<DataEvent>() == 88);
 
 /// A thread's scheduler totals at one moment: `ThreadTime`'s counters with the interval it is in
 /// added up to that moment. All zero when the thread is not known (thread states not attached,
@@ -251,9 +258,25 @@ pub const SYSCALL_CLOSE: u32 = 10;
 /// (sendfile, splice, sendmmsg, recvmmsg, io_uring): delivered with `cap_len` 0 so that framing
 /// still counts the bytes.
 pub const SYSCALL_OTHER: u32 = 11;
-pub const SYSCALL_NAMES: [&str; 12] = [
-    "read", "readv", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg", "accept",
-    "accept4", "close", "other",
+/// Plaintext from OpenSSL's `SSL_read`/`SSL_read_ex` and `SSL_write`/`SSL_write_ex`
+/// (`EventKind::TlsData`).
+pub const SYSCALL_SSL_READ: u32 = 12;
+pub const SYSCALL_SSL_WRITE: u32 = 13;
+pub const SYSCALL_NAMES: [&str; 14] = [
+    "read",
+    "readv",
+    "recvfrom",
+    "recvmsg",
+    "write",
+    "writev",
+    "sendto",
+    "sendmsg",
+    "accept",
+    "accept4",
+    "close",
+    "other",
+    "ssl_read",
+    "ssl_write",
 ];
 
 /// Values of the tracked-connection map `CONNS` (`ConnKey` → u64). The syscall capture path only
@@ -320,6 +343,21 @@ pub const MAX_TARGETS: u32 = 1024;
 pub const MAX_LISTEN_PORTS: u32 = 64;
 
 pub mod cuda;
+
+/// OpenSSL entry points the TLS uprobes attach to; the value of `SHAPES` is the attach cookie.
+pub mod ssl {
+    /// The `_ex` form: returns 1 and writes the byte count through its fourth argument.
+    pub const EX: u32 = 1;
+    /// Plaintext going out (`SSL_write*`); otherwise coming in.
+    pub const WRITE: u32 = 2;
+    /// Every probed symbol and its shape.
+    pub const SHAPES: [(&str, u32); 4] = [
+        ("SSL_read", 0),
+        ("SSL_read_ex", EX),
+        ("SSL_write", WRITE),
+        ("SSL_write_ex", WRITE | EX),
+    ];
+}
 pub mod tracepoint;
 
 /// The clock of every kernel timestamp (`bpf_ktime_get_ns` is `CLOCK_MONOTONIC`), read from user

@@ -7,7 +7,8 @@ use core::{ffi::c_void, slice};
 use aya_ebpf::helpers::generated::bpf_probe_read_user;
 use probe_common::{
     counter, DataEvent, EventHeader, EventKind, PendingIo, DIR_EGRESS, MAX_CAPTURE, MAX_IOV,
-    SYSCALL_READ, SYSCALL_RECVFROM, SYSCALL_SENDTO, SYSCALL_WRITE, TAIL_CAPTURE,
+    SYSCALL_READ, SYSCALL_RECVFROM, SYSCALL_SENDTO, SYSCALL_SSL_READ, SYSCALL_SSL_WRITE,
+    SYSCALL_WRITE, TAIL_CAPTURE,
 };
 
 use crate::{bump, submit_flags, EVENTS, SCRATCH};
@@ -73,7 +74,12 @@ fn read_tail_into(base: *mut u8, off: usize, len: usize, src: u64) -> bool {
 fn capture(base: *mut u8, p: &PendingIo, ret: usize) -> (usize, usize) {
     let plain = matches!(
         p.syscall,
-        SYSCALL_READ | SYSCALL_WRITE | SYSCALL_RECVFROM | SYSCALL_SENDTO
+        SYSCALL_READ
+            | SYSCALL_WRITE
+            | SYSCALL_RECVFROM
+            | SYSCALL_SENDTO
+            | SYSCALL_SSL_READ
+            | SYSCALL_SSL_WRITE
     );
     let want_tail = p.dir == DIR_EGRESS && ret > MAX_CAPTURE;
     if plain {
@@ -173,9 +179,18 @@ fn capture_iov_tail(base: *mut u8, p: &PendingIo, ret: u64) -> usize {
 }
 
 /// Build and deliver the data record of one read/write: `ret` from the syscall (or socket
-/// call), the payload copied from `p`'s buffer when `p.buf` is set and bytes moved.
+/// call), the payload copied from `p`'s buffer when `p.buf` is set and bytes moved. `ssl` ≠ 0:
+/// plaintext of that `SSL *` (`EventKind::TlsData`).
 #[inline(always)]
-pub fn emit_data(p: &PendingIo, tgid: u32, tid: u32, ts_ns: u64, ret: i64, arrival_ns: u64) {
+pub fn emit_data(
+    p: &PendingIo,
+    tgid: u32,
+    tid: u32,
+    ts_ns: u64,
+    ret: i64,
+    arrival_ns: u64,
+    ssl: u64,
+) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -190,7 +205,11 @@ pub fn emit_data(p: &PendingIo, tgid: u32, tid: u32, ts_ns: u64, ret: i64, arriv
     }
     let ev = DataEvent {
         header: EventHeader {
-            kind: EventKind::Data as u32,
+            kind: if ssl == 0 {
+                EventKind::Data as u32
+            } else {
+                EventKind::TlsData as u32
+            },
             tgid,
             tid,
             _pad: 0,
@@ -204,6 +223,7 @@ pub fn emit_data(p: &PendingIo, tgid: u32, tid: u32, ts_ns: u64, ret: i64, arriv
         tail_len: tail as u16,
         arrival_ns,
         thread: p.thread,
+        ssl,
     };
     // SAFETY: the scratch slot is 8-aligned and larger than `DataEvent`.
     unsafe { base.cast::<DataEvent>().write(ev) };

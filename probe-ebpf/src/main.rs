@@ -3,7 +3,7 @@
 //! and `http.rs` (the same from syscall tracepoints, the fallback), both copying through
 //! `capture.rs`; `arrival.rs` (when request bytes reach the socket), `sched.rs` (process tree of
 //! the targets), `threads.rs` (on-CPU / runnable / blocked time of their threads), `cuda.rs`
-//! (CUDA driver/runtime uprobes).
+//! (CUDA driver/runtime uprobes), `ssl.rs` (OpenSSL plaintext uprobes).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // On the host (a `cargo build --workspace`) this is an empty program; the real build targets
@@ -16,6 +16,7 @@ mod cuda;
 mod http;
 mod sched;
 mod sockio;
+mod ssl;
 mod threads;
 
 use aya_ebpf::{

@@ -168,8 +168,17 @@ fn describe(r: &[u64; 4], dir: u32, sk: u64) -> PendingIo {
 /// million instructions processed, without this); and the compiler cannot drop the length masks
 /// the verifier needs by proving them redundant from what it knows of `ret` (it did: "R2 min
 /// value is negative").
+/// `ssl` ≠ 0: plaintext of that `SSL *` (`ssl.rs`), which copies through here for the same reasons.
 #[inline(always)]
-fn capture_via_slot(mut p: PendingIo, ts_ns: u64, tgid: u32, tid: u32, ret: i64, arrival: u64) {
+pub(crate) fn capture_via_slot(
+    mut p: PendingIo,
+    ts_ns: u64,
+    tgid: u32,
+    tid: u32,
+    ret: i64,
+    arrival: u64,
+    ssl: u64,
+) {
     let Some(slot) = IO_DESC.get_ptr_mut(0) else {
         return;
     };
@@ -180,7 +189,7 @@ fn capture_via_slot(mut p: PendingIo, ts_ns: u64, tgid: u32, tid: u32, ret: i64,
         slot.write(IoDesc { io: p, ret });
         core::ptr::read_volatile(slot)
     };
-    emit_data(&d.io, tgid, tid, d.io.enter_ns, d.ret, arrival);
+    emit_data(&d.io, tgid, tid, d.io.enter_ns, d.ret, arrival, ssl);
 }
 
 /// What a socket call of a traced process is to the capture.
@@ -278,7 +287,7 @@ pub fn sock_recv_data(ctx: RawTracePointContext) -> u32 {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     p.thread = threads::clock(tgid, tid, now);
-    capture_via_slot(p, now, tgid, tid, i64::from(ret), arrival_ns);
+    capture_via_slot(p, now, tgid, tid, i64::from(ret), arrival_ns, 0);
     0
 }
 
@@ -359,6 +368,6 @@ pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
             now
         }
     };
-    capture_via_slot(p, ts, tgid, tid, i64::from(ret), 0);
+    capture_via_slot(p, ts, tgid, tid, i64::from(ret), 0, 0);
     0
 }

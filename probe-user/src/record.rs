@@ -27,6 +27,9 @@ pub enum Event<'a> {
         /// The last bytes moved, of a write longer than the payload (`TAIL_CAPTURE`), or empty.
         /// They may overlap the payload when the write is shorter than both together.
         tail: &'a [u8],
+        /// Plaintext of `SSL_read`/`SSL_write` (`EventKind::TlsData`): the `SSL *` it went
+        /// through, and `fd` means nothing. `None`: bytes of a socket call.
+        ssl: Option<u64>,
     },
     Accept {
         header: EventHeader,
@@ -87,7 +90,7 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
 pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     let header: EventHeader = read(bytes)?;
     match EventKind::from_u32(header.kind) {
-        Some(EventKind::Data) => {
+        Some(kind @ (EventKind::Data | EventKind::TlsData)) => {
             let d: DataEvent = read(bytes)?;
             let start = size_of::<DataEvent>();
             let claimed = d.cap_len as usize + usize::from(d.tail_len);
@@ -108,6 +111,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 thread: d.thread,
                 payload,
                 tail,
+                ssl: (kind == EventKind::TlsData).then_some(d.ssl),
             })
         }
         Some(EventKind::Accept) => {
@@ -177,6 +181,7 @@ pub fn encode_data_with_tail(
         tail_len: tail.len() as u16,
         arrival_ns: 0,
         thread: ThreadClock::default(),
+        ssl: 0,
     };
     let mut out = Vec::with_capacity(size_of::<DataEvent>() + payload.len() + tail.len());
     // SAFETY: `DataEvent` is `repr(C)`, integer-only and padding-free (size pinned in probe-common).
@@ -221,6 +226,22 @@ mod tests {
             (fd, egress, ret, payload, header.ts_ns),
             (5, true, 3, &b"abc"[..], 99)
         );
+    }
+
+    #[test]
+    fn tls_plaintext_carries_its_ssl() {
+        let mut raw = encode_data(hdr(), 0, false, 3, b"GET");
+        raw[..4].copy_from_slice(&(EventKind::TlsData as u32).to_ne_bytes());
+        let at = std::mem::offset_of!(DataEvent, ssl);
+        raw[at..at + 8].copy_from_slice(&0xdead_b000_u64.to_ne_bytes());
+        let Ok(Event::Data { ssl, payload, .. }) = decode(&raw) else {
+            panic!("decode failed");
+        };
+        assert_eq!((ssl, payload), (Some(0xdead_b000), &b"GET"[..]));
+        let Ok(Event::Data { ssl, .. }) = decode(&encode_data(hdr(), 5, true, 3, b"abc")) else {
+            panic!("decode failed");
+        };
+        assert_eq!(ssl, None, "socket bytes have no SSL");
     }
 
     #[test]
