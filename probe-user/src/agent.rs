@@ -11,6 +11,7 @@ mod cuda;
 mod ingest;
 mod privileges;
 mod samplers;
+mod ssl;
 mod targets;
 mod threads;
 
@@ -162,6 +163,11 @@ fn add_targets(
             targets.set_cuda(pid, true);
         }
     }
+    if k.ssl_loaded() {
+        for &pid in &all {
+            ssl::attach(&mut k, targets, pid);
+        }
+    }
     for &pid in &all {
         match discover::scan_sockets(pid, ports) {
             Ok(s) => {
@@ -237,6 +243,7 @@ struct Agent {
     health: SharedHealth,
     cuda: SharedCuda,
     cuda_housekeeping: CudaHousekeeping,
+    ssl_housekeeping: ssl::SslHousekeeping,
     threads: threads::ThreadSampler,
 }
 
@@ -299,6 +306,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
             program: "cuda_uprobes",
         })
         .set(i64::from(kernel.cuda_loaded()));
+    probe
+        .attached
+        .get_or_create(&ProgramLabels {
+            program: "ssl_uprobes",
+        })
+        .set(i64::from(kernel.ssl_loaded()));
     let cuda: SharedCuda = Arc::new(Mutex::new(CudaState::new(cuda_metrics, opts.cuda.ledger)));
     if let Ok(mut h) = health.lock() {
         h.programs_total = kernel.attached.len();
@@ -366,6 +379,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         health,
         cuda,
         cuda_housekeeping: CudaHousekeeping::default(),
+        ssl_housekeeping: ssl::SslHousekeeping::default(),
         threads: thread_sampler,
     };
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer, and
@@ -444,6 +458,7 @@ impl Agent {
             self.threads.tick(&mut k, &self.targets.alive(), now);
             self.cuda_housekeeping
                 .tick(&mut k, &mut c, &mut self.targets, now);
+            self.ssl_housekeeping.tick(&mut k, &mut self.targets);
             if let Ok(mut h) = self.health.lock() {
                 let counters = k.counters();
                 h.events_delivered = ingest.probe.events.get();

@@ -15,6 +15,7 @@
 
 mod ldcache;
 mod runpath;
+pub mod ssl;
 
 pub use ldcache::{parse_ld_so_cache, parse_ld_so_cache_where};
 use std::{
@@ -41,6 +42,8 @@ pub enum LibKind {
     Driver,
     /// The runtime API, `libcudart.so.<major>` (`cudaLaunchKernel`, `cudaMalloc`, …).
     Runtime,
+    /// Not CUDA: OpenSSL's `libssl`, or an executable that exports its API (`ssl`).
+    Ssl,
 }
 
 /// Why we think a library is (or will be) loaded by the target.
@@ -651,14 +654,20 @@ fn read_ld_library_path(proc_dir: &Path) -> Option<String> {
 
 /// The `(soname, path)` entries of the target root's `/etc/ld.so.cache`.
 fn read_ld_so_cache(root: &Path) -> Vec<(String, String)> {
+    // Only the CUDA entries are copied out of it.
+    read_ld_so_cache_matching(root, |soname| {
+        soname == DRIVER_SONAME || is_versioned_cudart(soname)
+    })
+}
+
+/// The `(soname, path)` entries of the target root's `/etc/ld.so.cache` whose soname `wanted`
+/// accepts.
+fn read_ld_so_cache_matching(root: &Path, wanted: impl Fn(&str) -> bool) -> Vec<(String, String)> {
     let path = Path::new("/etc/ld.so.cache");
     let read = resolve_in_root(root, path)
         .and_then(|real| read_bounded(&under_root(root, &real), MAX_LD_SO_CACHE_BYTES));
     match read {
-        // Only the CUDA entries are copied out of it.
-        Ok(bytes) => parse_ld_so_cache_where(&bytes, |soname| {
-            soname == DRIVER_SONAME || is_versioned_cudart(soname)
-        }),
+        Ok(bytes) => parse_ld_so_cache_where(&bytes, wanted),
         Err(e) => {
             log::debug!("{}/etc/ld.so.cache: {e}", root.display());
             Vec::new()

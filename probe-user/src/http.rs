@@ -1,6 +1,7 @@
 //! HTTP/1.1 as seen from the server's sockets: request heads and the few JSON body fields we need
 //! (`request.rs`), response framing and streaming events (`response.rs`), and the per-connection
-//! state machine that turns both directions into timed requests (`conn.rs`).
+//! state machine that turns both directions into timed requests (`conn.rs`); TLS plaintext tied
+//! to its connection (`tls.rs`).
 //!
 //! Pure logic: no aya types, no I/O, unit-tested without root. Payload bytes are inspected only to
 //! find framing and the fields named in `RequestMeta`; no prompt or completion text is kept.
@@ -12,6 +13,7 @@ pub mod request;
 pub mod response;
 mod sniff;
 mod sse;
+pub mod tls;
 
 pub use conn::ConnTracker;
 pub use probe_common::ThreadClock;
@@ -207,10 +209,13 @@ pub enum ParseErrorKind {
     UnmatchedResponse,
     /// The kernel captured only a prefix of a large read/write, so framing inside was lost.
     TruncatedCapture,
+    /// TLS records on a connection of a process whose OpenSSL calls are not probed (no libssl
+    /// found, or a TLS library other than OpenSSL): nothing on it can be read.
+    TlsUnreadable,
 }
 
 impl ParseErrorKind {
-    pub const ALL: [ParseErrorKind; 8] = [
+    pub const ALL: [ParseErrorKind; 9] = [
         Self::NotHttp,
         Self::BadRequest,
         Self::HeadTooLarge,
@@ -219,6 +224,7 @@ impl ParseErrorKind {
         Self::BadEvent,
         Self::UnmatchedResponse,
         Self::TruncatedCapture,
+        Self::TlsUnreadable,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -231,6 +237,7 @@ impl ParseErrorKind {
             Self::BadEvent => "bad_event",
             Self::UnmatchedResponse => "unmatched_response",
             Self::TruncatedCapture => "truncated_capture",
+            Self::TlsUnreadable => "tls_unreadable",
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod cuda;
 mod misses;
+pub mod ssl;
 mod threads;
 
 use aya::{
@@ -219,6 +220,8 @@ pub struct Kernel {
     pub refused: Vec<Attached>,
     /// CUDA uprobe state (`cuda`); `None` when its programs failed to load.
     cuda: Option<cuda::CudaProbes>,
+    /// OpenSSL uprobe state (`ssl`); `None` when its programs failed to load.
+    ssl: Option<ssl::SslProbes>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
@@ -325,6 +328,9 @@ impl Kernel {
         let cuda = cuda::CudaProbes::load(&mut ebpf)
             .inspect_err(|e| log::warn!("CUDA probes unavailable: {e:#}"))
             .ok();
+        let ssl = ssl::SslProbes::load(&mut ebpf)
+            .inspect_err(|e| log::warn!("TLS (OpenSSL) probes unavailable: {e}"))
+            .ok();
         Ok((
             Self {
                 ebpf,
@@ -337,6 +343,7 @@ impl Kernel {
                 capture,
                 refused,
                 cuda,
+                ssl,
             },
             ring,
         ))

@@ -5,7 +5,10 @@
 use super::targets::Targets;
 use crate::{
     cuda::state::SharedCuda,
-    http::{ConnId, ConnTracker, Moment},
+    http::{
+        tls::{Route, TlsCounts, TlsJoin},
+        ConnId, ConnTracker, Moment, Observer as _, ParseErrorKind,
+    },
     kernel::Ring,
     metrics::{ProbeMetrics, RequestMetrics},
     record::{decode, Event},
@@ -23,6 +26,10 @@ pub struct Ingest {
     pub probe: ProbeMetrics,
     /// CUDA ledger, steps and launches (`None`: records of that kind are only counted).
     pub cuda: Option<SharedCuda>,
+    /// TLS connections and the `SSL *` each one's plaintext goes through.
+    pub tls: TlsJoin,
+    /// `tls.counts` as last exported.
+    tls_exported: TlsCounts,
 }
 
 impl Ingest {
@@ -32,6 +39,8 @@ impl Ingest {
             stats: RequestStats::new(requests, recent),
             probe,
             cuda: None,
+            tls: TlsJoin::new(),
+            tls_exported: TlsCounts::default(),
         }
     }
 
@@ -55,18 +64,40 @@ impl Ingest {
                 tail,
                 arrival_ns,
                 thread,
+                ssl,
                 ..
             } => {
-                let conn = ConnId {
-                    tgid: header.tgid,
-                    fd,
-                };
                 // Ingress bytes are dated by their arrival at the socket when the kernel knows it:
                 // a request that waited in the receive queue was waiting for the user too.
-                let ts = if !egress && arrival_ns != 0 && arrival_ns <= header.ts_ns {
+                let mut ts = if !egress && arrival_ns != 0 && arrival_ns <= header.ts_ns {
                     arrival_ns
                 } else {
                     header.ts_ns
+                };
+                let conn = if let Some(ssl) = ssl {
+                    // Plaintext: its connection from the join; a read dated by its ciphertext.
+                    let Some((conn, arrival)) =
+                        self.tls.on_plaintext(header.tgid, header.tid, ssl, egress)
+                    else {
+                        return;
+                    };
+                    if let Some(a) = arrival.filter(|&a| a <= header.ts_ns) {
+                        ts = a;
+                    }
+                    conn
+                } else {
+                    let conn = ConnId {
+                        tgid: header.tgid,
+                        fd,
+                    };
+                    let readable = targets.tls_readable(header.tgid);
+                    let read = (!egress && ret > 0).then_some(payload);
+                    let route = self.tls.on_socket(conn, header.tid, read, ts, readable);
+                    if route != Route::Plain {
+                        self.on_ciphertext(conn, route, ret, egress, ts);
+                        return;
+                    }
+                    conn
                 };
                 self.stats.now_ns = ts;
                 self.tracker.set_io(Moment {
@@ -99,6 +130,7 @@ impl Ingest {
                     tgid: header.tgid,
                     fd,
                 };
+                self.tls.forget(conn);
                 self.tracker.on_accept(conn, header.ts_ns, &mut self.stats);
             }
             Event::Close { header, fd } => {
@@ -106,6 +138,7 @@ impl Ingest {
                     tgid: header.tgid,
                     fd,
                 };
+                self.tls.forget(conn);
                 self.tracker.on_close(conn, header.ts_ns, &mut self.stats);
             }
             Event::Ipc { header, egress, .. } => {
@@ -141,6 +174,7 @@ impl Ingest {
                 self.tracker
                     .on_process_exit(header.tgid, header.ts_ns, &mut self.stats);
                 self.stats.ipc.forget(header.tgid);
+                self.tls.forget_process(header.tgid);
                 self.stats.gpu.forget(header.tgid);
                 targets.exited(header.tgid);
                 if let Some(Ok(mut c)) = self.cuda.as_ref().map(|c| c.lock()) {
@@ -148,6 +182,47 @@ impl Ingest {
                 }
             }
         }
+    }
+
+    /// A socket record of a TLS connection: its bytes are ciphertext, but a read of 0 (the client
+    /// closed) and errors end its requests as for clear text.
+    fn on_ciphertext(&mut self, conn: ConnId, route: Route, ret: i64, egress: bool, ts: u64) {
+        let s = &mut self.stats;
+        if route == Route::Unreadable {
+            log::warn!(
+                "pid {}: fd {} speaks TLS, and no OpenSSL library of the process is probed; its \
+                 requests cannot be read (llm_probe_parse_errors_total{{kind=\"tls_unreadable\"}})",
+                conn.tgid,
+                conn.fd
+            );
+            s.parse_error(conn, ParseErrorKind::TlsUnreadable);
+            s.untrack(conn);
+            return;
+        }
+        match (ret, egress) {
+            (0, false) => self.tracker.on_peer_closed(conn, ts, s),
+            (n, _) if n < 0 => self.tracker.on_io_error(conn, ts, (-n) as i32, s),
+            _ => {}
+        }
+    }
+
+    /// Bring the `llm_probe_tls_*` counters up to the join's counts.
+    fn export_tls(&mut self) {
+        let (now, was) = (self.tls.counts, self.tls_exported);
+        if now == was {
+            return;
+        }
+        let unmatched = &self.probe.tls_unmatched;
+        self.probe
+            .tls_connections
+            .inc_by(now.connections - was.connections);
+        unmatched
+            .get_or_create(&crate::metrics::probe::DirectionLabels { direction: "read" })
+            .inc_by(now.unmatched_reads - was.unmatched_reads);
+        unmatched
+            .get_or_create(&crate::metrics::probe::DirectionLabels { direction: "write" })
+            .inc_by(now.unmatched_writes - was.unmatched_writes);
+        self.tls_exported = now;
     }
 
     /// What the ring holds now, at most `MAX_DRAIN_BATCH` records. Returns whether the batch was
@@ -164,6 +239,7 @@ impl Ingest {
         }
         if n > 0 {
             self.probe.events.inc_by(n);
+            self.export_tls();
         }
         n == MAX_DRAIN_BATCH
     }

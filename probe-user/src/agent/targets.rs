@@ -24,6 +24,9 @@ struct Target {
     alive: bool,
     /// Its CUDA libraries were resolved and the uprobes attached for it.
     cuda: bool,
+    /// Its OpenSSL files were looked for and probed (`None`: not yet); `Some(true)` when one is
+    /// probed, so that its TLS connections can be read.
+    ssl: Option<bool>,
     /// Order of exit, for pruning the oldest exited targets.
     exited_at: u64,
 }
@@ -68,6 +71,7 @@ impl Targets {
                 via,
                 alive: true,
                 cuda: false,
+                ssl: None,
                 exited_at: 0,
             },
         );
@@ -132,12 +136,36 @@ impl Targets {
         }
     }
 
+    /// Live targets whose OpenSSL files were not looked for yet.
+    pub fn without_ssl(&self) -> Vec<u32> {
+        self.pids_where(|t| t.alive && t.ssl.is_none())
+    }
+
+    /// Dead targets whose OpenSSL probes may still be attached (to detach).
+    pub fn dead_with_ssl(&self) -> Vec<u32> {
+        self.pids_where(|t| !t.alive && t.ssl.is_some())
+    }
+
+    /// `looked`: its OpenSSL files were looked for and attached; `covered`: at least one is
+    /// probed now.
+    pub fn set_ssl(&mut self, pid: u32, looked: bool, covered: bool) {
+        if let Some(t) = self.map.get_mut(&pid) {
+            t.ssl = looked.then_some(covered);
+            self.dirty |= !looked && !t.alive;
+        }
+    }
+
+    /// Whether `pid`'s TLS plaintext is probed (its OpenSSL calls are seen).
+    pub fn tls_readable(&self, pid: u32) -> bool {
+        self.map.get(&pid).is_some_and(|t| t.ssl == Some(true))
+    }
+
     /// Forget the oldest exited targets past `MAX_EXITED_KEPT` (once their CUDA links are gone).
     fn prune(&mut self) {
         let mut exited: Vec<(u64, u32)> = self
             .map
             .iter()
-            .filter(|(_, t)| !t.alive && !t.cuda)
+            .filter(|(_, t)| !t.alive && !t.cuda && t.ssl.is_none())
             .map(|(&pid, t)| (t.exited_at, pid))
             .collect();
         if exited.len() <= MAX_EXITED_KEPT {

@@ -286,23 +286,23 @@ fn unprobeable(data: &[u8], off: u64) -> Option<&'static str> {
     None
 }
 
-/// One entry point to probe.
-struct EntryPoint {
-    name: &'static str,
+/// One entry point to probe (also OpenSSL's: `super::ssl`).
+pub(super) struct EntryPoint {
+    pub name: &'static str,
     /// File offset of the probed instruction.
-    offset: u64,
+    pub offset: u64,
     /// Why it cannot be probed.
-    unprobeable: Option<&'static str>,
+    pub unprobeable: Option<&'static str>,
     /// Probed at the instruction after an `endbr64`.
-    past_endbr64: bool,
+    pub past_endbr64: bool,
     /// The kernel single-steps the probed instruction instead of emulating it.
-    single_stepped: bool,
+    pub single_stepped: bool,
 }
 
 /// The wanted entry points of the library `file` (opened by the resolver; `path` names it in
 /// messages): its symbol sections and 16 bytes at each entry point are read, nothing else
 /// (`ReadCache`).
-fn entry_points(
+pub(super) fn entry_points(
     file: &std::fs::File,
     path: &Path,
     wanted: &[&'static str],

@@ -81,6 +81,16 @@ pub struct ProbeMetrics {
     pub targets: Gauge,
     pub connections: Gauge,
     pub build_info: Family<BuildLabels, Gauge>,
+    /// TLS connections seen (`llm_probe_tls_connections_total`).
+    pub tls_connections: Counter,
+    /// TLS plaintext tied to no connection, by direction (`llm_probe_tls_unmatched_total`).
+    pub tls_unmatched: Family<DirectionLabels, Counter>,
+}
+
+/// `direction` of `llm_probe_tls_unmatched_total`: `read` or `write`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
 }
 
 impl ProbeMetrics {
@@ -92,7 +102,24 @@ impl ProbeMetrics {
             targets: Gauge::default(),
             connections: Gauge::default(),
             build_info: Family::default(),
+            tls_connections: Counter::default(),
+            tls_unmatched: Family::default(),
         };
+        registry.register(
+            "llm_probe_tls_connections",
+            "Connections whose bytes are TLS records (their plaintext is read from OpenSSL)",
+            m.tls_connections.clone(),
+        );
+        registry.register(
+            "llm_probe_tls_unmatched",
+            "TLS plaintext (SSL_read/SSL_write) that could be tied to no connection, dropped",
+            m.tls_unmatched.clone(),
+        );
+        for direction in ["read", "write"] {
+            let _ = m
+                .tls_unmatched
+                .get_or_create(&DirectionLabels { direction });
+        }
         registry.register(
             "llm_probe_attached",
             "1 when the named kernel program is attached",
