@@ -146,6 +146,28 @@ async fn run_inner(addr: &str, req: &Req, s: &mut Sample) -> anyhow::Result<()> 
     let mut sock = TcpStream::connect(addr).await?;
     sock.set_nodelay(true)?;
     enable_rx_timestamps(&sock)?;
+    let msg = request_bytes(addr, req);
+    s.start_ns = monotonic_ns();
+    sock.write_all(&msg).await?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut reader = ResponseReader::default();
+    loop {
+        let (n, stamp) = read_event(&sock, &mut buf).await?;
+        let now = stamp.unwrap_or_else(|| {
+            s.unstamped_reads += 1;
+            monotonic_ns()
+        });
+        if n == 0 {
+            return reader.at_eof(s);
+        }
+        if reader.feed(&buf[..n], now, s, req)? {
+            return Ok(());
+        }
+    }
+}
+
+/// The request head as this client sends it, with its body.
+pub(crate) fn request_bytes(addr: &str, req: &Req) -> Vec<u8> {
     let head = format!(
         "POST {} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: */*\r\n\
          X-Request-Id: {}\r\nContent-Length: {}\r\n\r\n",
@@ -155,36 +177,49 @@ async fn run_inner(addr: &str, req: &Req, s: &mut Sample) -> anyhow::Result<()> 
     );
     let mut msg = head.into_bytes();
     msg.extend_from_slice(req.body.as_bytes());
-    s.start_ns = monotonic_ns();
-    sock.write_all(&msg).await?;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut head_buf = Vec::new();
-    let mut body: Option<Body> = None;
-    let mut sse = false;
-    let mut pending = Vec::<u8>::new();
-    let mut last_content: Option<u64> = None;
-    loop {
-        let (n, stamp) = read_event(&sock, &mut buf).await?;
-        let now = stamp.unwrap_or_else(|| {
-            s.unstamped_reads += 1;
-            monotonic_ns()
-        });
-        if n == 0 {
-            if body
-                .as_ref()
-                .is_some_and(|b| !b.chunked && b.content_length.is_none())
-            {
-                break; // read-until-close body
-            }
-            anyhow::bail!("connection closed early");
+    msg
+}
+
+/// A response read as it arrives: head, framing, events; each event timed by the `now` of the
+/// bytes that completed it. Transport-free (clear text here, TLS in `tls_client`).
+#[derive(Default)]
+pub(crate) struct ResponseReader {
+    head_buf: Vec<u8>,
+    body: Option<Body>,
+    sse: bool,
+    pending: Vec<u8>,
+    last_content: Option<u64>,
+}
+
+impl ResponseReader {
+    /// The peer closed: fine for a body read until close.
+    pub(crate) fn at_eof(&self, s: &mut Sample) -> anyhow::Result<()> {
+        if self
+            .body
+            .as_ref()
+            .is_some_and(|b| !b.chunked && b.content_length.is_none())
+        {
+            s.duration_ns = monotonic_ns() - s.start_ns;
+            return Ok(());
         }
-        let mut bytes = &buf[..n];
-        if body.is_none() {
-            head_buf.extend_from_slice(bytes);
+        anyhow::bail!("connection closed early")
+    }
+
+    /// Response bytes that arrived at `now`. Returns true when the response (or the client's
+    /// planned abort) is complete.
+    pub(crate) fn feed(
+        &mut self,
+        mut bytes: &[u8],
+        now: u64,
+        s: &mut Sample,
+        req: &Req,
+    ) -> anyhow::Result<bool> {
+        if self.body.is_none() {
+            self.head_buf.extend_from_slice(bytes);
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut resp = httparse::Response::new(&mut headers);
-            let httparse::Status::Complete(len) = resp.parse(&head_buf)? else {
-                continue;
+            let httparse::Status::Complete(len) = resp.parse(&self.head_buf)? else {
+                return Ok(false);
             };
             s.status = resp.code.unwrap_or(0);
             let mut b = Body::default();
@@ -199,23 +234,22 @@ async fn run_inner(addr: &str, req: &Req, s: &mut Sample) -> anyhow::Result<()> 
                 if h.name.eq_ignore_ascii_case("content-type")
                     && (v.contains("event-stream") || v.contains("ndjson"))
                 {
-                    sse = true;
+                    self.sse = true;
                 }
             }
-            let rest = head_buf[len..].to_vec();
-            body = Some(b);
-            bytes = &[];
-            let b = body.as_mut().expect("just set");
+            let rest = self.head_buf[len..].to_vec();
             b.push(&rest);
+            self.body = Some(b);
+            bytes = &[];
         }
-        let b = body.as_mut().expect("set above");
+        let b = self.body.as_mut().expect("set above");
         b.push(bytes);
-        pending.extend_from_slice(&b.decoded);
+        self.pending.extend_from_slice(&b.decoded);
         b.decoded.clear();
-        if sse {
+        if self.sse {
             // Events end with a blank line (SSE) or a newline (NDJSON).
-            while let Some(pos) = pending.iter().position(|&c| c == b'\n') {
-                let line: Vec<u8> = pending.drain(..=pos).collect();
+            while let Some(pos) = self.pending.iter().position(|&c| c == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=pos).collect();
                 let line = String::from_utf8_lossy(&line);
                 let line = line.trim();
                 let data = line.strip_prefix("data:").map_or(line, str::trim);
@@ -228,23 +262,23 @@ async fn run_inner(addr: &str, req: &Req, s: &mut Sample) -> anyhow::Result<()> 
                     }
                     if is_content(&v) {
                         s.content_events += 1;
-                        match last_content {
+                        match self.last_content {
                             None => s.ttft_ns = Some(now - s.start_ns),
                             Some(prev) => s.gaps_ns.push(now - prev),
                         }
-                        last_content = Some(now);
+                        self.last_content = Some(now);
                         if req.abort_after.is_some_and(|n| s.content_events >= n) {
                             s.aborted = true;
                             s.duration_ns = now - s.start_ns;
-                            return Ok(()); // dropping the socket closes it mid-stream
+                            return Ok(true); // dropping the socket closes it mid-stream
                         }
                     }
                 }
             }
         }
         if b.done {
-            if !sse {
-                if let Ok(v) = serde_json::from_slice::<Value>(&pending) {
+            if !self.sse {
+                if let Ok(v) = serde_json::from_slice::<Value>(&self.pending) {
                     if is_content(&v) {
                         s.content_events = 1;
                         s.ttft_ns = Some(now - s.start_ns);
@@ -252,11 +286,10 @@ async fn run_inner(addr: &str, req: &Req, s: &mut Sample) -> anyhow::Result<()> 
                 }
             }
             s.duration_ns = now - s.start_ns;
-            return Ok(());
+            return Ok(true);
         }
+        Ok(false)
     }
-    s.duration_ns = monotonic_ns() - s.start_ns;
-    Ok(())
 }
 
 /// A socket that asks for receive timestamps for as long as the process lives. The kernel stamps
@@ -273,7 +306,7 @@ fn keep_rx_timestamps_on() {
 }
 
 /// Ask the kernel to stamp every received segment and report the stamp with each read.
-fn enable_rx_timestamps(sock: &TcpStream) -> io::Result<()> {
+pub(crate) fn enable_rx_timestamps(sock: &TcpStream) -> io::Result<()> {
     keep_rx_timestamps_on();
     set_timestamps(sock.as_raw_fd())
 }
@@ -300,10 +333,20 @@ fn set_timestamps(fd: i32) -> io::Result<()> {
 /// Read up to the end of the first event waiting in the socket; returns the byte count and the
 /// kernel's receive time of the last segment read, on `CLOCK_MONOTONIC`.
 async fn read_event(sock: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+    read_stamped(sock, buf, true).await
+}
+
+/// A read with the kernel's receive time of its last segment; `event`: stop at the end of the
+/// first event (clear text only: TLS bytes cannot be split by content).
+pub(crate) async fn read_stamped(
+    sock: &TcpStream,
+    buf: &mut [u8],
+    event: bool,
+) -> io::Result<(usize, Option<u64>)> {
     loop {
         sock.readable().await?;
         match sock.try_io(tokio::io::Interest::READABLE, || {
-            recv_event(sock.as_raw_fd(), buf)
+            recv_event(sock.as_raw_fd(), buf, event)
         }) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             r => return r,
@@ -319,7 +362,7 @@ pub fn first_event_end(bytes: &[u8]) -> Option<usize> {
         .map(|i| i + 1)
 }
 
-fn recv_event(fd: i32, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+fn recv_event(fd: i32, buf: &mut [u8], event: bool) -> io::Result<(usize, Option<u64>)> {
     // SAFETY: `buf` is writable for its length.
     let peeked = unsafe {
         libc::recv(
@@ -336,7 +379,11 @@ fn recv_event(fd: i32, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
             Err(io::Error::last_os_error())
         };
     }
-    let want = first_event_end(&buf[..peeked as usize]).unwrap_or(peeked as usize);
+    let want = if event {
+        first_event_end(&buf[..peeked as usize]).unwrap_or(peeked as usize)
+    } else {
+        peeked as usize
+    };
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: want,

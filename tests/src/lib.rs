@@ -7,6 +7,7 @@ pub mod client;
 pub mod fake_cuda;
 pub mod image;
 pub mod prom;
+pub mod tls_client;
 pub mod traffic;
 pub mod vllm;
 

@@ -277,7 +277,7 @@ fn main() -> Result<()> {
                         "on the syscall capture path",
                         tests::CAPTURE_ENV,
                         "syscalls",
-                        &["node", "attribution", "llama", "vllm"][..],
+                        &["node", "attribution", "llama", "vllm", "tls"][..],
                     ),
                     (
                         "on the sock: path with --thread-states off",
