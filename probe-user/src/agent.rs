@@ -131,6 +131,8 @@ pub struct Options {
     pub capture: crate::kernel::CaptureChoice,
     /// Attach the scheduler programs (thread states, the thread split of TTFT stages).
     pub thread_states: bool,
+    /// Attach the OpenSSL uprobes (TLS plaintext).
+    pub ssl_probes: bool,
     /// Which processes found by `--port` are meant.
     pub scope: discover::Scope,
     /// Serve the endpoint over TLS (`--tls-cert`, `--tls-key`).
@@ -282,6 +284,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         Kernel::load(opts.capture, opts.thread_states).map_err(AgentError::Load)?;
     kernel.set_cuda_runtime_launches(opts.cuda.launch_probes == LaunchProbes::All);
     kernel.set_cuda_per_process(opts.cuda.scope == ProbeScope::Process);
+    if !opts.ssl_probes {
+        log::info!("--ssl-probes off: TLS connections are counted as tls_unreadable, not read");
+        kernel.disable_ssl();
+    }
     let mut registry = Registry::default();
     let requests = RequestMetrics::new(&mut registry);
     let probe = ProbeMetrics::new(&mut registry);

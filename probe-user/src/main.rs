@@ -160,6 +160,10 @@ struct RunArgs {
     /// `off` saves their cost on every context switch of the machine; stages are still timed.
     #[arg(long = "thread-states", value_enum, default_value_t = OnOff::On, value_name = "ON|OFF")]
     thread_states: OnOff,
+    /// OpenSSL uprobes (SSL_read/SSL_write, per traced process): HTTPS servers are read through
+    /// them (docs/tls.md). `off`: their TLS connections count as tls_unreadable instead.
+    #[arg(long = "ssl-probes", value_enum, default_value_t = OnOff::On, value_name = "ON|OFF")]
+    ssl_probes: OnOff,
     /// Config file; its `[health]` table overrides the health thresholds (see docs/health.md).
     #[arg(long, value_name = "FILE")]
     config: Option<std::path::PathBuf>,
@@ -276,6 +280,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         memory_budget: args.memory_budget,
         capture: args.capture,
         thread_states: args.thread_states == OnOff::On,
+        ssl_probes: args.ssl_probes == OnOff::On,
         scope: probe_user::discover::Scope {
             comms: args.target_comm,
             cgroups: args.target_cgroup,

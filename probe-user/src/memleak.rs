@@ -98,6 +98,7 @@ fn watch_self(a: &Args) -> anyhow::Result<String> {
         memory_budget: probe_user::http::conn::DEFAULT_MEMORY_BUDGET,
         capture: probe_user::kernel::CaptureChoice::Auto,
         thread_states: false,
+        ssl_probes: false,
         scope: probe_user::discover::Scope::default(),
         tls: None,
     };

@@ -66,6 +66,11 @@ pub struct SslAttach {
 }
 
 impl Kernel {
+    /// Never attach the OpenSSL probes (`--ssl-probes off`).
+    pub fn disable_ssl(&mut self) {
+        self.ssl = None;
+    }
+
     pub fn ssl_loaded(&self) -> bool {
         self.ssl.is_some()
     }
