@@ -13,7 +13,7 @@ use aya::{
     programs::{RawTracePoint, TracePoint},
     Ebpf, EbpfError,
 };
-use probe_common::{counter, tracepoint, ConnKey, CONN_IGNORED, CONN_SK_UNKNOWN};
+use probe_common::{counter, tracepoint, ConnKey, CONN_IGNORED, CONN_SK_UNKNOWN, CONN_TLS};
 
 use crate::metrics::probe::KernelCounters;
 
@@ -378,11 +378,22 @@ impl Kernel {
     pub fn untrack_conn(&mut self, tgid: u32, fd: u32) {
         let key = ConnKey { tgid, fd };
         match self.conns.get(&key, 0) {
-            Ok(sk) if sk > CONN_IGNORED => {
-                let _ = self.conns.insert(key, sk | CONN_IGNORED, 0);
+            Ok(sk) if sk > CONN_TLS => {
+                let _ = self.conns.insert(key, (sk & !CONN_TLS) | CONN_IGNORED, 0);
             }
             _ => {
                 let _ = self.conns.remove(&key);
+            }
+        }
+    }
+
+    /// A connection speaks TLS: on the `sock:` path the kernel stops copying its ciphertext
+    /// (`CONN_TLS`); elsewhere (syscall path, socket not yet seen) nothing changes.
+    pub fn mark_tls(&mut self, tgid: u32, fd: u32) {
+        let key = ConnKey { tgid, fd };
+        if let Ok(sk) = self.conns.get(&key, 0) {
+            if sk > CONN_TLS && sk & (CONN_IGNORED | CONN_TLS) == 0 {
+                let _ = self.conns.insert(key, sk | CONN_TLS, 0);
             }
         }
     }

@@ -30,6 +30,8 @@ pub struct Ingest {
     pub tls: TlsJoin,
     /// `tls.counts` as last exported.
     tls_exported: TlsCounts,
+    /// TLS connections whose ciphertext the kernel still copies: to be marked (`Kernel::mark_tls`).
+    pub mark_tls: Vec<ConnId>,
 }
 
 impl Ingest {
@@ -41,6 +43,7 @@ impl Ingest {
             cuda: None,
             tls: TlsJoin::new(),
             tls_exported: TlsCounts::default(),
+            mark_tls: Vec::new(),
         }
     }
 
@@ -94,6 +97,10 @@ impl Ingest {
                     let read = (!egress && ret > 0).then_some(payload);
                     let route = self.tls.on_socket(conn, header.tid, read, ts, readable);
                     if route != Route::Plain {
+                        // Ciphertext still copied: the kernel has not been told (or not yet).
+                        if route == Route::Cipher && !payload.is_empty() {
+                            self.mark_tls.push(conn);
+                        }
                         self.on_ciphertext(conn, route, ret, egress, ts);
                         return;
                     }
