@@ -69,7 +69,8 @@ impl ServerCertVerifier for AcceptAny {
     }
 }
 
-fn config() -> Arc<ClientConfig> {
+/// A client configuration that accepts the test's self-signed certificate (any certificate).
+pub fn config() -> Arc<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

@@ -44,6 +44,16 @@ pub(crate) fn wait_port(port: u16) -> Result<()> {
 }
 
 pub(crate) fn client(port: u16, concurrency: usize, seconds: u64) -> Result<Value> {
+    client_with(port, concurrency, seconds, &[])
+}
+
+/// [`client`] with more `llm-bench client` arguments (`--tls`).
+pub(crate) fn client_with(
+    port: u16,
+    concurrency: usize,
+    seconds: u64,
+    extra: &[&str],
+) -> Result<Value> {
     let out = Command::new(bench_bin())
         .args([
             "client",
@@ -52,6 +62,7 @@ pub(crate) fn client(port: u16, concurrency: usize, seconds: u64) -> Result<Valu
             &concurrency.to_string(),
         ])
         .args(["--seconds", &seconds.to_string()])
+        .args(extra)
         .output()
         .context("running llm-bench client")?;
     serde_json::from_slice(&out.stdout).context("llm-bench client output")
@@ -83,6 +94,7 @@ fn config_args(config: &str) -> &'static [&'static str] {
         "sock" => &["--capture", "sock"],
         "sock-nothreads" => &["--capture", "sock", "--thread-states", "off"],
         "syscalls" => &["--capture", "syscalls"],
+        "sock-nossl" => &["--capture", "sock", "--ssl-probes", "off"],
         _ => &["--capture", "auto"],
     }
 }
@@ -111,13 +123,13 @@ pub(crate) fn start_probe_with(probe: &Path, port: u16, config: &str) -> Result<
     Ok((p, listen))
 }
 
-fn scrape(port: u16, name: &str) -> f64 {
+pub(crate) fn scrape(port: u16, name: &str) -> f64 {
     tests::http_get(&format!("127.0.0.1:{port}"), "/metrics")
         .map_or(f64::NAN, |(_, body)| tests::metric_sum(&body, name, &[]))
 }
 
 /// utime + stime of a process, in seconds (/proc/PID/stat fields 14 and 15, in clock ticks).
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
     let f: Vec<f64> = after

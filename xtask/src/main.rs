@@ -4,6 +4,7 @@ mod bench;
 mod bench_bystander;
 mod bench_cuda;
 mod bench_progcost;
+mod bench_tls;
 mod demo;
 mod image;
 mod setup;
@@ -54,7 +55,8 @@ enum Task {
     /// 1k streams, ingestion and /metrics render micro-benchmarks. Needs root.
     Bench {
         /// Only this one: micro, overhead, progcost (ns per run of each kernel program), engine
-        /// (llama-cpp-python), vllm, rss, cuda, bystander; or longstreams (4,096 streams of
+        /// (llama-cpp-python), vllm, rss, cuda, bystander, tls (an HTTPS server with and without
+        /// the OpenSSL probes); or longstreams (4,096 streams of
         /// 4,100 events, minutes of full load: run only when named).
         #[arg(long)]
         only: Option<String>,
@@ -356,6 +358,9 @@ fn main() -> Result<()> {
             }
             if want("bystander") {
                 bench_bystander::bystander(&bin, rounds)?;
+            }
+            if want("tls") {
+                bench_tls::tls_overhead(&bin, rounds, seconds)?;
             }
             Ok(())
         }

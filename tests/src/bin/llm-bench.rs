@@ -2,8 +2,9 @@
 //!
 //! - `server PORT [--events N] [--gap-us U]`: a minimal keep-alive HTTP/1.1 server (tokio) that
 //!   answers every request with a chunked SSE stream of N OpenAI-style chunks, one write each.
-//! - `client ADDR --concurrency C --seconds S`: saturating keep-alive client; prints JSON with
-//!   requests/s and latency percentiles.
+//! - `client ADDR --concurrency C --seconds S [--tls]`: saturating keep-alive client; prints JSON
+//!   with requests/s and latency percentiles. `--tls`: over TLS (rustls; any certificate), against
+//!   an HTTPS server such as `mock_llm.js --tls` (the request asks it for no timers: `burst`).
 //! - `hold ADDR --streams N --seconds S`: opens N concurrent slow streams and holds them (RSS test).
 use std::{
     sync::{
@@ -15,7 +16,7 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
 };
 
@@ -41,6 +42,8 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        #[arg(long)]
+        tls: bool,
     },
     Hold {
         addr: String,
@@ -98,7 +101,11 @@ async fn serve_conn(mut sock: TcpStream, events: usize, gap: Duration) -> std::i
     Ok(())
 }
 
-async fn one_request(sock: &mut TcpStream, body: &[u8], buf: &mut Vec<u8>) -> std::io::Result<()> {
+async fn one_request<S: AsyncRead + AsyncWrite + Unpin>(
+    sock: &mut S,
+    body: &[u8],
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
     sock.write_all(body).await?;
     buf.clear();
     let mut tmp = vec![0u8; 16384];
@@ -115,12 +122,30 @@ async fn one_request(sock: &mut TcpStream, body: &[u8], buf: &mut Vec<u8>) -> st
 }
 
 fn request_bytes(addr: &str) -> Vec<u8> {
-    let body = r#"{"model":"bench","stream":true,"max_tokens":16,"messages":[{"role":"user","content":"hi"}]}"#;
+    let body = r#"{"model":"bench","stream":true,"max_tokens":16,"burst":true,"messages":[{"role":"user","content":"hi"}]}"#;
     format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
+}
+
+/// Requests back to back on one connection until `stop`, their latencies (µs) in `lat`.
+async fn saturate<S: AsyncRead + AsyncWrite + Unpin>(
+    sock: &mut S,
+    addr: &str,
+    stop: &AtomicBool,
+    lat: &mut Vec<u64>,
+) {
+    let req = request_bytes(addr);
+    let mut buf = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        if one_request(sock, &req, &mut buf).await.is_err() {
+            break;
+        }
+        lat.push(t.elapsed().as_micros() as u64);
+    }
 }
 
 fn pct(v: &mut [u64], p: f64) -> f64 {
@@ -154,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
             addr,
             concurrency,
             seconds,
+            tls,
         } => {
             anyhow::ensure!(addr.starts_with("127."), "loopback only");
             let stop = Arc::new(AtomicBool::new(false));
@@ -162,18 +188,22 @@ async fn main() -> anyhow::Result<()> {
                 let (addr, stop) = (addr.clone(), stop.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut lat = Vec::new();
-                    let Ok(mut sock) = TcpStream::connect(&addr).await else {
+                    let Ok(sock) = TcpStream::connect(&addr).await else {
                         return lat;
                     };
                     let _ = sock.set_nodelay(true);
-                    let req = request_bytes(&addr);
-                    let mut buf = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        let t = Instant::now();
-                        if one_request(&mut sock, &req, &mut buf).await.is_err() {
-                            break;
-                        }
-                        lat.push(t.elapsed().as_micros() as u64);
+                    if tls {
+                        let connector =
+                            tokio_rustls::TlsConnector::from(tests::tls_client::config());
+                        let name = rustls::pki_types::ServerName::try_from("localhost")
+                            .expect("a valid name");
+                        let Ok(mut s) = connector.connect(name, sock).await else {
+                            return lat;
+                        };
+                        saturate(&mut s, &addr, &stop, &mut lat).await;
+                    } else {
+                        let mut s = sock;
+                        saturate(&mut s, &addr, &stop, &mut lat).await;
                     }
                     lat
                 }));

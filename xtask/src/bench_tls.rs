@@ -1,0 +1,115 @@
+//! What reading TLS costs the traced server: a Node `https` server (`mock_llm.js --tls`, OpenSSL
+//! in the node binary) at saturation under `llm-bench client --tls` (8 keep-alive connections,
+//! 16 SSE events per request, no timers), in alternating rounds without llm-probe, with it but
+//! without the OpenSSL uprobes (`--ssl-probes off`: the socket path only, TLS connections
+//! untracked), and with everything (the default).
+
+use std::{
+    fmt::Write as _,
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result};
+use serde_json::Value;
+
+use crate::{
+    bench::{client_with, cpu_seconds, median, scrape, start_probe_with, wait_port, Kill},
+    root, step,
+};
+
+const CONFIGS: [(&str, &str); 2] = [("sock-nossl", "no SSL probes"), ("sock", "SSL probes")];
+
+pub fn tls_overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("llm-probe-bench-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .context("running openssl (cargo xtask setup installs it)")?
+        .success();
+    anyhow::ensure!(ok, "openssl req failed");
+    let port = tests::free_port();
+    let _server = Kill(
+        Command::new("node")
+            .arg(root().join("tests/fixtures/servers/mock_llm.js"))
+            .arg(port.to_string())
+            .arg("--tls")
+            .args([&cert, &key])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting node")?,
+    );
+    wait_port(port)?;
+    step(&format!(
+        "tls overhead: {rounds} rounds x ({seconds} s without llm-probe, then {seconds} s with it \
+         {}), Node https, 8 keep-alive TLS connections, 16 SSE events each",
+        CONFIGS.map(|c| c.1).join(", then ")
+    ));
+    let get = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    let tls = ["--tls"];
+    let _ = client_with(port, 8, 1, &tls)?; // warm-up
+    let (mut base_rps, mut base_p99) = (vec![], vec![]);
+    let n = CONFIGS.len();
+    let (mut rps, mut p99, mut cpu) = (vec![vec![]; n], vec![vec![]; n], vec![vec![]; n]);
+    let mut recorded = vec![0.0; n];
+    let mut sent = vec![0.0; n];
+    for r in 0..rounds {
+        let b = client_with(port, 8, seconds, &tls)?;
+        let mut line = format!(
+            "  round {r}: without {:>6.0} req/s p99 {:>6.3} ms",
+            get(&b, "rps"),
+            get(&b, "p99_ms")
+        );
+        base_rps.push(get(&b, "rps"));
+        base_p99.push(get(&b, "p99_ms"));
+        for (i, (config, name)) in CONFIGS.iter().enumerate() {
+            let (p, listen) = start_probe_with(probe, port, config)?;
+            let cpu0 = cpu_seconds(p.0.id());
+            let w = client_with(port, 8, seconds, &tls)?;
+            cpu[i].push((cpu_seconds(p.0.id()) - cpu0) / seconds as f64 * 100.0);
+            recorded[i] += scrape(listen, "llm_requests_total");
+            sent[i] += get(&w, "requests");
+            drop(p);
+            let _ = write!(
+                line,
+                " | {name} {:>6.0} req/s p99 {:>6.3} ms",
+                get(&w, "rps"),
+                get(&w, "p99_ms")
+            );
+            rps[i].push(get(&w, "rps"));
+            p99[i].push(get(&w, "p99_ms"));
+        }
+        println!("{line}");
+    }
+    let (br, bp) = (median(base_rps), median(base_p99));
+    println!("tls overhead: median without llm-probe {br:.0} req/s p99 {bp:.3} ms");
+    for (i, (_, name)) in CONFIGS.iter().enumerate() {
+        let (wr, wp) = (median(rps[i].clone()), median(p99[i].clone()));
+        println!(
+            "tls overhead, {name}: {wr:.0} req/s = {:.1} % of baseline, p99 {wp:.3} ms = {:+.1} %; \
+             agent {:.0} % of one core (median); requests recorded {:.0} of {:.0} sent \
+             (connections open before attach are picked up at their next request)",
+            wr / br * 100.0,
+            (wp / bp - 1.0) * 100.0,
+            median(cpu[i].clone()),
+            recorded[i],
+            sent[i],
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
