@@ -32,6 +32,8 @@ pub struct Ingest {
     tls_exported: TlsCounts,
     /// TLS connections whose ciphertext the kernel still copies: to be marked (`Kernel::mark_tls`).
     pub mark_tls: Vec<ConnId>,
+    /// Processes already warned about unreadable TLS (one log line each, not one per connection).
+    tls_warned: std::collections::HashSet<u32>,
 }
 
 impl Ingest {
@@ -44,6 +46,7 @@ impl Ingest {
             tls: TlsJoin::new(),
             tls_exported: TlsCounts::default(),
             mark_tls: Vec::new(),
+            tls_warned: std::collections::HashSet::new(),
         }
     }
 
@@ -182,6 +185,7 @@ impl Ingest {
                     .on_process_exit(header.tgid, header.ts_ns, &mut self.stats);
                 self.stats.ipc.forget(header.tgid);
                 self.tls.forget_process(header.tgid);
+                self.tls_warned.remove(&header.tgid);
                 self.stats.gpu.forget(header.tgid);
                 targets.exited(header.tgid);
                 if let Some(Ok(mut c)) = self.cuda.as_ref().map(|c| c.lock()) {
@@ -196,12 +200,19 @@ impl Ingest {
     fn on_ciphertext(&mut self, conn: ConnId, route: Route, ret: i64, egress: bool, ts: u64) {
         let s = &mut self.stats;
         if route == Route::Unreadable {
-            log::warn!(
-                "pid {}: fd {} speaks TLS, and no OpenSSL library of the process is probed; its \
-                 requests cannot be read (llm_probe_parse_errors_total{{kind=\"tls_unreadable\"}})",
-                conn.tgid,
-                conn.fd
-            );
+            // Bounded: a pid is forgotten when it exits; the set is cleared if it ever fills.
+            if self.tls_warned.len() >= 4096 {
+                self.tls_warned.clear();
+            }
+            if self.tls_warned.insert(conn.tgid) {
+                log::warn!(
+                    "pid {}: fd {} speaks TLS, and no OpenSSL library of the process is probed; \
+                     its requests cannot be read (counted per connection in \
+                     llm_probe_parse_errors_total{{kind=\"tls_unreadable\"}}; logged once)",
+                    conn.tgid,
+                    conn.fd
+                );
+            }
             s.parse_error(conn, ParseErrorKind::TlsUnreadable);
             s.untrack(conn);
             return;
