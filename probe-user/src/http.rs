@@ -1,7 +1,8 @@
 //! HTTP/1.1 as seen from the server's sockets: request heads and the few JSON body fields we need
 //! (`request.rs`), response framing and streaming events (`response.rs`), and the per-connection
 //! state machine that turns both directions into timed requests (`conn.rs`); TLS plaintext tied
-//! to its connection (`tls.rs`).
+//! to its connection (`tls.rs`); HTTP/2 framing (`h2.rs`), its streams timed as requests by the
+//! same state machine (`conn/h2.rs`).
 //!
 //! Pure logic: no aya types, no I/O, unit-tested without root. Payload bytes are inspected only to
 //! find framing and the fields named in `RequestMeta`; no prompt or completion text is kept.
@@ -9,6 +10,7 @@
 mod body;
 mod classify;
 pub mod conn;
+mod h2;
 pub mod request;
 pub mod response;
 mod sniff;
@@ -212,10 +214,13 @@ pub enum ParseErrorKind {
     /// TLS records on a connection of a process whose OpenSSL calls are not probed (no libssl
     /// found, or a TLS library other than OpenSSL): nothing on it can be read.
     TlsUnreadable,
+    /// HTTP/2 that cannot be followed: malformed frames, a header block that does not decode
+    /// (HPACK out of step) or whose frame bytes were not captured. The connection is dropped.
+    BadH2,
 }
 
 impl ParseErrorKind {
-    pub const ALL: [ParseErrorKind; 9] = [
+    pub const ALL: [ParseErrorKind; 10] = [
         Self::NotHttp,
         Self::BadRequest,
         Self::HeadTooLarge,
@@ -225,6 +230,7 @@ impl ParseErrorKind {
         Self::UnmatchedResponse,
         Self::TruncatedCapture,
         Self::TlsUnreadable,
+        Self::BadH2,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -238,6 +244,7 @@ impl ParseErrorKind {
             Self::UnmatchedResponse => "unmatched_response",
             Self::TruncatedCapture => "truncated_capture",
             Self::TlsUnreadable => "tls_unreadable",
+            Self::BadH2 => "bad_h2",
         }
     }
 }

@@ -1,10 +1,14 @@
 //! Property tests for the HTTP connection tracker: arbitrary input never panics or times garbage,
 //! and generated streaming exchanges are timed exactly, however their bytes are split into writes.
+//! HTTP/1.1 first; then HTTP/2: random bytes, real frames out of order, splits and truncated
+//! frames, and a generated h2c exchange of concurrent streams split into arbitrary reads.
 
 use std::fmt::Write as _;
 
+use loona_hpack::Encoder;
 use probe_user::http::{
-    conn::MAX_PIPELINED, ConnId, ConnTracker, Observer, ParseErrorKind, RequestMeta, RequestRecord,
+    conn::{h2::MAX_H2_STREAMS, MAX_PIPELINED},
+    ConnId, ConnTracker, Observer, ParseErrorKind, RequestMeta, RequestRecord,
 };
 use proptest::prelude::*;
 
@@ -270,4 +274,206 @@ fn split<'a>(data: &'a [u8], cuts: &[prop::sample::Index]) -> Vec<&'a [u8]> {
         .map(|w| &data[w[0]..w[1]])
         .filter(|p| !p.is_empty())
         .collect()
+}
+
+// HTTP/2.
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn request_headers(enc: &mut Encoder<'_>, stream: u32, end: bool) -> Vec<u8> {
+    let block = enc.encode([
+        (&b":method"[..], &b"POST"[..]),
+        (b":path", b"/v1/chat/completions"),
+        (b"x-request-id", format!("r{stream}").as_bytes()),
+    ]);
+    frame(1, 4 | u8::from(end), stream, &block)
+}
+
+fn response_headers(enc: &mut Encoder<'_>, stream: u32, status: &[u8]) -> Vec<u8> {
+    let block = enc.encode([
+        (&b":status"[..], status),
+        (b"content-type", b"text/event-stream"),
+    ]);
+    frame(1, 4, stream, &block)
+}
+
+fn content(stream: u32, end: bool) -> Vec<u8> {
+    let ev = b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n";
+    frame(0, u8::from(end), stream, ev)
+}
+
+/// Frames of real exchanges (each header block from a fresh encoder, so reuse out of order is
+/// the hostile case of a block that refers to a table entry the decoder does not have).
+fn fragments() -> Vec<Vec<u8>> {
+    let (mut c, mut s) = (Encoder::new(), Encoder::new());
+    let mut preface = PREFACE.to_vec();
+    preface.extend(frame(4, 0, 0, &[0, 3, 0, 0, 0, 100]));
+    vec![
+        preface,
+        frame(4, 0, 0, &[0, 4, 0, 1, 0, 0]),
+        request_headers(&mut c, 1, false),
+        request_headers(&mut c, 3, true),
+        frame(0, 1, 1, br#"{"model":"m","stream":true}"#),
+        frame(0, 8 | 1, 1, &[2, b'{', b'}', 0, 0]),
+        response_headers(&mut s, 1, b"200"),
+        response_headers(&mut s, 3, b"503"),
+        content(1, false),
+        content(3, true),
+        frame(3, 0, 1, &8u32.to_be_bytes()),
+        frame(9, 4, 1, &[0x82]),
+        frame(6, 0, 0, &[0; 8]),
+        frame(7, 0, 0, &[0; 8]),
+        frame(8, 0, 1, &[0, 0, 1, 0]),
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum H2Op {
+    In(usize, Vec<u8>, u64),
+    Out(usize, Vec<u8>, u64),
+    PeerClosed(usize),
+    Close(usize),
+    Accept(usize),
+}
+
+const H2_IDS: [ConnId; 2] = [ConnId { tgid: 1, fd: 3 }, ConnId { tgid: 1, fd: 4 }];
+
+fn h2_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let frags = fragments();
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..48),
+        proptest::sample::select(frags.clone()),
+        // A fragment cut at both ends: a split read, a truncated frame.
+        (
+            proptest::sample::select(frags),
+            any::<prop::sample::Index>(),
+            any::<prop::sample::Index>()
+        )
+            .prop_map(|(f, a, b)| {
+                let (a, b) = (a.index(f.len() + 1), b.index(f.len() + 1));
+                f[a.min(b)..a.max(b)].to_vec()
+            }),
+    ]
+}
+
+fn h2_op() -> impl Strategy<Value = H2Op> {
+    let conn = 0..H2_IDS.len();
+    let missing = prop_oneof![8 => Just(0u64), 1 => 1..5_000u64];
+    prop_oneof![
+        8 => (conn.clone(), h2_bytes(), missing.clone()).prop_map(|(c, b, m)| H2Op::In(c, b, m)),
+        8 => (conn.clone(), h2_bytes(), missing).prop_map(|(c, b, m)| H2Op::Out(c, b, m)),
+        1 => conn.clone().prop_map(H2Op::PeerClosed),
+        1 => conn.clone().prop_map(H2Op::Close),
+        1 => conn.prop_map(H2Op::Accept),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn h2_garbage_never_panics_or_times_garbage(
+        ops in proptest::collection::vec(h2_op(), 0..60),
+        start_with_preface in any::<bool>(),
+    ) {
+        let mut t = ConnTracker::new();
+        let mut rec = Rec::default();
+        if start_with_preface {
+            // Most ops then land on a connection already in HTTP/2.
+            for id in H2_IDS {
+                t.on_ingress(id, 0, PREFACE.len() as u64, PREFACE, &mut rec);
+            }
+        }
+        for (i, op) in ops.into_iter().enumerate() {
+            let ts = 1 + i as u64 * 1000;
+            match op {
+                H2Op::In(c, b, m) => t.on_ingress(H2_IDS[c], ts, b.len() as u64 + m, &b, &mut rec),
+                H2Op::Out(c, b, m) => t.on_egress(H2_IDS[c], ts, b.len() as u64 + m, &b, &mut rec),
+                H2Op::PeerClosed(c) => t.on_peer_closed(H2_IDS[c], ts, &mut rec),
+                H2Op::Close(c) => t.on_close(H2_IDS[c], ts, &mut rec),
+                H2Op::Accept(c) => t.on_accept(H2_IDS[c], ts, &mut rec),
+            }
+            prop_assert!(t.in_flight() <= H2_IDS.len() * MAX_H2_STREAMS);
+            prop_assert!(rec.finished.len() <= rec.started);
+        }
+        for id in H2_IDS {
+            t.on_close(id, u64::MAX, &mut rec);
+        }
+        prop_assert_eq!(t.in_flight(), 0);
+        prop_assert_eq!(rec.finished.len(), rec.started);
+        for r in &rec.finished {
+            prop_assert!(r.meta.endpoint.is_some());
+            prop_assert!(r.content_events == 0 || r.first_token_ns.is_some());
+            prop_assert!(r.first_token_ns.is_none_or(|f| f >= r.arrival_ns));
+            prop_assert!(r.gaps_ns.len() as u64 <= r.content_events.saturating_sub(1));
+        }
+    }
+
+    #[test]
+    fn generated_h2_exchange_is_timed_exactly(
+        events in proptest::collection::vec(1u64..6, 1..6),
+        cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
+    ) {
+        let (mut c, mut s) = (Encoder::new(), Encoder::new());
+        let streams: Vec<u32> = (0..events.len() as u32).map(|i| 1 + 2 * i).collect();
+        let mut client = PREFACE.to_vec();
+        client.extend(frame(4, 0, 0, &[]));
+        for &id in &streams {
+            client.extend(request_headers(&mut c, id, false));
+            client.extend(frame(0, 1, id, br#"{"model":"m","stream":true}"#));
+        }
+        let mut t = ConnTracker::new();
+        let mut rec = Rec::default();
+        let id = H2_IDS[0];
+        t.on_accept(id, 0, &mut rec);
+        let mut cut: Vec<usize> = cuts.iter().map(|i| i.index(client.len())).collect();
+        cut.push(0);
+        cut.push(client.len());
+        cut.sort_unstable();
+        cut.dedup();
+        for w in cut.windows(2) {
+            let b = &client[w[0]..w[1]];
+            t.on_ingress(id, 10, b.len() as u64, b, &mut rec);
+        }
+        prop_assert_eq!(rec.started, streams.len());
+        // Responses interleaved round-robin, one frame per write at ts 100, 200, …
+        let mut ts = 0;
+        let mut write = |t: &mut ConnTracker, rec: &mut Rec, b: &[u8]| {
+            ts += 100;
+            t.on_egress(id, ts, b.len() as u64, b, rec);
+            ts
+        };
+        let mut first = vec![0u64; streams.len()];
+        for (i, &sid) in streams.iter().enumerate() {
+            write(&mut t, &mut rec, &response_headers(&mut s, sid, b"200"));
+            first[i] = write(&mut t, &mut rec, &content(sid, events[i] == 1));
+        }
+        let mut sent = vec![1u64; streams.len()];
+        while sent.iter().zip(&events).any(|(s, e)| s < e) {
+            for (i, &sid) in streams.iter().enumerate() {
+                if sent[i] < events[i] {
+                    sent[i] += 1;
+                    write(&mut t, &mut rec, &content(sid, sent[i] == events[i]));
+                }
+            }
+        }
+        prop_assert!(rec.errors.is_empty(), "{:?}", rec.errors);
+        prop_assert_eq!(rec.finished.len(), streams.len());
+        for r in &rec.finished {
+            let sid: u32 = r.meta.request_id.as_deref().unwrap()[1..].parse().unwrap();
+            let i = streams.iter().position(|&s| s == sid).unwrap();
+            prop_assert_eq!(r.content_events, events[i]);
+            prop_assert_eq!(r.first_token_ns, Some(first[i]));
+            prop_assert_eq!(r.arrival_ns, 10);
+            prop_assert_eq!(r.meta.model.as_deref(), Some("m"));
+        }
+    }
 }

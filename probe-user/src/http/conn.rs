@@ -186,6 +186,8 @@ struct Conn {
     accounted: usize,
     /// The tick its entry in the tracker's eviction queue carries.
     queued: u64,
+    /// An HTTP/2 connection's framing and streams (`h2.rs`); its requests are in `queue`.
+    h2: Option<Box<h2::H2>>,
 }
 
 /// Tracks every connection of the traced servers. See the module docs.
@@ -452,6 +454,7 @@ impl Conn {
             unmatched_reported: false,
             accounted: 0,
             queued: 0,
+            h2: None,
         }
     }
 
@@ -468,7 +471,7 @@ impl Conn {
             _ => 0,
         };
         let gaps: usize = self.queue.iter().map(|r| r.gaps_ns.capacity() * 8).sum();
-        ingress + egress + gaps
+        ingress + egress + gaps + self.h2.as_ref().map_or(0, |h| h.buffered())
     }
 
     /// The memory budget is spent: give back what can go without losing a request, saying what.
@@ -488,6 +491,9 @@ impl Conn {
             if analyzer.buffered() > 0 && analyzer.shed() {
                 obs.budget_dropped(id, "response_body");
             }
+        }
+        if self.h2.as_mut().is_some_and(|h| h.shed()) {
+            obs.budget_dropped(id, "h2_buffers");
         }
         for r in &mut self.queue {
             if r.gaps_ns.capacity() > 0 {
@@ -580,6 +586,7 @@ fn next(seq: &mut u64) -> u64 {
 
 mod egress;
 mod evict;
+pub mod h2;
 mod ingress;
 mod sink;
 #[cfg(test)]

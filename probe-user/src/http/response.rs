@@ -124,7 +124,7 @@ pub(crate) fn parse_head(buf: &[u8], req: ForRequest) -> HeadStatus {
     )
 }
 
-fn body_kind(content_type: &[u8], req: ForRequest) -> BodyKind {
+pub(crate) fn body_kind(content_type: &[u8], req: ForRequest) -> BodyKind {
     let media = content_type
         .split(|&b| b == b';')
         .next()

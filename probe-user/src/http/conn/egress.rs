@@ -1,11 +1,11 @@
 //! Response side of a connection: status lines, framing and body analysis, each response
 //! matched to the oldest request still waiting for one.
 
-use super::{ensure_started, next, step_budget, Conn, Egress, Mode, Req, ReqSink};
+use super::{ensure_started, next, step_budget, Conn, Egress, Ingress, Mode, Req, ReqSink};
 use crate::http::{
     body::{Fed, Piece, Seg},
     classify::EventSink,
-    request,
+    h2, request,
     response::{self, Analyzer, ForRequest, MAX_RESPONSE_HEAD},
     ConnId, Moment, Observer, ParseErrorKind, RequestMeta,
 };
@@ -20,6 +20,14 @@ impl Conn {
         next_seq: &mut u64,
         obs: &mut impl Observer,
     ) {
+        // A server that speaks first with its SETTINGS (h2c, before the client preface is read).
+        let fresh = matches!(self.ingress, Ingress::Fresh) && matches!(self.egress, Egress::Fresh);
+        if fresh && self.accepted && h2::is_server_preface(seg.data) {
+            self.start_h2();
+        }
+        if self.h2.is_some() {
+            return self.h2_bytes(true, (id, ts, io), seg.data, seg.missing, next_seq, obs);
+        }
         let total = seg.data.len() as u64 + seg.missing;
         let mut budget = step_budget(&seg);
         while !seg.is_empty() && self.mode == Mode::Active && budget > 0 {

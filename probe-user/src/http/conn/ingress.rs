@@ -3,6 +3,7 @@
 use super::{next, step_budget, BodyRead, Conn, HeadRead, Ingress, Mode, Req, MAX_PIPELINED};
 use crate::http::{
     body::{ChunkDecoder, Fed, Framer, Piece, Seg},
+    h2,
     request::{self, BodyFraming, MAX_BODY_SNIFF, MAX_HEAD_BYTES},
     sniff, ConnId, Moment, Observer, ParseErrorKind, RequestMeta,
 };
@@ -17,6 +18,16 @@ impl Conn {
         next_seq: &mut u64,
         obs: &mut impl Observer,
     ) {
+        if let Some(read) = self.h2_preface_start(seg.data) {
+            // The preface's first bytes were taken for an HTTP/1 head ("P"): they go first.
+            self.start_h2();
+            if !read.is_empty() {
+                self.h2_bytes(false, (id, ts, io), &read, 0, next_seq, obs);
+            }
+        }
+        if self.h2.is_some() {
+            return self.h2_bytes(false, (id, ts, io), seg.data, seg.missing, next_seq, obs);
+        }
         let mut budget = step_budget(&seg);
         while !seg.is_empty() && self.mode == Mode::Active && budget > 0 {
             budget -= 1;
@@ -57,6 +68,20 @@ impl Conn {
                     }
                 }
             };
+        }
+    }
+
+    /// Whether this read starts HTTP/2 (the client preface on a fresh connection, or the rest of
+    /// it after a head buffer that holds its first byte); `Some` holds the bytes read before.
+    fn h2_preface_start(&self, data: &[u8]) -> Option<Vec<u8>> {
+        match &self.ingress {
+            Ingress::Fresh => h2::starts_with_preface(data).then(Vec::new),
+            Ingress::Head(h) if self.queue.is_empty() && h.buf == b"P" => {
+                let mut all = h.buf.clone();
+                all.extend_from_slice(data.get(..h2::PREFACE.len()).unwrap_or(data));
+                h2::starts_with_preface(&all).then(|| h.buf.clone())
+            }
+            _ => None,
         }
     }
 

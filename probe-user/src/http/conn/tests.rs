@@ -7,13 +7,13 @@ use super::*;
 use crate::http::{Endpoint, RequestRecord};
 
 #[derive(Default, Debug)]
-struct Rec {
-    started: Vec<(RequestMeta, u64)>,
-    ttfts: Vec<u64>,
-    gaps: Vec<u64>,
-    finished: Vec<RequestRecord>,
-    errors: Vec<ParseErrorKind>,
-    untracked: Vec<ConnId>,
+pub(super) struct Rec {
+    pub(super) started: Vec<(RequestMeta, u64)>,
+    pub(super) ttfts: Vec<u64>,
+    pub(super) gaps: Vec<u64>,
+    pub(super) finished: Vec<RequestRecord>,
+    pub(super) errors: Vec<ParseErrorKind>,
+    pub(super) untracked: Vec<ConnId>,
 }
 
 impl Observer for Rec {
@@ -38,13 +38,13 @@ impl Observer for Rec {
 }
 
 impl Rec {
-    fn only(&self) -> &RequestRecord {
+    pub(super) fn only(&self) -> &RequestRecord {
         assert_eq!(self.finished.len(), 1, "{self:#?}");
         &self.finished[0]
     }
 }
 
-const C: ConnId = ConnId { tgid: 7, fd: 12 };
+pub(super) const C: ConnId = ConnId { tgid: 7, fd: 12 };
 
 fn post(path: &str, body: &str) -> Vec<u8> {
     format!(

@@ -172,7 +172,6 @@ fn non_llm_paths_are_not_timed_but_keep_pipelining() {
 fn garbage_is_not_http() {
     for first in [
         &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..],
-        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
         b"\x00\x00\x12\x04\x00",
     ] {
         let mut t = ConnTracker::new();
