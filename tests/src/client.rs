@@ -362,7 +362,7 @@ pub fn first_event_end(bytes: &[u8]) -> Option<usize> {
         .map(|i| i + 1)
 }
 
-fn recv_event(fd: i32, buf: &mut [u8], event: bool) -> io::Result<(usize, Option<u64>)> {
+pub(crate) fn recv_event(fd: i32, buf: &mut [u8], event: bool) -> io::Result<(usize, Option<u64>)> {
     // SAFETY: `buf` is writable for its length.
     let peeked = unsafe {
         libc::recv(

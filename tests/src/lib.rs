@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod fake_cuda;
+pub mod h2_client;
 pub mod image;
 pub mod prom;
 pub mod tls_client;

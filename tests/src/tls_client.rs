@@ -211,3 +211,21 @@ async fn exchange_inner(
         }
     }
 }
+
+/// A self-signed P-256 certificate for `localhost` in a fresh directory: (cert, key).
+pub fn self_signed_cert(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("llm-probe-tls-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("cert dir");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    crate::output_ok(
+        "openssl req",
+        std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=localhost", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
+    (cert, key)
+}

@@ -5,33 +5,15 @@
 //! text; a connection whose handshake happened before the probe attached is picked up at its next
 //! request. Needs root (eBPF), `openssl` to make the certificate.
 
-use std::{net::TcpStream, path::PathBuf, process::Command, time::Duration};
+use std::{net::TcpStream, process::Command, time::Duration};
 
 use serde_json::json;
 use tests::{
-    free_port, metric_sum, mock_llm_js, output_ok, python, require_root, tiny_model,
-    tls_client::{exchange, TlsSession},
+    free_port, metric_sum, mock_llm_js, python, require_root, tiny_model,
+    tls_client::{exchange, self_signed_cert, TlsSession},
     traffic::{by_id, chat_req, compare, records, req, run_concurrent_tls, timing_rounds_with},
     wait_for, Probe, Proc,
 };
-
-/// A self-signed P-256 certificate for `localhost` in a fresh directory: (cert, key).
-fn make_cert(tag: &str) -> (PathBuf, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("llm-probe-tls-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("cert dir");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    output_ok(
-        "openssl req",
-        Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
-            .args(["-subj", "/CN=localhost", "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert),
-    );
-    (cert, key)
-}
 
 fn wait_port(port: u16, what: &str) {
     wait_for(what, Duration::from_mins(1), || {
@@ -79,7 +61,7 @@ fn node_https_timing_matches_the_client() {
     if !require_root("node_https_timing_matches_the_client") {
         return;
     }
-    let (cert, key) = make_cert("node");
+    let (cert, key) = self_signed_cert("node");
     let port = free_port();
     let _node = Proc::spawn(
         "node-https",
@@ -154,7 +136,7 @@ fn llama_cpp_over_tls_agrees_with_the_client() {
         py.exists() && model.exists(),
         "run `cargo xtask setup` first"
     );
-    let (cert, key) = make_cert("llama");
+    let (cert, key) = self_signed_cert("llama");
     let port = free_port();
     let engine = Proc::spawn(
         "llama-cpp-python-tls",

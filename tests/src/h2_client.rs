@@ -1,0 +1,177 @@
+//! The reference client over HTTP/2: the `h2` crate (hyper's HTTP/2, no code shared with the
+//! probe's parser), prior-knowledge h2c or `h2` negotiated by ALPN over TLS (tokio-rustls). The
+//! response body is read by the same event reader as HTTP/1.1 (`client::ResponseReader`), each
+//! event timed by the kernel's receive stamp of the last socket read before `h2` handed its DATA
+//! over (`SO_TIMESTAMPNS` on the socket under the HTTP/2 connection).
+
+use std::{
+    io,
+    os::fd::AsRawFd as _,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{ready, Context, Poll},
+};
+
+use bytes::Bytes;
+use probe_common::clock::monotonic_ns;
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, Interest, ReadBuf},
+    net::TcpStream,
+};
+
+use crate::client::{enable_rx_timestamps, recv_event, Req, ResponseReader, Sample};
+
+/// A socket that remembers the receive stamp of its last read.
+struct Stamped {
+    sock: TcpStream,
+    stamp: Arc<AtomicU64>,
+}
+
+impl AsyncRead for Stamped {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        loop {
+            ready!(me.sock.poll_read_ready(cx))?;
+            let fd = me.sock.as_raw_fd();
+            let dst = buf.initialize_unfilled();
+            match me
+                .sock
+                .try_io(Interest::READABLE, || recv_event(fd, dst, false))
+            {
+                Ok((n, stamp)) => {
+                    me.stamp
+                        .store(stamp.unwrap_or_else(monotonic_ns), Ordering::Relaxed);
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Stamped {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().sock).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().sock).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().sock).poll_shutdown(cx)
+    }
+}
+
+/// An HTTP/2 connection; clones share it (concurrent streams).
+#[derive(Clone)]
+pub struct H2Conn {
+    send: h2::client::SendRequest<Bytes>,
+    stamp: Arc<AtomicU64>,
+    authority: String,
+    tls: bool,
+}
+
+impl H2Conn {
+    /// Connects to `addr`: h2c with prior knowledge, or TLS with ALPN `h2` (refused otherwise).
+    pub async fn connect(addr: &str, tls: bool) -> anyhow::Result<Self> {
+        let sock = TcpStream::connect(addr).await?;
+        sock.set_nodelay(true)?;
+        enable_rx_timestamps(&sock)?;
+        let stamp = Arc::new(AtomicU64::new(0));
+        let io = Stamped {
+            sock,
+            stamp: stamp.clone(),
+        };
+        let send = if tls {
+            let mut cfg = (*crate::tls_client::config()).clone();
+            cfg.alpn_protocols = vec![b"h2".to_vec()];
+            let name = ServerName::try_from("localhost")?.to_owned();
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(name, io)
+                .await?;
+            anyhow::ensure!(
+                tls.get_ref().1.alpn_protocol() == Some(&b"h2"[..]),
+                "the server did not choose h2 by ALPN"
+            );
+            let (send, conn) = h2::client::handshake(tls).await?;
+            tokio::spawn(conn);
+            send
+        } else {
+            let (send, conn) = h2::client::handshake(io).await?;
+            tokio::spawn(conn);
+            send
+        };
+        Ok(Self {
+            send,
+            stamp,
+            authority: addr.to_owned(),
+            tls,
+        })
+    }
+
+    /// One request on its own stream. With `abort_after`, the stream is cancelled
+    /// (`RST_STREAM` CANCEL) after that many content events.
+    pub async fn exchange(&self, req: &Req) -> Sample {
+        let mut s = Sample {
+            request_id: req.request_id.clone(),
+            ..Sample::default()
+        };
+        match tokio::time::timeout(req.timeout, self.exchange_inner(req, &mut s)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => s.error = Some(format!("{e:#}")),
+            Err(_) => s.error = Some("timeout".into()),
+        }
+        s
+    }
+
+    async fn exchange_inner(&self, req: &Req, s: &mut Sample) -> anyhow::Result<()> {
+        let scheme = if self.tls { "https" } else { "http" };
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("{scheme}://{}{}", self.authority, req.path))
+            .header("content-type", "application/json")
+            .header("x-request-id", &req.request_id)
+            .body(())?;
+        let mut send = self.send.clone().ready().await?;
+        s.start_ns = monotonic_ns();
+        let (response, mut body_out) = send.send_request(request, false)?;
+        body_out.send_data(Bytes::from(req.body.clone()), true)?;
+        let response = response.await?;
+        let (parts, mut body) = response.into_parts();
+        let ctype = parts
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        // The HTTP/1.1 reader with a head of the same status and type: a body read to its end.
+        let head = format!(
+            "HTTP/1.1 {}\r\ncontent-type: {ctype}\r\n\r\n",
+            parts.status.as_u16()
+        );
+        let mut reader = ResponseReader::default();
+        let now = self.stamp.load(Ordering::Relaxed);
+        reader.feed(head.as_bytes(), now, s, req)?;
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            let now = self.stamp.load(Ordering::Relaxed);
+            if reader.feed(&chunk, now, s, req)? {
+                return Ok(()); // an abort: dropping the body cancels the stream
+            }
+        }
+        reader.at_eof(s)
+    }
+}
