@@ -96,7 +96,8 @@ fn capture(base: *mut u8, p: &PendingIo, ret: usize) -> (usize, usize) {
     }
     // Few branches per iteration on purpose: the verifier walks every iteration, and each extra
     // branch multiplies the states it must visit (32 iterations of a 4-branch body took > 60 s).
-    // Bytes past `ret` are copied too (they are the caller's, not secrets of ours) and cut below.
+    // Nothing past `ret` is copied: a reader's buffer beyond the bytes it received may be pages
+    // never touched (grpcio reads into fresh slices), and the helper then fails the whole copy.
     let mut off = 0usize;
     for i in 0..MAX_IOV {
         if i >= p.iovcnt || off >= MAX_CAPTURE || off >= ret {
@@ -109,7 +110,11 @@ fn capture(base: *mut u8, p: &PendingIo, ret: usize) -> (usize, usize) {
             bump(counter::LOST_READ_USER);
             break;
         };
-        let room = MAX_CAPTURE - off;
+        let room = if ret - off < MAX_CAPTURE - off {
+            ret - off
+        } else {
+            MAX_CAPTURE - off
+        };
         let take = if (iov[1] as usize) < room {
             iov[1] as usize
         } else {
