@@ -10,6 +10,7 @@
 mod body;
 mod classify;
 pub mod conn;
+pub mod grpc;
 mod h2;
 pub mod request;
 pub mod response;
@@ -50,6 +51,9 @@ pub enum Endpoint {
     OllamaChat,
     /// llama.cpp server `/completion` (and `/completions`).
     LlamaCompletion,
+    /// A gRPC method (`/package.Service/Method`): slot 1.. of the bounded set of paths labelled
+    /// by name, 0 for `grpc_other` (`grpc.rs`).
+    Grpc(u8),
 }
 
 impl Endpoint {
@@ -65,8 +69,20 @@ impl Endpoint {
         Self::LlamaCompletion,
     ];
 
-    pub const fn as_str(self) -> &'static str {
+    /// Endpoints there can be: the HTTP paths and the gRPC method slots.
+    pub const SLOTS: usize = Self::ALL.len() + 1 + grpc::MAX_GRPC_METHODS;
+
+    /// Its index below `SLOTS` (per-endpoint tables).
+    pub fn slot(self) -> usize {
         match self {
+            Self::Grpc(i) => Self::ALL.len() + usize::from(i).min(grpc::MAX_GRPC_METHODS),
+            e => Self::ALL.iter().position(|a| *a == e).unwrap_or(0),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Grpc(slot) => grpc::method_label(slot),
             Self::ChatCompletions => "/v1/chat/completions",
             Self::Completions => "/v1/completions",
             Self::Embeddings => "/v1/embeddings",

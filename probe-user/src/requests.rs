@@ -109,9 +109,9 @@ impl TokenWindow {
 /// One exported model label with its cached metric handles and token window.
 struct ModelEntry {
     label: String,
-    /// TTFT/TBT handles per `Endpoint` (indexed by `Endpoint as usize`), created on first use so
+    /// TTFT/TBT handles per `Endpoint` (indexed by `Endpoint::slot`), created on first use so
     /// the hot path does no label hashing or allocation.
-    handles: [Option<Handles>; Endpoint::ALL.len()],
+    handles: [Option<Handles>; Endpoint::SLOTS],
     window: TokenWindow,
 }
 
@@ -119,7 +119,7 @@ impl ModelEntry {
     fn new(label: &str) -> Self {
         Self {
             label: label.to_owned(),
-            handles: Default::default(),
+            handles: std::array::from_fn(|_| None),
             window: TokenWindow::default(),
         }
     }
@@ -247,7 +247,7 @@ impl RequestStats {
     fn handles(&mut self, i: usize, endpoint: Endpoint) -> &Handles {
         let metrics = &self.metrics;
         let e = &mut self.entries[i];
-        e.handles[endpoint as usize].get_or_insert_with(|| {
+        e.handles[endpoint.slot()].get_or_insert_with(|| {
             let labels = ReqLabels {
                 model: e.label.clone(),
                 endpoint: endpoint.as_str(),

@@ -332,6 +332,30 @@ fn fragments() -> Vec<Vec<u8>> {
         frame(6, 0, 0, &[0; 8]),
         frame(7, 0, 0, &[0; 8]),
         frame(8, 0, 1, &[0, 0, 1, 0]),
+        // gRPC: a call on stream 5, its head, messages (one cut in two), trailers.
+        frame(
+            1,
+            4,
+            5,
+            &c.encode([
+                (&b":method"[..], &b"POST"[..]),
+                (b":path", b"/llm.Generator/Generate"),
+                (b"content-type", b"application/grpc"),
+            ]),
+        ),
+        frame(0, 1, 5, &[0, 0, 0, 0, 2, b'{', b'}']),
+        frame(
+            1,
+            4,
+            5,
+            &s.encode([
+                (&b":status"[..], &b"200"[..]),
+                (b"content-type", b"application/grpc"),
+            ]),
+        ),
+        frame(0, 0, 5, &[0, 0, 0, 0, 3, b'a', b'b', b'c', 0, 0, 0]),
+        frame(0, 0, 5, &[0, 1, b'z']),
+        frame(1, 5, 5, &s.encode([(&b"grpc-status"[..], &b"13"[..])])),
     ]
 }
 
@@ -476,4 +500,20 @@ proptest! {
             prop_assert_eq!(r.meta.model.as_deref(), Some("m"));
         }
     }
+}
+
+/// gRPC method labels are a bounded set: any number of distinct paths (a client can send any)
+/// give at most `MAX_GRPC_METHODS` named labels plus `grpc_other`, and an admitted path keeps its
+/// label. (Its own test process: the set is process-wide.)
+#[test]
+fn grpc_method_labels_are_bounded() {
+    use probe_user::http::grpc::{method_endpoint, MAX_GRPC_METHODS};
+    let first = method_endpoint(b"/a.B/First");
+    let labels: std::collections::HashSet<&str> = (0..200)
+        .map(|i| method_endpoint(format!("/svc.S/M{i}").as_bytes()).as_str())
+        .collect();
+    assert!(labels.len() <= MAX_GRPC_METHODS + 1, "{}", labels.len());
+    assert!(labels.contains("grpc_other"));
+    assert_eq!(method_endpoint(b"/a.B/First").as_str(), "/a.B/First");
+    assert_eq!(method_endpoint(b"/a.B/First"), first);
 }

@@ -31,8 +31,8 @@ const PRIORITY: u8 = 0x20;
 pub(crate) enum Item<'a> {
     /// DATA payload bytes of `stream` (padding removed), in pieces as they arrive.
     Data { stream: u32, bytes: &'a [u8] },
-    /// DATA payload bytes that were moved but not captured.
-    DataGap { stream: u32 },
+    /// `n` DATA payload bytes that were moved but not captured.
+    DataGap { stream: u32, n: u64 },
     /// The end of a DATA frame.
     DataEnd { stream: u32, end_stream: bool },
     /// A whole header block. `promise`: a `PUSH_PROMISE`'s (decoded only to keep HPACK in step).
@@ -294,6 +294,7 @@ impl FrameReader {
                 // An uncaptured pad-length byte: the padding is unknown, the rest counts as data.
                 f(Item::DataGap {
                     stream: cur.head.stream,
+                    n: u64::from(n),
                 });
                 Ok(())
             }

@@ -5,6 +5,7 @@
 use super::{
     body::{ChunkDecoder, Framer},
     classify::{classify, EventSink},
+    grpc::MessageReader,
     request::last_coding_is_chunked,
     sse::{NdjsonParser, SseParser},
     Endpoint, ParseErrorKind,
@@ -25,6 +26,8 @@ pub(crate) enum BodyKind {
     Sse,
     Ndjson,
     Json,
+    /// gRPC length-prefixed messages (HTTP/2 only).
+    Grpc,
     /// Not inspected: untimed requests, compressed or non-JSON bodies.
     Opaque,
 }
@@ -165,6 +168,7 @@ enum Inner {
     Sse(SseParser),
     Ndjson(NdjsonParser),
     Json(JsonBody),
+    Grpc(MessageReader),
     Opaque,
 }
 
@@ -182,6 +186,7 @@ impl Analyzer {
             BodyKind::Sse => Inner::Sse(SseParser::default()),
             BodyKind::Ndjson => Inner::Ndjson(NdjsonParser::default()),
             BodyKind::Json => Inner::Json(JsonBody::default()),
+            BodyKind::Grpc => Inner::Grpc(MessageReader::default()),
             BodyKind::Opaque => Inner::Opaque,
         };
         Self {
@@ -196,7 +201,7 @@ impl Analyzer {
             Inner::Sse(p) => p.buffered(),
             Inner::Ndjson(p) => p.buffered(),
             Inner::Json(j) => j.buf.capacity(),
-            Inner::Opaque => 0,
+            Inner::Grpc(_) | Inner::Opaque => 0,
         }
     }
 
@@ -212,7 +217,7 @@ impl Analyzer {
                 j.buf = Vec::new();
                 lost
             }
-            Inner::Opaque => false,
+            Inner::Grpc(_) | Inner::Opaque => false,
         }
     }
 
@@ -228,13 +233,15 @@ impl Analyzer {
                     j.buf.extend_from_slice(data);
                 }
             }
+            Inner::Grpc(r) => r.feed(data, ts, sink),
             Inner::Opaque => {}
         }
     }
 
     /// `n` body bytes were written but not captured.
-    pub fn gap(&mut self, ts: u64, sink: &mut impl EventSink) {
+    pub fn gap(&mut self, n: u64, ts: u64, sink: &mut impl EventSink) {
         match &mut self.inner {
+            Inner::Grpc(r) => r.gap(n, ts, sink),
             Inner::Sse(p) => {
                 p.gap(ts, sink);
                 sink.parse_error(ParseErrorKind::TruncatedCapture);
@@ -256,7 +263,7 @@ impl Analyzer {
         match &mut self.inner {
             Inner::Sse(p) => p.resync(),
             Inner::Ndjson(p) => p.resync(),
-            Inner::Json(_) | Inner::Opaque => {}
+            Inner::Json(_) | Inner::Grpc(_) | Inner::Opaque => {}
         }
     }
 
@@ -264,7 +271,7 @@ impl Analyzer {
     pub fn finish(&mut self, ts: u64, sink: &mut impl EventSink) {
         match &mut self.inner {
             // An SSE event without its blank line is discarded at end of stream (WHATWG).
-            Inner::Sse(_) | Inner::Opaque => {}
+            Inner::Sse(_) | Inner::Grpc(_) | Inner::Opaque => {}
             Inner::Ndjson(p) => p.finish(ts, sink),
             Inner::Json(j) => {
                 let Some(first_ts) = j.first_ts else {
@@ -424,7 +431,7 @@ mod tests {
         let mut a = Analyzer::new(BodyKind::Json, 200);
         let mut c = Collect::default();
         a.bytes(br#"{"choices":[{"message":{"content":"hi"#, 5, &mut c);
-        a.gap(5, &mut c);
+        a.gap(1, 5, &mut c);
         a.finish(5, &mut c);
         assert_eq!(c.parse_errors, vec![ParseErrorKind::TruncatedCapture]);
 

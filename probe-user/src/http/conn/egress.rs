@@ -74,7 +74,7 @@ impl Conn {
                     };
                     let fed = framer.feed(seg, &mut |p| match p {
                         Piece::Bytes(b) => analyzer.bytes(b, ts, &mut sink),
-                        Piece::Gap(_) => analyzer.gap(ts, &mut sink),
+                        Piece::Gap(n) => analyzer.gap(n, ts, &mut sink),
                         Piece::ChunkEnd => analyzer.chunk_end_after_gap(),
                     });
                     match fed {

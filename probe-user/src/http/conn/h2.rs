@@ -7,6 +7,10 @@
 //! Timing is that of clear text: a stream arrives with the read holding its HEADERS frame; its
 //! first token is the write of the DATA frame carrying its first content event.
 //!
+//! gRPC calls (`content-type: application/grpc…`) are requests too: the method path is the
+//! endpoint, each response message a content event, `grpc-status` in the trailers the outcome
+//! (`http/grpc.rs`).
+//!
 //! A connection joined mid-stream is not followed: the HPACK dynamic tables are unknown, so no
 //! header could be trusted (it is counted as `not_http` at its first bytes, as before).
 
@@ -15,6 +19,7 @@ use rustc_hash::FxHashMap;
 
 use super::{finish, next, Conn, Ingress, Mode, Req, ReqSink};
 use crate::http::{
+    grpc,
     h2::{FrameReader, Item, Lost},
     request::{cut_field, endpoint_for_path, MAX_BODY_SNIFF},
     response::{body_kind, Analyzer, BodyKind, ForRequest},
@@ -58,6 +63,8 @@ struct Stream {
     truncated: bool,
     /// The response's head was read: its body analyzer.
     analyzer: Option<Analyzer>,
+    /// A gRPC call: its body's messages are length-prefixed.
+    grpc: bool,
 }
 
 impl H2 {
@@ -110,6 +117,7 @@ struct Fields {
     content_type: Vec<u8>,
     encoded: bool,
     request_id: Option<String>,
+    grpc_status: Option<u32>,
 }
 
 /// Decodes a block, keeping only `Fields` (values are cut to bounded sizes; no other value is
@@ -129,6 +137,11 @@ fn decode(hpack: &mut Decoder<'static>, block: &[u8]) -> Option<Fields> {
             b"content-type" => f.content_type = keep(&value),
             b"content-encoding" => {
                 f.encoded = !value.trim_ascii().eq_ignore_ascii_case(b"identity");
+            }
+            b"grpc-status" => {
+                f.grpc_status = std::str::from_utf8(&value)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok());
             }
             b"x-request-id" => {
                 f.request_id = std::str::from_utf8(&value)
@@ -265,7 +278,7 @@ impl<O: Observer> Side<'_, O> {
                         .extend_from_slice(bytes.get(..room.min(bytes.len())).unwrap_or_default());
                 }
             }
-            Item::DataGap { stream } => {
+            Item::DataGap { stream, .. } => {
                 if let Some(s) = self.streams.get_mut(&stream) {
                     s.truncated = true;
                 }
@@ -286,9 +299,18 @@ impl<O: Observer> Side<'_, O> {
             return;
         }
         let post = f.method.as_deref() == Some(b"POST");
-        let path = f.path.as_deref().and_then(|p| std::str::from_utf8(p).ok());
+        let grpc = post && grpc::is_grpc(&f.content_type);
+        let path = f.path.as_deref().unwrap_or_default();
+        let endpoint = if grpc {
+            Some(grpc::method_endpoint(path))
+        } else {
+            std::str::from_utf8(path)
+                .ok()
+                .filter(|_| post)
+                .and_then(endpoint_for_path)
+        };
         let meta = RequestMeta {
-            endpoint: path.filter(|_| post).and_then(endpoint_for_path),
+            endpoint,
             request_id: f.request_id.clone(),
             ..RequestMeta::default()
         };
@@ -303,6 +325,7 @@ impl<O: Observer> Side<'_, O> {
                 sniff: Vec::new(),
                 truncated: false,
                 analyzer: None,
+                grpc,
             },
         );
     }
@@ -313,6 +336,13 @@ impl<O: Observer> Side<'_, O> {
             return;
         };
         let (seq, sniff, complete) = (s.seq, std::mem::take(&mut s.sniff), !s.truncated);
+        // A gRPC body's first message, without its length prefix (JSON-coded services name
+        // their model there; protobuf yields nothing).
+        let body = if s.grpc {
+            sniff.get(5..).unwrap_or_default()
+        } else {
+            &sniff[..]
+        };
         let (id, obs) = (self.id, &mut *self.obs);
         let Some(req) = self.queue.iter_mut().find(|r| r.seq == seq) else {
             return;
@@ -321,7 +351,7 @@ impl<O: Observer> Side<'_, O> {
             return;
         }
         req.started = true;
-        crate::http::sniff::apply_body(&mut req.meta, &sniff, complete);
+        crate::http::sniff::apply_body(&mut req.meta, body, complete);
         if req.timed() {
             obs.request_started(id, &req.meta, req.arrival_ns);
         }
@@ -348,15 +378,17 @@ impl<O: Observer> Side<'_, O> {
                 if !promise {
                     self.response_head(stream, &f);
                     if end_stream {
-                        self.body_end(stream);
+                        // gRPC's status is in the trailers (or a trailers-only response).
+                        let outcome = f.grpc_status.and_then(grpc::status_outcome);
+                        self.body_end(stream, outcome);
                     }
                 }
             }
-            Item::Data { stream, bytes } => self.body(stream, Some(bytes)),
-            Item::DataGap { stream } => self.body(stream, None),
+            Item::Data { stream, bytes } => self.body(stream, Ok(bytes)),
+            Item::DataGap { stream, n } => self.body(stream, Err(n)),
             Item::DataEnd { stream, end_stream } => {
                 if end_stream {
-                    self.body_end(stream);
+                    self.body_end(stream, None);
                 }
             }
             Item::Reset { stream, .. } => self.end(stream, Some(Outcome::ServerReset)),
@@ -388,8 +420,11 @@ impl<O: Observer> Side<'_, O> {
             is_head: req.is_head,
             streams: req.meta.stream == Some(true),
         };
+        let grpc = self.streams.get(&stream).is_some_and(|s| s.grpc);
         let kind = if f.encoded || ask.endpoint.is_none() {
             BodyKind::Opaque
+        } else if grpc && grpc::is_grpc(&f.content_type) {
+            BodyKind::Grpc
         } else {
             body_kind(&f.content_type, ask)
         };
@@ -398,8 +433,8 @@ impl<O: Observer> Side<'_, O> {
         }
     }
 
-    /// DATA of a response (`None`: bytes not captured).
-    fn body(&mut self, stream: u32, bytes: Option<&[u8]>) {
+    /// DATA of a response (`Err(n)`: `n` bytes not captured).
+    fn body(&mut self, stream: u32, bytes: Result<&[u8], u64>) {
         let Some(s) = self.streams.get_mut(&stream) else {
             return;
         };
@@ -416,13 +451,13 @@ impl<O: Observer> Side<'_, O> {
             io: Some(self.io),
         };
         match bytes {
-            Some(b) => analyzer.bytes(b, self.ts, &mut sink),
-            None => analyzer.gap(self.ts, &mut sink),
+            Ok(b) => analyzer.bytes(b, self.ts, &mut sink),
+            Err(n) => analyzer.gap(n, self.ts, &mut sink),
         }
     }
 
-    /// The response's `END_STREAM`: its body is complete.
-    fn body_end(&mut self, stream: u32) {
+    /// The response's `END_STREAM`: its body is complete (`outcome` `None`: by its status).
+    fn body_end(&mut self, stream: u32, outcome: Option<Outcome>) {
         if let Some(s) = self.streams.get_mut(&stream) {
             if let (Some(analyzer), Some(req)) = (
                 s.analyzer.as_mut(),
@@ -439,7 +474,7 @@ impl<O: Observer> Side<'_, O> {
                 );
             }
         }
-        self.end(stream, None);
+        self.end(stream, outcome);
     }
 }
 

@@ -37,7 +37,7 @@ fn run(client: bool, chunks: &[(&[u8], u64)]) -> (Vec<Owned>, Result<(), Lost>) 
                     }
                     Owned::Data(stream, bytes.to_vec())
                 }
-                Item::DataGap { stream } => Owned::Gap(stream),
+                Item::DataGap { stream, .. } => Owned::Gap(stream),
                 Item::DataEnd { stream, end_stream } => Owned::DataEnd(stream, end_stream),
                 Item::Headers {
                     stream,

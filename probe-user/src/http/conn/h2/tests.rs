@@ -249,3 +249,89 @@ fn what_cannot_be_followed_drops_the_connection() {
     input(&mut t, &mut rec, 2, b"GET / HTTP/1.1\r\n\r\n");
     assert_eq!(rec.errors, vec![ParseErrorKind::BadH2]);
 }
+
+fn grpc_call(enc: &mut Encoder<'_>, stream: u32, id: &str) -> Vec<u8> {
+    let block = enc.encode([
+        (&b":method"[..], &b"POST"[..]),
+        (b":scheme", b"http"),
+        (b":path", b"/llm.Generator/Generate"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        (b"x-request-id", id.as_bytes()),
+    ]);
+    let mut b = frame(HEADERS, END_HEADERS, stream, &block);
+    let msg = br#"{"model":"m9","n":3}"#;
+    let mut body = vec![0];
+    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    body.extend_from_slice(msg);
+    b.extend(frame(DATA, END_STREAM, stream, &body));
+    b
+}
+
+fn grpc_message(text: &[u8]) -> Vec<u8> {
+    let mut m = vec![0];
+    m.extend_from_slice(&(text.len() as u32).to_be_bytes());
+    m.extend_from_slice(text);
+    m
+}
+
+fn trailers(enc: &mut Encoder<'_>, stream: u32, status: &str, head: bool) -> Vec<u8> {
+    let mut fields = vec![];
+    if head {
+        fields.push((&b":status"[..], &b"200"[..]));
+        fields.push((b"content-type", b"application/grpc"));
+    }
+    fields.push((b"grpc-status", status.as_bytes()));
+    let block = enc.encode(fields);
+    frame(HEADERS, END_HEADERS | END_STREAM, stream, &block)
+}
+
+#[test]
+fn grpc_messages_are_tokens_and_grpc_status_the_outcome() {
+    let (mut t, mut rec) = (ConnTracker::new(), Rec::default());
+    let (mut cenc, mut senc) = (Encoder::new(), Encoder::new());
+    let mut b = PREFACE.to_vec();
+    for (s, id) in [(1, "ok"), (3, "internal"), (5, "not-found")] {
+        b.extend(grpc_call(&mut cenc, s, id));
+    }
+    input(&mut t, &mut rec, 10, &b);
+    assert_eq!(rec.started.len(), 3);
+    assert_eq!(rec.started[0].0.model.as_deref(), Some("m9"));
+    output(
+        &mut t,
+        &mut rec,
+        20,
+        &response_head(&mut senc, 1, "200", "application/grpc", false),
+    );
+    // Three messages: one whole, one split across two frames and writes, one empty.
+    let m1 = grpc_message(b"tok1");
+    let m2 = grpc_message(b"token two");
+    output(&mut t, &mut rec, 30, &frame(DATA, 0, 1, &m1));
+    output(&mut t, &mut rec, 40, &frame(DATA, 0, 1, &m2[..7]));
+    output(&mut t, &mut rec, 55, &frame(DATA, 0, 1, &m2[7..]));
+    output(&mut t, &mut rec, 70, &frame(DATA, 0, 1, &grpc_message(b"")));
+    output(&mut t, &mut rec, 80, &trailers(&mut senc, 1, "0", false));
+    // A stream that fails after its head, and a trailers-only answer.
+    output(
+        &mut t,
+        &mut rec,
+        90,
+        &response_head(&mut senc, 3, "200", "application/grpc", false),
+    );
+    output(&mut t, &mut rec, 95, &trailers(&mut senc, 3, "13", false));
+    output(&mut t, &mut rec, 99, &trailers(&mut senc, 5, "5", true));
+    let ok = &rec.finished[0];
+    assert_eq!(
+        ok.meta.endpoint.map(Endpoint::as_str),
+        Some("/llm.Generator/Generate")
+    );
+    assert_eq!((ok.outcome, ok.content_events), (Outcome::Ok, 3));
+    assert_eq!((ok.first_token_ns, ok.end_ns), (Some(30), 80));
+    assert_eq!(ok.gaps_ns, vec![25, 15]);
+    let outcomes: Vec<_> = rec.finished.iter().map(|r| r.outcome).collect();
+    assert_eq!(
+        outcomes,
+        vec![Outcome::Ok, Outcome::ServerError, Outcome::ClientError]
+    );
+    assert!(rec.errors.is_empty(), "{:?}", rec.errors);
+}
