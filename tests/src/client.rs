@@ -38,6 +38,8 @@ pub struct Sample {
     pub error: Option<String>,
     /// Reads whose bytes carried no kernel receive timestamp (timed when the read returned).
     pub unstamped_reads: u64,
+    /// A gRPC call's `grpc-status` (`h2_client::H2Conn::grpc`).
+    pub grpc_status: Option<u32>,
 }
 
 #[derive(Clone, Debug)]

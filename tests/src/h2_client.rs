@@ -2,7 +2,9 @@
 //! probe's parser), prior-knowledge h2c or `h2` negotiated by ALPN over TLS (tokio-rustls). The
 //! response body is read by the same event reader as HTTP/1.1 (`client::ResponseReader`), each
 //! event timed by the kernel's receive stamp of the last socket read before `h2` handed its DATA
-//! over (`SO_TIMESTAMPNS` on the socket under the HTTP/2 connection).
+//! over (`SO_TIMESTAMPNS` on the socket under the HTTP/2 connection). gRPC calls (`grpc`) send
+//! the request body as one length-prefixed message and count each response message as a content
+//! event.
 
 use std::{
     io,
@@ -135,6 +137,81 @@ impl H2Conn {
             Err(_) => s.error = Some("timeout".into()),
         }
         s
+    }
+
+    /// A gRPC server-streaming call to method `req.path` with `req.body` as its one request
+    /// message; `abort_after` cancels it after that many response messages.
+    pub async fn grpc(&self, req: &Req) -> Sample {
+        let mut s = Sample {
+            request_id: req.request_id.clone(),
+            ..Sample::default()
+        };
+        match tokio::time::timeout(req.timeout, self.grpc_inner(req, &mut s)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => s.error = Some(format!("{e:#}")),
+            Err(_) => s.error = Some("timeout".into()),
+        }
+        s
+    }
+
+    async fn grpc_inner(&self, req: &Req, s: &mut Sample) -> anyhow::Result<()> {
+        let scheme = if self.tls { "https" } else { "http" };
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("{scheme}://{}{}", self.authority, req.path))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("x-request-id", &req.request_id)
+            .body(())?;
+        let mut send = self.send.clone().ready().await?;
+        s.start_ns = monotonic_ns();
+        let (response, mut body_out) = send.send_request(request, false)?;
+        let mut msg = vec![0u8];
+        msg.extend_from_slice(&u32::try_from(req.body.len())?.to_be_bytes());
+        msg.extend_from_slice(req.body.as_bytes());
+        body_out.send_data(Bytes::from(msg), true)?;
+        let response = response.await?;
+        s.status = response.status().as_u16();
+        let status_of = |h: &http::HeaderMap| {
+            h.get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+        };
+        // A trailers-only answer carries its status in the head.
+        s.grpc_status = status_of(response.headers());
+        let mut body = response.into_body();
+        let (mut pending, mut last) = (Vec::new(), None);
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            let now = self.stamp.load(Ordering::Relaxed);
+            pending.extend_from_slice(&chunk);
+            while pending.len() >= 5 {
+                let n = u32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]);
+                let end = 5 + n as usize;
+                if pending.len() < end {
+                    break;
+                }
+                pending.drain(..end);
+                s.content_events += 1;
+                s.token_events += 1;
+                match last {
+                    None => s.ttft_ns = Some(now - s.start_ns),
+                    Some(prev) => s.gaps_ns.push(now - prev),
+                }
+                last = Some(now);
+                if req.abort_after.is_some_and(|k| s.content_events >= k) {
+                    s.aborted = true;
+                    s.duration_ns = now - s.start_ns;
+                    return Ok(()); // dropping the body cancels the stream
+                }
+            }
+        }
+        if let Some(t) = body.trailers().await? {
+            s.grpc_status = status_of(&t).or(s.grpc_status);
+        }
+        s.duration_ns = monotonic_ns() - s.start_ns;
+        Ok(())
     }
 
     async fn exchange_inner(&self, req: &Req, s: &mut Sample) -> anyhow::Result<()> {

@@ -274,6 +274,11 @@ pub fn mock_llm_js() -> PathBuf {
     workspace_root().join("tests/fixtures/servers/mock_llm.js")
 }
 
+/// The gRPC server-streaming fixture (Python grpcio, in the venv `cargo xtask setup` makes).
+pub fn grpc_llm_py() -> PathBuf {
+    workspace_root().join("tests/fixtures/servers/grpc_llm.py")
+}
+
 /// The second stack: a Node.js `http` server with controlled delays ([`mock_llm_js`]).
 pub fn start_node(port: u16) -> Proc {
     start_node_with(port, &[])

@@ -279,7 +279,7 @@ fn main() -> Result<()> {
                         "on the syscall capture path",
                         tests::CAPTURE_ENV,
                         "syscalls",
-                        &["node", "attribution", "llama", "vllm", "tls", "h2"][..],
+                        &["node", "attribution", "llama", "vllm", "tls", "h2", "grpc"][..],
                     ),
                     (
                         "on the sock: path with --thread-states off",

@@ -19,6 +19,8 @@ const PY_PACKAGES: &[&str] = &[
     // tests/fixtures/deploy/check_deploy.py validates the Kubernetes manifests offline.
     "kubernetes-validate",
     "pyyaml",
+    // tests/fixtures/servers/grpc_llm.py: the gRPC server-streaming test service (a wheel).
+    "grpcio==1.85.3",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -201,13 +203,13 @@ pub fn venv() -> Result<PathBuf> {
         Command::new(&py)
             .args([
                 "-c",
-                "import llama_cpp.server, gguf, numpy, kubernetes_validate, yaml",
+                "import llama_cpp.server, gguf, numpy, kubernetes_validate, yaml, grpc",
             ])
             .output()
             .is_ok_and(|o| o.status.success())
     };
     if py.exists() && check() {
-        step("python venv with llama-cpp-python and kubernetes-validate: present");
+        step("python venv with llama-cpp-python, kubernetes-validate and grpcio: present");
         return Ok(py);
     }
     if !py.exists() {
