@@ -233,10 +233,13 @@ pub enum ParseErrorKind {
     /// HTTP/2 that cannot be followed: malformed frames, a header block that does not decode
     /// (HPACK out of step) or whose frame bytes were not captured. The connection is dropped.
     BadH2,
+    /// An HTTP/2 connection picked up mid-stream (opened before the probe attached): without its
+    /// HPACK state no header can be trusted, so it is not followed.
+    H2Midstream,
 }
 
 impl ParseErrorKind {
-    pub const ALL: [ParseErrorKind; 10] = [
+    pub const ALL: [ParseErrorKind; 11] = [
         Self::NotHttp,
         Self::BadRequest,
         Self::HeadTooLarge,
@@ -247,6 +250,7 @@ impl ParseErrorKind {
         Self::TruncatedCapture,
         Self::TlsUnreadable,
         Self::BadH2,
+        Self::H2Midstream,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -261,6 +265,7 @@ impl ParseErrorKind {
             Self::TruncatedCapture => "truncated_capture",
             Self::TlsUnreadable => "tls_unreadable",
             Self::BadH2 => "bad_h2",
+            Self::H2Midstream => "h2_midstream",
         }
     }
 }

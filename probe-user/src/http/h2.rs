@@ -75,6 +75,34 @@ pub(crate) fn is_server_preface(data: &[u8]) -> bool {
     h[3] == SETTINGS && h[4] == 0 && h[5..9] == [0; 4] && len.is_multiple_of(6) && len <= 16_384
 }
 
+/// Whether bytes seen first on a connection picked up mid-stream are HTTP/2 frames: frame heads
+/// of known types, within the default maximum frame size, on stream 0 exactly when their type
+/// says, back to back through `data` (the last frame may run past it).
+pub(crate) fn looks_like_frames(data: &[u8]) -> bool {
+    let mut at = 0usize;
+    let mut frames = 0;
+    while let Some(h) = data
+        .get(at..at + 9)
+        .and_then(|h| <&[u8; 9]>::try_from(h).ok())
+    {
+        let h = Head::parse(h);
+        // 2 PRIORITY, 6 PING, 7 GOAWAY, 8 WINDOW_UPDATE.
+        let ok = h.len <= 16_384
+            && match h.kind {
+                SETTINGS | 6 | 7 => h.stream == 0,
+                8 => true,
+                DATA | HEADERS | 2 | RST_STREAM | PUSH_PROMISE | CONTINUATION => h.stream != 0,
+                _ => false,
+            };
+        if !ok {
+            return false;
+        }
+        frames += 1;
+        at += 9 + h.len as usize;
+    }
+    frames > 0
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Head {
     len: u32,

@@ -39,6 +39,8 @@ impl Conn {
                         Egress::Syncing
                     } else if response::could_start_response(seg.data) {
                         Egress::Head { buf: Vec::new() }
+                    } else if !self.accepted && h2::looks_like_frames(seg.data) {
+                        return self.kill(id, ts, Some(ParseErrorKind::H2Midstream), obs);
                     } else if self.accepted || request::looks_not_http(seg.data) {
                         return self.kill(id, ts, Some(ParseErrorKind::NotHttp), obs);
                     } else {

@@ -43,6 +43,8 @@ impl Conn {
                         Ingress::Syncing
                     } else if request::could_start_request(seg.data) {
                         Ingress::Head(fresh_head(false))
+                    } else if !self.accepted && h2::looks_like_frames(seg.data) {
+                        return self.kill(id, ts, Some(ParseErrorKind::H2Midstream), obs);
                     } else if self.accepted || request::looks_not_http(seg.data) {
                         return self.kill(id, ts, Some(ParseErrorKind::NotHttp), obs);
                     } else {

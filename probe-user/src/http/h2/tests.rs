@@ -168,3 +168,23 @@ fn prefaces_are_recognised() {
     assert!(!is_server_preface(&frame(SETTINGS, 0, 0, &[0; 5])));
     assert!(!is_server_preface(b"HTTP/1.1 200 OK\r\n"));
 }
+
+#[test]
+fn frames_seen_mid_stream_are_recognised() {
+    let mut b = frame(HEADERS, END_HEADERS, 7, &[0x82, 0x84]);
+    b.extend(frame(DATA, END_STREAM, 7, b"{}"));
+    assert!(looks_like_frames(&b));
+    // The last frame cut by the end of the read.
+    assert!(looks_like_frames(&b[..b.len() - 1]));
+    assert!(looks_like_frames(&frame(8, 0, 0, &[0, 0, 1, 0])));
+    for not in [
+        &b"POST / HTTP/1.1\r\n"[..],
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc",
+        &frame(DATA, 0, 0, b"x"),
+        &frame(SETTINGS, 0, 1, &[]),
+        &frame(12, 0, 1, &[]),
+        b"\x00\x00",
+    ] {
+        assert!(!looks_like_frames(not), "{not:?}");
+    }
+}

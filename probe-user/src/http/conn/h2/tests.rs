@@ -335,3 +335,23 @@ fn grpc_messages_are_tokens_and_grpc_status_the_outcome() {
     );
     assert!(rec.errors.is_empty(), "{:?}", rec.errors);
 }
+
+#[test]
+fn a_connection_joined_mid_stream_is_counted_as_such() {
+    for egress in [false, true] {
+        let (mut t, mut rec) = (ConnTracker::new(), Rec::default());
+        let b = if egress {
+            frame(DATA, 0, 3, b"data: {}\n\n")
+        } else {
+            request(&mut Encoder::new(), 9, "/v1/chat/completions", "x", None)
+        };
+        if egress {
+            output(&mut t, &mut rec, 1, &b);
+        } else {
+            input(&mut t, &mut rec, 1, &b);
+        }
+        assert_eq!(rec.errors, vec![ParseErrorKind::H2Midstream]);
+        assert_eq!(rec.untracked, vec![C]);
+        assert!(rec.started.is_empty());
+    }
+}
