@@ -346,7 +346,12 @@ impl FrameReader {
                 end_stream,
             }),
             RST_STREAM => {
-                let code = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+                // Exactly 4 payload bytes (checked in `start`).
+                let code = self
+                    .buf
+                    .get(..4)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map_or(0, u32::from_be_bytes);
                 self.buf.clear();
                 f(Item::Reset {
                     stream: h.stream,

@@ -355,3 +355,25 @@ fn a_connection_joined_mid_stream_is_counted_as_such() {
         assert!(rec.started.is_empty());
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 2048,
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Any header block, however hostile, decodes or fails: never a panic, never an unbounded
+    /// value (the decoder is the one a connection keeps, so its table carries over).
+    #[test]
+    fn any_header_block_decodes_or_fails(blocks in proptest::collection::vec(
+        proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), 1..8)) {
+        let mut d = super::H2::new().rx_hpack;
+        for b in blocks {
+            if let Some(f) = super::decode(&mut d, &b) {
+                proptest::prop_assert!(f.content_type.len() <= 256);
+                proptest::prop_assert!(f.path.as_ref().is_none_or(|p| p.len() <= 256));
+                proptest::prop_assert!(f.request_id.as_ref().is_none_or(|r| r.len() <= 128));
+            }
+        }
+    }
+}
