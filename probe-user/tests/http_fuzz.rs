@@ -105,6 +105,35 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+fn apply(t: &mut ConnTracker, rec: &mut Rec, ids: &[ConnId], op: Op, ts: u64) {
+    match op {
+        Op::In(c, b, m) => t.on_ingress(ids[c], ts, b.len() as u64 + m, &b, rec),
+        Op::Out(c, b, m) => t.on_egress(ids[c], ts, b.len() as u64 + m, &b, rec),
+        Op::PeerClosed(c) => t.on_peer_closed(ids[c], ts, rec),
+        Op::IoError(c, e) => t.on_io_error(ids[c], ts, e, rec),
+        Op::Close(c) => t.on_close(ids[c], ts, rec),
+        Op::Accept(c) => t.on_accept(ids[c], ts, rec),
+        Op::Exit(tgid) => t.on_process_exit(tgid, ts, rec),
+    }
+}
+
+/// Closes every connection, then: nothing in flight, every timed request that started finished
+/// exactly once, and no record is inconsistent.
+fn all_finished(t: &mut ConnTracker, rec: &mut Rec, ids: &[ConnId]) -> Result<(), TestCaseError> {
+    for &id in ids {
+        t.on_close(id, u64::MAX, rec);
+    }
+    prop_assert_eq!(t.in_flight(), 0);
+    prop_assert_eq!(rec.finished.len(), rec.started);
+    for r in &rec.finished {
+        prop_assert!(r.meta.endpoint.is_some());
+        prop_assert!(r.content_events == 0 || r.first_token_ns.is_some());
+        prop_assert!(r.first_token_ns.is_none_or(|f| f >= r.arrival_ns));
+        prop_assert!(r.gaps_ns.len() as u64 <= r.content_events.saturating_sub(1));
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -114,30 +143,12 @@ proptest! {
         let mut rec = Rec::default();
         for (i, op) in ops.into_iter().enumerate() {
             let ts = i as u64 * 1000;
-            match op {
-                Op::In(c, b, m) => t.on_ingress(IDS[c], ts, b.len() as u64 + m, &b, &mut rec),
-                Op::Out(c, b, m) => t.on_egress(IDS[c], ts, b.len() as u64 + m, &b, &mut rec),
-                Op::PeerClosed(c) => t.on_peer_closed(IDS[c], ts, &mut rec),
-                Op::IoError(c, e) => t.on_io_error(IDS[c], ts, e, &mut rec),
-                Op::Close(c) => t.on_close(IDS[c], ts, &mut rec),
-                Op::Accept(c) => t.on_accept(IDS[c], ts, &mut rec),
-                Op::Exit(tgid) => t.on_process_exit(tgid, ts, &mut rec),
-            }
+            apply(&mut t, &mut rec, &IDS, op, ts);
             prop_assert!(t.in_flight() <= IDS.len() * MAX_PIPELINED);
             prop_assert!(t.open_connections() <= IDS.len());
             prop_assert!(rec.finished.len() <= rec.started);
         }
-        for id in IDS {
-            t.on_close(id, u64::MAX, &mut rec);
-        }
-        prop_assert_eq!(t.in_flight(), 0);
-        // Every timed request that started finished exactly once.
-        prop_assert_eq!(rec.finished.len(), rec.started);
-        for r in &rec.finished {
-            prop_assert!(r.meta.endpoint.is_some());
-            prop_assert!(r.content_events == 0 || r.first_token_ns.is_some());
-            prop_assert!(r.gaps_ns.len() as u64 <= r.content_events.saturating_sub(1));
-        }
+        all_finished(&mut t, &mut rec, &IDS)?;
     }
 }
 
@@ -359,15 +370,6 @@ fn fragments() -> Vec<Vec<u8>> {
     ]
 }
 
-#[derive(Debug, Clone)]
-enum H2Op {
-    In(usize, Vec<u8>, u64),
-    Out(usize, Vec<u8>, u64),
-    PeerClosed(usize),
-    Close(usize),
-    Accept(usize),
-}
-
 const H2_IDS: [ConnId; 2] = [ConnId { tgid: 1, fd: 3 }, ConnId { tgid: 1, fd: 4 }];
 
 fn h2_bytes() -> impl Strategy<Value = Vec<u8>> {
@@ -388,15 +390,15 @@ fn h2_bytes() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-fn h2_op() -> impl Strategy<Value = H2Op> {
+fn h2_op() -> impl Strategy<Value = Op> {
     let conn = 0..H2_IDS.len();
     let missing = prop_oneof![8 => Just(0u64), 1 => 1..5_000u64];
     prop_oneof![
-        8 => (conn.clone(), h2_bytes(), missing.clone()).prop_map(|(c, b, m)| H2Op::In(c, b, m)),
-        8 => (conn.clone(), h2_bytes(), missing).prop_map(|(c, b, m)| H2Op::Out(c, b, m)),
-        1 => conn.clone().prop_map(H2Op::PeerClosed),
-        1 => conn.clone().prop_map(H2Op::Close),
-        1 => conn.prop_map(H2Op::Accept),
+        8 => (conn.clone(), h2_bytes(), missing.clone()).prop_map(|(c, b, m)| Op::In(c, b, m)),
+        8 => (conn.clone(), h2_bytes(), missing).prop_map(|(c, b, m)| Op::Out(c, b, m)),
+        1 => conn.clone().prop_map(Op::PeerClosed),
+        1 => conn.clone().prop_map(Op::Close),
+        1 => conn.prop_map(Op::Accept),
     ]
 }
 
@@ -418,27 +420,11 @@ proptest! {
         }
         for (i, op) in ops.into_iter().enumerate() {
             let ts = 1 + i as u64 * 1000;
-            match op {
-                H2Op::In(c, b, m) => t.on_ingress(H2_IDS[c], ts, b.len() as u64 + m, &b, &mut rec),
-                H2Op::Out(c, b, m) => t.on_egress(H2_IDS[c], ts, b.len() as u64 + m, &b, &mut rec),
-                H2Op::PeerClosed(c) => t.on_peer_closed(H2_IDS[c], ts, &mut rec),
-                H2Op::Close(c) => t.on_close(H2_IDS[c], ts, &mut rec),
-                H2Op::Accept(c) => t.on_accept(H2_IDS[c], ts, &mut rec),
-            }
+            apply(&mut t, &mut rec, &H2_IDS, op, ts);
             prop_assert!(t.in_flight() <= H2_IDS.len() * MAX_H2_STREAMS);
             prop_assert!(rec.finished.len() <= rec.started);
         }
-        for id in H2_IDS {
-            t.on_close(id, u64::MAX, &mut rec);
-        }
-        prop_assert_eq!(t.in_flight(), 0);
-        prop_assert_eq!(rec.finished.len(), rec.started);
-        for r in &rec.finished {
-            prop_assert!(r.meta.endpoint.is_some());
-            prop_assert!(r.content_events == 0 || r.first_token_ns.is_some());
-            prop_assert!(r.first_token_ns.is_none_or(|f| f >= r.arrival_ns));
-            prop_assert!(r.gaps_ns.len() as u64 <= r.content_events.saturating_sub(1));
-        }
+        all_finished(&mut t, &mut rec, &H2_IDS)?;
     }
 
     #[test]
