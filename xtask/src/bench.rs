@@ -143,6 +143,51 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     (f.get(10).unwrap_or(&0.0) + f.get(11).unwrap_or(&0.0)) / hz.max(1.0)
 }
 
+/// One probe configuration's results over the rounds of a with/without comparison.
+#[derive(Clone, Default)]
+pub(crate) struct Probed {
+    pub rps: Vec<f64>,
+    pub p99: Vec<f64>,
+    /// The agent's CPU, % of one core, per round.
+    pub cpu: Vec<f64>,
+    pub cpu_secs: f64,
+    /// `metric` scraped from the agent at the end of each round, summed.
+    pub scraped: f64,
+}
+
+impl Probed {
+    /// One round: the agent started in `config`, `load` run against the server, the agent's CPU
+    /// and `metric` taken, the agent stopped. Appends ` | NAME rps p99` to `line`; returns the
+    /// load's result.
+    pub(crate) fn round(
+        &mut self,
+        (probe, port, config, name): (&Path, u16, &str, &str),
+        seconds: u64,
+        metric: &str,
+        line: &mut String,
+        load: impl FnOnce() -> Result<Value>,
+    ) -> Result<Value> {
+        let get = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+        let (p, listen) = start_probe_with(probe, port, config)?;
+        let cpu0 = cpu_seconds(p.0.id());
+        let w = load()?;
+        let used = cpu_seconds(p.0.id()) - cpu0;
+        self.cpu.push(used / seconds as f64 * 100.0);
+        self.cpu_secs += used;
+        self.scraped += scrape(listen, metric);
+        drop(p);
+        let _ = write!(
+            line,
+            " | {name} {:>7.0} req/s p99 {:>6.3} ms",
+            get(&w, "rps"),
+            get(&w, "p99_ms")
+        );
+        self.rps.push(get(&w, "rps"));
+        self.p99.push(get(&w, "p99_ms"));
+        Ok(w)
+    }
+}
+
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -161,9 +206,7 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
     let get = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     let _ = client(port, 8, 1)?; // warm-up
     let (mut base_rps, mut base_p99) = (vec![], vec![]);
-    let n = CAPTURE_PATHS.len();
-    let (mut rps, mut p99, mut cpu) = (vec![vec![]; n], vec![vec![]; n], vec![vec![]; n]);
-    let (mut events, mut cpu_secs) = (vec![0.0; n], vec![0.0; n]);
+    let mut probed = vec![Probed::default(); CAPTURE_PATHS.len()];
     for r in 0..rounds {
         let b = client(port, 8, seconds)?;
         let mut line = format!(
@@ -173,40 +216,28 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
         );
         base_rps.push(get(&b, "rps"));
         base_p99.push(get(&b, "p99_ms"));
-        for (i, path) in CAPTURE_PATHS.iter().enumerate() {
-            let (p, listen) = start_probe_with(probe, port, path)?;
-            let cpu0 = cpu_seconds(p.0.id());
-            let w = client(port, 8, seconds)?;
-            let used = cpu_seconds(p.0.id()) - cpu0;
-            cpu[i].push(used / seconds as f64 * 100.0);
-            cpu_secs[i] += used;
-            events[i] += scrape(listen, "llm_probe_events_total");
-            drop(p);
-            let _ = write!(
-                line,
-                " | {path} {:>7.0} req/s p99 {:>6.3} ms",
-                get(&w, "rps"),
-                get(&w, "p99_ms")
-            );
-            rps[i].push(get(&w, "rps"));
-            p99[i].push(get(&w, "p99_ms"));
+        for (s, path) in probed.iter_mut().zip(CAPTURE_PATHS) {
+            let run = (probe, port, path, path);
+            s.round(run, seconds, "llm_probe_events_total", &mut line, || {
+                client(port, 8, seconds)
+            })?;
         }
         println!("{line}");
     }
     let (br, bp) = (median(base_rps), median(base_p99));
     println!("overhead: median without llm-probe {br:.0} req/s p99 {bp:.3} ms");
-    for (i, path) in CAPTURE_PATHS.iter().enumerate() {
-        let (wr, wp) = (median(rps[i].clone()), median(p99[i].clone()));
+    for (s, path) in probed.iter().zip(CAPTURE_PATHS) {
+        let (wr, wp) = (median(s.rps.clone()), median(s.p99.clone()));
         println!(
             "overhead, {path}: {wr:.0} req/s = {:.1} % of baseline (goal >= 90 %), \
              p99 {wp:.3} ms = {:+.1} % (goal <= +15 %); {:.0} kernel events; agent {:.0} % of \
              one core (median) on this {}-core machine, {:.3} ms of CPU per 1,000 events",
             wr / br * 100.0,
             (wp / bp - 1.0) * 100.0,
-            events[i],
-            median(cpu[i].clone()),
+            s.scraped,
+            median(s.cpu.clone()),
             std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-            cpu_secs[i] / events[i].max(1.0) * 1e6,
+            s.cpu_secs / s.scraped.max(1.0) * 1e6,
         );
     }
     Ok(())

@@ -5,7 +5,6 @@
 //! untracked), and with everything (the default).
 
 use std::{
-    fmt::Write as _,
     path::Path,
     process::{Command, Stdio},
 };
@@ -14,7 +13,7 @@ use anyhow::{Context as _, Result};
 use serde_json::Value;
 
 use crate::{
-    bench::{client_with, cpu_seconds, median, scrape, start_probe_with, wait_port, Kill},
+    bench::{client_with, median, wait_port, Kill, Probed},
     root, step,
 };
 
@@ -63,10 +62,8 @@ pub fn tls_overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
     let tls = ["--tls"];
     let _ = client_with(port, 8, 1, &tls)?; // warm-up
     let (mut base_rps, mut base_p99) = (vec![], vec![]);
-    let n = CONFIGS.len();
-    let (mut rps, mut p99, mut cpu) = (vec![vec![]; n], vec![vec![]; n], vec![vec![]; n]);
-    let mut recorded = vec![0.0; n];
-    let mut sent = vec![0.0; n];
+    let mut probed = vec![Probed::default(); CONFIGS.len()];
+    let mut sent = vec![0.0; CONFIGS.len()];
     for r in 0..rounds {
         let b = client_with(port, 8, seconds, &tls)?;
         let mut line = format!(
@@ -77,36 +74,27 @@ pub fn tls_overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
         base_rps.push(get(&b, "rps"));
         base_p99.push(get(&b, "p99_ms"));
         for (i, (config, name)) in CONFIGS.iter().enumerate() {
-            let (p, listen) = start_probe_with(probe, port, config)?;
-            let cpu0 = cpu_seconds(p.0.id());
-            let w = client_with(port, 8, seconds, &tls)?;
-            cpu[i].push((cpu_seconds(p.0.id()) - cpu0) / seconds as f64 * 100.0);
-            recorded[i] += scrape(listen, "llm_requests_total");
+            let run = (probe, port, *config, *name);
+            let w = probed[i].round(run, seconds, "llm_requests_total", &mut line, || {
+                client_with(port, 8, seconds, &tls)
+            })?;
             sent[i] += get(&w, "requests");
-            drop(p);
-            let _ = write!(
-                line,
-                " | {name} {:>6.0} req/s p99 {:>6.3} ms",
-                get(&w, "rps"),
-                get(&w, "p99_ms")
-            );
-            rps[i].push(get(&w, "rps"));
-            p99[i].push(get(&w, "p99_ms"));
         }
         println!("{line}");
     }
     let (br, bp) = (median(base_rps), median(base_p99));
     println!("tls overhead: median without llm-probe {br:.0} req/s p99 {bp:.3} ms");
     for (i, (_, name)) in CONFIGS.iter().enumerate() {
-        let (wr, wp) = (median(rps[i].clone()), median(p99[i].clone()));
+        let s = &probed[i];
+        let (wr, wp) = (median(s.rps.clone()), median(s.p99.clone()));
         println!(
             "tls overhead, {name}: {wr:.0} req/s = {:.1} % of baseline, p99 {wp:.3} ms = {:+.1} %; \
              agent {:.0} % of one core (median); requests recorded {:.0} of {:.0} sent \
              (connections open before attach are picked up at their next request)",
             wr / br * 100.0,
             (wp / bp - 1.0) * 100.0,
-            median(cpu[i].clone()),
-            recorded[i],
+            median(s.cpu.clone()),
+            s.scraped,
             sent[i],
         );
     }
