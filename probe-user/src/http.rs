@@ -150,6 +150,9 @@ pub struct RequestMeta {
     pub priority: Option<i64>,
     /// `X-Request-Id` header, so an operator can find one slow request.
     pub request_id: Option<String>,
+    /// The request's number in the connection tracker: tells apart requests of one connection
+    /// that are in flight together (HTTP/2 streams) in the `Observer` calls.
+    pub seq: u64,
 }
 
 /// Longest model name or request id kept; longer values are cut at a char boundary.

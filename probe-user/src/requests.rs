@@ -173,9 +173,9 @@ pub struct RequestStats {
     pub ipc: attribution::IpcLog,
     /// The traced process trees' recent CUDA synchronize calls, for the engine stage's GPU wait.
     pub gpu: attribution::GpuLog,
-    /// The decode split of each streaming request so far, by connection (one response streams
-    /// at a time on a connection); taken at its end.
-    decode: FxHashMap<ConnId, Decode>,
+    /// The decode split of each streaming request so far, by connection and request (`seq`:
+    /// HTTP/2 streams one connection's responses together); taken at its end.
+    decode: FxHashMap<(ConnId, u64), Decode>,
     /// `llm_tbt_stage_seconds_total` for `engine` and `output`, looked up once (a gap is a hot
     /// path event: no label hashing per gap).
     tbt_stage: [TbtCounter; 2],
@@ -358,9 +358,9 @@ impl Observer for RequestStats {
         // One map lookup per gap; past the connection cap a gap is still split and counted.
         let mut spare = Decode::default();
         let d = if self.decode.len() < crate::http::conn::MAX_CONNS_TRACKED {
-            self.decode.entry(conn).or_default()
+            self.decode.entry((conn, meta.seq)).or_default()
         } else {
-            self.decode.get_mut(&conn).unwrap_or(&mut spare)
+            self.decode.get_mut(&(conn, meta.seq)).unwrap_or(&mut spare)
         };
         let split = d.add_gap(
             (&self.ipc, &self.gpu),
@@ -380,7 +380,7 @@ impl Observer for RequestStats {
     }
 
     fn request_finished(&mut self, r: RequestRecord) {
-        let decode = self.decode.remove(&r.conn);
+        let decode = self.decode.remove(&(r.conn, r.meta.seq));
         if r.first_token_ns.is_some() {
             self.streaming -= 1;
         } else {

@@ -137,7 +137,7 @@ impl Req {
     fn new(seq: u64, meta: RequestMeta, arrival_ns: u64, is_head: bool) -> Self {
         Self {
             seq,
-            meta,
+            meta: RequestMeta { seq, ..meta },
             arrival_ns,
             is_head,
             started: false,

@@ -252,3 +252,39 @@ fn allowlisted_models_only() {
     let got = labels_of(&registry);
     assert_eq!(got.into_iter().collect::<Vec<_>>(), ["llama", "other"]);
 }
+
+/// Two HTTP/2 streams of one connection stream together: each request's decode split holds its
+/// own gaps only, and the first to finish does not take the other's.
+#[test]
+fn concurrent_requests_of_one_connection_keep_their_own_decode() {
+    let mut registry = Registry::default();
+    let metrics = RequestMetrics::new(&mut registry);
+    let mut s = RequestStats::new(metrics, SharedRecent::default());
+    let conn = ConnId { tgid: 1, fd: 3 };
+    let (a, b) = (
+        RequestMeta {
+            seq: 1,
+            ..meta(Some("m"))
+        },
+        RequestMeta {
+            seq: 2,
+            ..meta(Some("m"))
+        },
+    );
+    for m in [&a, &b] {
+        s.request_started(conn, m, 1_000);
+        s.first_token(conn, m, 1_000);
+    }
+    for (now, m, gap) in [(3_000, &a, 1_000), (3_100, &b, 1_100), (3_500, &a, 500)] {
+        s.now_ns = now;
+        s.token_gap(conn, m, gap);
+    }
+    s.request_finished(record(a));
+    s.now_ns = 4_000;
+    s.token_gap(conn, &b, 900);
+    s.request_finished(record(b));
+    let recent = s.recent.lock().unwrap();
+    let engine =
+        |i: usize| serde_json::to_value(&recent.items[i]).unwrap()["decode_ns"]["engine"].clone();
+    assert_eq!((engine(0), engine(1)), (1_500.into(), 2_000.into()));
+}
