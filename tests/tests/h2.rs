@@ -87,8 +87,9 @@ fn node_h2(tls: bool) {
         let split = d["engine"].as_u64().unwrap_or(0) + d["output"].as_u64().unwrap_or(0);
         assert_eq!(split, gaps, "{r}");
         eprintln!(
-            "{}: probe TTFT {ttft:.3} ms, |probe - client| max {:.3} ms",
+            "{}: probe TTFT {ttft:.3} ms (client {:.3}), |probe - client| max {:.3} ms",
             s.request_id,
+            s.ttft_ns.unwrap_or(0) as f64 / 1e6,
             compare(s, r)
         );
     }
