@@ -387,17 +387,6 @@ impl Kernel {
         }
     }
 
-    /// A connection speaks TLS: on the `sock:` path the kernel stops copying its ciphertext
-    /// (`CONN_TLS`); elsewhere (syscall path, socket not yet seen) nothing changes.
-    pub fn mark_tls(&mut self, tgid: u32, fd: u32) {
-        let key = ConnKey { tgid, fd };
-        if let Ok(sk) = self.conns.get(&key, 0) {
-            if sk > CONN_TLS && sk & (CONN_IGNORED | CONN_TLS) == 0 {
-                let _ = self.conns.insert(key, sk | CONN_TLS, 0);
-            }
-        }
-    }
-
     pub fn counters(&self) -> KernelCounters {
         let sum = |i: u32| -> u64 {
             self.counters
