@@ -286,10 +286,6 @@ pub const SYSCALL_NAMES: [&str; 14] = [
 /// pointers are 8-aligned, so bit 0 is free).
 pub const CONN_SK_UNKNOWN: u64 = 0;
 pub const CONN_IGNORED: u64 = 1;
-/// Set by the agent on a TLS connection (`sock:` path): its reads are reported without payload
-/// (the agent needs only their time and thread to join the plaintext), its successful writes not
-/// at all; the plaintext comes from the OpenSSL probes.
-pub const CONN_TLS: u64 = 2;
 
 /// The x86-64 syscall ABI as the `sock:` capture path reads it from the task's saved user
 /// registers (`bpf_task_pt_regs`): offsets in `struct pt_regs` (arch/x86/include/asm/ptrace.h)

@@ -34,9 +34,9 @@ use aya_ebpf::{
 };
 use probe_common::{
     counter, regs, ConnKey, EventKind, PendingIo, ThreadClock, CONN_IGNORED, CONN_SK_UNKNOWN,
-    CONN_TLS, DIR_EGRESS, DIR_INGRESS, MAX_CONNS, MAX_PENDING, SYSCALL_OTHER, SYSCALL_READ,
-    SYSCALL_READV, SYSCALL_RECVFROM, SYSCALL_RECVMSG, SYSCALL_SENDMSG, SYSCALL_SENDTO,
-    SYSCALL_WRITE, SYSCALL_WRITEV,
+    DIR_EGRESS, DIR_INGRESS, MAX_CONNS, MAX_PENDING, SYSCALL_OTHER, SYSCALL_READ, SYSCALL_READV,
+    SYSCALL_RECVFROM, SYSCALL_RECVMSG, SYSCALL_SENDMSG, SYSCALL_SENDTO, SYSCALL_WRITE,
+    SYSCALL_WRITEV,
 };
 
 use crate::{
@@ -197,8 +197,6 @@ pub(crate) fn capture_via_slot(
 enum Admit {
     /// A server connection: capture it.
     Capture,
-    /// A TLS server connection (`CONN_TLS`): its time and size, not its ciphertext.
-    Cipher,
     /// A server connection the agent gave up on (not HTTP), or one the maps could not hold.
     Skip,
     /// Not a server connection: IPC or an outbound call, reported by size only.
@@ -215,7 +213,6 @@ fn admit(tgid: u32, tid: u32, fd: u32, sk: u64) -> Admit {
     match known {
         Some(v) if v == sk => return Admit::Capture,
         Some(v) if v == sk | CONN_IGNORED => return Admit::Skip,
-        Some(v) if v == sk | CONN_TLS => return Admit::Cipher,
         Some(CONN_SK_UNKNOWN) => {
             // Open before attach (seeded by the agent from /proc): learn its socket now.
             let _ = CONNS.insert(key, sk, 0);
@@ -268,9 +265,8 @@ pub fn sock_recv_data(ctx: RawTracePointContext) -> u32 {
         return 0;
     };
     let fd = r[2] as u32;
-    let cipher = match admit(tgid, tid, fd, sk) {
-        Admit::Capture => false,
-        Admit::Cipher => true,
+    match admit(tgid, tid, fd, sk) {
+        Admit::Capture => {}
         Admit::Skip => return 0,
         Admit::Other => {
             if ret > 0 {
@@ -280,11 +276,8 @@ pub fn sock_recv_data(ctx: RawTracePointContext) -> u32 {
             }
             return 0;
         }
-    };
-    let mut p = describe(&r, DIR_INGRESS, sk);
-    if cipher {
-        p.buf = 0;
     }
+    let mut p = describe(&r, DIR_INGRESS, sk);
     let mut arrival_ns = 0;
     // SAFETY: value copied out before the entry is removed.
     if let Some(t) = unsafe { ARRIVAL.get(sk) } {
@@ -349,11 +342,8 @@ pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
         return 0;
     };
     let fd = r[2] as u32;
-    let cipher = match admit(tgid, tid, fd, sk) {
-        Admit::Capture => false,
-        // Only a failed write of a TLS connection matters (the client went away).
-        Admit::Cipher if ret > 0 => return 0,
-        Admit::Cipher => true,
+    match admit(tgid, tid, fd, sk) {
+        Admit::Capture => {}
         Admit::Skip => return 0,
         Admit::Other => {
             if ret > 0 {
@@ -363,11 +353,8 @@ pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
             }
             return 0;
         }
-    };
-    let mut p = describe(&r, DIR_EGRESS, sk);
-    if cipher {
-        p.buf = 0;
     }
+    let mut p = describe(&r, DIR_EGRESS, sk);
     // Not TCP (no start stamp): the end of the call is the best time there is.
     let ts = match start {
         Some(s) => {

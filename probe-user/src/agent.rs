@@ -427,15 +427,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
 impl Agent {
     /// Connections the parser gave up on leave the kernel map; target changes are published.
     fn after_drain(&mut self) {
-        if !self.ingest.stats.untrack.is_empty() || !self.ingest.mark_tls.is_empty() {
+        if !self.ingest.stats.untrack.is_empty() {
             if let Ok(mut k) = self.kernel.lock() {
                 for c in self.ingest.stats.untrack.drain(..) {
                     k.untrack_conn(c.tgid, c.fd);
-                }
-                self.ingest.mark_tls.sort_unstable();
-                self.ingest.mark_tls.dedup();
-                for c in self.ingest.mark_tls.drain(..) {
-                    k.mark_tls(c.tgid, c.fd);
                 }
             }
         }

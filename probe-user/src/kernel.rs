@@ -13,7 +13,7 @@ use aya::{
     programs::{RawTracePoint, TracePoint},
     Ebpf, EbpfError,
 };
-use probe_common::{counter, tracepoint, ConnKey, CONN_IGNORED, CONN_SK_UNKNOWN, CONN_TLS};
+use probe_common::{counter, tracepoint, ConnKey, CONN_IGNORED, CONN_SK_UNKNOWN};
 
 use crate::metrics::probe::KernelCounters;
 
@@ -378,8 +378,8 @@ impl Kernel {
     pub fn untrack_conn(&mut self, tgid: u32, fd: u32) {
         let key = ConnKey { tgid, fd };
         match self.conns.get(&key, 0) {
-            Ok(sk) if sk > CONN_TLS => {
-                let _ = self.conns.insert(key, (sk & !CONN_TLS) | CONN_IGNORED, 0);
+            Ok(sk) if sk > CONN_IGNORED => {
+                let _ = self.conns.insert(key, sk | CONN_IGNORED, 0);
             }
             _ => {
                 let _ = self.conns.remove(&key);

@@ -30,8 +30,6 @@ pub struct Ingest {
     pub tls: TlsJoin,
     /// `tls.counts` as last exported.
     tls_exported: TlsCounts,
-    /// TLS connections whose ciphertext the kernel still copies: to be marked (`Kernel::mark_tls`).
-    pub mark_tls: Vec<ConnId>,
     /// Processes already warned about unreadable TLS (one log line each, not one per connection).
     tls_warned: std::collections::HashSet<u32>,
 }
@@ -45,7 +43,6 @@ impl Ingest {
             cuda: None,
             tls: TlsJoin::new(),
             tls_exported: TlsCounts::default(),
-            mark_tls: Vec::new(),
             tls_warned: std::collections::HashSet::new(),
         }
     }
@@ -100,10 +97,6 @@ impl Ingest {
                     let read = (!egress && ret > 0).then_some(payload);
                     let route = self.tls.on_socket(conn, header.tid, read, ts, readable);
                     if route != Route::Plain {
-                        // Ciphertext still copied: the kernel has not been told (or not yet).
-                        if route == Route::Cipher && !payload.is_empty() {
-                            self.mark_tls.push(conn);
-                        }
                         self.on_ciphertext(conn, route, ret, egress, ts);
                         return;
                     }

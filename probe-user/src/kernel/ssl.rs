@@ -21,7 +21,7 @@ use aya::{
     },
     Ebpf,
 };
-use probe_common::{ssl::SHAPES, ConnKey, CONN_IGNORED, CONN_TLS};
+use probe_common::ssl::SHAPES;
 
 use super::{cuda::entry_points, Kernel};
 use crate::cudalibs::{self, CudaLib};
@@ -66,17 +66,6 @@ pub struct SslAttach {
 }
 
 impl Kernel {
-    /// A connection speaks TLS: on the `sock:` path the kernel stops copying its ciphertext
-    /// (`CONN_TLS`); elsewhere (syscall path, socket not yet seen) nothing changes.
-    pub fn mark_tls(&mut self, tgid: u32, fd: u32) {
-        let key = ConnKey { tgid, fd };
-        if let Ok(sk) = self.conns.get(&key, 0) {
-            if sk > CONN_TLS && sk & (CONN_IGNORED | CONN_TLS) == 0 {
-                let _ = self.conns.insert(key, sk | CONN_TLS, 0);
-            }
-        }
-    }
-
     /// Never attach the OpenSSL probes (`--ssl-probes off`).
     pub fn disable_ssl(&mut self) {
         self.ssl = None;
