@@ -127,26 +127,29 @@ impl H2Conn {
     /// One request on its own stream. With `abort_after`, the stream is cancelled
     /// (`RST_STREAM` CANCEL) after that many content events.
     pub async fn exchange(&self, req: &Req) -> Sample {
-        let mut s = Sample {
-            request_id: req.request_id.clone(),
-            ..Sample::default()
-        };
-        match tokio::time::timeout(req.timeout, self.exchange_inner(req, &mut s)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => s.error = Some(format!("{e:#}")),
-            Err(_) => s.error = Some("timeout".into()),
-        }
-        s
+        self.call(req, false).await
     }
 
     /// A gRPC server-streaming call to method `req.path` with `req.body` as its one request
     /// message; `abort_after` cancels it after that many response messages.
     pub async fn grpc(&self, req: &Req) -> Sample {
+        self.call(req, true).await
+    }
+
+    /// Runs one call within `req.timeout`; errors and the timeout end up in the sample.
+    async fn call(&self, req: &Req, grpc: bool) -> Sample {
         let mut s = Sample {
             request_id: req.request_id.clone(),
             ..Sample::default()
         };
-        match tokio::time::timeout(req.timeout, self.grpc_inner(req, &mut s)).await {
+        let run = async {
+            if grpc {
+                self.grpc_inner(req, &mut s).await
+            } else {
+                self.exchange_inner(req, &mut s).await
+            }
+        };
+        match tokio::time::timeout(req.timeout, run).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => s.error = Some(format!("{e:#}")),
             Err(_) => s.error = Some("timeout".into()),
@@ -154,23 +157,38 @@ impl H2Conn {
         s
     }
 
-    async fn grpc_inner(&self, req: &Req, s: &mut Sample) -> anyhow::Result<()> {
+    /// Opens a stream for `req` (POST to its path, its request id) with `body` as the whole
+    /// request body; `s.start_ns` is taken just before it is sent.
+    async fn send(
+        &self,
+        req: &Req,
+        content_type: &str,
+        body: Bytes,
+        s: &mut Sample,
+    ) -> anyhow::Result<http::Response<h2::RecvStream>> {
         let scheme = if self.tls { "https" } else { "http" };
-        let request = http::Request::builder()
+        let mut request = http::Request::builder()
             .method("POST")
             .uri(format!("{scheme}://{}{}", self.authority, req.path))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header("x-request-id", &req.request_id)
-            .body(())?;
+            .header("content-type", content_type)
+            .header("x-request-id", &req.request_id);
+        if content_type == "application/grpc" {
+            request = request.header("te", "trailers");
+        }
         let mut send = self.send.clone().ready().await?;
         s.start_ns = monotonic_ns();
-        let (response, mut body_out) = send.send_request(request, false)?;
+        let (response, mut body_out) = send.send_request(request.body(())?, false)?;
+        body_out.send_data(body, true)?;
+        Ok(response.await?)
+    }
+
+    async fn grpc_inner(&self, req: &Req, s: &mut Sample) -> anyhow::Result<()> {
         let mut msg = vec![0u8];
         msg.extend_from_slice(&u32::try_from(req.body.len())?.to_be_bytes());
         msg.extend_from_slice(req.body.as_bytes());
-        body_out.send_data(Bytes::from(msg), true)?;
-        let response = response.await?;
+        let response = self
+            .send(req, "application/grpc", Bytes::from(msg), s)
+            .await?;
         s.status = response.status().as_u16();
         let status_of = |h: &http::HeaderMap| {
             h.get("grpc-status")
@@ -215,18 +233,8 @@ impl H2Conn {
     }
 
     async fn exchange_inner(&self, req: &Req, s: &mut Sample) -> anyhow::Result<()> {
-        let scheme = if self.tls { "https" } else { "http" };
-        let request = http::Request::builder()
-            .method("POST")
-            .uri(format!("{scheme}://{}{}", self.authority, req.path))
-            .header("content-type", "application/json")
-            .header("x-request-id", &req.request_id)
-            .body(())?;
-        let mut send = self.send.clone().ready().await?;
-        s.start_ns = monotonic_ns();
-        let (response, mut body_out) = send.send_request(request, false)?;
-        body_out.send_data(Bytes::from(req.body.clone()), true)?;
-        let response = response.await?;
+        let body = Bytes::from(req.body.clone());
+        let response = self.send(req, "application/json", body, s).await?;
         let (parts, mut body) = response.into_parts();
         let ctype = parts
             .headers

@@ -20,27 +20,7 @@ use crate::{
 const CONFIGS: [(&str, &str); 2] = [("sock-nossl", "no SSL probes"), ("sock", "SSL probes")];
 
 pub fn tls_overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("llm-probe-bench-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .context("running openssl (cargo xtask setup installs it)")?
-        .success();
-    anyhow::ensure!(ok, "openssl req failed");
+    let (cert, key) = tests::tls_client::self_signed_cert("bench");
     let port = tests::free_port();
     let _server = Kill(
         Command::new("node")
@@ -98,6 +78,8 @@ pub fn tls_overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
             sent[i],
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(dir) = cert.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     Ok(())
 }
