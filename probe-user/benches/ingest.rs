@@ -13,7 +13,7 @@ use probe_common::EventHeader;
 use probe_user::{
     agent::{Ingest, Targets},
     health::Health,
-    http::{ConnId, ConnTracker, ParseErrorKind, RequestMeta, RequestRecord},
+    http::{ConnId, ConnTracker, Gap, ParseErrorKind, RequestMeta, RequestRecord},
     metrics::{ProbeMetrics, RequestMetrics},
     record::{decode, encode_data, Event},
     requests::Recent,
@@ -69,7 +69,7 @@ struct Null;
 impl probe_user::http::Observer for Null {
     fn request_started(&mut self, _: ConnId, _: &RequestMeta, _: u64) {}
     fn first_token(&mut self, _: ConnId, _: &RequestMeta, _: u64) {}
-    fn token_gap(&mut self, _: ConnId, _: &RequestMeta, _: u64) {}
+    fn token_gap(&mut self, _: ConnId, _: &RequestMeta, _: Gap) {}
     fn request_finished(&mut self, r: RequestRecord) {
         black_box(r);
     }

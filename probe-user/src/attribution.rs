@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use crate::http::{Moment, RequestRecord, ThreadClock};
+use crate::http::{Gap, Moment, RequestRecord, ThreadClock};
 
 mod gpu;
 pub use gpu::{GpuLog, GpuWait};
@@ -152,42 +152,85 @@ impl IpcLog {
 /// gap, `output` from it to the write (a single-process server: all `engine`). Sums to the gaps.
 /// `gpu_sync`: the part of `engine` during which the serving process tree waited in CUDA
 /// synchronize calls (`gpu::GpuLog`), summed over the gaps that had a figure; `None` when none did.
+/// `threads`: the same gaps by the state of the thread that wrote both ends of each.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Decode {
     pub engine: u64,
     pub output: u64,
     pub gpu_sync: Option<u64>,
+    pub threads: DecodeThreads,
 }
 
-/// One gap's split: engine and output time, and the engine part's GPU wait when known.
+/// Decode gaps by the state of the thread that made both writes of a gap (as `split`), and
+/// `unknown` for the gaps without a split (two threads, or a clock not known at one end). The
+/// four add up to the gaps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DecodeThreads {
+    pub on_cpu: u64,
+    pub runnable: u64,
+    pub blocked: u64,
+    pub unknown: u64,
+}
+
+impl DecodeThreads {
+    /// The values in `STATES` order.
+    pub const fn values(&self) -> [u64; 4] {
+        [self.on_cpu, self.runnable, self.blocked, self.unknown]
+    }
+
+    /// A gap of `span` ns with its thread split, or without one (`unknown`).
+    fn of(span: u64, split: Option<StateSplit>) -> Self {
+        match split {
+            Some(s) => Self {
+                on_cpu: s.on_cpu,
+                runnable: s.runnable,
+                blocked: s.blocked,
+                unknown: 0,
+            },
+            None => Self {
+                unknown: span,
+                ..Self::default()
+            },
+        }
+    }
+
+    fn add(&mut self, o: &Self) {
+        self.on_cpu += o.on_cpu;
+        self.runnable += o.runnable;
+        self.blocked += o.blocked;
+        self.unknown += o.unknown;
+    }
+}
+
+/// One gap's split: engine and output time, the engine part's GPU wait when known, and the
+/// writing thread's states.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GapSplit {
     pub engine: u64,
     pub output: u64,
     pub gpu_sync: Option<u64>,
+    pub threads: DecodeThreads,
 }
 
 impl Decode {
-    /// Split the gap `[from, to]` of a request served by `tgid` and add it.
-    pub fn add_gap(
-        &mut self,
-        (ipc, gpu): (&IpcLog, &GpuLog),
-        tgid: u32,
-        from: u64,
-        to: u64,
-    ) -> GapSplit {
+    /// Split `gap` of a request served by `tgid` and add it.
+    pub fn add_gap(&mut self, (ipc, gpu): (&IpcLog, &GpuLog), tgid: u32, gap: &Gap) -> GapSplit {
+        let from = gap.from.ts_ns;
+        let to = gap.to.ts_ns.max(from);
         let back = ipc.last_recv_in(tgid, from, to).unwrap_or(to);
-        let split = GapSplit {
+        let g = GapSplit {
             engine: back - from,
             output: to - back,
             gpu_sync: gpu.wait_in(tgid, from, back).map(|w| w.sync_wait),
+            threads: DecodeThreads::of(to - from, split(&gap.from, &gap.to, to - from)),
         };
-        self.engine += split.engine;
-        self.output += split.output;
-        if let Some(w) = split.gpu_sync {
+        self.engine += g.engine;
+        self.output += g.output;
+        if let Some(w) = g.gpu_sync {
             self.gpu_sync = Some(self.gpu_sync.unwrap_or(0) + w);
         }
-        split
+        self.threads.add(&g.threads);
+        g
     }
 }
 
@@ -247,280 +290,4 @@ fn split(from: &Moment, to: &Moment, span: u64) -> Option<StateSplit> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::http::{ConnId, Outcome, RequestMeta};
-
-    fn clock(on: u64, run: u64, blk: u64) -> ThreadClock {
-        ThreadClock {
-            on_cpu_ns: on,
-            runnable_ns: run,
-            blocked_ns: blk,
-        }
-    }
-
-    fn record(arrival: u64, read: Moment, first: Option<Moment>) -> RequestRecord {
-        RequestRecord {
-            conn: ConnId { tgid: 1, fd: 3 },
-            meta: RequestMeta::default(),
-            status: Some(200),
-            outcome: Outcome::Ok,
-            arrival_ns: arrival,
-            first_token_ns: first.map(|m| m.ts_ns),
-            read,
-            first_token_at: first,
-            end_ns: 10_000,
-            content_events: 1,
-            token_events: 1,
-            gaps_ns: Vec::new(),
-            prompt_tokens: None,
-            completion_tokens: None,
-        }
-    }
-
-    fn at(ts: u64, tid: u32, c: ThreadClock) -> Moment {
-        Moment {
-            ts_ns: ts,
-            tid,
-            clock: c,
-        }
-    }
-
-    #[test]
-    fn stages_add_up_and_one_thread_is_split() {
-        // Arrived at 1,000, read at 1,400 (400 in the socket), first token at 2,400: the reading
-        // thread was on a CPU 300, runnable 200, blocked 500 in between.
-        let r = record(
-            1_000,
-            at(1_400, 7, clock(5_000, 100, 9_000)),
-            Some(at(2_400, 7, clock(5_300, 300, 9_500))),
-        );
-        let b = ttft(&r, &IpcLog::default(), &GpuLog::default()).expect("breakdown");
-        assert_eq!(
-            b.stages,
-            Stages {
-                socket_queue: 400,
-                engine: 1_000,
-                ..Stages::default()
-            }
-        );
-        assert_eq!(b.stages.total(), 1_400);
-        let t = b.threads.expect("split").server;
-        assert_eq!((t.on_cpu, t.runnable, t.blocked), (300, 200, 500));
-    }
-
-    #[test]
-    fn no_split_across_threads_unknown_clocks_or_a_restarted_clock() {
-        let other_thread = record(
-            0,
-            at(100, 7, clock(10, 0, 0)),
-            Some(at(200, 8, clock(110, 0, 0))),
-        );
-        assert_eq!(
-            ttft(&other_thread, &IpcLog::default(), &GpuLog::default())
-                .expect("stages")
-                .threads,
-            None
-        );
-        let unknown = record(
-            0,
-            at(100, 7, ThreadClock::default()),
-            Some(at(200, 7, clock(110, 0, 0))),
-        );
-        assert_eq!(
-            ttft(&unknown, &IpcLog::default(), &GpuLog::default())
-                .expect("stages")
-                .threads,
-            None
-        );
-        // Thread id reused: the new thread's clock is behind the old one's.
-        let restarted = record(
-            0,
-            at(100, 7, clock(1_000, 0, 0)),
-            Some(at(200, 7, clock(50, 50, 0))),
-        );
-        assert_eq!(
-            ttft(&restarted, &IpcLog::default(), &GpuLog::default())
-                .expect("stages")
-                .threads,
-            None
-        );
-        // Differences that do not add up to the stage are not a split either.
-        let gap = record(
-            0,
-            at(100, 7, clock(10, 0, 0)),
-            Some(at(200, 7, clock(60, 0, 0))),
-        );
-        assert_eq!(
-            ttft(&gap, &IpcLog::default(), &GpuLog::default())
-                .expect("stages")
-                .threads,
-            None
-        );
-    }
-
-    #[test]
-    fn unknown_read_or_no_first_token_gives_no_breakdown() {
-        assert_eq!(
-            ttft(
-                &record(0, Moment::default(), Some(at(5, 1, clock(1, 0, 0)))),
-                &IpcLog::default(),
-                &GpuLog::default()
-            ),
-            None
-        );
-        assert_eq!(
-            ttft(
-                &record(0, at(5, 1, clock(1, 0, 0)), None),
-                &IpcLog::default(),
-                &GpuLog::default()
-            ),
-            None
-        );
-    }
-
-    #[test]
-    fn out_of_order_clocks_still_sum_to_the_ttft() {
-        // A read dated before arrival (never expected) is clamped: the stages still add up.
-        let r = record(
-            1_000,
-            at(900, 7, clock(1, 0, 0)),
-            Some(at(1_500, 7, clock(601, 0, 0))),
-        );
-        let b = ttft(&r, &IpcLog::default(), &GpuLog::default()).expect("breakdown");
-        assert_eq!(
-            b.stages,
-            Stages {
-                socket_queue: 0,
-                engine: 500,
-                ..Stages::default()
-            }
-        );
-        assert_eq!(b.threads, None);
-    }
-
-    #[test]
-    fn ipc_splits_the_server_time_into_frontend_engine_and_output() {
-        // Read at 1,000; hand-off sent at 1,300; the engine's outputs came back at 1,700 and
-        // 2,100; the first token was written at 2,400. IPC of another process and IPC outside
-        // the window change nothing.
-        let mut ipc = IpcLog::default();
-        for (t, egress) in [(900, true), (1_300, true), (1_500, true), (1_200, false)] {
-            ipc.record(1, t, egress);
-        }
-        for t in [2_100, 1_700, 2_500] {
-            ipc.record(1, t, false); // out of order on purpose
-        }
-        ipc.record(2, 1_100, true);
-        let r = record(
-            1_000,
-            at(1_000, 7, clock(10, 0, 0)),
-            Some(at(2_400, 7, clock(410, 0, 1_000))),
-        );
-        let b = ttft(&r, &ipc, &GpuLog::default()).expect("breakdown");
-        assert!(b.handed_off);
-        assert_eq!(
-            b.stages,
-            Stages {
-                socket_queue: 0,
-                frontend: 300,
-                engine: 800,
-                output: 300
-            }
-        );
-        assert_eq!(b.stages.total(), 1_400);
-        assert_eq!(b.threads.expect("split").server.total(), 1_400);
-        // The GPU wait is taken over the engine stage only ([1_300, 2_100]), from the syncs of
-        // the engine process (5, a child of the front) as well as the front's own.
-        let mut gpu = GpuLog::default();
-        gpu.join(5, 1);
-        gpu.record(5, 1_000, 1_400);
-        gpu.record(1, 2_000, 2_300);
-        let w = ttft(&r, &ipc, &gpu).expect("breakdown").gpu;
-        assert_eq!(w.map(|w| (w.sync_wait, w.syncs)), Some((200, 2)));
-        // A return before the hand-off is not one: no split, all of it is engine.
-        let mut early = IpcLog::default();
-        early.record(1, 1_300, true);
-        early.record(1, 1_200, false);
-        let b = ttft(&r, &early, &GpuLog::default()).expect("breakdown");
-        assert!(!b.handed_off);
-        assert_eq!(
-            (b.stages.frontend, b.stages.engine, b.stages.output),
-            (0, 1_400, 0)
-        );
-        // A process that exited is forgotten.
-        ipc.forget(1);
-        assert!(
-            !ttft(&r, &ipc, &GpuLog::default())
-                .expect("breakdown")
-                .handed_off
-        );
-    }
-
-    #[test]
-    fn ipc_log_is_bounded() {
-        let mut ipc = IpcLog::default();
-        for t in 0..(IPC_KEPT as u64 + 10) {
-            ipc.record(1, t, true);
-        }
-        assert_eq!(ipc.procs[&1][1].len(), IPC_KEPT);
-        assert_eq!(ipc.procs[&1][1].front(), Some(&10));
-        for p in 0..(IPC_PROCESSES as u32 + 5) {
-            ipc.record(100 + p, 1, false);
-        }
-        assert_eq!(ipc.procs.len(), IPC_PROCESSES);
-    }
-
-    #[test]
-    fn decode_gaps_split_at_the_last_receive_inside_them() {
-        let mut ipc = IpcLog::default();
-        for t in [150, 180, 260] {
-            ipc.record(1, t, false);
-        }
-        let no_gpu = GpuLog::default();
-        let split = |engine, output| GapSplit {
-            engine,
-            output,
-            gpu_sync: None,
-        };
-        let mut d = Decode::default();
-        // Gap 100..200: the engine's answer arrived at 180 (the last inside), then 20 of output.
-        assert_eq!(d.add_gap((&ipc, &no_gpu), 1, 100, 200), split(80, 20));
-        // Gap 200..250: no receive inside: all engine. Another process's IPC does not count.
-        ipc.record(2, 220, false);
-        assert_eq!(d.add_gap((&ipc, &no_gpu), 1, 200, 250), split(50, 0));
-        assert_eq!(d.add_gap((&ipc, &no_gpu), 1, 250, 300), split(10, 40));
-        assert_eq!(
-            d,
-            Decode {
-                engine: 140,
-                output: 60,
-                gpu_sync: None
-            }
-        );
-    }
-
-    #[test]
-    fn decode_gaps_gpu_wait_is_taken_over_their_engine_part() {
-        let ipc = {
-            let mut l = IpcLog::default();
-            l.record(1, 180, false);
-            l
-        };
-        let mut gpu = GpuLog::default();
-        gpu.join(3, 1);
-        gpu.record(3, 120, 170); // inside the engine part of gap 100..200 (until 180)
-        gpu.record(3, 185, 195); // in its output part: not counted
-        let mut d = Decode::default();
-        assert_eq!(
-            d.add_gap((&ipc, &gpu), 1, 100, 200),
-            GapSplit {
-                engine: 80,
-                output: 20,
-                gpu_sync: Some(50)
-            }
-        );
-        assert_eq!(d.add_gap((&ipc, &gpu), 1, 200, 260).gpu_sync, Some(0));
-        assert_eq!(d.gpu_sync, Some(50));
-    }
-}
+mod tests;

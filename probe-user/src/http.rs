@@ -172,6 +172,20 @@ pub struct Moment {
     pub clock: ThreadClock,
 }
 
+/// The time between two successive content writes of a request: the two writes as moments
+/// (`to.ts_ns` ≥ `from.ts_ns`), so that the thread that made both can have its time split.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gap {
+    pub from: Moment,
+    pub to: Moment,
+}
+
+impl Gap {
+    pub const fn ns(&self) -> u64 {
+        self.to.ts_ns.saturating_sub(self.from.ts_ns)
+    }
+}
+
 /// One finished request, with the timings the probe measured. Timestamps are `CLOCK_MONOTONIC` ns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestRecord {
@@ -281,8 +295,8 @@ pub trait Observer {
     fn request_started(&mut self, conn: ConnId, meta: &RequestMeta, arrival_ns: u64);
     /// The first content event of a timed request was written.
     fn first_token(&mut self, conn: ConnId, meta: &RequestMeta, ttft_ns: u64);
-    /// A further content event was written, `gap_ns` after the previous one.
-    fn token_gap(&mut self, conn: ConnId, meta: &RequestMeta, gap_ns: u64);
+    /// A further content event was written, `gap.ns()` after the previous one.
+    fn token_gap(&mut self, conn: ConnId, meta: &RequestMeta, gap: Gap);
     /// A timed request ended (any outcome).
     fn request_finished(&mut self, record: RequestRecord);
     /// Input that could not be parsed; the connection resynchronises or stops being parsed.

@@ -13,10 +13,10 @@ use serde::Serialize;
 
 use crate::{
     attribution::{self, Decode, GpuWait, StageThreads, Stages},
-    http::{ConnId, Endpoint, Observer, ParseErrorKind, RequestMeta, RequestRecord},
+    http::{ConnId, Endpoint, Gap, Observer, ParseErrorKind, RequestMeta, RequestRecord},
     metrics::{
         ErrorLabels, KindLabels, ModelLabels, ReqLabels, RequestMetrics, StageLabels,
-        StageOnlyLabels, StageStateLabels, StatusLabels,
+        StageOnlyLabels, StageStateLabels, StateLabels, StatusLabels,
     },
 };
 
@@ -179,6 +179,8 @@ pub struct RequestStats {
     /// `llm_tbt_stage_seconds_total` for `engine` and `output`, looked up once (a gap is a hot
     /// path event: no label hashing per gap).
     tbt_stage: [TbtCounter; 2],
+    /// `llm_tbt_thread_seconds_total` per `attribution::STATES`, looked up once as well.
+    tbt_thread: [TbtCounter; 4],
 }
 
 type TbtCounter = prometheus_client::metrics::counter::Counter<f64, std::sync::atomic::AtomicU64>;
@@ -189,6 +191,12 @@ impl RequestStats {
             metrics
                 .tbt_stage
                 .get_or_create(&StageOnlyLabels { stage })
+                .clone()
+        });
+        let tbt_thread = attribution::STATES.map(|state| {
+            metrics
+                .tbt_thread
+                .get_or_create(&StateLabels { state })
                 .clone()
         });
         Self {
@@ -207,6 +215,7 @@ impl RequestStats {
             gpu: attribution::GpuLog::default(),
             decode: FxHashMap::default(),
             tbt_stage,
+            tbt_thread,
         }
     }
 
@@ -349,10 +358,10 @@ impl Observer for RequestStats {
         self.metrics.batch_size.set(self.streaming);
     }
 
-    fn token_gap(&mut self, conn: ConnId, meta: &RequestMeta, gap_ns: u64) {
+    fn token_gap(&mut self, conn: ConnId, meta: &RequestMeta, gap: Gap) {
         let i = self.entry(meta, true);
         if let Some(ep) = meta.endpoint {
-            self.handles(i, ep).tbt.observe(gap_ns as f64 / 1e9);
+            self.handles(i, ep).tbt.observe(gap.ns() as f64 / 1e9);
         }
         let now = self.now_ns;
         // One map lookup per gap; past the connection cap a gap is still split and counted.
@@ -362,13 +371,10 @@ impl Observer for RequestStats {
         } else {
             self.decode.get_mut(&(conn, meta.seq)).unwrap_or(&mut spare)
         };
-        let split = d.add_gap(
-            (&self.ipc, &self.gpu),
-            conn.tgid,
-            now.saturating_sub(gap_ns),
-            now,
-        );
-        for (counter, ns) in self.tbt_stage.iter().zip([split.engine, split.output]) {
+        let split = d.add_gap((&self.ipc, &self.gpu), conn.tgid, &gap);
+        let by_stage = self.tbt_stage.iter().zip([split.engine, split.output]);
+        let by_state = self.tbt_thread.iter().zip(split.threads.values());
+        for (counter, ns) in by_stage.chain(by_state) {
             if ns > 0 {
                 counter.inc_by(ns as f64 / 1e9);
             }

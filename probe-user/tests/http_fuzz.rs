@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use loona_hpack::Encoder;
 use probe_user::http::{
     conn::{h2::MAX_H2_STREAMS, MAX_PIPELINED},
-    ConnId, ConnTracker, Observer, ParseErrorKind, RequestMeta, RequestRecord,
+    ConnId, ConnTracker, Gap, Observer, ParseErrorKind, RequestMeta, RequestRecord,
 };
 use proptest::prelude::*;
 
@@ -29,7 +29,7 @@ impl Observer for Rec {
         assert!(meta.endpoint.is_some());
         self.first_tokens += 1;
     }
-    fn token_gap(&mut self, _: ConnId, meta: &RequestMeta, _: u64) {
+    fn token_gap(&mut self, _: ConnId, meta: &RequestMeta, _: Gap) {
         assert!(meta.endpoint.is_some());
     }
     fn request_finished(&mut self, record: RequestRecord) {

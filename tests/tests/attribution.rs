@@ -81,13 +81,23 @@ fn breakdown(rec: &Value) -> (u64, u64, (u64, u64, u64)) {
     (q, e, split)
 }
 
-/// The stand-in's `timing` line for `id` as (`key`, ns) pairs.
+/// The stand-in's `timing` line for `id` as (`key`, ns) pairs. The stand-in prints it before
+/// the response ends, but the test's reader thread of its output may not have read it yet when
+/// the probe's record is in: wait for it a little.
 fn server_line(served: &NodeUnderProbe, id: &str) -> Vec<(String, u64)> {
-    let log = served.node.log_text();
-    let line = log
-        .lines()
-        .find(|l| l.starts_with(&format!("timing {id} ")))
-        .unwrap_or_else(|| panic!("no timing line for {id} in:\n{log}"));
+    let prefix = format!("timing {id} ");
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let line = loop {
+        let log = served.node.log_text();
+        if let Some(l) = log.lines().find(|l| l.starts_with(&prefix)) {
+            break l.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no timing line for {id} in:\n{log}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
     line.split_whitespace()
         .filter_map(|w| w.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.parse().expect("ns")))
@@ -384,8 +394,11 @@ fn ttft_stages_match_what_the_stand_in_did() {
     assert!(rec["threads_ns"]["server"].is_object(), "{rec}");
 
     // Decode through the worker: each of 3 gaps is 30 ms in the worker, then 10 ms of the
-    // front's CPU. The probe splits each gap at the front's receive of the answer.
-    let extra = json!({"worker_ms": 30, "output_burn_ms": 10, "worker_gaps": true});
+    // front's CPU. The probe splits each gap at the front's receive of the answer, and by the
+    // state of the loop thread, which made every write.
+    let steal0 = steal_ticks();
+    let extra = json!({"worker_ms": 30, "output_burn_ms": 10, "worker_gaps": true,
+                       "report_sched": true});
     run_one(&served.addr, chat_req("decode", "m", true, 4, &extra));
     let recs = records(&served.probe, next(1));
     let rec = by_id(&recs, "decode");
@@ -411,6 +424,7 @@ fn ttft_stages_match_what_the_stand_in_did() {
         (30_000_000..=45_000_000).contains(&dout),
         "3 x 10 ms of output work: {rec}"
     );
+    decode_threads_match_the_loops_schedstat(&served, rec, gaps, steal0);
 
     // Overlapping hand-offs: the boundaries are the nearest IPC times (docs/attribution.md), so a
     // request's engine stage can only grow past the worker's own time, never shrink below it.
@@ -432,6 +446,51 @@ fn ttft_stages_match_what_the_stand_in_did() {
             "w{i}: the engine stage holds the worker's 60 ms: {rec}"
         );
     }
+}
+
+/// The decode gaps' thread split of `rec` (request `decode`) against the loop thread's schedstat
+/// read by the stand-in just after its first and its last content write: each state within
+/// max(1 ms, 5 % of the gaps), + the steal since `steal0` for on-CPU and blocked (see `solo`).
+fn decode_threads_match_the_loops_schedstat(
+    served: &NodeUnderProbe,
+    rec: &Value,
+    gaps: u64,
+    steal0: u64,
+) {
+    let steal = (steal_ticks() - steal0) as f64 * 10.0;
+    let th = &rec["decode_ns"]["threads"];
+    let [on, run, blk, unknown] = ["on_cpu", "runnable", "blocked", "unknown"].map(|k| ns(&th[k]));
+    assert_eq!(
+        on + run + blk + unknown,
+        gaps,
+        "the states add up to the gaps: {rec}"
+    );
+    assert_eq!(unknown, 0, "one thread made every write: {rec}");
+    let t: std::collections::HashMap<String, u64> =
+        server_line(served, "decode/decode").into_iter().collect();
+    let w = t["last_ns"] - t["first_ns"];
+    let (w_on, w_run) = (
+        t["last_on_ns"] - t["first_on_ns"],
+        t["last_run_ns"] - t["first_run_ns"],
+    );
+    let w_blk = w.saturating_sub(w_on + w_run);
+    eprintln!(
+        "decode threads: on {on} run {run} blocked {blk} over {gaps}; the loop's schedstat \
+         {w_on} / {w_run} / {w_blk} over {w} (steal {steal} ms)"
+    );
+    assert!(
+        close(gaps, w, 0.0),
+        "the gaps vs the stand-in's clock {w}: {rec}"
+    );
+    assert!(
+        state_close(on, w_on, gaps, steal)
+            && state_close(run, w_run, gaps, 0.0)
+            && state_close(blk, w_blk, gaps, steal),
+        "decode split vs the loop's schedstat on {w_on} run {w_run} blocked {w_blk} \
+         (steal {steal} ms): {rec}"
+    );
+    // 3 x 30 ms waiting for the worker: blocked; 3 x 10 ms of CPU: on a CPU.
+    assert!(blk >= 85_000_000 && on >= 29_000_000, "{rec}");
 }
 
 /// `llm-probe explain ARGS` against the probe of `served`.

@@ -119,7 +119,8 @@ struct Req {
     /// See `RequestRecord::read` and `first_token_at`.
     read: Moment,
     first_token_at: Option<Moment>,
-    last_content_ns: u64,
+    /// The last content write so far (the start of the next gap).
+    last_content: Moment,
     content_events: u64,
     /// Events that stand for a generated token, with or without text (`Classified::token`).
     token_events: u64,
@@ -145,7 +146,7 @@ impl Req {
             first_token_ns: None,
             read: Moment::default(),
             first_token_at: None,
-            last_content_ns: 0,
+            last_content: Moment::default(),
             content_events: 0,
             token_events: 0,
             gaps_ns: Vec::new(),

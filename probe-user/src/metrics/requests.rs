@@ -13,8 +13,8 @@ use prometheus_client::{
 
 use super::{
     ErrorLabels, F64Gauge, HistFamily, KindLabels, ModelLabels, ReqLabels, StageLabels,
-    StageOnlyLabels, StageStateLabels, StatusLabels, WhatLabels, DURATION_BUCKETS, TBT_BUCKETS,
-    TTFT_BUCKETS,
+    StageOnlyLabels, StageStateLabels, StateLabels, StatusLabels, WhatLabels, DURATION_BUCKETS,
+    TBT_BUCKETS, TTFT_BUCKETS,
 };
 
 fn ttft() -> Histogram {
@@ -41,6 +41,8 @@ pub struct RequestMetrics {
     pub tbt_stage: Family<StageOnlyLabels, Counter<f64, AtomicU64>>,
     /// Seconds of the gaps' engine part spent waiting in CUDA synchronize calls.
     pub tbt_gpu_wait: Counter<f64, AtomicU64>,
+    /// Seconds between tokens by the state of the thread that wrote both ends of each gap.
+    pub tbt_thread: Family<StateLabels, Counter<f64, AtomicU64>>,
     pub tbt: HistFamily<ReqLabels>,
     pub duration: HistFamily<StatusLabels>,
     pub requests: Family<StatusLabels, Counter>,
@@ -68,6 +70,7 @@ impl RequestMetrics {
             ttft_gpu_wait: Family::new_with_constructor(ttft),
             tbt_stage: Family::default(),
             tbt_gpu_wait: Counter::default(),
+            tbt_thread: Family::default(),
             tbt: Family::new_with_constructor(tbt),
             duration: Family::new_with_constructor(duration),
             requests: Family::default(),
@@ -131,6 +134,16 @@ impl RequestMetrics {
              synchronize calls; counted only with the CUDA probes live",
             m.tbt_gpu_wait.clone(),
         );
+        registry.register(
+            "llm_tbt_thread_seconds",
+            "Seconds between content events by the scheduler state of the thread that wrote both \
+             events of each gap: on_cpu, runnable (waiting for a CPU), blocked, or unknown (two \
+             threads, or a clock not known yet); adds up to the llm_tbt_seconds sums",
+            m.tbt_thread.clone(),
+        );
+        for state in crate::attribution::STATES {
+            let _ = m.tbt_thread.get_or_create(&StateLabels { state });
+        }
         registry.register(
             "llm_tbt_seconds",
             "Time between tokens: gap between successive content events of a streamed response",

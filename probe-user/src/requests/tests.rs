@@ -1,7 +1,19 @@
 use prometheus_client::registry::Registry;
 
 use super::*;
-use crate::http::{Moment, Outcome, ThreadClock};
+use crate::http::{Gap, Moment, Outcome, ThreadClock};
+
+/// A gap of `ns` ending at `to`, its thread not known.
+fn gap(to: u64, ns: u64) -> Gap {
+    let at = |ts_ns| Moment {
+        ts_ns,
+        ..Moment::default()
+    };
+    Gap {
+        from: at(to - ns),
+        to: at(to),
+    }
+}
 
 fn meta(model: Option<&str>) -> RequestMeta {
     RequestMeta {
@@ -58,7 +70,7 @@ fn model_labels_are_capped_and_gauges_balance() {
         let m = meta(Some(&format!("model-{i}")));
         s.request_started(conn, &m, 1_000);
         s.first_token(conn, &m, 1_000);
-        s.token_gap(conn, &m, 1_000);
+        s.token_gap(conn, &m, gap(1_000, 1_000));
         s.request_finished(record(m));
     }
     let m = meta(None);
@@ -120,10 +132,25 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
     s.gpu.record(1, 1_300, 1_500);
     s.gpu.record(1, 2_100, 2_500);
     s.gpu.record(1, 2_750, 2_800);
+    // The first gap's writes were both made by thread 5: 200 on a CPU, 100 runnable, 700
+    // blocked; the second's first write has no known thread.
+    let on5 = |ts_ns, on, run, blk| Moment {
+        ts_ns,
+        tid: 5,
+        clock: ThreadClock {
+            on_cpu_ns: on,
+            runnable_ns: run,
+            blocked_ns: blk,
+        },
+    };
+    let first_gap = Gap {
+        from: on5(2_000, 1_000, 0, 0),
+        to: on5(3_000, 1_200, 100, 700),
+    };
     s.now_ns = 3_000;
-    s.token_gap(conn, &m, 1_000);
+    s.token_gap(conn, &m, first_gap);
     s.now_ns = 3_400;
-    s.token_gap(conn, &m, 400);
+    s.token_gap(conn, &m, gap(3_400, 400));
     s.request_finished(record(m.clone()));
     // A second request whose first token was written by another thread: no split.
     s.request_started(conn, &m, 1_000);
@@ -145,7 +172,8 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
     );
     assert_eq!(
         v["decode_ns"],
-        serde_json::json!({"engine": 1_100, "output": 300, "gpu_sync": 400})
+        serde_json::json!({"engine": 1_100, "output": 300, "gpu_sync": 400, "threads":
+            {"on_cpu": 200, "runnable": 100, "blocked": 700, "unknown": 400}})
     );
     assert_eq!(
         v["gpu_ns"],
@@ -171,6 +199,8 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
         "llm_ttft_stage_thread_seconds_total{stage=\"server\",state=\"unknown\"} 8e-7",
         "llm_tbt_stage_seconds_total{stage=\"engine\"} 0.0000011",
         "llm_tbt_stage_seconds_total{stage=\"output\"} 3e-7",
+        "llm_tbt_thread_seconds_total{state=\"blocked\"} 7e-7",
+        "llm_tbt_thread_seconds_total{state=\"unknown\"} 4e-7",
     ] {
         assert!(text.contains(line), "{line} in\n{text}");
     }
@@ -277,11 +307,11 @@ fn concurrent_requests_of_one_connection_keep_their_own_decode() {
     }
     for (now, m, gap) in [(3_000, &a, 1_000), (3_100, &b, 1_100), (3_500, &a, 500)] {
         s.now_ns = now;
-        s.token_gap(conn, m, gap);
+        s.token_gap(conn, m, self::gap(now, gap));
     }
     s.request_finished(record(a));
     s.now_ns = 4_000;
-    s.token_gap(conn, &b, 900);
+    s.token_gap(conn, &b, gap(4_000, 900));
     s.request_finished(record(b));
     let recent = s.recent.lock().unwrap();
     let engine =

@@ -4,7 +4,7 @@
 use super::{Ingress, Req};
 use crate::http::{
     classify::{Classified, EventSink},
-    sniff, ConnId, Moment, Observer, Outcome, ParseErrorKind, RequestRecord, MAX_GAPS_KEPT,
+    sniff, ConnId, Gap, Moment, Observer, Outcome, ParseErrorKind, RequestRecord, MAX_GAPS_KEPT,
 };
 
 /// Fills in a request's body fields if that has not happened yet (its response began, or it ended,
@@ -81,23 +81,34 @@ impl<O: Observer> EventSink for ReqSink<'_, O> {
             return;
         }
         r.content_events += 1;
+        // The write as a moment; without one (the response ended by a close), time only.
+        let at = self.io.map_or(
+            Moment {
+                ts_ns: ts,
+                ..Moment::default()
+            },
+            |io| Moment { ts_ns: ts, ..io },
+        );
         if r.first_token_ns.is_none() {
             r.first_token_ns = Some(ts);
-            r.first_token_at = self.io.map(|io| Moment { ts_ns: ts, ..io });
+            r.first_token_at = self.io.is_some().then_some(at);
             if r.timed() {
                 self.obs
                     .first_token(self.id, &r.meta, ts.saturating_sub(r.arrival_ns));
             }
         } else {
-            let gap = ts.saturating_sub(r.last_content_ns);
+            let gap = Gap {
+                from: r.last_content,
+                to: at,
+            };
             if !r.gaps_dropped && r.gaps_ns.len() < MAX_GAPS_KEPT {
-                r.gaps_ns.push(gap);
+                r.gaps_ns.push(gap.ns());
             }
             if r.timed() {
                 self.obs.token_gap(self.id, &r.meta, gap);
             }
         }
-        r.last_content_ns = ts;
+        r.last_content = at;
     }
 
     fn stream_error(&mut self) {

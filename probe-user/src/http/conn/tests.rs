@@ -4,13 +4,15 @@
 use std::fmt::Write as _;
 
 use super::*;
-use crate::http::{Endpoint, RequestRecord};
+use crate::http::{Endpoint, Gap, RequestRecord};
 
 #[derive(Default, Debug)]
 pub(super) struct Rec {
     pub(super) started: Vec<(RequestMeta, u64)>,
     pub(super) ttfts: Vec<u64>,
     pub(super) gaps: Vec<u64>,
+    /// The two writes of each gap.
+    pub(super) gap_ends: Vec<Gap>,
     pub(super) finished: Vec<RequestRecord>,
     pub(super) errors: Vec<ParseErrorKind>,
     pub(super) untracked: Vec<ConnId>,
@@ -23,8 +25,9 @@ impl Observer for Rec {
     fn first_token(&mut self, _: ConnId, _: &RequestMeta, ttft_ns: u64) {
         self.ttfts.push(ttft_ns);
     }
-    fn token_gap(&mut self, _: ConnId, _: &RequestMeta, gap_ns: u64) {
-        self.gaps.push(gap_ns);
+    fn token_gap(&mut self, _: ConnId, _: &RequestMeta, gap: Gap) {
+        self.gaps.push(gap.ns());
+        self.gap_ends.push(gap);
     }
     fn request_finished(&mut self, record: RequestRecord) {
         self.finished.push(record);
@@ -478,8 +481,8 @@ impl Observer for Budget {
     fn first_token(&mut self, c: ConnId, meta: &RequestMeta, ttft_ns: u64) {
         self.rec.first_token(c, meta, ttft_ns);
     }
-    fn token_gap(&mut self, c: ConnId, meta: &RequestMeta, gap_ns: u64) {
-        self.rec.token_gap(c, meta, gap_ns);
+    fn token_gap(&mut self, c: ConnId, meta: &RequestMeta, gap: Gap) {
+        self.rec.token_gap(c, meta, gap);
     }
     fn request_finished(&mut self, record: RequestRecord) {
         self.rec.request_finished(record);

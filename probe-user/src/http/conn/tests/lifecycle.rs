@@ -422,12 +422,27 @@ fn read_and_first_token_moments_reach_the_record() {
     t.on_egress(C, 20, 40, &resp[..40], &mut rec);
     t.set_io(at(30, 16));
     t.on_egress(C, 30, (cut - 40) as u64, &resp[40..cut], &mut rec);
+    // The second content event, written at 35: a gap whose ends are both moments of thread 9.
+    let cut2 = completing_byte(&resp, "lo") + 1;
+    t.set_io(at(35, 19));
+    t.on_egress(C, 35, (cut2 - cut) as u64, &resp[cut..cut2], &mut rec);
     // A call without `set_io` has no thread: the moment set before is not reused.
-    t.on_egress(C, 40, (resp.len() - cut) as u64, &resp[cut..], &mut rec);
+    t.on_egress(C, 40, (resp.len() - cut2) as u64, &resp[cut2..], &mut rec);
     let r = rec.only();
     assert_eq!(
         (r.arrival_ns, r.read, r.first_token_ns),
         (10, at(15, 1), Some(30))
     );
     assert_eq!(r.first_token_at, Some(at(30, 16)));
+    let no_thread = Moment {
+        ts_ns: 40,
+        ..Moment::default()
+    };
+    assert_eq!(
+        rec.gap_ends
+            .iter()
+            .map(|g| (g.from, g.to))
+            .collect::<Vec<_>>(),
+        [(at(30, 16), at(35, 19)), (at(35, 19), no_thread)]
+    );
 }

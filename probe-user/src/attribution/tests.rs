@@ -1,0 +1,338 @@
+use super::*;
+use crate::http::{ConnId, Outcome, RequestMeta};
+
+fn clock(on: u64, run: u64, blk: u64) -> ThreadClock {
+    ThreadClock {
+        on_cpu_ns: on,
+        runnable_ns: run,
+        blocked_ns: blk,
+    }
+}
+
+fn record(arrival: u64, read: Moment, first: Option<Moment>) -> RequestRecord {
+    RequestRecord {
+        conn: ConnId { tgid: 1, fd: 3 },
+        meta: RequestMeta::default(),
+        status: Some(200),
+        outcome: Outcome::Ok,
+        arrival_ns: arrival,
+        first_token_ns: first.map(|m| m.ts_ns),
+        read,
+        first_token_at: first,
+        end_ns: 10_000,
+        content_events: 1,
+        token_events: 1,
+        gaps_ns: Vec::new(),
+        prompt_tokens: None,
+        completion_tokens: None,
+    }
+}
+
+fn at(ts: u64, tid: u32, c: ThreadClock) -> Moment {
+    Moment {
+        ts_ns: ts,
+        tid,
+        clock: c,
+    }
+}
+
+#[test]
+fn stages_add_up_and_one_thread_is_split() {
+    // Arrived at 1,000, read at 1,400 (400 in the socket), first token at 2,400: the reading
+    // thread was on a CPU 300, runnable 200, blocked 500 in between.
+    let r = record(
+        1_000,
+        at(1_400, 7, clock(5_000, 100, 9_000)),
+        Some(at(2_400, 7, clock(5_300, 300, 9_500))),
+    );
+    let b = ttft(&r, &IpcLog::default(), &GpuLog::default()).expect("breakdown");
+    assert_eq!(
+        b.stages,
+        Stages {
+            socket_queue: 400,
+            engine: 1_000,
+            ..Stages::default()
+        }
+    );
+    assert_eq!(b.stages.total(), 1_400);
+    let t = b.threads.expect("split").server;
+    assert_eq!((t.on_cpu, t.runnable, t.blocked), (300, 200, 500));
+}
+
+#[test]
+fn no_split_across_threads_unknown_clocks_or_a_restarted_clock() {
+    let other_thread = record(
+        0,
+        at(100, 7, clock(10, 0, 0)),
+        Some(at(200, 8, clock(110, 0, 0))),
+    );
+    assert_eq!(
+        ttft(&other_thread, &IpcLog::default(), &GpuLog::default())
+            .expect("stages")
+            .threads,
+        None
+    );
+    let unknown = record(
+        0,
+        at(100, 7, ThreadClock::default()),
+        Some(at(200, 7, clock(110, 0, 0))),
+    );
+    assert_eq!(
+        ttft(&unknown, &IpcLog::default(), &GpuLog::default())
+            .expect("stages")
+            .threads,
+        None
+    );
+    // Thread id reused: the new thread's clock is behind the old one's.
+    let restarted = record(
+        0,
+        at(100, 7, clock(1_000, 0, 0)),
+        Some(at(200, 7, clock(50, 50, 0))),
+    );
+    assert_eq!(
+        ttft(&restarted, &IpcLog::default(), &GpuLog::default())
+            .expect("stages")
+            .threads,
+        None
+    );
+    // Differences that do not add up to the stage are not a split either.
+    let gap = record(
+        0,
+        at(100, 7, clock(10, 0, 0)),
+        Some(at(200, 7, clock(60, 0, 0))),
+    );
+    assert_eq!(
+        ttft(&gap, &IpcLog::default(), &GpuLog::default())
+            .expect("stages")
+            .threads,
+        None
+    );
+}
+
+#[test]
+fn unknown_read_or_no_first_token_gives_no_breakdown() {
+    assert_eq!(
+        ttft(
+            &record(0, Moment::default(), Some(at(5, 1, clock(1, 0, 0)))),
+            &IpcLog::default(),
+            &GpuLog::default()
+        ),
+        None
+    );
+    assert_eq!(
+        ttft(
+            &record(0, at(5, 1, clock(1, 0, 0)), None),
+            &IpcLog::default(),
+            &GpuLog::default()
+        ),
+        None
+    );
+}
+
+#[test]
+fn out_of_order_clocks_still_sum_to_the_ttft() {
+    // A read dated before arrival (never expected) is clamped: the stages still add up.
+    let r = record(
+        1_000,
+        at(900, 7, clock(1, 0, 0)),
+        Some(at(1_500, 7, clock(601, 0, 0))),
+    );
+    let b = ttft(&r, &IpcLog::default(), &GpuLog::default()).expect("breakdown");
+    assert_eq!(
+        b.stages,
+        Stages {
+            socket_queue: 0,
+            engine: 500,
+            ..Stages::default()
+        }
+    );
+    assert_eq!(b.threads, None);
+}
+
+#[test]
+fn ipc_splits_the_server_time_into_frontend_engine_and_output() {
+    // Read at 1,000; hand-off sent at 1,300; the engine's outputs came back at 1,700 and
+    // 2,100; the first token was written at 2,400. IPC of another process and IPC outside
+    // the window change nothing.
+    let mut ipc = IpcLog::default();
+    for (t, egress) in [(900, true), (1_300, true), (1_500, true), (1_200, false)] {
+        ipc.record(1, t, egress);
+    }
+    for t in [2_100, 1_700, 2_500] {
+        ipc.record(1, t, false); // out of order on purpose
+    }
+    ipc.record(2, 1_100, true);
+    let r = record(
+        1_000,
+        at(1_000, 7, clock(10, 0, 0)),
+        Some(at(2_400, 7, clock(410, 0, 1_000))),
+    );
+    let b = ttft(&r, &ipc, &GpuLog::default()).expect("breakdown");
+    assert!(b.handed_off);
+    assert_eq!(
+        b.stages,
+        Stages {
+            socket_queue: 0,
+            frontend: 300,
+            engine: 800,
+            output: 300
+        }
+    );
+    assert_eq!(b.stages.total(), 1_400);
+    assert_eq!(b.threads.expect("split").server.total(), 1_400);
+    // The GPU wait is taken over the engine stage only ([1_300, 2_100]), from the syncs of
+    // the engine process (5, a child of the front) as well as the front's own.
+    let mut gpu = GpuLog::default();
+    gpu.join(5, 1);
+    gpu.record(5, 1_000, 1_400);
+    gpu.record(1, 2_000, 2_300);
+    let w = ttft(&r, &ipc, &gpu).expect("breakdown").gpu;
+    assert_eq!(w.map(|w| (w.sync_wait, w.syncs)), Some((200, 2)));
+    // A return before the hand-off is not one: no split, all of it is engine.
+    let mut early = IpcLog::default();
+    early.record(1, 1_300, true);
+    early.record(1, 1_200, false);
+    let b = ttft(&r, &early, &GpuLog::default()).expect("breakdown");
+    assert!(!b.handed_off);
+    assert_eq!(
+        (b.stages.frontend, b.stages.engine, b.stages.output),
+        (0, 1_400, 0)
+    );
+    // A process that exited is forgotten.
+    ipc.forget(1);
+    assert!(
+        !ttft(&r, &ipc, &GpuLog::default())
+            .expect("breakdown")
+            .handed_off
+    );
+}
+
+#[test]
+fn ipc_log_is_bounded() {
+    let mut ipc = IpcLog::default();
+    for t in 0..(IPC_KEPT as u64 + 10) {
+        ipc.record(1, t, true);
+    }
+    assert_eq!(ipc.procs[&1][1].len(), IPC_KEPT);
+    assert_eq!(ipc.procs[&1][1].front(), Some(&10));
+    for p in 0..(IPC_PROCESSES as u32 + 5) {
+        ipc.record(100 + p, 1, false);
+    }
+    assert_eq!(ipc.procs.len(), IPC_PROCESSES);
+}
+
+/// A gap between writes at `from` and `to` whose thread is not known.
+fn gap(from: u64, to: u64) -> Gap {
+    Gap {
+        from: at(from, 0, ThreadClock::default()),
+        to: at(to, 0, ThreadClock::default()),
+    }
+}
+
+#[test]
+fn decode_gaps_split_at_the_last_receive_inside_them() {
+    let mut ipc = IpcLog::default();
+    for t in [150, 180, 260] {
+        ipc.record(1, t, false);
+    }
+    let no_gpu = GpuLog::default();
+    let split = |engine, output| GapSplit {
+        engine,
+        output,
+        gpu_sync: None,
+        threads: DecodeThreads {
+            unknown: engine + output,
+            ..DecodeThreads::default()
+        },
+    };
+    let mut d = Decode::default();
+    // Gap 100..200: the engine's answer arrived at 180 (the last inside), then 20 of output.
+    assert_eq!(d.add_gap((&ipc, &no_gpu), 1, &gap(100, 200)), split(80, 20));
+    // Gap 200..250: no receive inside: all engine. Another process's IPC does not count.
+    ipc.record(2, 220, false);
+    assert_eq!(d.add_gap((&ipc, &no_gpu), 1, &gap(200, 250)), split(50, 0));
+    assert_eq!(d.add_gap((&ipc, &no_gpu), 1, &gap(250, 300)), split(10, 40));
+    assert_eq!(
+        d,
+        Decode {
+            engine: 140,
+            output: 60,
+            gpu_sync: None,
+            threads: DecodeThreads {
+                unknown: 200,
+                ..DecodeThreads::default()
+            }
+        }
+    );
+}
+
+#[test]
+fn decode_gaps_are_split_by_the_writing_threads_states() {
+    let (ipc, gpu) = (IpcLog::default(), GpuLog::default());
+    let mut d = Decode::default();
+    // Thread 7 wrote both ends: 100 ns of its gap on a CPU, 50 runnable, 850 blocked.
+    let one = Gap {
+        from: at(1_000, 7, clock(500, 10, 2_000)),
+        to: at(2_000, 7, clock(600, 60, 2_850)),
+    };
+    let g = d.add_gap((&ipc, &gpu), 1, &one);
+    assert_eq!(
+        g.threads,
+        DecodeThreads {
+            on_cpu: 100,
+            runnable: 50,
+            blocked: 850,
+            unknown: 0
+        }
+    );
+    // The next gap's write came from another thread: unknown, and the sum still holds.
+    let other = Gap {
+        from: one.to,
+        to: at(2_400, 8, clock(50, 0, 0)),
+    };
+    assert_eq!(d.add_gap((&ipc, &gpu), 1, &other).threads.unknown, 400);
+    // A clock that went backwards (a reused thread id) is no split either.
+    let restarted = Gap {
+        from: at(2_400, 8, clock(5_000, 0, 0)),
+        to: at(2_500, 8, clock(10, 90, 0)),
+    };
+    assert_eq!(d.add_gap((&ipc, &gpu), 1, &restarted).threads.unknown, 100);
+    assert_eq!(
+        d.threads,
+        DecodeThreads {
+            on_cpu: 100,
+            runnable: 50,
+            blocked: 850,
+            unknown: 500
+        }
+    );
+    assert_eq!(d.threads.values().iter().sum::<u64>(), d.engine + d.output);
+}
+
+#[test]
+fn decode_gaps_gpu_wait_is_taken_over_their_engine_part() {
+    let ipc = {
+        let mut l = IpcLog::default();
+        l.record(1, 180, false);
+        l
+    };
+    let mut gpu = GpuLog::default();
+    gpu.join(3, 1);
+    gpu.record(3, 120, 170); // inside the engine part of gap 100..200 (until 180)
+    gpu.record(3, 185, 195); // in its output part: not counted
+    let mut d = Decode::default();
+    assert_eq!(
+        d.add_gap((&ipc, &gpu), 1, &gap(100, 200)),
+        GapSplit {
+            engine: 80,
+            output: 20,
+            gpu_sync: Some(50),
+            threads: DecodeThreads {
+                unknown: 100,
+                ..DecodeThreads::default()
+            }
+        }
+    );
+    assert_eq!(d.add_gap((&ipc, &gpu), 1, &gap(200, 260)).gpu_sync, Some(0));
+    assert_eq!(d.gpu_sync, Some(50));
+}
