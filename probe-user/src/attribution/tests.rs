@@ -61,52 +61,34 @@ fn stages_add_up_and_one_thread_is_split() {
 
 #[test]
 fn no_split_across_threads_unknown_clocks_or_a_restarted_clock() {
-    let other_thread = record(
-        0,
-        at(100, 7, clock(10, 0, 0)),
-        Some(at(200, 8, clock(110, 0, 0))),
-    );
-    assert_eq!(
-        ttft(&other_thread, &IpcLog::default(), &GpuLog::default())
-            .expect("stages")
-            .threads,
-        None
-    );
-    let unknown = record(
-        0,
-        at(100, 7, ThreadClock::default()),
-        Some(at(200, 7, clock(110, 0, 0))),
-    );
-    assert_eq!(
-        ttft(&unknown, &IpcLog::default(), &GpuLog::default())
-            .expect("stages")
-            .threads,
-        None
-    );
-    // Thread id reused: the new thread's clock is behind the old one's.
-    let restarted = record(
-        0,
-        at(100, 7, clock(1_000, 0, 0)),
-        Some(at(200, 7, clock(50, 50, 0))),
-    );
-    assert_eq!(
-        ttft(&restarted, &IpcLog::default(), &GpuLog::default())
-            .expect("stages")
-            .threads,
-        None
-    );
-    // Differences that do not add up to the stage are not a split either.
-    let gap = record(
-        0,
-        at(100, 7, clock(10, 0, 0)),
-        Some(at(200, 7, clock(60, 0, 0))),
-    );
-    assert_eq!(
-        ttft(&gap, &IpcLog::default(), &GpuLog::default())
-            .expect("stages")
-            .threads,
-        None
-    );
+    for (why, read, first) in [
+        (
+            "another thread",
+            at(100, 7, clock(10, 0, 0)),
+            at(200, 8, clock(110, 0, 0)),
+        ),
+        (
+            "a clock not known",
+            at(100, 7, ThreadClock::default()),
+            at(200, 7, clock(110, 0, 0)),
+        ),
+        // Thread id reused: the new thread's clock is behind the old one's.
+        (
+            "a restarted clock",
+            at(100, 7, clock(1_000, 0, 0)),
+            at(200, 7, clock(50, 50, 0)),
+        ),
+        // Differences that do not add up to the stage are not a split either.
+        (
+            "a short sum",
+            at(100, 7, clock(10, 0, 0)),
+            at(200, 7, clock(60, 0, 0)),
+        ),
+    ] {
+        let r = record(0, read, Some(first));
+        let b = ttft(&r, &IpcLog::default(), &GpuLog::default()).expect("stages");
+        assert_eq!(b.threads, None, "{why}");
+    }
 }
 
 #[test]

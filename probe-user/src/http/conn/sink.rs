@@ -82,13 +82,10 @@ impl<O: Observer> EventSink for ReqSink<'_, O> {
         }
         r.content_events += 1;
         // The write as a moment; without one (the response ended by a close), time only.
-        let at = self.io.map_or(
-            Moment {
-                ts_ns: ts,
-                ..Moment::default()
-            },
-            |io| Moment { ts_ns: ts, ..io },
-        );
+        let at = Moment {
+            ts_ns: ts,
+            ..self.io.unwrap_or_default()
+        };
         if r.first_token_ns.is_none() {
             r.first_token_ns = Some(ts);
             r.first_token_at = self.io.is_some().then_some(at);
