@@ -120,7 +120,7 @@ pub struct DataEvent {
     /// records.
     pub ssl: u64,
 }
-const _: () = assert!(size_of::<DataEvent>() == 88);
+const _: () = assert!(size_of::<DataEvent>() == 96);
 
 /// A thread's scheduler totals at one moment: `ThreadTime`'s counters with the interval it is in
 /// added up to that moment. All zero when the thread is not known (thread states not attached,
@@ -132,8 +132,12 @@ pub struct ThreadClock {
     pub on_cpu_ns: u64,
     pub runnable_ns: u64,
     pub blocked_ns: u64,
+    /// `ThreadTime::repairs` then: a split between two clocks whose counts differ would be wrong
+    /// (a scheduler event of the thread was not seen in between), and is not made.
+    pub repairs: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<ThreadClock>() == 24);
+const _: () = assert!(size_of::<ThreadClock>() == 32);
 
 impl ThreadClock {
     pub const fn is_known(&self) -> bool {
@@ -161,8 +165,11 @@ pub struct IpcEvent {
     pub dir: u32,
     /// Bytes moved (> 0).
     pub len: u32,
+    /// The calling thread's scheduler clock at `header.ts_ns` (all zero: unknown): when the thread
+    /// that serves a request also makes its hand-off and return, each stage gets its own split.
+    pub thread: ThreadClock,
 }
-const _: () = assert!(size_of::<IpcEvent>() == 32);
+const _: () = assert!(size_of::<IpcEvent>() == 64);
 
 /// Fork (child tgid in `other`) and exit (`other` = exit code) of a traced process.
 #[repr(C)]
@@ -204,7 +211,7 @@ pub struct PendingIo {
     /// The thread's clock at the time the record is dated by (egress: entry; ingress: the read).
     pub thread: ThreadClock,
 }
-const _: () = assert!(size_of::<PendingIo>() == 64);
+const _: () = assert!(size_of::<PendingIo>() == 72);
 
 /// Scheduler time of one thread of a traced process (`THREADS` map, task address → this), kept
 /// by the `sched_switch` / `sched_wakeup` programs: where the thread has been since it was first
@@ -216,7 +223,10 @@ pub struct ThreadTime {
     pub tid: u32,
     /// `THREAD_*`.
     pub state: u32,
-    pub _pad: u32,
+    /// Times this entry was found in a state the thread could not be in (`counter::THREAD_REPAIRS`
+    /// counts them for all threads): a switch-in or wake-up was not seen, and the time since the
+    /// entry's last change stayed in the state it named.
+    pub repairs: u32,
     /// `bpf_ktime_get_ns()` when the thread entered `state`.
     pub since_ns: u64,
     pub on_cpu_ns: u64,
@@ -231,7 +241,7 @@ pub struct ThreadTime {
     pub send_start_ns: u64,
     pub send_clock: ThreadClock,
 }
-const _: () = assert!(size_of::<ThreadTime>() == 80);
+const _: () = assert!(size_of::<ThreadTime>() == 88);
 
 /// Values of `ThreadTime::state`.
 pub const THREAD_ON_CPU: u32 = 0;

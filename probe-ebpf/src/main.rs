@@ -28,8 +28,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use probe_common::{
-    counter, ConnEvent, ConnKey, EventHeader, EventKind, PendingIo, MAX_CAPTURE, MAX_CONNS,
-    MAX_PENDING, MAX_TARGETS, RING_BYTES, WAKEUP_BYTES,
+    counter, ConnEvent, ConnKey, EventHeader, EventKind, PendingIo, ThreadClock, MAX_CAPTURE,
+    MAX_CONNS, MAX_PENDING, MAX_TARGETS, RING_BYTES, WAKEUP_BYTES,
 };
 
 /// Processes being traced (tgid → 1). Seeded by the agent, extended by `sched.rs` on fork.
@@ -139,7 +139,7 @@ fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
 
 /// I/O of a traced process on a socket that is not one of its server's connections.
 #[inline(always)]
-fn emit_ipc(tgid: u32, tid: u32, ts_ns: u64, dir: u32, len: u32) {
+fn emit_ipc(tgid: u32, tid: u32, ts_ns: u64, dir: u32, len: u32, thread: ThreadClock) {
     emit(&probe_common::IpcEvent {
         header: EventHeader {
             kind: EventKind::Ipc as u32,
@@ -150,6 +150,7 @@ fn emit_ipc(tgid: u32, tid: u32, ts_ns: u64, dir: u32, len: u32) {
         },
         dir,
         len,
+        thread,
     });
 }
 

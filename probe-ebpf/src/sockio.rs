@@ -14,8 +14,9 @@
 //!   call ends, so the end is too late (the syscall path stamps at entry for the same reason).
 //!
 //! Other sockets of a traced process (IPC to the engine's other processes, outbound calls) are
-//! reported by time, direction and size only (`IpcEvent`): the hand-off points that split a
-//! request's time between the front end and the engine (docs/attribution.md).
+//! reported by time, direction, size and the calling thread's clock, never the bytes
+//! (`IpcEvent`): the hand-off points that split a request's time between the front end and the
+//! engine (docs/attribution.md).
 //!
 //! Connections: no accept or close syscall is seen. A socket that became ESTABLISHED on a port a
 //! traced server listens on (`arrival::SERVER_SOCKS`) is admitted on its first read or write
@@ -272,7 +273,8 @@ pub fn sock_recv_data(ctx: RawTracePointContext) -> u32 {
             if ret > 0 {
                 // SAFETY: plain helper call.
                 let now = unsafe { bpf_ktime_get_ns() };
-                emit_ipc(tgid, tid, now, DIR_INGRESS, ret as u32);
+                let thread = threads::clock(tgid, tid, now);
+                emit_ipc(tgid, tid, now, DIR_INGRESS, ret as u32, thread);
             }
             return 0;
         }
@@ -347,9 +349,17 @@ pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
         Admit::Skip => return 0,
         Admit::Other => {
             if ret > 0 {
-                // SAFETY: plain helper call.
-                let ts = start.map_or_else(|| unsafe { bpf_ktime_get_ns() }, |s| s.ts_ns);
-                emit_ipc(tgid, tid, ts, DIR_EGRESS, ret as u32);
+                // Dated like a client write: by the TCP send's start when there is one, else
+                // (a unix socket: vLLM's ZMQ) by the end of the call.
+                let s = start.unwrap_or_else(|| {
+                    // SAFETY: plain helper call.
+                    let now = unsafe { bpf_ktime_get_ns() };
+                    SendStart {
+                        ts_ns: now,
+                        thread: threads::clock(tgid, tid, now),
+                    }
+                });
+                emit_ipc(tgid, tid, s.ts_ns, DIR_EGRESS, ret as u32, s.thread);
             }
             return 0;
         }

@@ -124,7 +124,7 @@ fn clock_of(t: &mut ThreadTime, now: u64) -> ThreadClock {
     match t.state {
         THREAD_ON_CPU => {}
         THREAD_RUNNABLE | THREAD_BLOCKED => {
-            bump(counter::THREAD_REPAIRS);
+            repaired(t);
             enter(t, THREAD_ON_CPU, now);
         }
         _ => return ThreadClock::default(),
@@ -133,7 +133,17 @@ fn clock_of(t: &mut ThreadTime, now: u64) -> ThreadClock {
         on_cpu_ns: t.on_cpu_ns + now.saturating_sub(t.since_ns),
         runnable_ns: t.runnable_ns,
         blocked_ns: t.blocked_ns,
+        repairs: t.repairs,
+        _pad: 0,
     }
+}
+
+/// `t` was found in a state its thread could not be in: counted for all threads and in the
+/// entry, whose clocks on either side of it are then not split (the agent compares the counts).
+#[inline(always)]
+fn repaired(t: &mut ThreadTime) {
+    bump(counter::THREAD_REPAIRS);
+    t.repairs = t.repairs.wrapping_add(1);
 }
 
 /// `TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
@@ -160,7 +170,13 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
                     (*t).tgid == tgid && (*t).tid == tid && (*t).state != THREAD_EXITED
                 } =>
             {
-                enter(unsafe { &mut *t }, next, now);
+                // SAFETY: as above.
+                let t = unsafe { &mut *t };
+                if t.state != THREAD_ON_CPU {
+                    // Leaving a CPU it was not known to be on: its last switch-in was not seen.
+                    repaired(t);
+                }
+                enter(t, next, now);
             }
             // New, or a reused task address whose old entry the agent has not pruned yet.
             _ => {
@@ -183,7 +199,7 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
         let t = unsafe { &mut *t };
         if t.state == THREAD_ON_CPU {
             // Already on a CPU: its last switch-out was not seen.
-            bump(counter::THREAD_REPAIRS);
+            repaired(t);
         }
         enter(t, THREAD_ON_CPU, now);
     }

@@ -20,14 +20,16 @@
 //! The serving thread's states: when one thread read the request and wrote its first content
 //! event (asyncio, Node, llama.cpp's HTTP thread), the differences of that thread's kernel clock
 //! (`ThreadClock`) between the two moments are its on-CPU, runnable (run-queue delay) and blocked
-//! time over `frontend` + `engine` + `output` together ("server"), adding up exactly.
+//! time over `frontend` + `engine` + `output` together ("server"), adding up exactly. Each of
+//! the three stages is split the same way when the same thread also made the IPC send and
+//! receive that bound it (Node's IPC; not vLLM, whose ZMQ I/O thread does its socket I/O).
 
 use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use crate::http::{Gap, Moment, RequestRecord, ThreadClock};
+use crate::http::{Gap, Moment, RequestRecord};
 
 mod gpu;
 pub use gpu::{GpuLog, GpuWait};
@@ -83,10 +85,16 @@ impl StateSplit {
     }
 }
 
-/// The spans that have a thread split: `server` (= `frontend` + `engine` + `output`).
+/// The serving thread's split of `server` (= `frontend` + `engine` + `output`), and of each of
+/// the three where the thread's clock is known at both of its ends (`None`: another thread made
+/// the hand-off or the return). A request without a hand-off has `frontend` and `output` of 0
+/// and `engine` split like `server`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct StageThreads {
     pub server: StateSplit,
+    pub frontend: Option<StateSplit>,
+    pub engine: Option<StateSplit>,
+    pub output: Option<StateSplit>,
 }
 
 /// A request's TTFT breakdown.
@@ -105,15 +113,17 @@ pub const IPC_KEPT: usize = 4096;
 /// Processes whose IPC times are kept; IPC of further ones is not (their requests get no split).
 pub const IPC_PROCESSES: usize = 256;
 
-/// Recent IPC times (the kernel's `Ipc` records) per traced process, in time order, bounded.
+/// Recent IPC moments (the kernel's `Ipc` records: time, thread, its clock) per traced process,
+/// in time order, bounded: 40 bytes each, at most 2 × 4,096 × 256 of them (84 MB; a process
+/// takes what it has used).
 #[derive(Debug, Default)]
 pub struct IpcLog {
-    procs: FxHashMap<u32, [VecDeque<u64>; 2]>,
+    procs: FxHashMap<u32, [VecDeque<Moment>; 2]>,
 }
 
 impl IpcLog {
-    /// One IPC send (`egress`) or receive of process `tgid` at `ts_ns`.
-    pub fn record(&mut self, tgid: u32, ts_ns: u64, egress: bool) {
+    /// One IPC send (`egress`) or receive of process `tgid` at `at`.
+    pub fn record(&mut self, tgid: u32, at: Moment, egress: bool) {
         if self.procs.len() >= IPC_PROCESSES && !self.procs.contains_key(&tgid) {
             return;
         }
@@ -122,8 +132,11 @@ impl IpcLog {
             q.pop_front();
         }
         // Records reach the agent nearly in time order (per-CPU producers): insert from the back.
-        let at = q.iter().rposition(|&t| t <= ts_ns).map_or(0, |i| i + 1);
-        q.insert(at, ts_ns);
+        let i = q
+            .iter()
+            .rposition(|m| m.ts_ns <= at.ts_ns)
+            .map_or(0, |i| i + 1);
+        q.insert(i, at);
     }
 
     /// The process exited: its times go.
@@ -132,18 +145,21 @@ impl IpcLog {
     }
 
     /// (first send in `[from, to]`, then the last receive in `[that send, to]`).
-    fn hand_off(&self, tgid: u32, from: u64, to: u64) -> Option<(u64, u64)> {
+    fn hand_off(&self, tgid: u32, from: u64, to: u64) -> Option<(Moment, Moment)> {
         let [_, sends] = self.procs.get(&tgid)?;
-        let i = sends.partition_point(|&t| t < from);
-        let sent = *sends.get(i).filter(|&&t| t <= to)?;
-        Some((sent, self.last_recv_in(tgid, sent, to)?))
+        let i = sends.partition_point(|m| m.ts_ns < from);
+        let sent = *sends.get(i).filter(|m| m.ts_ns <= to)?;
+        Some((sent, self.last_recv_in(tgid, sent.ts_ns, to)?))
     }
 
     /// The last receive of `tgid` in `[from, to]`.
-    fn last_recv_in(&self, tgid: u32, from: u64, to: u64) -> Option<u64> {
+    fn last_recv_in(&self, tgid: u32, from: u64, to: u64) -> Option<Moment> {
         let [recvs, _] = self.procs.get(&tgid)?;
-        let j = recvs.partition_point(|&t| t <= to);
-        recvs.get(j.checked_sub(1)?).copied().filter(|&t| t >= from)
+        let j = recvs.partition_point(|m| m.ts_ns <= to);
+        recvs
+            .get(j.checked_sub(1)?)
+            .copied()
+            .filter(|m| m.ts_ns >= from)
     }
 }
 
@@ -217,7 +233,7 @@ impl Decode {
     pub fn add_gap(&mut self, (ipc, gpu): (&IpcLog, &GpuLog), tgid: u32, gap: &Gap) -> GapSplit {
         let from = gap.from.ts_ns;
         let to = gap.to.ts_ns.max(from);
-        let back = ipc.last_recv_in(tgid, from, to).unwrap_or(to);
+        let back = ipc.last_recv_in(tgid, from, to).map_or(to, |m| m.ts_ns);
         let g = GapSplit {
             engine: back - from,
             output: to - back,
@@ -249,38 +265,48 @@ pub fn ttft(r: &RequestRecord, ipc: &IpcLog, gpu: &GpuLog) -> Option<Breakdown> 
         engine: first.ts_ns - read_ns,
         ..Stages::default()
     };
-    let mut engine_at = (read_ns, first.ts_ns);
-    let handed_off = match ipc.hand_off(r.conn.tgid, read_ns, first.ts_ns) {
-        Some((sent, back)) => {
-            stages.frontend = sent - read_ns;
-            stages.engine = back - sent;
-            stages.output = first.ts_ns - back;
-            engine_at = (sent, back);
-            true
-        }
-        None => false,
+    let hand_off = ipc.hand_off(r.conn.tgid, read_ns, first.ts_ns);
+    let read = Moment {
+        ts_ns: read_ns,
+        ..r.read
     };
+    let (sent, back) = hand_off.unwrap_or((read, first));
+    if hand_off.is_some() {
+        stages.frontend = sent.ts_ns - read_ns;
+        stages.engine = back.ts_ns - sent.ts_ns;
+        stages.output = first.ts_ns - back.ts_ns;
+    }
     let threads = (read_ns == r.read.ts_ns)
         .then(|| split(&r.read, &first, stages.server()))
         .flatten()
-        .map(|server| StageThreads { server });
+        .map(|server| StageThreads {
+            server,
+            frontend: split(&read, &sent, stages.frontend),
+            engine: split(&sent, &back, stages.engine),
+            output: split(&back, &first, stages.output),
+        });
     Some(Breakdown {
         stages,
-        handed_off,
+        handed_off: hand_off.is_some(),
         threads,
-        gpu: gpu.wait_in(r.conn.tgid, engine_at.0, engine_at.1),
+        gpu: gpu.wait_in(r.conn.tgid, sent.ts_ns, back.ts_ns),
     })
 }
 
 /// The state split of `[from, to]` on one thread, when both moments are on the same thread, both
-/// clocks are known and their differences add up to `span` (a thread id reused by a new thread,
-/// whose clock restarted, does not).
+/// clocks are known, no scheduler event of the thread was missed in between (the kernel repaired
+/// its entry: the time before the repair sits in a state the thread was not in) and their
+/// differences add up to `span` (a thread id reused by a new thread, whose clock restarted, does
+/// not).
 fn split(from: &Moment, to: &Moment, span: u64) -> Option<StateSplit> {
-    if from.tid == 0 || from.tid != to.tid || !from.clock.is_known() || !to.clock.is_known() {
+    let (a, b) = (&from.clock, &to.clock);
+    if from.tid == 0 || from.tid != to.tid || !a.is_known() || !b.is_known() {
+        return None;
+    }
+    if a.repairs != b.repairs {
         return None;
     }
     let d = |a: u64, b: u64| b.checked_sub(a);
-    let (a, b): (&ThreadClock, &ThreadClock) = (&from.clock, &to.clock);
     let s = StateSplit {
         on_cpu: d(a.on_cpu_ns, b.on_cpu_ns)?,
         runnable: d(a.runnable_ns, b.runnable_ns)?,

@@ -55,6 +55,8 @@ pub enum Event<'a> {
         header: EventHeader,
         egress: bool,
         len: u32,
+        /// The calling thread's clock at `header.ts_ns` (all zero: unknown).
+        thread: ThreadClock,
     },
 }
 
@@ -138,6 +140,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 header,
                 egress: i.dir == DIR_EGRESS,
                 len: i.len,
+                thread: i.thread,
             })
         }
         None => Err(DecodeError::UnknownKind(header.kind)),

@@ -12,7 +12,7 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::{
-    attribution::{self, Decode, GpuWait, StageThreads, Stages},
+    attribution::{self, Decode, GpuWait, StageThreads, Stages, StateSplit},
     http::{ConnId, Endpoint, Gap, Observer, ParseErrorKind, RequestMeta, RequestRecord},
     metrics::{
         ErrorLabels, KindLabels, ModelLabels, ReqLabels, RequestMetrics, StageLabels,
@@ -294,8 +294,8 @@ impl RequestStats {
 impl RequestStats {
     /// One request's TTFT stages into `llm_ttft_stage_seconds` (`frontend` and `output` only
     /// when IPC split the server's time), its GPU wait into `llm_ttft_gpu_wait_seconds` and its
-    /// serving thread's states (or `unknown`) into
-    /// `llm_ttft_stage_thread_seconds_total{stage="server"}`.
+    /// serving thread's states (or `unknown`) into `llm_ttft_stage_thread_seconds_total`, for
+    /// the `server` span and for each stage of the histogram.
     fn observe_stages(&self, model: &str, b: &attribution::Breakdown) {
         for (stage, ns) in b.stages.named() {
             if !b.handed_off && (stage == "frontend" || stage == "output") {
@@ -317,18 +317,32 @@ impl RequestStats {
                 })
                 .observe(w.sync_wait as f64 / 1e9);
         }
-        let states = match b.threads.map(|t| t.server) {
+        let (t, st) = (b.threads, &b.stages);
+        let spans = [
+            (attribution::SERVER_SPAN, t.map(|t| t.server), st.server()),
+            ("frontend", t.and_then(|t| t.frontend), st.frontend),
+            ("engine", t.and_then(|t| t.engine), st.engine),
+            ("output", t.and_then(|t| t.output), st.output),
+        ];
+        for (stage, split, span) in spans {
+            if !b.handed_off && (stage == "frontend" || stage == "output") {
+                continue;
+            }
+            self.count_states(stage, split, span);
+        }
+    }
+
+    /// `span` ns of `stage` by its thread split, or all `unknown` without one.
+    fn count_states(&self, stage: &'static str, split: Option<StateSplit>, span: u64) {
+        let states = match split {
             Some(s) => [s.on_cpu, s.runnable, s.blocked, 0],
-            None => [0, 0, 0, b.stages.server()],
+            None => [0, 0, 0, span],
         };
         for (state, ns) in attribution::STATES.into_iter().zip(states) {
             if ns > 0 {
                 self.metrics
                     .ttft_stage_thread
-                    .get_or_create(&StageStateLabels {
-                        stage: attribution::SERVER_SPAN,
-                        state,
-                    })
+                    .get_or_create(&StageStateLabels { stage, state })
                     .inc_by(ns as f64 / 1e9);
             }
         }

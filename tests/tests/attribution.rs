@@ -10,11 +10,11 @@
     reason = "stage figures read best as q, f, e, o next to their witnesses"
 )]
 
-use std::{process::Command, thread, time::Duration};
+use std::{thread, time::Duration};
 
 use serde_json::{json, Value};
 use tests::{
-    cpu_hog, node_under_probe, node_with_args_under_probe, pin, schedstat, steal_ticks,
+    cpu_hog, node_with_args_under_probe, pin, schedstat, steal_ticks,
     traffic::{by_id, chat_req, records, run_concurrent, run_one},
     NodeUnderProbe,
 };
@@ -335,6 +335,7 @@ fn ttft_stages_match_what_the_stand_in_did() {
     // Two processes, shaped like vLLM: the front spins 40 ms (tokenizing), hands the request to
     // a worker over a unix socket, the worker takes 80 ms (the engine), the front spins 40 ms on
     // the answer (detokenizing) and writes the first token.
+    let steal0 = steal_ticks();
     run_one(
         &served.addr,
         chat_req(
@@ -342,7 +343,8 @@ fn ttft_stages_match_what_the_stand_in_did() {
             "m",
             true,
             1,
-            &json!({"front_burn_ms": 40, "worker_ms": 80, "output_burn_ms": 40, "report": true}),
+            &json!({"front_burn_ms": 40, "worker_ms": 80, "output_burn_ms": 40, "report": true,
+                    "report_sched": true}),
         ),
     );
     let recs = records(&served.probe, next(1));
@@ -392,6 +394,8 @@ fn ttft_stages_match_what_the_stand_in_did() {
         "output vs the front's clock {w_o}: {rec}"
     );
     assert!(rec["threads_ns"]["server"].is_object(), "{rec}");
+    let steal = (steal_ticks() - steal0) as f64 * 10.0;
+    stage_threads_match_the_loops_schedstat(rec, &t, send_call, steal);
 
     // Decode through the worker: each of 3 gaps is 30 ms in the worker, then 10 ms of the
     // front's CPU. The probe splits each gap at the front's receive of the answer, and by the
@@ -448,6 +452,66 @@ fn ttft_stages_match_what_the_stand_in_did() {
     }
 }
 
+/// The two-process request's per-stage thread split (the loop thread read the request, sent the
+/// hand-off, received the answer and wrote the first token, so each stage has one) against the
+/// loop's schedstat read by the stand-in at its handler, just before its send, just after the
+/// answer and at the first write (`t`). Each state within max(1 ms, 5 % of its stage) + the
+/// steal, + the send call for all stages (the hand-off is inside it) and Node's dispatch of the
+/// answer for engine and output (on a CPU after the receive the probe sees, before `got`).
+fn stage_threads_match_the_loops_schedstat(
+    rec: &Value,
+    t: &std::collections::HashMap<String, u64>,
+    send_call: u64,
+    steal: f64,
+) {
+    const DISPATCH_MS: f64 = 3.0;
+    let send_ms = send_call as f64 / 1e6;
+    let marks = [("req", "frontend"), ("sent", "engine"), ("got", "output")];
+    let ends = ["sent", "got", "first"];
+    for ((from, stage), to) in marks.into_iter().zip(ends) {
+        let split = &rec["threads_ns"][stage];
+        assert!(split.is_object(), "{stage}: one thread at both ends: {rec}");
+        let [on, run, blk] = ["on_cpu", "runnable", "blocked"].map(|k| ns(&split[k]));
+        let span = ns(&rec["stages_ns"][stage]);
+        assert_eq!(on + run + blk, span, "{stage}: the states add up: {rec}");
+        let at = |mark: &str, what: &str| t[&format!("{mark}_{what}ns")];
+        let w_span = at(to, "") - at(from, "");
+        let w_on = at(to, "on_") - at(from, "on_");
+        let w_run = at(to, "run_") - at(from, "run_");
+        let w_blk = w_span.saturating_sub(w_on + w_run);
+        let extra = steal
+            + send_ms
+            + if stage == "frontend" {
+                0.0
+            } else {
+                DISPATCH_MS
+            };
+        eprintln!(
+            "{stage} threads: on {on} run {run} blocked {blk}; the loop's schedstat {w_on} / \
+             {w_run} / {w_blk} (allowance + {extra:.2} ms)"
+        );
+        assert!(
+            state_close(on, w_on, span, extra)
+                && state_close(run, w_run, span, extra)
+                && state_close(blk, w_blk, span, extra),
+            "{stage} split vs the loop's schedstat on {w_on} run {w_run} blocked {w_blk}: {rec}"
+        );
+    }
+    // 40 ms spins on either side of an 80 ms wait for the worker: each stage's largest state.
+    let largest = |stage: &str| {
+        let split = &rec["threads_ns"][stage];
+        ["on_cpu", "runnable", "blocked"]
+            .into_iter()
+            .max_by_key(|k| ns(&split[*k]))
+            .expect("three states")
+    };
+    assert_eq!(
+        [largest("frontend"), largest("engine"), largest("output")],
+        ["on_cpu", "blocked", "on_cpu"],
+        "{rec}"
+    );
+}
+
 /// The decode gaps' thread split of `rec` (request `decode`) against the loop thread's schedstat
 /// read by the stand-in just after its first and its last content write: each state within
 /// max(1 ms, 5 % of the gaps), + the steal since `steal0` for on-CPU and blocked (see `solo`).
@@ -491,148 +555,4 @@ fn decode_threads_match_the_loops_schedstat(
     );
     // 3 x 30 ms waiting for the worker: blocked; 3 x 10 ms of CPU: on a CPU.
     assert!(blk >= 85_000_000 && on >= 29_000_000, "{rec}");
-}
-
-/// `llm-probe explain ARGS` against the probe of `served`.
-fn explain(served: &NodeUnderProbe, args: &[&str]) -> std::process::Output {
-    Command::new(tests::probe_bin())
-        .args(["explain", "--url", &format!("http://{}", served.probe.addr)])
-        .args(args)
-        .output()
-        .expect("llm-probe explain")
-}
-
-#[test]
-fn explain_prints_the_slowest_requests_with_their_stages() {
-    let Some(served) = node_under_probe("explain_prints_the_slowest_requests_with_their_stages")
-    else {
-        return;
-    };
-    // Node's first request after start pays its warm-up (tens of ms of compiling and a late
-    // accept: 69.5 ms for a 5 ms request once): it goes first, and is not one of the three.
-    for (id, ttft) in [("warm-up", 0), ("fast", 5), ("slow", 90), ("mid", 40)] {
-        run_one(
-            &served.addr,
-            chat_req(id, "m", true, 2, &json!({"ttft_ms": ttft})),
-        );
-    }
-    records(&served.probe, 4);
-    let out = explain(&served, &["--top", "2"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{text}");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<&str> = text.lines().filter(|l| l.contains(" m ")).collect();
-    assert_eq!(rows.len(), 2, "--top 2: {text}");
-    assert!(
-        rows[0].starts_with("slow") && rows[1].starts_with("mid"),
-        "slowest first: {text}"
-    );
-    for h in [
-        "TTFT",
-        "socket_queue",
-        "engine",
-        "on_cpu",
-        "runnable",
-        "blocked",
-    ] {
-        assert!(text.contains(h), "column {h}: {text}");
-    }
-    let one = explain(&served, &["--request-id", "fast"]);
-    let text = String::from_utf8_lossy(&one.stdout);
-    assert!(
-        one.status.success() && text.contains("fast") && !text.contains("slow"),
-        "{text}"
-    );
-    let none = explain(&served, &["--request-id", "nope"]);
-    assert_eq!(none.status.code(), Some(1), "an unknown id is an error");
-}
-
-#[test]
-fn trace_writes_request_and_thread_tracks() {
-    let Some(served) = node_under_probe("trace_writes_request_and_thread_tracks") else {
-        return;
-    };
-    let out = std::env::temp_dir().join(format!("llm-probe-trace-{}.json", std::process::id()));
-    let url = format!("http://{}", served.probe.addr);
-    let (bin, path) = (tests::probe_bin(), out.clone());
-    let recorder = thread::spawn(move || {
-        Command::new(bin)
-            .args(["trace", "--url", &url, "--duration", "3s", "-o"])
-            .arg(&path)
-            .output()
-            .expect("llm-probe trace")
-    });
-    thread::sleep(Duration::from_millis(1200));
-    for i in 0..4 {
-        let extra = json!({"ttft_ms": 20, "gap_ms": 5, "burn_cpu_ms": 10});
-        run_one(
-            &served.addr,
-            chat_req(&format!("t{i}"), "m", true, 3, &extra),
-        );
-    }
-    let done = recorder.join().expect("recorder");
-    assert!(
-        done.status.success(),
-        "{}",
-        String::from_utf8_lossy(&done.stderr)
-    );
-    let trace: Value =
-        serde_json::from_slice(&std::fs::read(&out).expect("trace file")).expect("JSON");
-    let _ = std::fs::remove_file(&out);
-    let events = trace["traceEvents"].as_array().expect("traceEvents");
-    // Trace-event format: every event has a phase, a pid, and (but metadata) a numeric time.
-    for e in events {
-        let ph = e["ph"].as_str().expect("ph");
-        assert!(["X", "C", "M"].contains(&ph) && e["pid"].is_u64(), "{e}");
-        assert!(
-            ph == "M" || e["ts"].as_f64().is_some_and(|t| t >= 0.0),
-            "{e}"
-        );
-    }
-    let recs = records(&served.probe, 4);
-    for i in 0..4 {
-        let id = format!("t{i}");
-        let rec = by_id(&recs, &id);
-        let slices: Vec<&Value> = events
-            .iter()
-            .filter(|e| e["ph"] == "X" && e["args"]["request_id"] == id.as_str())
-            .collect();
-        let stage_us: f64 = slices
-            .iter()
-            .filter(|e| e["name"] != "decode")
-            .map(|e| e["dur"].as_f64().expect("dur"))
-            .sum();
-        let ttft_us = ns(&rec["ttft_ns"]) as f64 / 1e3;
-        assert!(
-            (stage_us - ttft_us).abs() < 0.01,
-            "{id}: stage slices {stage_us} µs vs TTFT {ttft_us}"
-        );
-        assert!(
-            slices.iter().any(|e| e["name"] == "decode"),
-            "{id}: decode slice"
-        );
-    }
-    let pid = u64::from(served.node.pid());
-    let counters: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["ph"] == "C" && e["pid"] == pid)
-        .collect();
-    assert!(
-        counters.len() >= 2,
-        "per-second thread counters of the server: {counters:?}"
-    );
-    for c in &counters {
-        let sum: f64 = ["on_cpu", "runnable", "blocked"]
-            .iter()
-            .map(|k| c["args"][k].as_f64().expect("share"))
-            .sum();
-        assert!(
-            sum > 0.5 && sum < 1.1,
-            "a thread's shares of an interval add up to ~1: {c}"
-        );
-    }
 }

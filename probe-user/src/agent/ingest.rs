@@ -144,8 +144,18 @@ impl Ingest {
                 self.tls.forget(conn);
                 self.tracker.on_close(conn, header.ts_ns, &mut self.stats);
             }
-            Event::Ipc { header, egress, .. } => {
-                self.stats.ipc.record(header.tgid, header.ts_ns, egress);
+            Event::Ipc {
+                header,
+                egress,
+                thread,
+                ..
+            } => {
+                let at = Moment {
+                    ts_ns: header.ts_ns,
+                    tid: header.tid,
+                    clock: thread,
+                };
+                self.stats.ipc.record(header.tgid, at, egress);
             }
             Event::Fork { header, child } => {
                 log::info!(

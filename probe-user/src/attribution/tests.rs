@@ -1,11 +1,12 @@
 use super::*;
-use crate::http::{ConnId, Outcome, RequestMeta};
+use crate::http::{ConnId, Outcome, RequestMeta, ThreadClock};
 
 fn clock(on: u64, run: u64, blk: u64) -> ThreadClock {
     ThreadClock {
         on_cpu_ns: on,
         runnable_ns: run,
         blocked_ns: blk,
+        ..ThreadClock::default()
     }
 }
 
@@ -36,6 +37,11 @@ fn at(ts: u64, tid: u32, c: ThreadClock) -> Moment {
     }
 }
 
+/// A moment at `ts` on a thread that is not known.
+fn when(ts: u64) -> Moment {
+    at(ts, 0, ThreadClock::default())
+}
+
 #[test]
 fn stages_add_up_and_one_thread_is_split() {
     // Arrived at 1,000, read at 1,400 (400 in the socket), first token at 2,400: the reading
@@ -60,7 +66,7 @@ fn stages_add_up_and_one_thread_is_split() {
 }
 
 #[test]
-fn no_split_across_threads_unknown_clocks_or_a_restarted_clock() {
+fn no_split_across_threads_unknown_clocks_a_restarted_clock_or_a_repair() {
     for (why, read, first) in [
         (
             "another thread",
@@ -83,6 +89,20 @@ fn no_split_across_threads_unknown_clocks_or_a_restarted_clock() {
             "a short sum",
             at(100, 7, clock(10, 0, 0)),
             at(200, 7, clock(60, 0, 0)),
+        ),
+        // The kernel repaired the thread's entry in between (a switch-in was not seen): the
+        // differences add up, but part of the on-CPU time sits in runnable.
+        (
+            "a repair in between",
+            at(100, 7, clock(10, 0, 0)),
+            at(
+                200,
+                7,
+                ThreadClock {
+                    repairs: 1,
+                    ..clock(40, 70, 0)
+                },
+            ),
         ),
     ] {
         let r = record(0, read, Some(first));
@@ -138,12 +158,12 @@ fn ipc_splits_the_server_time_into_frontend_engine_and_output() {
     // the window change nothing.
     let mut ipc = IpcLog::default();
     for (t, egress) in [(900, true), (1_300, true), (1_500, true), (1_200, false)] {
-        ipc.record(1, t, egress);
+        ipc.record(1, when(t), egress);
     }
     for t in [2_100, 1_700, 2_500] {
-        ipc.record(1, t, false); // out of order on purpose
+        ipc.record(1, when(t), false); // out of order on purpose
     }
-    ipc.record(2, 1_100, true);
+    ipc.record(2, when(1_100), true);
     let r = record(
         1_000,
         at(1_000, 7, clock(10, 0, 0)),
@@ -161,7 +181,10 @@ fn ipc_splits_the_server_time_into_frontend_engine_and_output() {
         }
     );
     assert_eq!(b.stages.total(), 1_400);
-    assert_eq!(b.threads.expect("split").server.total(), 1_400);
+    // The IPC was made by a thread that is not known: the server span is split, no stage is.
+    let t = b.threads.expect("split");
+    assert_eq!(t.server.total(), 1_400);
+    assert_eq!((t.frontend, t.engine, t.output), (None, None, None));
     // The GPU wait is taken over the engine stage only ([1_300, 2_100]), from the syncs of
     // the engine process (5, a child of the front) as well as the front's own.
     let mut gpu = GpuLog::default();
@@ -172,8 +195,8 @@ fn ipc_splits_the_server_time_into_frontend_engine_and_output() {
     assert_eq!(w.map(|w| (w.sync_wait, w.syncs)), Some((200, 2)));
     // A return before the hand-off is not one: no split, all of it is engine.
     let mut early = IpcLog::default();
-    early.record(1, 1_300, true);
-    early.record(1, 1_200, false);
+    early.record(1, when(1_300), true);
+    early.record(1, when(1_200), false);
     let b = ttft(&r, &early, &GpuLog::default()).expect("breakdown");
     assert!(!b.handed_off);
     assert_eq!(
@@ -190,15 +213,60 @@ fn ipc_splits_the_server_time_into_frontend_engine_and_output() {
 }
 
 #[test]
+fn each_stage_is_split_when_the_serving_thread_made_the_hand_off_and_return() {
+    // Thread 7 reads at 1,000, spins 300 until its send at 1,300, sleeps until the engine's
+    // answer is received at 2,100 (runnable 100 of it), spins 300 to the write at 2,400.
+    let mut ipc = IpcLog::default();
+    ipc.record(1, at(1_300, 7, clock(310, 0, 0)), true);
+    ipc.record(1, at(2_100, 7, clock(310, 100, 700)), false);
+    let r = record(
+        1_000,
+        at(1_000, 7, clock(10, 0, 0)),
+        Some(at(2_400, 7, clock(610, 100, 700))),
+    );
+    let b = ttft(&r, &ipc, &GpuLog::default()).expect("breakdown");
+    let t = b.threads.expect("split");
+    let s = |on_cpu, runnable, blocked| {
+        Some(StateSplit {
+            on_cpu,
+            runnable,
+            blocked,
+        })
+    };
+    assert_eq!(
+        (t.frontend, t.engine, t.output),
+        (s(300, 0, 0), s(0, 100, 700), s(300, 0, 0))
+    );
+    assert_eq!(t.server, s(600, 100, 700).expect("split"));
+    // The return received by another thread (vLLM's ZMQ I/O thread): the two stages it bounds
+    // have no split; the frontend still has.
+    let mut other = IpcLog::default();
+    other.record(1, at(1_300, 7, clock(310, 0, 0)), true);
+    other.record(1, at(2_100, 8, clock(50, 0, 50)), false);
+    let t = ttft(&r, &other, &GpuLog::default())
+        .and_then(|b| b.threads)
+        .expect("split");
+    assert_eq!((t.frontend, t.engine, t.output), (s(300, 0, 0), None, None));
+    // No hand-off (a single-process server): frontend and output are empty, engine is the span.
+    let t = ttft(&r, &IpcLog::default(), &GpuLog::default())
+        .and_then(|b| b.threads)
+        .expect("split");
+    assert_eq!(
+        (t.frontend, t.engine, t.output),
+        (s(0, 0, 0), Some(t.server), s(0, 0, 0))
+    );
+}
+
+#[test]
 fn ipc_log_is_bounded() {
     let mut ipc = IpcLog::default();
     for t in 0..(IPC_KEPT as u64 + 10) {
-        ipc.record(1, t, true);
+        ipc.record(1, when(t), true);
     }
     assert_eq!(ipc.procs[&1][1].len(), IPC_KEPT);
-    assert_eq!(ipc.procs[&1][1].front(), Some(&10));
+    assert_eq!(ipc.procs[&1][1].front().map(|m| m.ts_ns), Some(10));
     for p in 0..(IPC_PROCESSES as u32 + 5) {
-        ipc.record(100 + p, 1, false);
+        ipc.record(100 + p, when(1), false);
     }
     assert_eq!(ipc.procs.len(), IPC_PROCESSES);
 }
@@ -215,7 +283,7 @@ fn gap(from: u64, to: u64) -> Gap {
 fn decode_gaps_split_at_the_last_receive_inside_them() {
     let mut ipc = IpcLog::default();
     for t in [150, 180, 260] {
-        ipc.record(1, t, false);
+        ipc.record(1, when(t), false);
     }
     let no_gpu = GpuLog::default();
     let split = |engine, output| GapSplit {
@@ -231,7 +299,7 @@ fn decode_gaps_split_at_the_last_receive_inside_them() {
     // Gap 100..200: the engine's answer arrived at 180 (the last inside), then 20 of output.
     assert_eq!(d.add_gap((&ipc, &no_gpu), 1, &gap(100, 200)), split(80, 20));
     // Gap 200..250: no receive inside: all engine. Another process's IPC does not count.
-    ipc.record(2, 220, false);
+    ipc.record(2, when(220), false);
     assert_eq!(d.add_gap((&ipc, &no_gpu), 1, &gap(200, 250)), split(50, 0));
     assert_eq!(d.add_gap((&ipc, &no_gpu), 1, &gap(250, 300)), split(10, 40));
     assert_eq!(
@@ -295,7 +363,7 @@ fn decode_gaps_are_split_by_the_writing_threads_states() {
 fn decode_gaps_gpu_wait_is_taken_over_their_engine_part() {
     let ipc = {
         let mut l = IpcLog::default();
-        l.record(1, 180, false);
+        l.record(1, when(180), false);
         l
     };
     let mut gpu = GpuLog::default();

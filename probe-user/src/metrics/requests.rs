@@ -99,9 +99,10 @@ impl RequestMetrics {
         );
         registry.register(
             "llm_ttft_stage_thread_seconds",
-            "Seconds of the server span of TTFT (frontend + engine + output) by the scheduler \
-             state of the thread that read the request and wrote its first token: on_cpu, \
-             runnable (waiting for a CPU), blocked, or unknown (no single thread did both)",
+            "Seconds of TTFT by the scheduler state of the thread that read the request and \
+             wrote its first token: on_cpu, runnable (waiting for a CPU), blocked, or unknown \
+             (its clock not known at both ends of the span); stage=server is frontend + engine \
+             + output, the other stages are each of them (do not sum over stage)",
             m.ttft_stage_thread.clone(),
         );
         for state in crate::attribution::STATES {

@@ -40,6 +40,7 @@ fn record(m: RequestMeta) -> RequestRecord {
                 on_cpu_ns: 100,
                 runnable_ns: 0,
                 blocked_ns: 0,
+                ..ThreadClock::default()
             },
         },
         first_token_at: Some(Moment {
@@ -49,6 +50,7 @@ fn record(m: RequestMeta) -> RequestRecord {
                 on_cpu_ns: 500,
                 runnable_ns: 100,
                 blocked_ns: 300,
+                ..ThreadClock::default()
             },
         }),
         end_ns: 5_000,
@@ -126,7 +128,11 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
     s.request_started(conn, &m, 1_000);
     s.first_token(conn, &m, 1_000);
     // Two gaps: 2,000..3,000 with the engine's answer received at 2,700; 3,000..3,400 without.
-    s.ipc.record(1, 2_700, false);
+    let recv = Moment {
+        ts_ns: 2_700,
+        ..Moment::default()
+    };
+    s.ipc.record(1, recv, false);
     // GPU waits of the process: one inside the TTFT's engine stage (1,200..2,000), one inside the
     // first gap's engine part (2,000..2,700), one in its output part (not counted).
     s.gpu.record(1, 1_300, 1_500);
@@ -141,6 +147,7 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
             on_cpu_ns: on,
             runnable_ns: run,
             blocked_ns: blk,
+            ..ThreadClock::default()
         },
     };
     let first_gap = Gap {
@@ -168,7 +175,13 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
     );
     assert_eq!(
         v["threads_ns"],
-        serde_json::json!({"server": {"on_cpu": 400, "runnable": 100, "blocked": 300}})
+        serde_json::json!({
+            "server": {"on_cpu": 400, "runnable": 100, "blocked": 300},
+            "engine": {"on_cpu": 400, "runnable": 100, "blocked": 300},
+            "frontend": {"on_cpu": 0, "runnable": 0, "blocked": 0},
+            "output": {"on_cpu": 0, "runnable": 0, "blocked": 0},
+        }),
+        "no hand-off: the engine stage is the server span"
     );
     assert_eq!(
         v["decode_ns"],
@@ -190,6 +203,10 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
 
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        !text.contains("stage=\"frontend\",state"),
+        "no hand-off: no frontend thread time\n{text}"
+    );
     for line in [
         "llm_ttft_stage_seconds_count{model=\"m\",stage=\"socket_queue\"} 2",
         "llm_ttft_stage_seconds_sum{model=\"m\",stage=\"engine\"} 0.0000016",
@@ -197,6 +214,8 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
         "llm_ttft_gpu_wait_seconds_count{model=\"m\"} 2",
         "llm_tbt_gpu_wait_seconds_total 4e-7",
         "llm_ttft_stage_thread_seconds_total{stage=\"server\",state=\"unknown\"} 8e-7",
+        "llm_ttft_stage_thread_seconds_total{stage=\"engine\",state=\"on_cpu\"} 4e-7",
+        "llm_ttft_stage_thread_seconds_total{stage=\"engine\",state=\"unknown\"} 8e-7",
         "llm_tbt_stage_seconds_total{stage=\"engine\"} 0.0000011",
         "llm_tbt_stage_seconds_total{stage=\"output\"} 3e-7",
         "llm_tbt_thread_seconds_total{state=\"blocked\"} 7e-7",
