@@ -260,24 +260,21 @@ pub fn ttft(r: &RequestRecord, ipc: &IpcLog, gpu: &GpuLog) -> Option<Breakdown> 
     // Arrival is never after the read that returned the bytes, nor the read after the response;
     // clamping keeps the sum exact if a clock ever says otherwise.
     let read_ns = r.read.ts_ns.clamp(r.arrival_ns, first.ts_ns);
-    let mut stages = Stages {
-        socket_queue: read_ns - r.arrival_ns,
-        engine: first.ts_ns - read_ns,
-        ..Stages::default()
-    };
-    let hand_off = ipc.hand_off(r.conn.tgid, read_ns, first.ts_ns);
     let read = Moment {
         ts_ns: read_ns,
         ..r.read
     };
+    // Without a hand-off, the server's time is all engine: frontend and output are empty.
+    let hand_off = ipc.hand_off(r.conn.tgid, read_ns, first.ts_ns);
     let (sent, back) = hand_off.unwrap_or((read, first));
-    if hand_off.is_some() {
-        stages.frontend = sent.ts_ns - read_ns;
-        stages.engine = back.ts_ns - sent.ts_ns;
-        stages.output = first.ts_ns - back.ts_ns;
-    }
+    let stages = Stages {
+        socket_queue: read_ns - r.arrival_ns,
+        frontend: sent.ts_ns - read_ns,
+        engine: back.ts_ns - sent.ts_ns,
+        output: first.ts_ns - back.ts_ns,
+    };
     let threads = (read_ns == r.read.ts_ns)
-        .then(|| split(&r.read, &first, stages.server()))
+        .then(|| split(&read, &first, stages.server()))
         .flatten()
         .map(|server| StageThreads {
             server,
