@@ -357,6 +357,13 @@ pub struct Probe {
 }
 
 impl Probe {
+    /// The probe's count of thread-state entries found in a state their thread could not be in
+    /// (`llm_probe_thread_state_repairs_total`): a switch-in or wake-up was not seen.
+    pub fn thread_repairs(&self) -> u64 {
+        let (_, text) = http_get(&self.addr, "/metrics").expect("the probe's /metrics");
+        metric_sum(&text, "llm_probe_thread_state_repairs_total", &[]) as u64
+    }
+
     pub fn start(target_args: &[String]) -> Probe {
         Self::start_on(target_args, &format!("127.0.0.1:{}", free_port()))
     }

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::{
     client::{self, Req, Sample},
-    Probe,
+    NodeUnderProbe, Probe,
 };
 
 /// An `OpenAI` chat body with one user message; `extra`'s keys are added to it (the Node mock
@@ -350,4 +350,46 @@ pub fn timing_rounds_with(
         panic!("probe and client disagree in every round: {why}");
     }
     all
+}
+
+/// Whether `rec` has every thread split its stages can have: the serving thread's, and with a
+/// hand-off (a frontend stage) the frontend, engine and output ones.
+pub fn split_whole(rec: &Value) -> bool {
+    let t = &rec["threads_ns"];
+    let handed_off = rec["stages_ns"]["frontend"].as_u64().unwrap_or(0) > 0;
+    t["server"].is_object()
+        && (!handed_off
+            || ["frontend", "engine", "output"]
+                .iter()
+                .all(|k| t[*k].is_object()))
+}
+
+/// Sends `id` (`body` sends it and returns its witnesses) until the probe's record of it is split
+/// whole, at most 3 times (ids `id`, `id-1`, `id-2`): (the record, the id, the witnesses). A
+/// record may be unsplit only when the probe counted a thread-state repair meanwhile — a
+/// switch-in it could not see, as from this VM's init threads, whose own tracepoints never fire
+/// (docs/attribution.md); for tests/tests/attribution.rs — and says why; otherwise the test fails.
+pub fn split_request<W>(
+    served: &NodeUnderProbe,
+    next: &mut impl FnMut(usize) -> usize,
+    id: &str,
+    mut body: impl FnMut(&str) -> W,
+) -> (Value, String, W) {
+    for attempt in 0..3 {
+        let id = if attempt == 0 {
+            id.to_owned()
+        } else {
+            format!("{id}-{attempt}")
+        };
+        let repairs = served.probe.thread_repairs();
+        let w = body(&id);
+        let rec = by_id(&records(&served.probe, next(1)), &id).clone();
+        if split_whole(&rec) {
+            return (rec, id, w);
+        }
+        let more = served.probe.thread_repairs() - repairs;
+        assert!(more > 0, "unsplit without a repair counted: {rec}");
+        eprintln!("{id}: unsplit after {more} thread-state repair(s); sent again");
+    }
+    panic!("{id}: unsplit 3 times in a row");
 }
