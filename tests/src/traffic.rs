@@ -352,16 +352,19 @@ pub fn timing_rounds_with(
     all
 }
 
-/// Whether `rec` has every thread split its stages can have: the serving thread's, and with a
-/// hand-off (a frontend stage) the frontend, engine and output ones.
+/// Whether `rec` has every thread split its stages can have: the serving thread's, with a
+/// hand-off (a frontend stage) the frontend, engine and output ones, and its decode gaps' (none
+/// `unknown`).
 pub fn split_whole(rec: &Value) -> bool {
     let t = &rec["threads_ns"];
     let handed_off = rec["stages_ns"]["frontend"].as_u64().unwrap_or(0) > 0;
+    let decode_unsplit = rec["decode_ns"]["threads"]["unknown"].as_u64().unwrap_or(0);
     t["server"].is_object()
         && (!handed_off
             || ["frontend", "engine", "output"]
                 .iter()
                 .all(|k| t[*k].is_object()))
+        && decode_unsplit == 0
 }
 
 /// Sends `id` (`body` sends it and returns its witnesses) until the probe's record of it is split

@@ -412,9 +412,10 @@ fn ttft_stages_match_what_the_stand_in_did() {
     let steal0 = steal_ticks();
     let extra = json!({"worker_ms": 30, "output_burn_ms": 10, "worker_gaps": true,
                        "report_sched": true});
-    run_one(&served.addr, chat_req("decode", "m", true, 4, &extra));
-    let recs = records(&served.probe, next(1));
-    let rec = by_id(&recs, "decode");
+    let (rec, id, ()) = split_request(&served, &mut next, "decode", |id| {
+        run_one(&served.addr, chat_req(id, "m", true, 4, &extra));
+    });
+    let rec = &rec;
     let gaps: u64 = rec["gaps_ns"]
         .as_array()
         .expect("gaps")
@@ -437,7 +438,7 @@ fn ttft_stages_match_what_the_stand_in_did() {
         (30_000_000..=45_000_000).contains(&dout),
         "3 x 10 ms of output work: {rec}"
     );
-    decode_threads_match_the_loops_schedstat(&served, rec, gaps, steal0);
+    decode_threads_match_the_loops_schedstat(&served, &id, rec, gaps, steal0);
 
     // Overlapping hand-offs: the boundaries are the nearest IPC times (docs/attribution.md), so a
     // request's engine stage can only grow past the worker's own time, never shrink below it.
@@ -526,6 +527,7 @@ fn stage_threads_match_the_loops_schedstat(
 /// max(1 ms, 5 % of the gaps), + the steal since `steal0` for on-CPU and blocked (see `solo`).
 fn decode_threads_match_the_loops_schedstat(
     served: &NodeUnderProbe,
+    id: &str,
     rec: &Value,
     gaps: u64,
     steal0: u64,
@@ -539,8 +541,9 @@ fn decode_threads_match_the_loops_schedstat(
         "the states add up to the gaps: {rec}"
     );
     assert_eq!(unknown, 0, "one thread made every write: {rec}");
-    let t: std::collections::HashMap<String, u64> =
-        server_line(served, "decode/decode").into_iter().collect();
+    let t: std::collections::HashMap<String, u64> = server_line(served, &format!("{id}/decode"))
+        .into_iter()
+        .collect();
     let w = t["last_ns"] - t["first_ns"];
     let (w_on, w_run) = (
         t["last_on_ns"] - t["first_on_ns"],
