@@ -249,6 +249,12 @@ pub const THREAD_RUNNABLE: u32 = 1;
 pub const THREAD_BLOCKED: u32 = 2;
 /// The thread exited; its entry waits for the agent's last read.
 pub const THREAD_EXITED: u32 = 3;
+/// Index in the kernel's `TASK_LAYOUT` map of the byte offset of
+/// `task_struct.sched_info.last_arrival` (the run-queue clock of the task's last switch-in), set
+/// by the agent from the running kernel's BTF; 0 there means unknown.
+pub const TASK_LAYOUT_LAST_ARRIVAL: u32 = 0;
+/// Entries of `TASK_LAYOUT`.
+pub const TASK_LAYOUT_LEN: u32 = 1;
 /// Threads of traced processes whose scheduler time is kept (vLLM: a few hundred).
 pub const MAX_THREADS: u32 = 16 * 1024;
 

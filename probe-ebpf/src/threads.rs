@@ -20,14 +20,14 @@
 //! time it leaves a CPU; until then its time is not counted.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_task, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, raw_tracepoint},
-    maps::HashMap,
+    maps::{Array, HashMap, PerCpuArray},
     programs::RawTracePointContext,
 };
 use probe_common::{
-    counter, ThreadClock, ThreadTime, MAX_THREADS, THREAD_BLOCKED, THREAD_EXITED, THREAD_ON_CPU,
-    THREAD_RUNNABLE,
+    counter, ThreadClock, ThreadTime, MAX_THREADS, TASK_LAYOUT_LAST_ARRIVAL, TASK_LAYOUT_LEN,
+    THREAD_BLOCKED, THREAD_EXITED, THREAD_ON_CPU, THREAD_RUNNABLE,
 };
 
 use crate::{bump, current_tgid_tid, is_target};
@@ -35,6 +35,20 @@ use crate::{bump, current_tgid_tid, is_target};
 /// Task address (`struct task_struct *`) → its scheduler time (read and pruned by the agent).
 #[map]
 pub static THREADS: HashMap<u64, ThreadTime> = HashMap::with_max_entries(MAX_THREADS, 0);
+
+/// Byte offsets in this kernel's `struct task_struct`, set by the agent from its BTF
+/// (`probe_common::TASK_LAYOUT_*`; 0: unknown).
+#[map]
+pub static TASK_LAYOUT: Array<u64> = Array::with_max_entries(TASK_LAYOUT_LEN, 0);
+
+/// Per CPU: `bpf_ktime_get_ns()` minus the run-queue clock that `sched_info` times are in, taken
+/// at the switch-out of a thread whose switch-in was seen (0: not measured yet).
+#[map]
+static CLOCK_SKEW: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// A new skew sample may sit this far above the one kept and still replace it (the clocks drift
+/// slowly); a sample further above comes from a switch-in that was not seen when it happened.
+const SKEW_DRIFT_NS: i64 = 50_000;
 
 /// `prev_state` bits that name a sleeping state (include/linux/sched.h, TASK_REPORT); none set
 /// (or a preemption) means the thread stays runnable.
@@ -123,10 +137,7 @@ pub fn take_send(tgid: u32, tid: u32) -> Option<(u64, ThreadClock)> {
 fn clock_of(t: &mut ThreadTime, now: u64) -> ThreadClock {
     match t.state {
         THREAD_ON_CPU => {}
-        THREAD_RUNNABLE | THREAD_BLOCKED => {
-            repaired(t);
-            enter(t, THREAD_ON_CPU, now);
-        }
+        THREAD_RUNNABLE | THREAD_BLOCKED => repair_switch_in(current_task(), t, now),
         _ => return ThreadClock::default(),
     }
     ThreadClock {
@@ -144,6 +155,65 @@ fn clock_of(t: &mut ThreadTime, now: u64) -> ThreadClock {
 fn repaired(t: &mut ThreadTime) {
     bump(counter::THREAD_REPAIRS);
     t.repairs = t.repairs.wrapping_add(1);
+}
+
+/// `t`, the entry of `task` running now, says runnable or blocked: its switch-in was not seen
+/// (no tracepoint fires in the context of some tasks, docs/attribution.md). Counted for all
+/// threads, and dated from the task's own `last_arrival` when it can be: the time before stays in
+/// the state the entry named, the time after is on-CPU. A runnable entry dated so is exact and
+/// keeps its clocks splittable. A blocked one is not — its wake-up was not seen either, so how
+/// much of the wait was runnable is unknown — nor is an undated one (on-CPU from `now`): both are
+/// counted in the entry, as `repaired` does.
+#[inline(always)]
+fn repair_switch_in(task: u64, t: &mut ThreadTime, now: u64) {
+    let dated = unseen_switch_in(task, t.since_ns, now);
+    if dated.is_some() && t.state == THREAD_RUNNABLE {
+        bump(counter::THREAD_REPAIRS);
+    } else {
+        repaired(t);
+    }
+    enter(t, THREAD_ON_CPU, dated.unwrap_or(now));
+}
+
+/// The run-queue clock of `task`'s last switch-in (`sched_info.last_arrival`), when known.
+#[inline(always)]
+fn last_arrival(task: u64) -> Option<u64> {
+    let off = *TASK_LAYOUT.get(TASK_LAYOUT_LAST_ARRIVAL)?;
+    if off == 0 {
+        return None;
+    }
+    // SAFETY: the helper reads kernel memory and fails cleanly; `task` is a live task (the
+    // running one).
+    let at = unsafe { bpf_probe_read_kernel((task + off) as *const u64) }.ok()?;
+    (at != 0).then_some(at)
+}
+
+/// When the running `task` was switched in, from its `last_arrival` and this CPU's skew, if that
+/// falls between its entry's last change (`since_ns`) and `now`.
+#[inline(always)]
+fn unseen_switch_in(task: u64, since_ns: u64, now: u64) -> Option<u64> {
+    let skew = *CLOCK_SKEW.get(0)?;
+    if skew == 0 {
+        return None;
+    }
+    let at = last_arrival(task)?.wrapping_add(skew);
+    (since_ns <= at && at <= now).then_some(at)
+}
+
+/// Learn this CPU's skew from `task` leaving it after a seen switch-in at `since_ns`: its
+/// `last_arrival` is the run-queue clock read a little earlier in the same `__schedule`. The
+/// smallest sample wins, but one up to `SKEW_DRIFT_NS` above replaces it too.
+#[inline(always)]
+fn calibrate(task: u64, since_ns: u64) {
+    let (Some(at), Some(skew)) = (last_arrival(task), CLOCK_SKEW.get_ptr_mut(0)) else {
+        return;
+    };
+    let sample = since_ns.wrapping_sub(at);
+    // SAFETY: this CPU's slot; programs do not preempt each other on a CPU mid-update.
+    let skew = unsafe { &mut *skew };
+    if *skew == 0 || (sample.wrapping_sub(*skew) as i64) < SKEW_DRIFT_NS {
+        *skew = sample;
+    }
 }
 
 /// `TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
@@ -172,9 +242,11 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
             {
                 // SAFETY: as above.
                 let t = unsafe { &mut *t };
-                if t.state != THREAD_ON_CPU {
+                if t.state == THREAD_ON_CPU {
+                    calibrate(prev, t.since_ns);
+                } else {
                     // Leaving a CPU it was not known to be on: its last switch-in was not seen.
-                    repaired(t);
+                    repair_switch_in(prev, t, now);
                 }
                 enter(t, next, now);
             }

@@ -322,6 +322,7 @@ impl Kernel {
         let conns = take(&mut ebpf, "CONNS")?;
         let listen_ports = take(&mut ebpf, "LISTEN_PORTS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
+        threads::set_task_layout(&mut ebpf);
         let threads = take(&mut ebpf, "THREADS")
             .inspect_err(|e| log::warn!("thread states unavailable: {e}"))
             .ok();

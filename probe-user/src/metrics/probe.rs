@@ -242,7 +242,8 @@ impl Collector for KernelCollector {
         repairs.encode(enc.encode_descriptor(
             "llm_probe_thread_state_repairs",
             "Times a running traced thread's state entry said runnable or blocked (a scheduler \
-             event was not seen); repaired then, the time since its last change stays where it was",
+             event was not seen); repaired then: dated from the task's own last switch-in where \
+             the kernel's BTF allows, otherwise the time since its last change stays where it was",
             None,
             repairs.metric_type(),
         )?)?;
