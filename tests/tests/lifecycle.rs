@@ -99,6 +99,18 @@ fn sigterm_detaches_cleanly() {
     let Some(mut served) = node_under_probe("sigterm_detaches_cleanly") else {
         return;
     };
+    // Every agent thread runs under SCHED_BATCH (the default `--agent-sched batch`); the traced
+    // server keeps its own policy.
+    let agent = thread_policies(served.probe.proc.pid());
+    assert!(
+        agent.len() >= 3 && agent.iter().all(|&p| p == libc::SCHED_BATCH),
+        "agent thread policies {agent:?}"
+    );
+    let server = thread_policies(served.node.pid());
+    assert!(
+        server.iter().all(|&p| p == libc::SCHED_OTHER),
+        "server thread policies {server:?}"
+    );
     let probe = &mut served.probe;
     probe.proc.signal(libc::SIGTERM);
     wait_for(
@@ -211,4 +223,20 @@ fn capture_paths_load_and_say_which_is_in_use() {
         let (_, recs) = served.probe.requests();
         assert_eq!(recs[0]["tokens"], 3, "--capture {choice}: {:?}", recs[0]);
     }
+}
+
+/// The scheduling policy of every thread of `pid` (`/proc/PID/task/TID/stat` field 41).
+fn thread_policies(pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir") {
+        let path = t.expect("task entry").path().join("stat");
+        let Ok(stat) = std::fs::read_to_string(&path) else {
+            continue; // the thread exited
+        };
+        // Fields after the `(comm)` start at field 3.
+        let rest = &stat[stat.rfind(')').expect("stat comm") + 1..];
+        let policy = rest.split_whitespace().nth(41 - 3).expect("policy field");
+        out.push(policy.parse().expect("policy number"));
+    }
+    out
 }

@@ -88,6 +88,10 @@ pub(crate) fn bench_server(events: usize, gap_us: u64) -> Result<(Kill, u16)> {
 /// (`--thread-states off`: what latency attribution's thread split costs), the syscall fallback.
 pub(crate) const CAPTURE_PATHS: [&str; 3] = ["sock", "sock-nothreads", "syscalls"];
 
+/// The overhead benchmark's configurations: [`CAPTURE_PATHS`] and the default path with the
+/// agent on the default CPU policy (`--agent-sched normal`: what `SCHED_BATCH` buys).
+const OVERHEAD_CONFIGS: [&str; 4] = ["sock", "sock-nothreads", "syscalls", "sock-normal"];
+
 /// `llm-probe run` arguments of a [`CAPTURE_PATHS`] entry.
 fn config_args(config: &str) -> &'static [&'static str] {
     match config {
@@ -95,6 +99,7 @@ fn config_args(config: &str) -> &'static [&'static str] {
         "sock-nothreads" => &["--capture", "sock", "--thread-states", "off"],
         "syscalls" => &["--capture", "syscalls"],
         "sock-nossl" => &["--capture", "sock", "--ssl-probes", "off"],
+        "sock-normal" => &["--capture", "sock", "--agent-sched", "normal"],
         _ => &["--capture", "auto"],
     }
 }
@@ -201,12 +206,12 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
     step(&format!(
         "overhead: {rounds} rounds x ({seconds} s without llm-probe, then {seconds} s with it on \
          each probe configuration: {}), 8 keep-alive streams, 16 SSE events each",
-        CAPTURE_PATHS.join(", ")
+        OVERHEAD_CONFIGS.join(", ")
     ));
     let get = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     let _ = client(port, 8, 1)?; // warm-up
     let (mut base_rps, mut base_p99) = (vec![], vec![]);
-    let mut probed = vec![Probed::default(); CAPTURE_PATHS.len()];
+    let mut probed = vec![Probed::default(); OVERHEAD_CONFIGS.len()];
     for r in 0..rounds {
         let b = client(port, 8, seconds)?;
         let mut line = format!(
@@ -216,7 +221,7 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
         );
         base_rps.push(get(&b, "rps"));
         base_p99.push(get(&b, "p99_ms"));
-        for (s, path) in probed.iter_mut().zip(CAPTURE_PATHS) {
+        for (s, path) in probed.iter_mut().zip(OVERHEAD_CONFIGS) {
             let run = (probe, port, path, path);
             s.round(run, seconds, "llm_probe_events_total", &mut line, || {
                 client(port, 8, seconds)
@@ -226,7 +231,7 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
     }
     let (br, bp) = (median(base_rps), median(base_p99));
     println!("overhead: median without llm-probe {br:.0} req/s p99 {bp:.3} ms");
-    for (s, path) in probed.iter().zip(CAPTURE_PATHS) {
+    for (s, path) in probed.iter().zip(OVERHEAD_CONFIGS) {
         let (wr, wp) = (median(s.rps.clone()), median(s.p99.clone()));
         println!(
             "overhead, {path}: {wr:.0} req/s = {:.1} % of baseline (goal >= 90 %), \
