@@ -335,6 +335,7 @@ fn tokens_with_and_without(
         format!("{lo:.1}–{hi:.1}")
     };
     let (bs, ws) = (spread(&b_tps), spread(&w_tps));
+    let (tp_pair, p99_pair) = (paired(&b_tps, &w_tps), paired(&b_p99, &w_p99));
     let (bt, wt, bp, wp) = (median(b_tps), median(w_tps), median(b_p99), median(w_p99));
     println!(
         "engine overhead ({engine}): median without {bt:.1} tok/s (rounds {bs}) e2e p99 {bp:.2} ms; \
@@ -342,7 +343,55 @@ fn tokens_with_and_without(
         (wt / bt - 1.0) * 100.0,
         (wp / bp - 1.0) * 100.0
     );
+    println!("engine overhead ({engine}), round by round: throughput {tp_pair}; p99 {p99_pair}");
     Ok(())
+}
+
+/// Each round's with/without change, paired (a round's two halves share the host's state of the
+/// moment, which moves by more than the probe's cost between rounds): their median and range, and
+/// a two-sided sign test of "the probe changes nothing" — resolved when p < 0.05.
+fn paired(without: &[f64], with: &[f64]) -> String {
+    let mut d: Vec<f64> = without
+        .iter()
+        .zip(with)
+        .filter(|(b, _)| **b > 0.0)
+        .map(|(b, w)| (w / b - 1.0) * 100.0)
+        .collect();
+    if d.is_empty() {
+        return "no rounds".into();
+    }
+    d.sort_by(f64::total_cmp);
+    let n = d.len();
+    let (down, up) = (
+        d.iter().filter(|x| **x < 0.0).count(),
+        d.iter().filter(|x| **x > 0.0).count(),
+    );
+    let p = sign_test(down, up);
+    format!(
+        "median {:+.1} % (rounds {:+.1} to {:+.1} %), {down} of {n} lower, {up} higher, sign test \
+         p = {p:.3}: {}",
+        median(d.clone()),
+        d[0],
+        d[n - 1],
+        if p < 0.05 { "resolved" } else { "not resolved" }
+    )
+}
+
+/// Two-sided sign-test p-value for `a` rounds one way and `b` the other (ties left out).
+fn sign_test(one_way: usize, other: usize) -> f64 {
+    let rounds = one_way + other;
+    if rounds == 0 {
+        return 1.0;
+    }
+    let fewer = one_way.min(other);
+    // P(X <= fewer) for X ~ Binomial(rounds, 1/2), doubled.
+    let mut choose = 1.0f64; // C(rounds, 0)
+    let mut tail = 0.0;
+    for i in 0..=fewer {
+        tail += choose;
+        choose = choose * (rounds - i) as f64 / (i + 1) as f64;
+    }
+    (2.0 * tail / 2f64.powi(rounds as i32)).min(1.0)
 }
 
 fn rss_kib(pid: u32, key: &str) -> u64 {
@@ -453,4 +502,29 @@ pub fn micro() -> Result<()> {
         "--bench",
         "ledger",
     ]))
+}
+
+#[cfg(test)]
+mod stats_tests {
+    use super::{paired, sign_test};
+
+    #[test]
+    fn sign_test_matches_the_binomial() {
+        assert!((sign_test(10, 0) - 2.0 / 1024.0).abs() < 1e-12);
+        assert!((sign_test(1, 3) - 10.0 / 16.0).abs() < 1e-12);
+        assert!((sign_test(5, 5) - 1.0).abs() < 1e-12);
+        assert!((sign_test(0, 0) - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn paired_rounds_say_whether_the_change_is_resolved() {
+        let without = [800.0, 834.0, 820.0, 791.0, 782.0, 798.0];
+        let lower: Vec<f64> = without.iter().map(|b| b * 0.98).collect();
+        let s = paired(&without, &lower);
+        assert!(s.starts_with("median -2.0 %"), "{s}");
+        assert!(s.contains("6 of 6 lower") && s.ends_with(": resolved"), "{s}");
+        let mixed = [810.0, 820.0, 800.0, 800.0, 790.0, 790.0];
+        let s = paired(&without, &mixed);
+        assert!(s.ends_with("not resolved"), "{s}");
+    }
 }
