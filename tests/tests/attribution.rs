@@ -440,26 +440,52 @@ fn ttft_stages_match_what_the_stand_in_did() {
     );
     decode_threads_match_the_loops_schedstat(&served, &id, rec, gaps, steal0);
 
-    // Overlapping hand-offs: the boundaries are the nearest IPC times (docs/attribution.md), so a
-    // request's engine stage can only grow past the worker's own time, never shrink below it.
-    let reqs = (0..8)
-        .map(|i| {
-            let extra = json!({"front_burn_ms": 5, "worker_ms": 60, "output_burn_ms": 5});
-            chat_req(&format!("w{i}"), "m", true, 1, &extra)
-        })
+    // 32 overlapping hand-offs: the boundaries are the nearest IPC times (docs/attribution.md):
+    // the hand-off is the first send at or after the read (its own or an earlier one), the
+    // return the last receive before the first write (its own answer, sent back 60 ms after its
+    // own send, or a later one). So `frontend` ≤ the front's read → its own send call's end,
+    // `engine` ≥ the worker's 60 ms less that send call, `output` ≤ first write − (own send +
+    // 60 ms); and the four stages still add up to the TTFT.
+    let extra = json!({"front_burn_ms": 5, "worker_ms": 60, "output_burn_ms": 5, "report": true});
+    let reqs = (0..32)
+        .map(|i| chat_req(&format!("w{i}"), "m", true, 1, &extra))
         .collect();
     for s in run_concurrent(&served.addr, reqs) {
         assert!(s.error.is_none(), "{}: {:?}", s.request_id, s.error);
     }
-    let recs = records(&served.probe, next(8));
-    for i in 0..8 {
-        let rec = by_id(&recs, &format!("w{i}"));
-        let [_, _, e, _] = stages(rec);
+    let recs = records(&served.probe, next(32));
+    let mut slack = (0u64, 0u64, 0u64);
+    for i in 0..32 {
+        let id = format!("w{i}");
+        let rec = by_id(&recs, &id);
+        let [q, f, e, o] = stages(rec);
+        assert_eq!(
+            q + f + e + o,
+            ns(&rec["ttft_ns"]),
+            "{id}: stages add up: {rec}"
+        );
+        let t: std::collections::HashMap<String, u64> =
+            server_line(&served, &id).into_iter().collect();
+        let send_call = t["sent_end_ns"] - t["sent_ns"];
+        let f_max = t["sent_end_ns"] - t["req_ns"] + 1_000_000;
+        let o_max = (t["first_ns"] - t["sent_ns"]).saturating_sub(59_000_000);
+        let e_min = 59_000_000u64.saturating_sub(send_call);
         assert!(
-            e >= 59_000_000,
-            "w{i}: the engine stage holds the worker's 60 ms: {rec}"
+            f <= f_max,
+            "{id}: frontend {f} > read → own send {f_max}: {rec}"
+        );
+        assert!(
+            o <= o_max,
+            "{id}: output {o} > first write − answer {o_max}: {rec}"
+        );
+        assert!(e >= e_min, "{id}: engine {e} < the worker's 60 ms: {rec}");
+        slack = (
+            slack.0.max(f_max - f),
+            slack.1.max(o_max - o),
+            slack.2.max(e - e_min),
         );
     }
+    eprintln!("32 hand-offs at once: largest distance from the bound (frontend, output, engine) {slack:?} ns");
 }
 
 /// The two-process request's per-stage thread split (the loop thread read the request, sent the

@@ -522,7 +522,10 @@ mod stats_tests {
         let lower: Vec<f64> = without.iter().map(|b| b * 0.98).collect();
         let s = paired(&without, &lower);
         assert!(s.starts_with("median -2.0 %"), "{s}");
-        assert!(s.contains("6 of 6 lower") && s.ends_with(": resolved"), "{s}");
+        assert!(
+            s.contains("6 of 6 lower") && s.ends_with(": resolved"),
+            "{s}"
+        );
         let mixed = [810.0, 820.0, 800.0, 800.0, 790.0, 790.0];
         let s = paired(&without, &mixed);
         assert!(s.ends_with("not resolved"), "{s}");
