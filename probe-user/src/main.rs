@@ -165,7 +165,7 @@ struct RunArgs {
     #[arg(long = "ssl-probes", value_enum, default_value_t = OnOff::On, value_name = "ON|OFF")]
     ssl_probes: OnOff,
     /// CPU scheduling of the agent's own threads. `batch` (SCHED_BATCH, same nice level and CPU
-    /// share): a wake-up of the agent never preempts the server it traces; records carry kernel
+    /// share): the agent waking up does not preempt the server it traces; records carry kernel
     /// timestamps, so draining them a little later changes no figure. `normal`: SCHED_OTHER.
     #[arg(long = "agent-sched", value_enum, default_value_t = AgentSched::Batch, value_name = "POLICY")]
     agent_sched: AgentSched,
