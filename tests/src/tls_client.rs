@@ -212,8 +212,22 @@ async fn exchange_inner(
     }
 }
 
-/// A self-signed P-256 certificate for `localhost` in a fresh directory: (cert, key).
-pub fn self_signed_cert(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+/// A self-signed certificate and its key in a directory of their own, removed on drop (keep it
+/// alive for as long as a server may read them).
+pub struct SelfSigned {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for SelfSigned {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A self-signed P-256 certificate for `localhost` in a fresh directory.
+pub fn self_signed_cert(tag: &str) -> SelfSigned {
     let dir = std::env::temp_dir().join(format!("llm-probe-tls-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("cert dir");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
@@ -227,5 +241,5 @@ pub fn self_signed_cert(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
             .arg("-out")
             .arg(&cert),
     );
-    (cert, key)
+    SelfSigned { cert, key, dir }
 }

@@ -27,9 +27,9 @@ fn node_h2(tls: bool) {
     let port = free_port();
     let mut cmd = Command::new("node");
     cmd.arg(mock_llm_js()).arg(port.to_string()).arg("--h2");
-    if tls {
-        let (cert, key) = self_signed_cert("h2");
-        cmd.arg("--tls").arg(cert).arg(key);
+    let certs = tls.then(|| self_signed_cert("h2"));
+    if let Some(c) = &certs {
+        cmd.arg("--tls").arg(&c.cert).arg(&c.key);
     }
     let node = Proc::spawn(if tls { "node-h2-tls" } else { "node-h2c" }, &mut cmd);
     wait_for("the node http2 server", Duration::from_mins(1), || {

@@ -61,7 +61,8 @@ fn node_https_timing_matches_the_client() {
     if !require_root("node_https_timing_matches_the_client") {
         return;
     }
-    let (cert, key) = self_signed_cert("node");
+    let certs = self_signed_cert("node");
+    let (cert, key) = (&certs.cert, &certs.key);
     let port = free_port();
     let _node = Proc::spawn(
         "node-https",
@@ -69,8 +70,8 @@ fn node_https_timing_matches_the_client() {
             .arg(mock_llm_js())
             .arg(port.to_string())
             .arg("--tls")
-            .arg(&cert)
-            .arg(&key),
+            .arg(cert)
+            .arg(key),
     );
     wait_port(port, "the node https server");
     let addr = format!("127.0.0.1:{port}");
@@ -136,15 +137,16 @@ fn llama_cpp_over_tls_agrees_with_the_client() {
         py.exists() && model.exists(),
         "run `cargo xtask setup` first"
     );
-    let (cert, key) = self_signed_cert("llama");
+    let certs = self_signed_cert("llama");
+    let (cert, key) = (&certs.cert, &certs.key);
     let port = free_port();
     let engine = Proc::spawn(
         "llama-cpp-python-tls",
         tests::llama_command(port)
             .arg("--ssl_certfile")
-            .arg(&cert)
+            .arg(cert)
             .arg("--ssl_keyfile")
-            .arg(&key),
+            .arg(key),
     );
     wait_port(port, "llama-cpp-python over TLS");
     let addr = format!("127.0.0.1:{port}");

@@ -20,14 +20,15 @@ use crate::{
 const CONFIGS: [(&str, &str); 2] = [("sock-nossl", "no SSL probes"), ("sock", "SSL probes")];
 
 pub fn tls_overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
-    let (cert, key) = tests::tls_client::self_signed_cert("bench");
+    let certs = tests::tls_client::self_signed_cert("bench");
+    let (cert, key) = (&certs.cert, &certs.key);
     let port = tests::free_port();
     let _server = Kill(
         Command::new("node")
             .arg(root().join("tests/fixtures/servers/mock_llm.js"))
             .arg(port.to_string())
             .arg("--tls")
-            .args([&cert, &key])
+            .args([cert, key])
             .stdout(Stdio::null())
             .spawn()
             .context("starting node")?,
@@ -77,9 +78,6 @@ pub fn tls_overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
             s.scraped,
             sent[i],
         );
-    }
-    if let Some(dir) = cert.parent() {
-        let _ = std::fs::remove_dir_all(dir);
     }
     Ok(())
 }
