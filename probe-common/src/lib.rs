@@ -40,11 +40,15 @@ pub enum EventKind {
     /// A CUDA synchronisation call returned (`CudaSyncEvent`).
     CudaSync = 7,
     /// A traced process moved bytes on a socket that is not a client connection of its server:
-    /// IPC to another process of the engine, or an outbound call (`IpcEvent`; `sock:` path only).
+    /// IPC to another process of the engine, or an outbound call (`IpcEvent`, size only). No
+    /// longer emitted (the kernel sends `IpcData`); still decoded.
     Ipc = 8,
     /// Plaintext a traced process passed through OpenSSL's `SSL_read`/`SSL_write` (`DataEvent`
     /// with `ssl` set and `fd` unknown): the agent ties the `SSL *` to a connection.
     TlsData = 9,
+    /// `Ipc` with the first bytes moved (`DataEvent`; `sock:` path): the agent looks in them for
+    /// request ids (latency attribution's hand-off matching) and keeps nothing else of them.
+    IpcData = 10,
 }
 
 impl EventKind {
@@ -59,6 +63,7 @@ impl EventKind {
             7 => Some(Self::CudaSync),
             8 => Some(Self::Ipc),
             9 => Some(Self::TlsData),
+            10 => Some(Self::IpcData),
             _ => None,
         }
     }

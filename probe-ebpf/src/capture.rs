@@ -6,9 +6,9 @@ use core::{ffi::c_void, slice};
 
 use aya_ebpf::helpers::generated::bpf_probe_read_user;
 use probe_common::{
-    counter, DataEvent, EventHeader, EventKind, PendingIo, DIR_EGRESS, MAX_CAPTURE, MAX_IOV,
-    SYSCALL_READ, SYSCALL_RECVFROM, SYSCALL_SENDTO, SYSCALL_SSL_READ, SYSCALL_SSL_WRITE,
-    SYSCALL_WRITE, TAIL_CAPTURE,
+    counter, DataEvent, EventHeader, PendingIo, DIR_EGRESS, MAX_CAPTURE, MAX_IOV, SYSCALL_READ,
+    SYSCALL_RECVFROM, SYSCALL_SENDTO, SYSCALL_SSL_READ, SYSCALL_SSL_WRITE, SYSCALL_WRITE,
+    TAIL_CAPTURE,
 };
 
 use crate::{bump, submit_flags, EVENTS, SCRATCH};
@@ -184,8 +184,10 @@ fn capture_iov_tail(base: *mut u8, p: &PendingIo, ret: u64) -> usize {
 }
 
 /// Build and deliver the data record of one read/write: `ret` from the syscall (or socket
-/// call), the payload copied from `p`'s buffer when `p.buf` is set and bytes moved. `ssl` ≠ 0:
-/// plaintext of that `SSL *` (`EventKind::TlsData`).
+/// call), the payload copied from `p`'s buffer when `p.buf` is set and bytes moved. `kind`: an
+/// `EventKind` carried in a `DataEvent` — `Data` (a server connection), `IpcData` (another socket
+/// of a traced process) or `TlsData` (plaintext of the `SSL *` in `ssl`).
+#[expect(clippy::too_many_arguments, reason = "one record's fields")]
 #[inline(always)]
 pub fn emit_data(
     p: &PendingIo,
@@ -195,6 +197,7 @@ pub fn emit_data(
     ret: i64,
     arrival_ns: u64,
     ssl: u64,
+    kind: u32,
 ) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
@@ -210,11 +213,7 @@ pub fn emit_data(
     }
     let ev = DataEvent {
         header: EventHeader {
-            kind: if ssl == 0 {
-                EventKind::Data as u32
-            } else {
-                EventKind::TlsData as u32
-            },
+            kind,
             tgid,
             tid,
             _pad: 0,

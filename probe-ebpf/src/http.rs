@@ -126,7 +126,16 @@ fn on_exit(ctx: &TracePointContext) {
         p.thread = threads::clock(tgid, tid, now);
         now
     };
-    emit_data(&p, tgid, tid, ts_ns, ret, arrival_ns, 0);
+    emit_data(
+        &p,
+        tgid,
+        tid,
+        ts_ns,
+        ret,
+        arrival_ns,
+        0,
+        EventKind::Data as u32,
+    );
 }
 
 macro_rules! io_probe {

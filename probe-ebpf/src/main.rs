@@ -28,8 +28,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use probe_common::{
-    counter, ConnEvent, ConnKey, EventHeader, EventKind, PendingIo, ThreadClock, MAX_CAPTURE,
-    MAX_CONNS, MAX_PENDING, MAX_TARGETS, RING_BYTES, WAKEUP_BYTES,
+    counter, ConnEvent, ConnKey, EventHeader, EventKind, PendingIo, MAX_CAPTURE, MAX_CONNS,
+    MAX_PENDING, MAX_TARGETS, RING_BYTES, WAKEUP_BYTES,
 };
 
 /// Processes being traced (tgid → 1). Seeded by the agent, extended by `sched.rs` on fork.
@@ -135,23 +135,6 @@ fn emit<T>(record: &T) {
 fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
     // SAFETY: an offset inside the record (checked as above); the verifier checks ctx accesses.
     unsafe { *ctx.as_ptr().cast::<u8>().add(off).cast::<T>() }
-}
-
-/// I/O of a traced process on a socket that is not one of its server's connections.
-#[inline(always)]
-fn emit_ipc(tgid: u32, tid: u32, ts_ns: u64, dir: u32, len: u32, thread: ThreadClock) {
-    emit(&probe_common::IpcEvent {
-        header: EventHeader {
-            kind: EventKind::Ipc as u32,
-            tgid,
-            tid,
-            _pad: 0,
-            ts_ns,
-        },
-        dir,
-        len,
-        thread,
-    });
 }
 
 /// An accept or close of a tracked connection, stamped now.

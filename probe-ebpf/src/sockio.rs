@@ -44,7 +44,7 @@ use crate::{
     arrival::{ARRIVAL, SERVER_SOCKS},
     bump,
     capture::{emit_data, msghdr_iov},
-    current_tgid_tid, emit_conn, emit_ipc, is_target, threads, CONNS,
+    current_tgid_tid, emit_conn, is_target, threads, CONNS,
 };
 
 const EAGAIN: i32 = 11;
@@ -74,6 +74,9 @@ pub struct SendStart {
 pub struct IoDesc {
     io: PendingIo,
     ret: i64,
+    /// The record's `EventKind`.
+    kind: u32,
+    _pad: u32,
 }
 
 /// One slot per CPU for `IoDesc`.
@@ -170,6 +173,8 @@ fn describe(r: &[u64; 4], dir: u32, sk: u64) -> PendingIo {
 /// the verifier needs by proving them redundant from what it knows of `ret` (it did: "R2 min
 /// value is negative").
 /// `ssl` ≠ 0: plaintext of that `SSL *` (`ssl.rs`), which copies through here for the same reasons.
+/// `kind` goes through the slot too (one verified path for every kind of record).
+#[expect(clippy::too_many_arguments, reason = "one record's fields")]
 #[inline(always)]
 pub(crate) fn capture_via_slot(
     mut p: PendingIo,
@@ -179,6 +184,7 @@ pub(crate) fn capture_via_slot(
     ret: i64,
     arrival: u64,
     ssl: u64,
+    kind: EventKind,
 ) {
     let Some(slot) = IO_DESC.get_ptr_mut(0) else {
         return;
@@ -187,10 +193,15 @@ pub(crate) fn capture_via_slot(
     // SAFETY: this CPU's slot; BPF programs are not preempted on their CPU mid-run. The volatile
     // read keeps the compiler from forwarding the stored value (which would defeat the point).
     let d = unsafe {
-        slot.write(IoDesc { io: p, ret });
+        slot.write(IoDesc {
+            io: p,
+            ret,
+            kind: kind as u32,
+            _pad: 0,
+        });
         core::ptr::read_volatile(slot)
     };
-    emit_data(&d.io, tgid, tid, d.io.enter_ns, d.ret, arrival, ssl);
+    emit_data(&d.io, tgid, tid, d.io.enter_ns, d.ret, arrival, ssl, d.kind);
 }
 
 /// What a socket call of a traced process is to the capture.
@@ -266,30 +277,26 @@ pub fn sock_recv_data(ctx: RawTracePointContext) -> u32 {
         return 0;
     };
     let fd = r[2] as u32;
-    match admit(tgid, tid, fd, sk) {
-        Admit::Capture => {}
+    let kind = match admit(tgid, tid, fd, sk) {
+        Admit::Capture => EventKind::Data,
         Admit::Skip => return 0,
-        Admit::Other => {
-            if ret > 0 {
-                // SAFETY: plain helper call.
-                let now = unsafe { bpf_ktime_get_ns() };
-                let thread = threads::clock(tgid, tid, now);
-                emit_ipc(tgid, tid, now, DIR_INGRESS, ret as u32, thread);
-            }
-            return 0;
-        }
-    }
+        // IPC or an outbound call: its bytes go to the agent only to be searched for request ids.
+        Admit::Other if ret > 0 => EventKind::IpcData,
+        Admit::Other => return 0,
+    };
     let mut p = describe(&r, DIR_INGRESS, sk);
     let mut arrival_ns = 0;
-    // SAFETY: value copied out before the entry is removed.
-    if let Some(t) = unsafe { ARRIVAL.get(sk) } {
-        arrival_ns = *t;
-        let _ = ARRIVAL.remove(sk);
+    if kind == EventKind::Data {
+        // SAFETY: value copied out before the entry is removed.
+        if let Some(t) = unsafe { ARRIVAL.get(sk) } {
+            arrival_ns = *t;
+            let _ = ARRIVAL.remove(sk);
+        }
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     p.thread = threads::clock(tgid, tid, now);
-    capture_via_slot(p, now, tgid, tid, i64::from(ret), arrival_ns, 0);
+    capture_via_slot(p, now, tgid, tid, i64::from(ret), arrival_ns, 0, kind);
     0
 }
 
@@ -344,28 +351,17 @@ pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
         return 0;
     };
     let fd = r[2] as u32;
-    match admit(tgid, tid, fd, sk) {
-        Admit::Capture => {}
+    let kind = match admit(tgid, tid, fd, sk) {
+        Admit::Capture => EventKind::Data,
         Admit::Skip => return 0,
-        Admit::Other => {
-            if ret > 0 {
-                // Dated like a client write: by the TCP send's start when there is one, else
-                // (a unix socket: vLLM's ZMQ) by the end of the call.
-                let s = start.unwrap_or_else(|| {
-                    // SAFETY: plain helper call.
-                    let now = unsafe { bpf_ktime_get_ns() };
-                    SendStart {
-                        ts_ns: now,
-                        thread: threads::clock(tgid, tid, now),
-                    }
-                });
-                emit_ipc(tgid, tid, s.ts_ns, DIR_EGRESS, ret as u32, s.thread);
-            }
-            return 0;
-        }
-    }
+        // IPC or an outbound call (bytes searched for request ids only), dated like a client
+        // write.
+        Admit::Other if ret > 0 => EventKind::IpcData,
+        Admit::Other => return 0,
+    };
     let mut p = describe(&r, DIR_EGRESS, sk);
-    // Not TCP (no start stamp): the end of the call is the best time there is.
+    // Not TCP (no start stamp; a unix socket: vLLM's ZMQ): the end of the call is the best time
+    // there is.
     let ts = match start {
         Some(s) => {
             p.thread = s.thread;
@@ -378,6 +374,6 @@ pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
             now
         }
     };
-    capture_via_slot(p, ts, tgid, tid, i64::from(ret), 0, 0);
+    capture_via_slot(p, ts, tgid, tid, i64::from(ret), 0, 0, kind);
     0
 }

@@ -21,8 +21,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use probe_common::{
-    counter, ssl, PendingIo, ThreadClock, DIR_EGRESS, DIR_INGRESS, MAX_PENDING, SYSCALL_SSL_READ,
-    SYSCALL_SSL_WRITE,
+    counter, ssl, EventKind, PendingIo, ThreadClock, DIR_EGRESS, DIR_INGRESS, MAX_PENDING,
+    SYSCALL_SSL_READ, SYSCALL_SSL_WRITE,
 };
 
 use crate::{bump, current_tgid_tid, is_target, sockio::capture_via_slot, threads};
@@ -137,6 +137,6 @@ pub fn ssl_return(ctx: RetProbeContext) -> u32 {
         enter_ns: 0,
         thread,
     };
-    capture_via_slot(p, ts, tgid, tid, moved, 0, call.ssl);
+    capture_via_slot(p, ts, tgid, tid, moved, 0, call.ssl, EventKind::TlsData);
     0
 }

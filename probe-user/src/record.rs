@@ -57,6 +57,9 @@ pub enum Event<'a> {
         len: u32,
         /// The calling thread's clock at `header.ts_ns` (all zero: unknown).
         thread: ThreadClock,
+        /// The first bytes moved (`EventKind::IpcData`; empty for `Ipc`): searched for request
+        /// ids, never kept.
+        payload: &'a [u8],
     },
 }
 
@@ -141,6 +144,25 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 egress: i.dir == DIR_EGRESS,
                 len: i.len,
                 thread: i.thread,
+                payload: &[],
+            })
+        }
+        Some(EventKind::IpcData) => {
+            let d: DataEvent = read(bytes)?;
+            let start = size_of::<DataEvent>();
+            let claimed = d.cap_len as usize + usize::from(d.tail_len);
+            let all = bytes
+                .get(start..start + claimed)
+                .ok_or(DecodeError::BadLength {
+                    claimed,
+                    actual: bytes.len() - start,
+                })?;
+            Ok(Event::Ipc {
+                header,
+                egress: d.dir == DIR_EGRESS,
+                len: u32::try_from(d.ret.max(0)).unwrap_or(u32::MAX),
+                thread: d.thread,
+                payload: &all[..d.cap_len as usize],
             })
         }
         None => Err(DecodeError::UnknownKind(header.kind)),
@@ -245,6 +267,29 @@ mod tests {
             panic!("decode failed");
         };
         assert_eq!(ssl, None, "socket bytes have no SSL");
+    }
+
+    #[test]
+    fn ipc_bytes_decode_as_ipc() {
+        let mut raw = encode_data_with_tail(hdr(), 9, true, 5000, b"chatcmpl-1", b"tail");
+        raw[..4].copy_from_slice(&(EventKind::IpcData as u32).to_ne_bytes());
+        let Ok(Event::Ipc {
+            egress,
+            len,
+            payload,
+            header,
+            ..
+        }) = decode(&raw)
+        else {
+            panic!("decode failed");
+        };
+        assert_eq!(
+            (egress, len, payload, header.tgid),
+            (true, 5000, &b"chatcmpl-1"[..], 7),
+            "the head only; the tail is not searched"
+        );
+        raw.truncate(raw.len() - 5);
+        assert!(matches!(decode(&raw), Err(DecodeError::BadLength { .. })));
     }
 
     #[test]
