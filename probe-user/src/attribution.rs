@@ -16,6 +16,9 @@
 //! overlapping, the first send after a read may be another request's hand-off and the last receive
 //! before a write may carry other requests' outputs: boundaries are times, shared by every request
 //! whose window holds them (a batched message is not apportioned), and exact for a request alone.
+//! Unless the request's id (the `id` its response streams) was found in the front's IPC bytes
+//! (`ids`): then its hand-off is the first send that carried the id and its return the first
+//! receive that did, whatever else overlapped.
 //!
 //! The serving thread's states: when one thread read the request and wrote its first content
 //! event (asyncio, Node, llama.cpp's HTTP thread), the differences of that thread's kernel clock
@@ -32,7 +35,13 @@ use serde::Serialize;
 use crate::http::{Gap, Moment, RequestRecord};
 
 mod gpu;
+mod ids;
 pub use gpu::{GpuLog, GpuWait};
+pub use ids::{id_hash, IdIndex};
+
+/// How a request's hand-off was found (`Breakdown::hand_off_by`): `llm_ttft_hand_off_total{by}`
+/// and `hand_off` in `/api/v1/requests`.
+pub const HAND_OFF: [&str; 3] = ["id", "time", "none"];
 
 /// Stage names, as metric label values and `/api/v1/requests` keys.
 pub const STAGES: [&str; 4] = ["socket_queue", "frontend", "engine", "output"];
@@ -103,9 +112,22 @@ pub struct Breakdown {
     pub stages: Stages,
     /// Whether IPC of the front process split the server's time (else all of it is `engine`).
     pub handed_off: bool,
+    /// Whether that split came from the request's own id in the IPC bytes (else from times).
+    pub matched: bool,
     pub threads: Option<StageThreads>,
     /// The engine stage's wait in CUDA synchronize calls (`gpu::GpuLog`); `None` without CUDA.
     pub gpu: Option<GpuWait>,
+}
+
+impl Breakdown {
+    /// One of `HAND_OFF`.
+    pub const fn hand_off_by(&self) -> &'static str {
+        match (self.handed_off, self.matched) {
+            (true, true) => "id",
+            (true, false) => "time",
+            (false, _) => "none",
+        }
+    }
 }
 
 /// IPC sends or receives of one process kept for attribution.
@@ -119,11 +141,14 @@ pub const IPC_PROCESSES: usize = 256;
 #[derive(Debug, Default)]
 pub struct IpcLog {
     procs: FxHashMap<u32, [VecDeque<Moment>; 2]>,
+    ids: IdIndex,
 }
 
 impl IpcLog {
-    /// One IPC send (`egress`) or receive of process `tgid` at `at`.
-    pub fn record(&mut self, tgid: u32, at: Moment, egress: bool) {
+    /// One IPC send (`egress`) or receive of process `tgid` at `at`, whose first bytes (searched
+    /// for request ids, then dropped) are `payload`.
+    pub fn record(&mut self, tgid: u32, at: Moment, egress: bool, payload: &[u8]) {
+        self.ids.record(tgid, at, egress, payload);
         if self.procs.len() >= IPC_PROCESSES && !self.procs.contains_key(&tgid) {
             return;
         }
@@ -142,6 +167,16 @@ impl IpcLog {
     /// The process exited: its times go.
     pub fn forget(&mut self, tgid: u32) {
         self.procs.remove(&tgid);
+        self.ids.forget(tgid);
+    }
+
+    /// The hand-off and return of the request whose response id hashes to `id`: the first send
+    /// that carried it in `[from, to]` and the first receive that carried it after that send,
+    /// before `to`.
+    fn matched(&self, tgid: u32, id: u64, from: u64, to: u64) -> Option<(Moment, Moment)> {
+        let t = self.ids.get(tgid, id)?;
+        let (sent, back) = (t.sent?, t.back?);
+        (from <= sent.ts_ns && sent.ts_ns <= back.ts_ns && back.ts_ns <= to).then_some((sent, back))
     }
 
     /// (first send in `[from, to]`, then the last receive in `[that send, to]`).
@@ -264,8 +299,12 @@ pub fn ttft(r: &RequestRecord, ipc: &IpcLog, gpu: &GpuLog) -> Option<Breakdown> 
         ts_ns: read_ns,
         ..r.read
     };
-    // Without a hand-off, the server's time is all engine: frontend and output are empty.
-    let hand_off = ipc.hand_off(r.conn.tgid, read_ns, first.ts_ns);
+    // The request's own id in the IPC bytes first, else the nearest IPC times. Without a
+    // hand-off, the server's time is all engine: frontend and output are empty.
+    let matched = r
+        .response_id
+        .and_then(|id| ipc.matched(r.conn.tgid, id, read_ns, first.ts_ns));
+    let hand_off = matched.or_else(|| ipc.hand_off(r.conn.tgid, read_ns, first.ts_ns));
     let (sent, back) = hand_off.unwrap_or((read, first));
     let stages = Stages {
         socket_queue: read_ns - r.arrival_ns,
@@ -285,6 +324,7 @@ pub fn ttft(r: &RequestRecord, ipc: &IpcLog, gpu: &GpuLog) -> Option<Breakdown> 
     Some(Breakdown {
         stages,
         handed_off: hand_off.is_some(),
+        matched: matched.is_some(),
         threads,
         gpu: gpu.wait_in(r.conn.tgid, sent.ts_ns, back.ts_ns),
     })

@@ -214,6 +214,19 @@ pub struct RequestRecord {
     pub gaps_ns: Vec<u64>,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// Hash (`attribution::id_hash`) of the id the response streamed (`"id": "chatcmpl-…"`), from
+    /// its first event that had one; the id itself is not kept.
+    pub response_id: Option<u64>,
+}
+
+/// The hash a response's id is kept and matched by (`RequestRecord::response_id`, and the id
+/// tokens latency attribution finds in IPC bytes): `FxHash` of the id's bytes.
+pub fn id_hash(id: &[u8]) -> u64 {
+    use std::hash::Hasher as _;
+    let mut h = rustc_hash::FxHasher::default();
+    h.write(id);
+    h.write_u8(0xff);
+    h.finish()
 }
 
 impl RequestRecord {

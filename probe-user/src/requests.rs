@@ -45,6 +45,9 @@ pub struct RequestView {
     /// The TTFT split into stages that sum to `ttft_ns` (`crate::attribution`); `None` without a
     /// first token or when the read of the request's first bytes was not seen.
     pub stages_ns: Option<Stages>,
+    /// How the hand-off that bounds `frontend`/`engine`/`output` was found
+    /// (`attribution::HAND_OFF`: `id`, `time`, `none`); `None` without `stages_ns`.
+    pub hand_off: Option<&'static str>,
     /// Stages split by the state of the thread doing the work; `None` when no stage could be.
     pub threads_ns: Option<StageThreads>,
     /// The engine stage's wait in CUDA synchronize calls of the serving process tree
@@ -297,6 +300,12 @@ impl RequestStats {
     /// serving thread's states (or `unknown`) into `llm_ttft_stage_thread_seconds_total`, for
     /// the `server` span and for each stage of the histogram.
     fn observe_stages(&self, model: &str, b: &attribution::Breakdown) {
+        self.metrics
+            .hand_off
+            .get_or_create(&crate::metrics::ByLabels {
+                by: b.hand_off_by(),
+            })
+            .inc();
         for (stage, ns) in b.stages.named() {
             if !b.handed_off && (stage == "frontend" || stage == "output") {
                 continue;
@@ -466,6 +475,7 @@ impl Observer for RequestStats {
             arrival_ns: r.arrival_ns,
             ttft_ns: r.first_token_ns.map(|t| t.saturating_sub(r.arrival_ns)),
             stages_ns: breakdown.map(|b| b.stages),
+            hand_off: breakdown.map(|b| b.hand_off_by()),
             threads_ns: breakdown.and_then(|b| b.threads),
             gpu_ns: breakdown.and_then(|b| b.gpu),
             decode_ns: decode,

@@ -148,6 +148,7 @@ impl Ingest {
                 header,
                 egress,
                 thread,
+                payload,
                 ..
             } => {
                 let at = Moment {
@@ -155,7 +156,7 @@ impl Ingest {
                     tid: header.tid,
                     clock: thread,
                 };
-                self.stats.ipc.record(header.tgid, at, egress);
+                self.stats.ipc.record(header.tgid, at, egress, payload);
             }
             Event::Fork { header, child } => {
                 log::info!(

@@ -26,6 +26,7 @@ fn record(arrival: u64, read: Moment, first: Option<Moment>) -> RequestRecord {
         gaps_ns: Vec::new(),
         prompt_tokens: None,
         completion_tokens: None,
+        response_id: None,
     }
 }
 
@@ -158,12 +159,12 @@ fn ipc_splits_the_server_time_into_frontend_engine_and_output() {
     // the window change nothing.
     let mut ipc = IpcLog::default();
     for (t, egress) in [(900, true), (1_300, true), (1_500, true), (1_200, false)] {
-        ipc.record(1, when(t), egress);
+        ipc.record(1, when(t), egress, b"");
     }
     for t in [2_100, 1_700, 2_500] {
-        ipc.record(1, when(t), false); // out of order on purpose
+        ipc.record(1, when(t), false, b""); // out of order on purpose
     }
-    ipc.record(2, when(1_100), true);
+    ipc.record(2, when(1_100), true, b"");
     let r = record(
         1_000,
         at(1_000, 7, clock(10, 0, 0)),
@@ -195,8 +196,8 @@ fn ipc_splits_the_server_time_into_frontend_engine_and_output() {
     assert_eq!(w.map(|w| (w.sync_wait, w.syncs)), Some((200, 2)));
     // A return before the hand-off is not one: no split, all of it is engine.
     let mut early = IpcLog::default();
-    early.record(1, when(1_300), true);
-    early.record(1, when(1_200), false);
+    early.record(1, when(1_300), true, b"");
+    early.record(1, when(1_200), false, b"");
     let b = ttft(&r, &early, &GpuLog::default()).expect("breakdown");
     assert!(!b.handed_off);
     assert_eq!(
@@ -217,8 +218,8 @@ fn each_stage_is_split_when_the_serving_thread_made_the_hand_off_and_return() {
     // Thread 7 reads at 1,000, spins 300 until its send at 1,300, sleeps until the engine's
     // answer is received at 2,100 (runnable 100 of it), spins 300 to the write at 2,400.
     let mut ipc = IpcLog::default();
-    ipc.record(1, at(1_300, 7, clock(310, 0, 0)), true);
-    ipc.record(1, at(2_100, 7, clock(310, 100, 700)), false);
+    ipc.record(1, at(1_300, 7, clock(310, 0, 0)), true, b"");
+    ipc.record(1, at(2_100, 7, clock(310, 100, 700)), false, b"");
     let r = record(
         1_000,
         at(1_000, 7, clock(10, 0, 0)),
@@ -241,8 +242,8 @@ fn each_stage_is_split_when_the_serving_thread_made_the_hand_off_and_return() {
     // The return received by another thread (vLLM's ZMQ I/O thread): the two stages it bounds
     // have no split; the frontend still has.
     let mut other = IpcLog::default();
-    other.record(1, at(1_300, 7, clock(310, 0, 0)), true);
-    other.record(1, at(2_100, 8, clock(50, 0, 50)), false);
+    other.record(1, at(1_300, 7, clock(310, 0, 0)), true, b"");
+    other.record(1, at(2_100, 8, clock(50, 0, 50)), false, b"");
     let t = ttft(&r, &other, &GpuLog::default())
         .and_then(|b| b.threads)
         .expect("split");
@@ -261,12 +262,12 @@ fn each_stage_is_split_when_the_serving_thread_made_the_hand_off_and_return() {
 fn ipc_log_is_bounded() {
     let mut ipc = IpcLog::default();
     for t in 0..(IPC_KEPT as u64 + 10) {
-        ipc.record(1, when(t), true);
+        ipc.record(1, when(t), true, b"");
     }
     assert_eq!(ipc.procs[&1][1].len(), IPC_KEPT);
     assert_eq!(ipc.procs[&1][1].front().map(|m| m.ts_ns), Some(10));
     for p in 0..(IPC_PROCESSES as u32 + 5) {
-        ipc.record(100 + p, when(1), false);
+        ipc.record(100 + p, when(1), false, b"");
     }
     assert_eq!(ipc.procs.len(), IPC_PROCESSES);
 }
@@ -283,7 +284,7 @@ fn gap(from: u64, to: u64) -> Gap {
 fn decode_gaps_split_at_the_last_receive_inside_them() {
     let mut ipc = IpcLog::default();
     for t in [150, 180, 260] {
-        ipc.record(1, when(t), false);
+        ipc.record(1, when(t), false, b"");
     }
     let no_gpu = GpuLog::default();
     let split = |engine, output| GapSplit {
@@ -299,7 +300,7 @@ fn decode_gaps_split_at_the_last_receive_inside_them() {
     // Gap 100..200: the engine's answer arrived at 180 (the last inside), then 20 of output.
     assert_eq!(d.add_gap((&ipc, &no_gpu), 1, &gap(100, 200)), split(80, 20));
     // Gap 200..250: no receive inside: all engine. Another process's IPC does not count.
-    ipc.record(2, when(220), false);
+    ipc.record(2, when(220), false, b"");
     assert_eq!(d.add_gap((&ipc, &no_gpu), 1, &gap(200, 250)), split(50, 0));
     assert_eq!(d.add_gap((&ipc, &no_gpu), 1, &gap(250, 300)), split(10, 40));
     assert_eq!(
@@ -363,7 +364,7 @@ fn decode_gaps_are_split_by_the_writing_threads_states() {
 fn decode_gaps_gpu_wait_is_taken_over_their_engine_part() {
     let ipc = {
         let mut l = IpcLog::default();
-        l.record(1, when(180), false);
+        l.record(1, when(180), false, b"");
         l
     };
     let mut gpu = GpuLog::default();
@@ -385,4 +386,63 @@ fn decode_gaps_gpu_wait_is_taken_over_their_engine_part() {
     );
     assert_eq!(d.add_gap((&ipc, &gpu), 1, &gap(200, 260)).gpu_sync, Some(0));
     assert_eq!(d.gpu_sync, Some(50));
+}
+
+#[test]
+fn a_request_whose_id_is_in_the_ipc_bytes_gets_its_own_hand_off_and_return() {
+    // Two overlapping requests of one front process. A read at 1,000 and a first write at
+    // 3,000 (A); B's hand-off (at 1,100) and return (at 2,900) are the nearest IPC times in A's
+    // window, A's own are at 1,400 and 2,200 (with suffixed internal ids, as vLLM's).
+    let mut ipc = IpcLog::default();
+    ipc.record(
+        1,
+        when(1_100),
+        true,
+        b"\x92\xd9\x14chatcmpl-bbb-1234abcd\xc0",
+    );
+    ipc.record(
+        1,
+        when(1_400),
+        true,
+        b"\x92\xd9\x14chatcmpl-aaa-9876fedc\xc0",
+    );
+    ipc.record(1, when(2_200), false, b"[chatcmpl-aaa-9876fedc]");
+    ipc.record(
+        1,
+        when(2_900),
+        false,
+        b"[chatcmpl-bbb-1234abcd, chatcmpl-aaa-9876fedc]",
+    );
+    let mut r = record(1_000, at(1_000, 7, clock(10, 0, 0)), Some(when(3_000)));
+    let by_time = ttft(&r, &ipc, &GpuLog::default()).expect("breakdown");
+    assert_eq!(by_time.hand_off_by(), "time");
+    assert_eq!(
+        (
+            by_time.stages.frontend,
+            by_time.stages.engine,
+            by_time.stages.output
+        ),
+        (100, 1_800, 100)
+    );
+    r.response_id = Some(crate::http::id_hash(b"chatcmpl-aaa"));
+    let by_id = ttft(&r, &ipc, &GpuLog::default()).expect("breakdown");
+    assert_eq!(by_id.hand_off_by(), "id");
+    assert_eq!(
+        (
+            by_id.stages.frontend,
+            by_id.stages.engine,
+            by_id.stages.output
+        ),
+        (400, 800, 800)
+    );
+    assert_eq!(by_id.stages.total(), 2_000);
+    // An id seen only outside the request's window (an earlier request with the same id, as
+    // servers that stream one fixed id do) falls back to the times.
+    r.read = when(1_500);
+    r.arrival_ns = 1_500;
+    let late = ttft(&r, &ipc, &GpuLog::default()).expect("breakdown");
+    assert_eq!(late.hand_off_by(), "none");
+    // No IPC at all: none.
+    let alone = ttft(&r, &IpcLog::default(), &GpuLog::default()).expect("breakdown");
+    assert_eq!(alone.hand_off_by(), "none");
 }

@@ -34,6 +34,7 @@ fn view(ttft_s: Option<f64>, outcome: &'static str) -> RequestView {
         arrival_ns: 0,
         ttft_ns: ttft_s.map(|s| (s * 1e9) as u64),
         stages_ns: None,
+        hand_off: None,
         threads_ns: None,
         gpu_ns: None,
         decode_ns: None,

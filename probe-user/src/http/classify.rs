@@ -35,6 +35,9 @@ pub(crate) struct Classified {
     pub done: bool,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// `super::id_hash` of the event's top-level `id` string (`chatcmpl-…`), when it has a plain
+    /// one (no escapes, at most 128 bytes): latency attribution matches it in IPC bytes.
+    pub id: Option<u64>,
 }
 
 /// Receives what a response body says, as the analyzer finds it.
@@ -56,6 +59,9 @@ struct Event<'a> {
     /// `OpenAI` chat/completions, vLLM, `SGLang`, llama.cpp, TGI Messages API.
     #[serde(default)]
     choices: Choices,
+    /// The response's id (`OpenAI` API: `chatcmpl-…`, `cmpl-…`).
+    #[serde(borrow)]
+    id: Raw<'a>,
     /// TGI `generate_stream`: `{"token": {"text": …, "special": …}}`.
     #[serde(borrow)]
     token: Raw<'a>,
@@ -258,6 +264,7 @@ pub(crate) fn classify(json: &[u8]) -> Result<Classified, serde_json::Error> {
     let s = std::str::from_utf8(json).map_err(|_| serde::de::Error::custom("not UTF-8"))?;
     let ev: Event<'_> = serde_json::from_str(s)?;
     let mut out = Classified {
+        id: ev.id.and_then(plain_id).map(super::id_hash),
         error: not_null(ev.error) || raw_is_str(ev.object, "error") || raw_is_str(ev.kind, "error"),
         done: ev.done.is_some_and(|r| raw_bytes(r) == b"true"),
         ..Classified::default()
@@ -369,6 +376,12 @@ fn raw_bytes(raw: &RawValue) -> &[u8] {
     raw.get().trim_ascii().as_bytes()
 }
 
+/// The bytes of a JSON string without escapes, 1 to 128 bytes long.
+fn plain_id(raw: &RawValue) -> Option<&[u8]> {
+    let inner = raw_bytes(raw).strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    (!inner.is_empty() && inner.len() <= 128 && !inner.contains(&b'\\')).then_some(inner)
+}
+
 fn raw_starts_with(raw: &RawValue, b: u8) -> bool {
     raw_bytes(raw).first() == Some(&b)
 }
@@ -448,6 +461,22 @@ mod tests {
         assert!(c(completions).content);
         let non_stream = r#"{"choices":[{"message":{"role":"assistant","content":"Hello"}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
         assert!(c(non_stream).content);
+    }
+
+    #[test]
+    fn the_response_id_is_kept_as_a_hash_only_when_plain() {
+        let id = |s: &str| c(s).id;
+        let h = Some(super::super::id_hash(b"chatcmpl-42ab"));
+        assert_eq!(id(r#"{"id":"chatcmpl-42ab","choices":[]}"#), h);
+        assert_eq!(id(r#"{"id": "chatcmpl-42ab" ,"choices":[]}"#), h);
+        for odd in [
+            r#"{"id":"a\"b"}"#,
+            r#"{"id":""}"#,
+            r#"{"id":7}"#,
+            r#"{"choices":[]}"#,
+        ] {
+            assert_eq!(id(odd), None, "{odd}");
+        }
     }
 
     #[test]

@@ -127,6 +127,8 @@ struct Req {
     gaps_ns: Vec<u64>,
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
+    /// See `RequestRecord::response_id`.
+    response_id: Option<u64>,
     stream_error: bool,
     truncated_reported: bool,
     /// The memory budget took its gap list: gaps are no longer kept (the TBT histogram still
@@ -152,6 +154,7 @@ impl Req {
             gaps_ns: Vec::new(),
             prompt_tokens: None,
             completion_tokens: None,
+            response_id: None,
             stream_error: false,
             truncated_reported: false,
             gaps_dropped: false,

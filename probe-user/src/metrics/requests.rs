@@ -12,7 +12,7 @@ use prometheus_client::{
 };
 
 use super::{
-    ErrorLabels, F64Gauge, HistFamily, KindLabels, ModelLabels, ReqLabels, StageLabels,
+    ByLabels, ErrorLabels, F64Gauge, HistFamily, KindLabels, ModelLabels, ReqLabels, StageLabels,
     StageOnlyLabels, StageStateLabels, StateLabels, StatusLabels, WhatLabels, DURATION_BUCKETS,
     TBT_BUCKETS, TTFT_BUCKETS,
 };
@@ -37,6 +37,8 @@ pub struct RequestMetrics {
     pub ttft_stage_thread: Family<StageStateLabels, Counter<f64, AtomicU64>>,
     /// The engine stage's wait in CUDA synchronize calls, per request (`attribution::GpuWait`).
     pub ttft_gpu_wait: HistFamily<ModelLabels>,
+    /// Requests with a TTFT breakdown by how their hand-off was found (`attribution::HAND_OFF`).
+    pub hand_off: Family<ByLabels, Counter>,
     /// Seconds between tokens by stage (`engine`, `output`).
     pub tbt_stage: Family<StageOnlyLabels, Counter<f64, AtomicU64>>,
     /// Seconds of the gaps' engine part spent waiting in CUDA synchronize calls.
@@ -68,6 +70,7 @@ impl RequestMetrics {
             ttft_stage: Family::new_with_constructor(ttft),
             ttft_stage_thread: Family::default(),
             ttft_gpu_wait: Family::new_with_constructor(ttft),
+            hand_off: Family::default(),
             tbt_stage: Family::default(),
             tbt_gpu_wait: Counter::default(),
             tbt_thread: Family::default(),
@@ -118,6 +121,17 @@ impl RequestMetrics {
              with CUDA probes live and a synchronize call on record",
             m.ttft_gpu_wait.clone(),
         );
+        registry.register(
+            "llm_ttft_hand_off",
+            "Requests whose TTFT was split into stages, by how the hand-off to the engine process \
+             and the return were found: id (the request's own id in the IPC bytes: exact under \
+             overlap), time (the nearest IPC times: a bound under overlap), none (no IPC: a \
+             single-process server, all engine)",
+            m.hand_off.clone(),
+        );
+        for by in crate::attribution::HAND_OFF {
+            let _ = m.hand_off.get_or_create(&ByLabels { by });
+        }
         registry.register(
             "llm_tbt_stage_seconds",
             "Seconds between content events split at the front process's last IPC receive inside \

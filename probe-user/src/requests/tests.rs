@@ -59,6 +59,7 @@ fn record(m: RequestMeta) -> RequestRecord {
         gaps_ns: vec![1_000, 1_000],
         prompt_tokens: Some(4),
         completion_tokens: Some(5),
+        response_id: None,
     }
 }
 
@@ -132,7 +133,7 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
         ts_ns: 2_700,
         ..Moment::default()
     };
-    s.ipc.record(1, recv, false);
+    s.ipc.record(1, recv, false, b"");
     // GPU waits of the process: one inside the TTFT's engine stage (1,200..2,000), one inside the
     // first gap's engine part (2,000..2,700), one in its output part (not counted).
     s.gpu.record(1, 1_300, 1_500);

@@ -56,6 +56,7 @@ pub(super) fn finish(
         gaps_ns: req.gaps_ns,
         prompt_tokens: req.prompt_tokens,
         completion_tokens: req.completion_tokens,
+        response_id: req.response_id,
     });
 }
 
@@ -74,6 +75,7 @@ impl<O: Observer> EventSink for ReqSink<'_, O> {
         r.stream_error |= ev.error;
         r.prompt_tokens = ev.prompt_tokens.or(r.prompt_tokens);
         r.completion_tokens = ev.completion_tokens.or(r.completion_tokens);
+        r.response_id = r.response_id.or(ev.id);
         if ev.token || ev.content {
             r.token_events += 1;
         }

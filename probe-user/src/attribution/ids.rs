@@ -1,0 +1,218 @@
+//! Request ids in IPC bytes: which IPC message carried a request to the engine and which one
+//! brought its first output back, so that overlapping requests get their own hand-off and return
+//! instead of the nearest IPC times (docs/attribution.md, "Matching by request id").
+//!
+//! An OpenAI-style server streams its request id back to the client (`"id": "chatcmpl-…"`), and
+//! the engine's IPC messages carry the same id: vLLM's API server sends `chatcmpl-<uuid>-<8 hex>`
+//! in each `EngineCoreRequest` and gets it back in every `EngineCoreOutput`. The kernel hands the
+//! agent the first bytes of each IPC call (`EventKind::IpcData`); this module looks in them for
+//! tokens that start with `chatcmpl-` or `cmpl-`, keeps a hash of each such token (and of each of
+//! its prefixes that ends before a `-`, so that an engine's suffixed internal id matches the id it
+//! streams) with the time of the first send and the first receive that carried it — and nothing
+//! else of the bytes. Bounded: `IDS_PER_MESSAGE` tokens per message, `KEYS_KEPT` hashes per
+//! process (oldest dropped), `ID_PROCESSES` processes.
+
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
+
+pub use crate::http::id_hash;
+use crate::http::Moment;
+
+/// Id tokens looked at per IPC message; more are ignored.
+pub const IDS_PER_MESSAGE: usize = 64;
+/// Id hashes kept per process (each ≈ 100 bytes with its times).
+pub const KEYS_KEPT: usize = 2048;
+/// Processes whose ids are kept.
+pub const ID_PROCESSES: usize = 32;
+/// Longest id token taken (OpenAI-style ids are 30–60 characters).
+const MAX_ID: usize = 128;
+/// What every id token contains (`chatcmpl-` is found through it too).
+const MARK: &[u8] = b"cmpl-";
+
+/// When an id was first seen going to the engine, and first seen coming back after that.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdTimes {
+    pub sent: Option<Moment>,
+    pub back: Option<Moment>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    order: VecDeque<u64>,
+    at: FxHashMap<u64, IdTimes>,
+}
+
+/// Id hashes seen in each traced process's IPC, with their first send and receive.
+#[derive(Debug, Default)]
+pub struct IdIndex {
+    procs: FxHashMap<u32, Seen>,
+}
+
+impl IdIndex {
+    /// One IPC message of `tgid` at `at` whose first bytes are `payload`.
+    pub fn record(&mut self, tgid: u32, at: Moment, egress: bool, payload: &[u8]) {
+        let mut keys = [0u64; 4 * IDS_PER_MESSAGE];
+        let n = id_keys(payload, &mut keys);
+        if n == 0 {
+            return;
+        }
+        if self.procs.len() >= ID_PROCESSES && !self.procs.contains_key(&tgid) {
+            return;
+        }
+        let seen = self.procs.entry(tgid).or_default();
+        for &k in &keys[..n] {
+            let t = match seen.at.get_mut(&k) {
+                Some(t) => t,
+                None => {
+                    if seen.order.len() >= KEYS_KEPT {
+                        if let Some(old) = seen.order.pop_front() {
+                            seen.at.remove(&old);
+                        }
+                    }
+                    seen.order.push_back(k);
+                    seen.at.entry(k).or_default()
+                }
+            };
+            if egress {
+                if t.sent.is_none_or(|s| at.ts_ns < s.ts_ns) {
+                    t.sent = Some(at);
+                }
+            } else if t.back.is_none_or(|b| at.ts_ns < b.ts_ns) {
+                t.back = Some(at);
+            }
+        }
+    }
+
+    /// The times of id `hash` in `tgid`'s IPC.
+    pub fn get(&self, tgid: u32, hash: u64) -> Option<IdTimes> {
+        self.procs.get(&tgid)?.at.get(&hash).copied()
+    }
+
+    pub fn forget(&mut self, tgid: u32) {
+        self.procs.remove(&tgid);
+    }
+}
+
+const fn is_id_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+/// Hashes of the id tokens in `bytes` into `out`; returns how many. A token runs from `chatcmpl-`
+/// or `cmpl-` over id characters (letters, digits, `-`, `_`); its hash and those of its prefixes
+/// that end before a `-` past the mark are taken (at most 4 per token).
+fn id_keys(bytes: &[u8], out: &mut [u64; 4 * IDS_PER_MESSAGE]) -> usize {
+    let mut n = 0;
+    let mut from = 0;
+    let mut tokens = 0;
+    while let Some(i) = memchr::memmem::find(&bytes[from..], MARK).map(|i| i + from) {
+        if tokens == IDS_PER_MESSAGE {
+            break;
+        }
+        let start = if i >= 4 && &bytes[i - 4..i] == b"chat" {
+            i - 4
+        } else {
+            i
+        };
+        let body = i + MARK.len();
+        let mut end = body;
+        while end < bytes.len() && end - start < MAX_ID && is_id_byte(bytes[end]) {
+            end += 1;
+        }
+        from = end.max(body);
+        if end == body {
+            continue; // nothing after the mark
+        }
+        tokens += 1;
+        let mut per_token = 0;
+        for cut in (body + 1..end).filter(|&j| bytes[j] == b'-') {
+            if per_token == 3 {
+                break;
+            }
+            out[n] = id_hash(&bytes[start..cut]);
+            n += 1;
+            per_token += 1;
+        }
+        out[n] = id_hash(&bytes[start..end]);
+        n += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ts_ns: u64) -> Moment {
+        Moment {
+            ts_ns,
+            ..Moment::default()
+        }
+    }
+
+    fn keys(b: &[u8]) -> Vec<u64> {
+        let mut out = [0u64; 4 * IDS_PER_MESSAGE];
+        let n = id_keys(b, &mut out);
+        out[..n].to_vec()
+    }
+
+    #[test]
+    fn suffixed_internal_ids_match_the_streamed_id() {
+        // msgpack: a str8 marker and length byte, then vLLM's internal id.
+        let msg = b"\x93\xd9\x31chatcmpl-0a1b2c3d4e5f-9f8e7d6c\xc0";
+        let k = keys(msg);
+        assert!(k.contains(&id_hash(b"chatcmpl-0a1b2c3d4e5f")), "{k:?}");
+        assert!(k.contains(&id_hash(b"chatcmpl-0a1b2c3d4e5f-9f8e7d6c")));
+        assert!(!k.contains(&id_hash(b"chatcmpl")));
+        assert_eq!(keys(br#"{"id":"cmpl-7"}"#), vec![id_hash(b"cmpl-7")]);
+    }
+
+    #[test]
+    fn nothing_without_an_id_and_bounded_with_many() {
+        assert!(keys(b"no ids here, cmpl- alone, chat").is_empty());
+        let many: Vec<u8> = (0..200)
+            .flat_map(|i| format!("chatcmpl-{i}-x-y-z-w ").into_bytes())
+            .collect();
+        let k = keys(&many);
+        assert_eq!(
+            k.len(),
+            IDS_PER_MESSAGE * 4,
+            "3 prefixes + the token, 64 tokens"
+        );
+        // A token cut at MAX_ID bytes still counts.
+        let long = [b"chatcmpl-".as_slice(), &[b'a'; 300]].concat();
+        assert_eq!(keys(&long).len(), 1);
+    }
+
+    #[test]
+    fn first_send_and_first_receive_are_kept() {
+        let mut ix = IdIndex::default();
+        let id = b"chatcmpl-abc";
+        ix.record(7, at(200), true, b"..chatcmpl-abc-1..");
+        ix.record(7, at(100), true, b"..chatcmpl-abc-1.."); // late record, earlier time
+        ix.record(7, at(500), false, b"chatcmpl-abc-1 chatcmpl-def-2");
+        ix.record(7, at(900), false, b"chatcmpl-abc-1");
+        let t = ix.get(7, id_hash(id)).expect("seen");
+        assert_eq!(t.sent.map(|m| m.ts_ns), Some(100));
+        assert_eq!(t.back.map(|m| m.ts_ns), Some(500));
+        assert!(ix.get(8, id_hash(id)).is_none());
+        ix.forget(7);
+        assert!(ix.get(7, id_hash(id)).is_none());
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let mut ix = IdIndex::default();
+        for i in 0..(KEYS_KEPT + 10) {
+            ix.record(1, at(i as u64), true, format!("cmpl-{i}").as_bytes());
+        }
+        assert!(ix.get(1, id_hash(b"cmpl-0")).is_none(), "oldest dropped");
+        assert!(ix
+            .get(1, id_hash(format!("cmpl-{}", KEYS_KEPT + 9).as_bytes()))
+            .is_some());
+        for p in 0..(ID_PROCESSES as u32 + 5) {
+            ix.record(100 + p, at(1), true, b"cmpl-x");
+        }
+        assert_eq!(ix.procs.len(), ID_PROCESSES);
+    }
+}
