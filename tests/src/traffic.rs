@@ -193,12 +193,14 @@ pub fn judge(samples: &[Sample], recs: &[Value]) -> Result<String, String> {
 /// 1 % rule; small rounds of a controlled server can still be held to every other criterion).
 pub fn judge_with(samples: &[Sample], recs: &[Value], min_gaps: usize) -> Result<String, String> {
     let (mut ttft_diffs, mut gap_diffs, mut outliers) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut unusable, mut split, mut staged) = (0usize, 0usize, 0usize);
+    let (mut unusable, mut split, mut staged, mut by_id_n) = (0usize, 0usize, 0usize, 0usize);
     for s in samples {
         assert_eq!(s.status, 200, "{}: {:?}", s.request_id, s.error);
         let rec = by_id(recs, &s.request_id);
         assert_eq!(rec["outcome"], "ok", "{rec}");
         split += usize::from(stages_add_up(rec));
+        // The hand-off found by the request's own id in the IPC bytes (docs/attribution.md).
+        by_id_n += usize::from(rec["hand_off"] == "id");
         // Per-stage splits need the serving thread to make the IPC send and receive itself
         // (not so in vLLM, whose ZMQ sockets do their I/O on a thread of their own).
         let t = &rec["threads_ns"];
@@ -235,7 +237,7 @@ pub fn judge_with(samples: &[Sample], recs: &[Value], min_gaps: usize) -> Result
         v[((v.len() - 1) as f64 * q) as usize]
     };
     let line = format!(
-        "{} requests ({split} with a thread split, {staged} split per stage), {} gaps ({} left out: client stamps out of order); |probe - client| TTFT p50 {:.3} ms, max {:.3} ms; gaps p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} gaps over 1 ms; {} client reads without a kernel stamp",
+        "{} requests ({split} with a thread split, {staged} split per stage, {by_id_n} hand-offs matched by id), {} gaps ({} left out: client stamps out of order); |probe - client| TTFT p50 {:.3} ms, max {:.3} ms; gaps p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; {} gaps over 1 ms; {} client reads without a kernel stamp",
         samples.len(),
         gap_diffs.len(),
         unusable,

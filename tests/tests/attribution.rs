@@ -446,7 +446,9 @@ fn ttft_stages_match_what_the_stand_in_did() {
     // own send, or a later one). So `frontend` ≤ the front's read → its own send call's end,
     // `engine` ≥ the worker's 60 ms less that send call, `output` ≤ first write − (own send +
     // 60 ms); and the four stages still add up to the TTFT.
-    let extra = json!({"front_burn_ms": 5, "worker_ms": 60, "output_burn_ms": 5, "report": true});
+    // (No ids in the IPC messages: matching by id is `attribution_ids.rs`.)
+    let extra = json!({"front_burn_ms": 5, "worker_ms": 60, "output_burn_ms": 5, "report": true,
+                       "ipc_ids": false});
     let reqs = (0..32)
         .map(|i| chat_req(&format!("w{i}"), "m", true, 1, &extra))
         .collect();
@@ -458,6 +460,7 @@ fn ttft_stages_match_what_the_stand_in_did() {
     for i in 0..32 {
         let id = format!("w{i}");
         let rec = by_id(&recs, &id);
+        assert_eq!(rec["hand_off"], "time", "{rec}");
         let [q, f, e, o] = stages(rec);
         assert_eq!(
             q + f + e + o,

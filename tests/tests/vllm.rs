@@ -65,6 +65,9 @@ struct VllmCounters {
     stage_sums: [f64; 4],
     /// The probe's time between tokens by stage (`engine`, `output`); 0 for vLLM.
     tbt_sums: [f64; 2],
+    /// The probe's requests whose hand-off was matched by their id (`llm_ttft_hand_off_total
+    /// {by="id"}`); 0 for vLLM.
+    by_id: f64,
     aborted: f64,
 }
 
@@ -77,6 +80,7 @@ fn vllm_counters(addr: &str) -> VllmCounters {
         ttft_count: metric_sum(&page, "vllm:time_to_first_token_seconds_count", &[]),
         stage_sums: [0.0; 4],
         tbt_sums: [0.0; 2],
+        by_id: 0.0,
         aborted: metric_sum(
             &page,
             "vllm:request_success_total",
@@ -103,6 +107,7 @@ fn probe_counters(probe: &Probe) -> VllmCounters {
                 &[("model", MODEL), ("stage", stage)],
             )
         }),
+        by_id: metric_sum(&m, "llm_ttft_hand_off_total", &[("by", "id")]),
         aborted: metric_sum(&m, "llm_requests_total", &[("status", "client_abort")]),
     }
 }
@@ -115,6 +120,7 @@ fn delta(a: VllmCounters, b: VllmCounters) -> VllmCounters {
         ttft_count: b.ttft_count - a.ttft_count,
         stage_sums: [0, 1, 2, 3].map(|i| b.stage_sums[i] - a.stage_sums[i]),
         tbt_sums: [0, 1].map(|i| b.tbt_sums[i] - a.tbt_sums[i]),
+        by_id: b.by_id - a.by_id,
         aborted: b.aborted - a.aborted,
     }
 }
@@ -302,6 +308,13 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
     assert!(
         vllm_mean <= front + eng + out,
         "vLLM's TTFT lies inside frontend + engine + output"
+    );
+    // Each request's own hand-off and return, found by the id vLLM streams back (`chatcmpl-…`)
+    // in the ZMQ bytes of its EngineCoreRequest and EngineCoreOutputs (docs/attribution.md).
+    eprintln!("hand-offs matched by id: {} of {}", pt.by_id, pt.ttft_count);
+    assert!(
+        !sock_path || pt.by_id >= 0.9 * pt.ttft_count,
+        "vLLM's hand-offs are matched by request id"
     );
     let [tbt_engine, tbt_output] = pt.tbt_sums;
     eprintln!(

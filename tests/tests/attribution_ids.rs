@@ -1,0 +1,166 @@
+//! Hand-offs matched by request id (docs/attribution.md, "Matching by request id"), against the
+//! two-process Node stand-in: the front sends the worker each request under its streamed id
+//! (`chatcmpl-<hex>`, suffixed as vLLM's internal ids are) and, meanwhile, id-less "chatter"
+//! both ways every 2 ms — the traffic of other requests. The nearest IPC times are then chatter;
+//! the request's own hand-off and answer are found only by its id. Witnesses: the front's own
+//! clock around its send and at the answer (`timing` lines). Needs root (eBPF).
+
+#![allow(
+    clippy::many_single_char_names,
+    reason = "stage figures read best as f, e, o next to their witnesses"
+)]
+
+use std::{collections::HashMap, time::Duration};
+
+use serde_json::{json, Value};
+use tests::{
+    node_with_args_under_probe,
+    traffic::{by_id, chat_req, records, run_concurrent, run_one},
+    NodeUnderProbe,
+};
+
+/// max(1 ms, 5 %) + `extra_ms`, as in the attribution test.
+fn close(probe_ns: u64, witness_ns: u64, extra_ms: f64) -> bool {
+    let (p, w) = (probe_ns as f64 / 1e6, witness_ns as f64 / 1e6);
+    (p - w).abs() <= (w * 0.05).max(1.0) + extra_ms
+}
+
+fn ns(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// The stand-in's `timing` line for `id`.
+fn timing(served: &NodeUnderProbe, id: &str) -> HashMap<String, u64> {
+    let prefix = format!("timing {id} ");
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let log = served.node.log_text();
+        if let Some(l) = log.lines().find(|l| l.starts_with(&prefix)) {
+            return l
+                .split_whitespace()
+                .filter_map(|w| w.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.parse().expect("ns")))
+                .collect();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no timing line for {id}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// (frontend, engine, output) of a record, its stages checked to add up to the TTFT.
+fn split(rec: &Value) -> (u64, u64, u64) {
+    let st = &rec["stages_ns"];
+    let s = ["socket_queue", "frontend", "engine", "output"].map(|k| ns(&st[k]));
+    assert_eq!(s.iter().sum::<u64>(), ns(&rec["ttft_ns"]), "{rec}");
+    (s[1], s[2], s[3])
+}
+
+/// The front's clock: (read → send, send → answer, answer → first write) and the send call.
+fn witness(t: &HashMap<String, u64>) -> (u64, u64, u64, u64) {
+    (
+        t["sent_ns"] - t["req_ns"],
+        t["got_ns"] - t["sent_ns"],
+        t["first_ns"] - t["got_ns"],
+        t["sent_end_ns"] - t["sent_ns"],
+    )
+}
+
+/// The stages of a request matched by id against the front's clock: the hand-off falls inside
+/// the front's send call; the answer is received before the front's `got` stamp (Node dispatches
+/// it after the read: up to `dispatch_ms`), so engine may be short and output long by that much.
+fn assert_matched(rec: &Value, t: &HashMap<String, u64>, dispatch_ms: f64) {
+    let (f, e, o) = split(rec);
+    let (w_f, w_e, w_o, call) = witness(t);
+    assert_eq!(rec["hand_off"], "id", "{rec}");
+    let within =
+        |p: u64, lo: u64, hi: u64| close(p, lo, 0.0) || close(p, hi, 0.0) || (lo..=hi).contains(&p);
+    assert!(
+        within(f, w_f, w_f + call),
+        "frontend {f} vs the front's {w_f} (+ send call {call}): {rec}"
+    );
+    assert!(
+        close(e, w_e.saturating_sub(call), dispatch_ms) && e <= w_e + 1_000_000,
+        "engine {e} vs the front's {w_e}: {rec}"
+    );
+    assert!(
+        close(o, w_o, dispatch_ms) && o + 1_000_000 >= w_o,
+        "output {o} vs the front's {w_o}: {rec}"
+    );
+}
+
+#[test]
+fn hand_offs_are_matched_by_the_request_id_in_ipc_bytes() {
+    let Some(served) = node_with_args_under_probe(
+        "hand_offs_are_matched_by_the_request_id_in_ipc_bytes",
+        &["--worker"],
+        &[],
+    ) else {
+        return;
+    };
+    if std::env::var(tests::CAPTURE_ENV).as_deref() == Ok("syscalls") {
+        return; // the syscall path sees no IPC
+    }
+    let mut n = 0;
+    let mut next = |k: usize| {
+        n += k;
+        n
+    };
+    let shape = |ids: bool| {
+        json!({"front_wait_ms": 20, "worker_ms": 40, "output_wait_ms": 20, "chatter_ms": 2,
+               "ipc_ids": ids, "report": true})
+    };
+
+    // Without ids the nearest IPC is chatter: a hand-off 2 ms after the read, a return 2 ms
+    // before the write — the 20 ms on either side of the engine land in `engine`.
+    run_one(&served.addr, chat_req("plain", "m", true, 1, &shape(false)));
+    let recs = records(&served.probe, next(1));
+    let rec = by_id(&recs, "plain");
+    let (f, e, o) = split(rec);
+    let (w_f, w_e, w_o, _) = witness(&timing(&served, "plain"));
+    eprintln!("by time: frontend {f} engine {e} output {o}; the front's {w_f} / {w_e} / {w_o}");
+    assert_eq!(rec["hand_off"], "time", "{rec}");
+    assert!(
+        f < w_f / 2 && o < w_o / 2,
+        "chatter bounds the stages by time: {rec}"
+    );
+
+    // With ids: each stage is the front's own.
+    run_one(&served.addr, chat_req("by-id", "m", true, 1, &shape(true)));
+    let recs = records(&served.probe, next(1));
+    let rec = by_id(&recs, "by-id");
+    let t = timing(&served, "by-id");
+    eprintln!("by id: {}; the front's {:?}", rec["stages_ns"], witness(&t));
+    assert_matched(rec, &t, 3.0);
+
+    // 32 at once, each with its own id among everyone's chatter and hand-offs. The front's loop
+    // serves all of them, so Node's dispatch of an answer can wait for other requests' work (it
+    // is `output` to the probe and `engine` to the front's stamp): bounded by the chatter and
+    // the 32 handlers, a few ms.
+    let reqs = (0..32)
+        .map(|i| chat_req(&format!("m{i}"), "m", true, 1, &shape(true)))
+        .collect();
+    for s in run_concurrent(&served.addr, reqs) {
+        assert!(s.error.is_none(), "{}: {:?}", s.request_id, s.error);
+    }
+    let recs = records(&served.probe, next(32));
+    let mut worst = (0u64, String::new());
+    for i in 0..32 {
+        let id = format!("m{i}");
+        let rec = by_id(&recs, &id);
+        let t = timing(&served, &id);
+        let (f, e, o) = split(rec);
+        let (w_f, w_e, w_o, _) = witness(&t);
+        let d = f.abs_diff(w_f).max(e.abs_diff(w_e)).max(o.abs_diff(w_o));
+        if d > worst.0 {
+            worst = (d, format!("{id}: {f}/{e}/{o} vs {w_f}/{w_e}/{w_o}"));
+        }
+        assert_matched(rec, &t, 5.0);
+    }
+    eprintln!(
+        "32 at once, matched by id: largest difference {} ns ({})",
+        worst.0, worst.1
+    );
+}
