@@ -92,20 +92,26 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
     Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
 }
 
+/// A `DataEvent` and the head and tail bytes that follow it, their lengths checked.
+fn data_parts(bytes: &[u8]) -> Result<(DataEvent, &[u8], &[u8]), DecodeError> {
+    let d: DataEvent = read(bytes)?;
+    let start = size_of::<DataEvent>();
+    let claimed = d.cap_len as usize + usize::from(d.tail_len);
+    let all = bytes
+        .get(start..start + claimed)
+        .ok_or(DecodeError::BadLength {
+            claimed,
+            actual: bytes.len() - start,
+        })?;
+    let (payload, tail) = all.split_at(d.cap_len as usize);
+    Ok((d, payload, tail))
+}
+
 pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     let header: EventHeader = read(bytes)?;
     match EventKind::from_u32(header.kind) {
         Some(kind @ (EventKind::Data | EventKind::TlsData)) => {
-            let d: DataEvent = read(bytes)?;
-            let start = size_of::<DataEvent>();
-            let claimed = d.cap_len as usize + usize::from(d.tail_len);
-            let all = bytes
-                .get(start..start + claimed)
-                .ok_or(DecodeError::BadLength {
-                    claimed,
-                    actual: bytes.len() - start,
-                })?;
-            let (payload, tail) = all.split_at(d.cap_len as usize);
+            let (d, payload, tail) = data_parts(bytes)?;
             Ok(Event::Data {
                 header,
                 fd: d.fd,
@@ -148,21 +154,13 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             })
         }
         Some(EventKind::IpcData) => {
-            let d: DataEvent = read(bytes)?;
-            let start = size_of::<DataEvent>();
-            let claimed = d.cap_len as usize + usize::from(d.tail_len);
-            let all = bytes
-                .get(start..start + claimed)
-                .ok_or(DecodeError::BadLength {
-                    claimed,
-                    actual: bytes.len() - start,
-                })?;
+            let (d, payload, _) = data_parts(bytes)?;
             Ok(Event::Ipc {
                 header,
                 egress: d.dir == DIR_EGRESS,
                 len: u32::try_from(d.ret.max(0)).unwrap_or(u32::MAX),
                 thread: d.thread,
-                payload: &all[..d.cap_len as usize],
+                payload,
             })
         }
         None => Err(DecodeError::UnknownKind(header.kind)),
