@@ -124,14 +124,9 @@ fn id_keys(bytes: &[u8], out: &mut [u64; 4 * IDS_PER_MESSAGE]) -> usize {
             continue; // nothing after the mark
         }
         tokens += 1;
-        let mut per_token = 0;
-        for cut in (body + 1..end).filter(|&j| bytes[j] == b'-') {
-            if per_token == 3 {
-                break;
-            }
+        for cut in (body + 1..end).filter(|&j| bytes[j] == b'-').take(3) {
             out[n] = id_hash(&bytes[start..cut]);
             n += 1;
-            per_token += 1;
         }
         out[n] = id_hash(&bytes[start..end]);
         n += 1;
