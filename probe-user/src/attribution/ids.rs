@@ -62,18 +62,15 @@ impl IdIndex {
         }
         let seen = self.procs.entry(tgid).or_default();
         for &k in &keys[..n] {
-            let t = match seen.at.get_mut(&k) {
-                Some(t) => t,
-                None => {
-                    if seen.order.len() >= KEYS_KEPT {
-                        if let Some(old) = seen.order.pop_front() {
-                            seen.at.remove(&old);
-                        }
+            if !seen.at.contains_key(&k) {
+                if seen.order.len() >= KEYS_KEPT {
+                    if let Some(old) = seen.order.pop_front() {
+                        seen.at.remove(&old);
                     }
-                    seen.order.push_back(k);
-                    seen.at.entry(k).or_default()
                 }
-            };
+                seen.order.push_back(k);
+            }
+            let t = seen.at.entry(k).or_default();
             if egress {
                 if t.sent.is_none_or(|s| at.ts_ns < s.ts_ns) {
                     t.sent = Some(at);
