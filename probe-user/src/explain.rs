@@ -17,7 +17,7 @@ pub struct Args {
     pub request_id: Option<String>,
 }
 
-const HEADER: [&str; 14] = [
+const HEADER: [&str; 15] = [
     "REQUEST",
     "MODEL",
     "STATUS",
@@ -27,6 +27,7 @@ const HEADER: [&str; 14] = [
     "engine",
     "gpu_sync",
     "output",
+    "HANDOFF",
     "on_cpu",
     "runnable",
     "blocked",
@@ -49,9 +50,12 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     println!(
         "\ntimes in ms. socket_queue: the request waited in the server's socket before it was \
          read; frontend: read -> hand-off to the engine process; engine: -> its output back; \
-         output: -> first token written (single-process servers: all in engine). on_cpu, \
-         runnable (waiting for a CPU), blocked: the thread that read the request and wrote the \
-         token, over frontend + engine + output; '-' = not split (docs/attribution.md)."
+         output: -> first token written (single-process servers: all in engine). HANDOFF: how \
+         the hand-off and return were found: id (the request's own id in the engine's IPC \
+         bytes: exact), time (the nearest IPC times: a bound when requests overlap), none (no \
+         IPC). on_cpu, runnable (waiting for a CPU), blocked: the thread that read the request \
+         and wrote the token, over frontend + engine + output; '-' = not split \
+         (docs/attribution.md)."
     );
     Ok(())
 }
@@ -82,7 +86,7 @@ fn table(rows: &[&Value]) -> String {
             .map(|c| if c.is_control() { '?' } else { c })
             .collect()
     };
-    let mut lines: Vec<[String; 14]> = vec![HEADER.map(str::to_owned)];
+    let mut lines: Vec<[String; 15]> = vec![HEADER.map(str::to_owned)];
     for r in rows {
         let name = r["request_id"].as_str().map_or_else(
             || format!("pid {} fd {} #{}", r["pid"], r["fd"], r["seq"]),
@@ -102,6 +106,7 @@ fn table(rows: &[&Value]) -> String {
             ms(&st["engine"]),
             ms(&r["gpu_ns"]["sync_wait"]),
             ms(&st["output"]),
+            r["hand_off"].as_str().unwrap_or("-").to_owned(),
             ms(&t["on_cpu"]),
             ms(&t["runnable"]),
             ms(&t["blocked"]),
@@ -153,7 +158,7 @@ mod tests {
                    "gpu_ns": {"sync_wait": 2_500_000u64, "syncs": 1},
                    "tokens": 3, "duration_ns": 9_000_000u64}),
             json!({"request_id": "b\u{1b}[31m", "model": null, "status": 200, "ttft_ns": 9_000_000u64,
-                   "stages_ns": {"socket_queue": 0, "frontend": 2_000_000u64, "engine": 6_000_000u64, "output": 1_000_000u64}, "threads_ns": null,
+                   "stages_ns": {"socket_queue": 0, "frontend": 2_000_000u64, "engine": 6_000_000u64, "output": 1_000_000u64}, "hand_off": "id", "threads_ns": null,
                    "tokens": 1, "duration_ns": 9_500_000u64}),
             json!({"request_id": "c", "ttft_ns": null, "tokens": 0}),
         ];
@@ -173,6 +178,10 @@ mod tests {
         assert!(
             lines[2].starts_with("a ") && lines[2].contains("3.0") && lines[2].contains("2.5"),
             "{t}"
+        );
+        assert!(
+            lines[0].contains("HANDOFF") && lines[1].contains(" id "),
+            "how the hand-off was found: {t}"
         );
         assert_eq!(select(&reqs, 10, Some("a")).len(), 1);
         assert!(select(&reqs, 10, Some("zzz")).is_empty());

@@ -57,6 +57,7 @@ fn explain_prints_the_slowest_requests_with_their_stages() {
         "TTFT",
         "socket_queue",
         "engine",
+        "HANDOFF",
         "on_cpu",
         "runnable",
         "blocked",
