@@ -39,15 +39,13 @@ pub enum EventKind {
     CudaMem = 6,
     /// A CUDA synchronisation call returned (`CudaSyncEvent`).
     CudaSync = 7,
-    /// A traced process moved bytes on a socket that is not a client connection of its server:
-    /// IPC to another process of the engine, or an outbound call (`IpcEvent`, size only). No
-    /// longer emitted (the kernel sends `IpcData`); still decoded.
-    Ipc = 8,
     /// Plaintext a traced process passed through OpenSSL's `SSL_read`/`SSL_write` (`DataEvent`
     /// with `ssl` set and `fd` unknown): the agent ties the `SSL *` to a connection.
     TlsData = 9,
-    /// `Ipc` with the first bytes moved (`DataEvent`; `sock:` path): the agent looks in them for
-    /// request ids (latency attribution's hand-off matching) and keeps nothing else of them.
+    /// A traced process moved bytes on a socket that is not a client connection of its server
+    /// (IPC to another process of the engine, or an outbound call; `sock:` path only):
+    /// `DataEvent` with the first bytes moved, which the agent searches for request ids (latency
+    /// attribution's hand-off matching) and keeps nothing else of. (8 was size-only IPC.)
     IpcData = 10,
 }
 
@@ -61,7 +59,6 @@ impl EventKind {
             5 => Some(Self::Exit),
             6 => Some(Self::CudaMem),
             7 => Some(Self::CudaSync),
-            8 => Some(Self::Ipc),
             9 => Some(Self::TlsData),
             10 => Some(Self::IpcData),
             _ => None,
@@ -159,22 +156,6 @@ pub struct ConnEvent {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<ConnEvent>() == 32);
-
-/// I/O of a traced process on a socket other than its server's client connections: when, which
-/// way and how many bytes — never the bytes (latency attribution's hand-off to the engine).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IpcEvent {
-    pub header: EventHeader,
-    /// `DIR_INGRESS` or `DIR_EGRESS`.
-    pub dir: u32,
-    /// Bytes moved (> 0).
-    pub len: u32,
-    /// The calling thread's scheduler clock at `header.ts_ns` (all zero: unknown): when the thread
-    /// that serves a request also makes its hand-off and return, each stage gets its own split.
-    pub thread: ThreadClock,
-}
-const _: () = assert!(size_of::<IpcEvent>() == 64);
 
 /// Fork (child tgid in `other`) and exit (`other` = exit code) of a traced process.
 #[repr(C)]

@@ -14,9 +14,9 @@
 //!   call ends, so the end is too late (the syscall path stamps at entry for the same reason).
 //!
 //! Other sockets of a traced process (IPC to the engine's other processes, outbound calls) are
-//! reported by time, direction, size and the calling thread's clock, never the bytes
-//! (`IpcEvent`): the hand-off points that split a request's time between the front end and the
-//! engine (docs/attribution.md).
+//! reported by time, direction, size, the calling thread's clock and their first bytes
+//! (`IpcData`, searched by the agent for request ids only): the hand-off points that split a
+//! request's time between the front end and the engine (docs/attribution.md).
 //!
 //! Connections: no accept or close syscall is seen. A socket that became ESTABLISHED on a port a
 //! traced server listens on (`arrival::SERVER_SOCKS`) is admitted on its first read or write

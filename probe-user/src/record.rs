@@ -5,7 +5,7 @@
 use std::mem::size_of;
 
 use probe_common::{
-    ConnEvent, CudaMemEvent, CudaSyncEvent, DataEvent, EventHeader, EventKind, IpcEvent, ProcEvent,
+    ConnEvent, CudaMemEvent, CudaSyncEvent, DataEvent, EventHeader, EventKind, ProcEvent,
     ThreadClock, DIR_EGRESS,
 };
 
@@ -57,8 +57,7 @@ pub enum Event<'a> {
         len: u32,
         /// The calling thread's clock at `header.ts_ns` (all zero: unknown).
         thread: ThreadClock,
-        /// The first bytes moved (`EventKind::IpcData`; empty for `Ipc`): searched for request
-        /// ids, never kept.
+        /// The first bytes moved (`EventKind::IpcData`): searched for request ids, never kept.
         payload: &'a [u8],
     },
 }
@@ -143,16 +142,6 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         Some(EventKind::Exit) => Ok(Event::Exit { header }),
         Some(EventKind::CudaMem) => Ok(Event::CudaMem(read(bytes)?)),
         Some(EventKind::CudaSync) => Ok(Event::CudaSync(read(bytes)?)),
-        Some(EventKind::Ipc) => {
-            let i: IpcEvent = read(bytes)?;
-            Ok(Event::Ipc {
-                header,
-                egress: i.dir == DIR_EGRESS,
-                len: i.len,
-                thread: i.thread,
-                payload: &[],
-            })
-        }
         Some(EventKind::IpcData) => {
             let (d, payload, _) = data_parts(bytes)?;
             Ok(Event::Ipc {
