@@ -47,6 +47,9 @@ pub enum EventKind {
     /// `DataEvent` with the first bytes moved, which the agent searches for request ids (latency
     /// attribution's hand-off matching) and keeps nothing else of. (8 was size-only IPC.)
     IpcData = 10,
+    /// When each part of a server read's bytes reached the socket (`ArrivalEvent`), sent just
+    /// before the read's `DataEvent` when they came in more than one arrival.
+    Arrivals = 11,
 }
 
 impl EventKind {
@@ -61,6 +64,7 @@ impl EventKind {
             7 => Some(Self::CudaSync),
             9 => Some(Self::TlsData),
             10 => Some(Self::IpcData),
+            11 => Some(Self::Arrivals),
             _ => None,
         }
     }
@@ -123,6 +127,36 @@ pub struct DataEvent {
     pub ssl: u64,
 }
 const _: () = assert!(size_of::<DataEvent>() == 96);
+
+/// Arrivals an `ArrivalEvent` carries (the first, then the newest: a later arrival past the last
+/// slot replaces the one there, an upper bound for the bytes of both).
+pub const MAX_ARRIVAL_MARKS: usize = 4;
+
+/// When the bytes of one server read reached the socket, by part: the read's bytes before offset
+/// `ends[i]` that are not before `ends[i - 1]` came with the arrival at `ts_ns[i]` (from TCP
+/// sequence numbers: `tcp_sock.rcv_nxt` at each `sk_data_ready`, `copied_seq` after the read).
+/// Sent only when the read's bytes came in more than one arrival, just before its `DataEvent`
+/// (same thread and fd), whose `arrival_ns` is `ts_ns[0]`. A request that begins past the read's
+/// first byte (after HTTP/2 connection frames, behind a pipelined request) is dated by its part.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ArrivalEvent {
+    pub header: EventHeader,
+    pub fd: u32,
+    /// Marks used (2 ..= `MAX_ARRIVAL_MARKS`).
+    pub n: u32,
+    /// Offsets in the read, non-decreasing, each ≤ the bytes read.
+    pub ends: [u32; MAX_ARRIVAL_MARKS],
+    pub ts_ns: [u64; MAX_ARRIVAL_MARKS],
+}
+const _: () = assert!(size_of::<ArrivalEvent>() == 24 + 8 + 16 + 32);
+const _: () = assert!(MAX_ARRIVAL_MARKS.is_power_of_two());
+
+/// Indexes in the kernel's `TCP_LAYOUT` map of the byte offsets (from BTF; 0: unknown) of
+/// `tcp_sock.rcv_nxt` and `tcp_sock.copied_seq`.
+pub const TCP_LAYOUT_RCV_NXT: u32 = 0;
+pub const TCP_LAYOUT_COPIED_SEQ: u32 = 1;
+pub const TCP_LAYOUT_LEN: u32 = 2;
 
 /// A thread's scheduler totals at one moment: `ThreadTime`'s counters with the interval it is in
 /// added up to that moment. All zero when the thread is not known (thread states not attached,

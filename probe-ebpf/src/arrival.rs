@@ -7,7 +7,9 @@
 //!   listens on is a server-side connection → `SERVER_SOCKS`. On the `sock:` capture path it also
 //!   reports the server's close of an admitted connection (`sockio.rs`): FIN_WAIT1 and LAST_ACK
 //!   are entered only by the server's own close/shutdown, in its thread, after its last write.
-//! - `sk_data_ready` (TCP queued data, not a bare ACK): stamp the oldest unread data per socket.
+//! - `sk_data_ready` (TCP queued data, not a bare ACK): stamp each arrival of unread data per
+//!   socket with the TCP sequence number it ends before, so that a read made of several arrivals
+//!   is dated by part (`ArrivalEvent`).
 //! - `sock_recv_length` (end of `sock_recvmsg`, in the reading thread): names the socket of the
 //!   read in flight so that `http.rs` can consume the stamp at syscall exit.
 //!
@@ -16,14 +18,20 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap},
     programs::{RawTracePointContext, TracePointContext},
 };
-use probe_common::{tracepoint as tp, EventKind, CONN_IGNORED, MAX_CONNS, MAX_LISTEN_PORTS};
+use probe_common::{
+    tracepoint as tp, ArrivalEvent, EventKind, CONN_IGNORED, MAX_ARRIVAL_MARKS, MAX_CONNS,
+    MAX_LISTEN_PORTS, TCP_LAYOUT_COPIED_SEQ, TCP_LAYOUT_LEN, TCP_LAYOUT_RCV_NXT,
+};
 
-use crate::{current_tgid_tid, emit_conn, field, is_target, sockio::SOCK_CONN, CONNS, PENDING};
+use crate::{
+    current_tgid_tid, emit, emit_conn, field, header_now, is_target, sockio::SOCK_CONN, CONNS,
+    PENDING,
+};
 
 /// include/net/tcp_states.h
 const TCP_ESTABLISHED: i32 = 1;
@@ -41,9 +49,67 @@ static LISTEN_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_LISTEN_PO
 #[map]
 pub static SERVER_SOCKS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
-/// `struct sock *` → arrival time of its oldest unread data.
+/// When a socket's unread data reached it, by part (`probe_common::ArrivalEvent`): the first
+/// `n` arrivals since its last read, each with `tcp_sock.rcv_nxt` then (the sequence number its
+/// data ends before; 0 when `TCP_LAYOUT` is not known). Arrivals past the last slot replace it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Arrival {
+    pub n: u32,
+    _pad: u32,
+    pub seqs: [u32; MAX_ARRIVAL_MARKS],
+    pub ts_ns: [u64; MAX_ARRIVAL_MARKS],
+}
+
+/// `struct sock *` → arrival of its unread data.
 #[map]
-pub static ARRIVAL: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+pub static ARRIVAL: LruHashMap<u64, Arrival> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+
+/// Byte offsets in `struct tcp_sock` (`probe_common::TCP_LAYOUT_*`; 0: unknown), from BTF by the
+/// agent.
+#[map]
+pub static TCP_LAYOUT: Array<u64> = Array::with_max_entries(TCP_LAYOUT_LEN, 0);
+
+/// The `u32` of TCP socket `sk` at the `TCP_LAYOUT` offset `which`, when known.
+#[inline(always)]
+fn tcp_u32(sk: u64, which: u32) -> Option<u32> {
+    let off = *TCP_LAYOUT.get(which)?;
+    if off == 0 {
+        return None;
+    }
+    // SAFETY: the helper reads kernel memory and fails cleanly; `sk` is a live TCP socket (the
+    // tracepoint's own argument).
+    unsafe { bpf_probe_read_kernel((sk + off) as *const u32) }.ok()
+}
+
+/// Sends the parts of a read of `ret` bytes from `sk` whose data came in several arrivals
+/// (`ArrivalEvent`), just before its data record; nothing when one arrival brought it all or the
+/// TCP layout is not known.
+#[inline(always)]
+pub fn emit_arrivals(a: &Arrival, sk: u64, ret: u32, tgid: u32, tid: u32, fd: u32) {
+    if a.n < 2 || a.seqs[0] == 0 {
+        return;
+    }
+    // After the read: the sequence number of its first byte is `copied_seq - ret`.
+    let Some(copied) = tcp_u32(sk, TCP_LAYOUT_COPIED_SEQ) else {
+        return;
+    };
+    let start = copied.wrapping_sub(ret);
+    let mut ev = ArrivalEvent {
+        header: header_now(EventKind::Arrivals, tgid, tid),
+        fd,
+        n: a.n.min(MAX_ARRIVAL_MARKS as u32),
+        ends: [0; MAX_ARRIVAL_MARKS],
+        ts_ns: a.ts_ns,
+    };
+    for i in 0..MAX_ARRIVAL_MARKS {
+        // Bytes of the read that had arrived by then: before its start (a part an earlier read
+        // took) is none, past its end is all.
+        let got = a.seqs[i].wrapping_sub(start) as i32;
+        ev.ends[i] = (got.max(0) as u32).min(ret);
+    }
+    emit(&ev);
+}
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
@@ -112,8 +178,35 @@ pub fn sk_data_ready(ctx: RawTracePointContext) -> u32 {
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    // NOEXIST keeps the oldest stamp while earlier data is still unread.
-    let _ = ARRIVAL.insert(sk, now, u64::from(BPF_NOEXIST));
+    let seq = tcp_u32(sk, TCP_LAYOUT_RCV_NXT).unwrap_or(0);
+    // Unread data already there: this arrival is its next part (or replaces the last slot's).
+    if let Some(a) = ARRIVAL.get_ptr_mut(sk) {
+        // SAFETY: a valid map value; the socket's receive path runs under its lock, one CPU at
+        // a time.
+        unsafe {
+            let n = (*a).n;
+            let slot = if (n as usize) < MAX_ARRIVAL_MARKS {
+                (*a).n = n + 1;
+                n as usize
+            } else {
+                MAX_ARRIVAL_MARKS - 1
+            };
+            // The mask restates the bound for the verifier.
+            let i = slot & (MAX_ARRIVAL_MARKS - 1);
+            (*a).seqs[i] = seq;
+            (*a).ts_ns[i] = now;
+        }
+        return 0;
+    }
+    let mut first = Arrival {
+        n: 1,
+        _pad: 0,
+        seqs: [0; MAX_ARRIVAL_MARKS],
+        ts_ns: [0; MAX_ARRIVAL_MARKS],
+    };
+    first.seqs[0] = seq;
+    first.ts_ns[0] = now;
+    let _ = ARRIVAL.insert(sk, first, u64::from(BPF_NOEXIST));
     0
 }
 

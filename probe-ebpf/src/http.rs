@@ -113,8 +113,8 @@ fn on_exit(ctx: &TracePointContext) {
     let mut arrival_ns = 0;
     if p.sk != 0 {
         // SAFETY: value copied out before the entry is removed.
-        if let Some(t) = unsafe { ARRIVAL.get(p.sk) } {
-            arrival_ns = *t;
+        if let Some(a) = unsafe { ARRIVAL.get(p.sk) } {
+            arrival_ns = a.ts_ns[0];
         }
         let _ = ARRIVAL.remove(p.sk);
     }

@@ -41,7 +41,7 @@ use probe_common::{
 };
 
 use crate::{
-    arrival::{ARRIVAL, SERVER_SOCKS},
+    arrival::{emit_arrivals, ARRIVAL, SERVER_SOCKS},
     bump,
     capture::{emit_data, msghdr_iov},
     current_tgid_tid, emit_conn, is_target, threads, CONNS,
@@ -288,9 +288,12 @@ pub fn sock_recv_data(ctx: RawTracePointContext) -> u32 {
     let mut arrival_ns = 0;
     if kind == EventKind::Data {
         // SAFETY: value copied out before the entry is removed.
-        if let Some(t) = unsafe { ARRIVAL.get(sk) } {
-            arrival_ns = *t;
+        if let Some(a) = unsafe { ARRIVAL.get(sk) }.copied() {
             let _ = ARRIVAL.remove(sk);
+            arrival_ns = a.ts_ns[0];
+            if ret > 0 {
+                emit_arrivals(&a, sk, ret as u32, tgid, tid, fd);
+            }
         }
     }
     // SAFETY: plain helper call.

@@ -20,6 +20,7 @@ pub mod tls;
 
 pub use conn::ConnTracker;
 pub use probe_common::ThreadClock;
+use probe_common::MAX_ARRIVAL_MARKS;
 
 /// Connection identity: the traced process and the server-side socket fd. Successive connections
 /// that reuse an fd number are told apart by the accept and close records between them.
@@ -170,6 +171,61 @@ pub struct Moment {
     pub ts_ns: u64,
     pub tid: u32,
     pub clock: ThreadClock,
+}
+
+/// When the bytes of one read reached the socket, by their offset in the read (the kernel's
+/// `ArrivalEvent`): a request that begins past the read's first byte (behind HTTP/2 connection
+/// frames, a pipelined request) is dated by the arrival that brought its first byte, not the
+/// read's oldest one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadArrival {
+    /// When the read's first bytes did (its date).
+    pub first_ns: u64,
+    /// `(end, ts)`, ends non-decreasing: bytes before offset `end` not covered by an earlier
+    /// part came at `ts`. None: one arrival brought the read.
+    parts: [(u32, u64); MAX_ARRIVAL_MARKS],
+    n: usize,
+}
+
+impl ReadArrival {
+    pub const fn one(first_ns: u64) -> Self {
+        Self {
+            first_ns,
+            parts: [(0, 0); MAX_ARRIVAL_MARKS],
+            n: 0,
+        }
+    }
+
+    /// A read in parts; each part's time is kept within `first_ns ..= read_ns` and the ends are
+    /// made non-decreasing (at most `MAX_ARRIVAL_MARKS` parts are kept).
+    pub fn parts(first_ns: u64, read_ns: u64, parts: &[(u32, u64)]) -> Self {
+        let mut me = Self::one(first_ns);
+        let mut end = 0;
+        for &(e, ts) in parts.iter().take(MAX_ARRIVAL_MARKS) {
+            end = end.max(e);
+            me.parts[me.n] = (end, ts.clamp(first_ns, read_ns.max(first_ns)));
+            me.n += 1;
+        }
+        me
+    }
+
+    /// When the read's last part arrived (its first when it came in one).
+    pub fn last(&self) -> u64 {
+        self.parts[..self.n]
+            .last()
+            .map_or(self.first_ns, |&(_, ts)| ts)
+    }
+
+    /// When the byte at offset `off` of the read arrived: its part's time (past every part: the
+    /// last one's, an upper bound), or the read's first.
+    pub fn at(&self, off: usize) -> u64 {
+        let parts = &self.parts[..self.n];
+        parts
+            .iter()
+            .find(|&&(end, _)| off < end as usize)
+            .or(parts.last())
+            .map_or(self.first_ns, |&(_, ts)| ts)
+    }
 }
 
 /// The time between two successive content writes of a request: the two writes as moments

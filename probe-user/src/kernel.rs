@@ -4,6 +4,7 @@
 //! logged and reported as `llm_probe_attached{program} 0`; only the socket path is required.
 
 pub mod cuda;
+mod layout;
 mod misses;
 pub mod ssl;
 mod threads;
@@ -322,7 +323,7 @@ impl Kernel {
         let conns = take(&mut ebpf, "CONNS")?;
         let listen_ports = take(&mut ebpf, "LISTEN_PORTS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
-        threads::set_task_layout(&mut ebpf);
+        layout::set_layouts(&mut ebpf);
         let threads = take(&mut ebpf, "THREADS")
             .inspect_err(|e| log::warn!("thread states unavailable: {e}"))
             .ok();

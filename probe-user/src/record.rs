@@ -5,8 +5,8 @@
 use std::mem::size_of;
 
 use probe_common::{
-    ConnEvent, CudaMemEvent, CudaSyncEvent, DataEvent, EventHeader, EventKind, ProcEvent,
-    ThreadClock, DIR_EGRESS,
+    ArrivalEvent, ConnEvent, CudaMemEvent, CudaSyncEvent, DataEvent, EventHeader, EventKind,
+    ProcEvent, ThreadClock, DIR_EGRESS,
 };
 
 /// One decoded record. `payload` borrows the ring-buffer slot: it is parsed, never kept.
@@ -46,6 +46,8 @@ pub enum Event<'a> {
     Exit {
         header: EventHeader,
     },
+    /// The parts of the next server read of this thread and fd that came in separate arrivals.
+    Arrivals(ArrivalEvent),
     /// A CUDA memory call returned.
     CudaMem(CudaMemEvent),
     /// A CUDA synchronisation call returned.
@@ -140,6 +142,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             })
         }
         Some(EventKind::Exit) => Ok(Event::Exit { header }),
+        Some(EventKind::Arrivals) => Ok(Event::Arrivals(read(bytes)?)),
         Some(EventKind::CudaMem) => Ok(Event::CudaMem(read(bytes)?)),
         Some(EventKind::CudaSync) => Ok(Event::CudaSync(read(bytes)?)),
         Some(EventKind::IpcData) => {

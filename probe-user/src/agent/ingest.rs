@@ -2,12 +2,14 @@
 //! `requests::RequestStats` (the `Observer`) → metric families; CUDA records to the ledger; fork
 //! and exit records to the target set.
 
+use probe_common::ArrivalEvent;
+
 use super::targets::Targets;
 use crate::{
     cuda::state::SharedCuda,
     http::{
         tls::{Route, TlsCounts, TlsJoin},
-        ConnId, ConnTracker, Moment, Observer as _, ParseErrorKind,
+        ConnId, ConnTracker, Moment, Observer as _, ParseErrorKind, ReadArrival,
     },
     kernel::Ring,
     metrics::{ProbeMetrics, RequestMetrics},
@@ -32,6 +34,8 @@ pub struct Ingest {
     tls_exported: TlsCounts,
     /// Processes already warned about unreadable TLS (one log line each, not one per connection).
     tls_warned: std::collections::HashSet<u32>,
+    /// The parts of the server read whose record comes next (the kernel sends them just before).
+    arrivals: Option<ArrivalEvent>,
 }
 
 impl Ingest {
@@ -44,6 +48,7 @@ impl Ingest {
             tls: TlsJoin::new(),
             tls_exported: TlsCounts::default(),
             tls_warned: std::collections::HashSet::new(),
+            arrivals: None,
         }
     }
 
@@ -58,6 +63,7 @@ impl Ingest {
             }
         };
         match ev {
+            Event::Arrivals(a) => self.arrivals = Some(a),
             Event::Data {
                 header,
                 fd,
@@ -70,6 +76,17 @@ impl Ingest {
                 ssl,
                 ..
             } => {
+                // The parts of this read, sent just before it (same thread and fd).
+                let parts = self
+                    .arrivals
+                    .take()
+                    .filter(|a| (a.header.tid, a.fd) == (header.tid, fd) && !egress)
+                    .map(|a| {
+                        let n = (a.n as usize).min(a.ends.len());
+                        let parts: Vec<(u32, u64)> =
+                            a.ends[..n].iter().copied().zip(a.ts_ns).collect();
+                        ReadArrival::parts(arrival_ns, header.ts_ns, &parts)
+                    });
                 // Ingress bytes are dated by their arrival at the socket when the kernel knows it:
                 // a request that waited in the receive queue was waiting for the user too.
                 let mut ts = if !egress && arrival_ns != 0 && arrival_ns <= header.ts_ns {
@@ -97,6 +114,11 @@ impl Ingest {
                     let read = (!egress && ret > 0).then_some(payload);
                     let route = self.tls.on_socket(conn, header.tid, read, ts, readable);
                     if route != Route::Plain {
+                        if let Some(p) =
+                            parts.filter(|_| route == Route::Cipher && ts == arrival_ns)
+                        {
+                            self.tls.last_arrival(conn, p.last());
+                        }
                         self.on_ciphertext(conn, route, ret, egress, ts);
                         return;
                     }
@@ -114,7 +136,12 @@ impl Ingest {
                         self.tracker
                             .on_egress_with_tail(conn, ts, n as u64, payload, tail, s);
                     }
-                    (n, false) if n > 0 => self.tracker.on_ingress(conn, ts, n as u64, payload, s),
+                    (n, false) if n > 0 => {
+                        if let Some(a) = parts.filter(|_| ssl.is_none() && ts == arrival_ns) {
+                            self.tracker.set_arrival_parts(a);
+                        }
+                        self.tracker.on_ingress(conn, ts, n as u64, payload, s);
+                    }
                     (0, false) => self.tracker.on_peer_closed(conn, ts, s),
                     (0, true) => {}
                     (n, _) => self.tracker.on_io_error(conn, ts, (-n) as i32, s),

@@ -12,7 +12,7 @@ use rustc_hash::FxHashMap;
 use super::{
     body::{Framer, Seg},
     response::Analyzer,
-    ConnId, Moment, Observer, Outcome, ParseErrorKind, RequestMeta,
+    ConnId, Moment, Observer, Outcome, ParseErrorKind, ReadArrival, RequestMeta,
 };
 use evict::touch;
 use sink::{ensure_started, finish, ReqSink};
@@ -218,6 +218,8 @@ pub struct ConnTracker {
     used: usize,
     /// The moment of the record being fed (`set_io`), taken by the next `on_*` call.
     io: Option<Moment>,
+    /// The parts of the read being fed (`set_arrival_parts`), taken by the next `on_*` call.
+    arrival_parts: Option<ReadArrival>,
 }
 
 impl Default for ConnTracker {
@@ -249,6 +251,7 @@ impl ConnTracker {
             budget: DEFAULT_MEMORY_BUDGET,
             used: 0,
             io: None,
+            arrival_parts: None,
         }
     }
 
@@ -262,6 +265,13 @@ impl ConnTracker {
     /// moment is its `ts_ns` with no thread.
     pub fn set_io(&mut self, io: Moment) {
         self.io = Some(io);
+    }
+
+    /// When the parts of the read the next `on_ingress` call feeds reached the socket (see
+    /// [`ReadArrival`]; its `ts_ns` is when the first did): a request that begins behind other
+    /// bytes of the read is dated by its part. Without it, by `ts_ns`.
+    pub fn set_arrival_parts(&mut self, arrival: ReadArrival) {
+        self.arrival_parts = Some(arrival);
     }
 
     /// Bytes the server read. `len` = bytes the syscall moved; `data` = the captured prefix.
@@ -333,6 +343,11 @@ impl ConnTracker {
             ts_ns,
             ..Moment::default()
         });
+        let arrival = self
+            .arrival_parts
+            .take()
+            .filter(|a| a.first_ns == ts_ns)
+            .unwrap_or(ReadArrival::one(ts_ns));
         let (conns, lru, used) = (&mut self.conns, &mut self.lru, &mut self.used);
         let Some(c) = touch(
             conns,
@@ -350,7 +365,7 @@ impl ConnTracker {
         if egress {
             c.egress(conn, ts_ns, io, seg, &mut self.next_seq, obs);
         } else {
-            c.ingress(conn, ts_ns, io, seg, &mut self.next_seq, obs);
+            c.ingress(conn, arrival, io, seg, &mut self.next_seq, obs);
         }
         // One event adds at most one capture (4 KiB) to one connection, so checking the
         // connection that grew keeps the total within the budget plus one capture.

@@ -41,6 +41,9 @@ pub(crate) enum Item<'a> {
         end_stream: bool,
         promise: bool,
         block: &'a [u8],
+        /// Where the block's first frame head begins in the read that carried its last byte (0
+        /// when it began in an earlier read).
+        read_off: usize,
     },
     /// `RST_STREAM` with its error code.
     Reset { stream: u32, code: u32 },
@@ -138,6 +141,7 @@ struct Pending {
     stream: u32,
     end_stream: bool,
     promise: bool,
+    read_off: usize,
 }
 
 /// One direction's frame reader. See the module docs.
@@ -147,6 +151,9 @@ pub(crate) struct FrameReader {
     preface_left: usize,
     head: [u8; 9],
     head_have: usize,
+    /// Where the frame head being read (then the current frame) began in the read (0 when in an
+    /// earlier read).
+    head_read_off: usize,
     cur: Option<Cur>,
     /// The payload of a frame read whole (HEADERS, CONTINUATION, `PUSH_PROMISE`, `RST_STREAM`),
     /// then the header block being gathered.
@@ -162,6 +169,7 @@ impl FrameReader {
             preface_left: if client { PREFACE.len() } else { 0 },
             head: [0; 9],
             head_have: 0,
+            head_read_off: 0,
             cur: None,
             buf: Vec::new(),
             pending: None,
@@ -198,6 +206,7 @@ impl FrameReader {
         missing: &mut u64,
         f: &mut impl FnMut(Item<'_>),
     ) -> Result<(), Lost> {
+        let whole = data.len();
         while !data.is_empty() || *missing > 0 {
             if self.preface_left > 0 {
                 let at = PREFACE.len() - self.preface_left;
@@ -216,6 +225,11 @@ impl FrameReader {
                 if data.is_empty() {
                     return Err(Lost::Truncated);
                 }
+                self.head_read_off = if self.head_have == 0 {
+                    whole - data.len()
+                } else {
+                    0
+                };
                 let n = (9 - self.head_have).min(data.len());
                 self.head[self.head_have..self.head_have + n].copy_from_slice(&data[..n]);
                 self.head_have += n;
@@ -368,6 +382,7 @@ impl FrameReader {
                     stream: h.stream,
                     end_stream,
                     promise: h.kind == PUSH_PROMISE,
+                    read_off: self.head_read_off,
                 });
                 if h.flags & END_HEADERS != 0 {
                     self.block_done(f);
@@ -386,6 +401,7 @@ impl FrameReader {
                 end_stream: p.end_stream,
                 promise: p.promise,
                 block: &self.buf,
+                read_off: p.read_off,
             });
         }
         self.buf.clear();

@@ -48,9 +48,12 @@ pub enum Route {
 struct TlsConn {
     /// The `SSL *` bound to it.
     ssl: Option<u64>,
-    /// Arrival of the last ciphertext read since its last plaintext read (not the oldest: the
-    /// handshake's reads come before a request's and are consumed by no `SSL_read`).
-    arrival_ns: Option<u64>,
+    /// Arrival of its last ciphertext read (not the oldest: the handshake's reads come before a
+    /// request's and are consumed by no `SSL_read`): the first and the last of the read's parts
+    /// (see `ReadArrival`).
+    arrival: Option<(u64, u64)>,
+    /// A plaintext read was dated by `arrival`'s first part: later ones, by its last.
+    dated: bool,
     /// Its plaintext is not probed: records are dropped until it closes.
     unreadable: bool,
 }
@@ -105,7 +108,8 @@ impl TlsJoin {
     ) -> Route {
         if let Some(c) = self.conns.get_mut(&conn) {
             if read.is_some() && !c.unreadable {
-                c.arrival_ns = Some(ts_ns);
+                c.arrival = Some((ts_ns, ts_ns));
+                c.dated = false;
                 Self::hint(&mut self.last_read, tid, conn);
             }
             return Route::Cipher;
@@ -116,7 +120,8 @@ impl TlsJoin {
         self.counts.connections += 1;
         let c = TlsConn {
             ssl: None,
-            arrival_ns: Some(ts_ns),
+            arrival: Some((ts_ns, ts_ns)),
+            dated: false,
             unreadable: !readable,
         };
         self.conns.insert(conn, c);
@@ -127,6 +132,14 @@ impl TlsJoin {
         Route::Cipher
     }
 
+    /// The last arrival of `conn`'s ciphertext read just reported to `on_socket`, when its bytes
+    /// came in several (the first is that call's `ts_ns`).
+    pub fn last_arrival(&mut self, conn: ConnId, last_ns: u64) {
+        if let Some((first, last)) = self.conns.get_mut(&conn).and_then(|c| c.arrival.as_mut()) {
+            *last = last_ns.max(*first);
+        }
+    }
+
     fn hint(map: &mut FxHashMap<u32, ConnId>, tid: u32, conn: ConnId) {
         if map.len() >= MAX_THREAD_HINTS && !map.contains_key(&tid) {
             map.clear();
@@ -135,8 +148,10 @@ impl TlsJoin {
     }
 
     /// Plaintext of `ssl` in process `tgid`, by thread `tid`. Returns its connection and, for a
-    /// read, the arrival of the ciphertext it came in (when known); `None` (counted) when it
-    /// belongs to no connection we can name.
+    /// read, the arrival of the ciphertext it came in (when known: the first part of the last
+    /// ciphertext read for the first plaintext read after it, the last part for later ones, as
+    /// their records come later in the read); `None` (counted) when it belongs to no connection
+    /// we can name.
     pub fn on_plaintext(
         &mut self,
         tgid: u32,
@@ -177,7 +192,14 @@ impl TlsJoin {
         let arrival = if egress {
             None
         } else {
-            self.conns.get_mut(&conn).and_then(|t| t.arrival_ns.take())
+            self.conns.get_mut(&conn).and_then(|t| {
+                let (first, last) = t.arrival?;
+                Some(if std::mem::replace(&mut t.dated, true) {
+                    last
+                } else {
+                    first
+                })
+            })
         };
         Some((conn, arrival))
     }

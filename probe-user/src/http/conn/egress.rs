@@ -7,7 +7,7 @@ use crate::http::{
     classify::EventSink,
     h2, request,
     response::{self, Analyzer, ForRequest, MAX_RESPONSE_HEAD},
-    ConnId, Moment, Observer, ParseErrorKind, RequestMeta,
+    ConnId, Moment, Observer, ParseErrorKind, ReadArrival, RequestMeta,
 };
 
 impl Conn {
@@ -26,7 +26,14 @@ impl Conn {
             self.start_h2();
         }
         if self.h2.is_some() {
-            return self.h2_bytes(true, (id, ts, io), seg.data, seg.missing, next_seq, obs);
+            return self.h2_bytes(
+                true,
+                (id, ReadArrival::one(ts), io),
+                seg.data,
+                seg.missing,
+                next_seq,
+                obs,
+            );
         }
         let total = seg.data.len() as u64 + seg.missing;
         let mut budget = step_budget(&seg);

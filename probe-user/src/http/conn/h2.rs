@@ -23,7 +23,7 @@ use crate::http::{
     h2::{FrameReader, Item, Lost},
     request::{cut_field, endpoint_for_path, MAX_BODY_SNIFF},
     response::{body_kind, Analyzer, BodyKind, ForRequest},
-    ConnId, Moment, Observer, Outcome, ParseErrorKind, RequestMeta,
+    ConnId, Moment, Observer, Outcome, ParseErrorKind, ReadArrival, RequestMeta,
 };
 
 /// Streams followed at once on one connection (servers allow 100–250 concurrent streams by
@@ -161,11 +161,12 @@ impl Conn {
         self.ingress = Ingress::Idle;
     }
 
-    /// One read (`egress` false) or write of an HTTP/2 connection.
+    /// One read (`egress` false) or write of an HTTP/2 connection: the read's arrival (a
+    /// write: its time, in one part).
     pub(super) fn h2_bytes(
         &mut self,
         egress: bool,
-        (id, ts, io): (ConnId, u64, Moment),
+        (id, arrival, io): (ConnId, ReadArrival, Moment),
         data: &[u8],
         missing: u64,
         next_seq: &mut u64,
@@ -177,9 +178,11 @@ impl Conn {
         let mut ended: Vec<(u64, Option<Outcome>)> = Vec::new();
         let mut bad = false;
         let reader = if egress { &mut h2.tx } else { &mut h2.rx };
+        let ts = arrival.first_ns;
         let mut side = Side {
             id,
             ts,
+            arrival,
             io,
             hpack: if egress {
                 &mut h2.tx_hpack
@@ -233,7 +236,9 @@ impl Conn {
 /// What one direction's items act on.
 struct Side<'a, O: Observer> {
     id: ConnId,
+    /// The read's first arrival (a write: its time), and its parts.
     ts: u64,
+    arrival: ReadArrival,
     io: Moment,
     hpack: &'a mut Decoder<'static>,
     streams: &'a mut FxHashMap<u32, Stream>,
@@ -257,6 +262,7 @@ impl<O: Observer> Side<'_, O> {
                 stream,
                 end_stream,
                 block,
+                read_off,
                 ..
             } => {
                 let Some(f) = decode(self.hpack, block) else {
@@ -264,7 +270,11 @@ impl<O: Observer> Side<'_, O> {
                     return;
                 };
                 if !self.streams.contains_key(&stream) {
-                    self.new_stream(stream, &f);
+                    // Dated by the arrival of its first frame's bytes: behind other bytes of
+                    // the read (a fresh connection's preface and SETTINGS, a WINDOW_UPDATE,
+                    // another stream's frames) they may have come later than the read's first.
+                    let arrival = self.arrival.at(read_off);
+                    self.new_stream(stream, &f, arrival);
                 }
                 if end_stream {
                     self.request_done(stream);
@@ -293,7 +303,7 @@ impl<O: Observer> Side<'_, O> {
         }
     }
 
-    fn new_stream(&mut self, stream: u32, f: &Fields) {
+    fn new_stream(&mut self, stream: u32, f: &Fields, arrival_ns: u64) {
         if self.streams.len() >= MAX_H2_STREAMS {
             self.obs.budget_dropped(self.id, "h2_stream");
             return;
@@ -315,7 +325,7 @@ impl<O: Observer> Side<'_, O> {
             ..RequestMeta::default()
         };
         let seq = next(self.next_seq);
-        let mut req = Req::new(seq, meta, self.ts, f.method.as_deref() == Some(b"HEAD"));
+        let mut req = Req::new(seq, meta, arrival_ns, f.method.as_deref() == Some(b"HEAD"));
         req.read = self.io;
         self.queue.push_back(req);
         self.streams.insert(
@@ -370,6 +380,7 @@ impl<O: Observer> Side<'_, O> {
                 end_stream,
                 promise,
                 block,
+                ..
             } => {
                 let Some(f) = decode(self.hpack, block) else {
                     *self.bad = true;

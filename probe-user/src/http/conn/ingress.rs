@@ -5,35 +5,45 @@ use crate::http::{
     body::{ChunkDecoder, Fed, Framer, Piece, Seg},
     h2,
     request::{self, BodyFraming, MAX_BODY_SNIFF, MAX_HEAD_BYTES},
-    sniff, ConnId, Moment, Observer, ParseErrorKind, RequestMeta,
+    sniff, ConnId, Moment, Observer, ParseErrorKind, ReadArrival, RequestMeta,
 };
 
 impl Conn {
     pub(super) fn ingress(
         &mut self,
         id: ConnId,
-        ts: u64,
+        arrival: ReadArrival,
         io: Moment,
         mut seg: Seg<'_>,
         next_seq: &mut u64,
         obs: &mut impl Observer,
     ) {
+        let ts = arrival.first_ns;
         if let Some(read) = self.h2_preface_start(seg.data) {
             // The preface's first bytes were taken for an HTTP/1 head ("P"): they go first.
             self.start_h2();
             if !read.is_empty() {
-                self.h2_bytes(false, (id, ts, io), &read, 0, next_seq, obs);
+                self.h2_bytes(false, (id, arrival, io), &read, 0, next_seq, obs);
             }
         }
         if self.h2.is_some() {
-            return self.h2_bytes(false, (id, ts, io), seg.data, seg.missing, next_seq, obs);
+            return self.h2_bytes(
+                false,
+                (id, arrival, io),
+                seg.data,
+                seg.missing,
+                next_seq,
+                obs,
+            );
         }
         let mut budget = step_budget(&seg);
+        let whole = seg.data.len();
         while !seg.is_empty() && self.mode == Mode::Active && budget > 0 {
             budget -= 1;
-            let fresh_head = |from_sync| HeadRead {
+            // A head is dated by the arrival of its first byte (`left`: the read's bytes from it).
+            let fresh_head = |from_sync, left: usize| HeadRead {
                 buf: Vec::new(),
-                arrival_ns: ts,
+                arrival_ns: arrival.at(whole - left),
                 read: io,
                 from_sync,
             };
@@ -42,7 +52,7 @@ impl Conn {
                     if seg.data.is_empty() {
                         Ingress::Syncing
                     } else if request::could_start_request(seg.data) {
-                        Ingress::Head(fresh_head(false))
+                        Ingress::Head(fresh_head(false, seg.data.len()))
                     } else if !self.accepted && h2::looks_like_frames(seg.data) {
                         return self.kill(id, ts, Some(ParseErrorKind::H2Midstream), obs);
                     } else if self.accepted || request::looks_not_http(seg.data) {
@@ -52,7 +62,7 @@ impl Conn {
                         Ingress::Syncing
                     }
                 }
-                Ingress::Idle => Ingress::Head(fresh_head(false)),
+                Ingress::Idle => Ingress::Head(fresh_head(false, seg.data.len())),
                 Ingress::Head(head) => {
                     match self.request_head(id, ts, head, &mut seg, next_seq, obs) {
                         Some(next) => next,
@@ -63,7 +73,7 @@ impl Conn {
                 Ingress::Syncing => {
                     if let Some(i) = request::find_request_start(seg.data) {
                         seg.advance(i as u64);
-                        Ingress::Head(fresh_head(true))
+                        Ingress::Head(fresh_head(true, seg.data.len()))
                     } else {
                         seg = Seg::EMPTY;
                         Ingress::Syncing

@@ -44,6 +44,7 @@ fn run(client: bool, chunks: &[(&[u8], u64)]) -> (Vec<Owned>, Result<(), Lost>) 
                     end_stream,
                     promise,
                     block,
+                    ..
                 } => Owned::Headers(stream, end_stream, promise, block.to_vec()),
                 Item::Reset { stream, code } => Owned::Reset(stream, code),
             };

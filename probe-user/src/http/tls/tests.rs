@@ -59,6 +59,25 @@ fn a_read_binds_the_ssl_to_the_connection_its_thread_read_last() {
 }
 
 #[test]
+fn later_plaintext_of_one_ciphertext_read_is_dated_by_its_last_part() {
+    let mut j = TlsJoin::new();
+    j.on_socket(conn(5), 77, Some(HELLO), 100, true);
+    // One read of records that came in two arrivals (an HTTP/2 client's preface and SETTINGS
+    // at 200, its request at 230): `SSL_read` returns them one record at a time.
+    j.on_socket(conn(5), 77, Some(APP), 200, true);
+    j.last_arrival(conn(5), 230);
+    let read = |j: &mut TlsJoin| j.on_plaintext(10, 77, 0xa000, false).map(|r| r.1);
+    assert_eq!(read(&mut j), Some(Some(200)));
+    assert_eq!(read(&mut j), Some(Some(230)));
+    // Read later from what the library buffered: still those bytes' arrival.
+    assert_eq!(read(&mut j), Some(Some(230)));
+    // A read in one arrival: both are its time.
+    j.on_socket(conn(5), 77, Some(APP), 300, true);
+    assert_eq!(read(&mut j), Some(Some(300)));
+    assert_eq!(read(&mut j), Some(Some(300)));
+}
+
+#[test]
 fn plaintext_without_a_connection_is_counted_not_guessed() {
     let mut j = TlsJoin::new();
     // A write on an SSL never read from.

@@ -6,7 +6,7 @@ use loona_hpack::Encoder;
 use super::super::tests::{Rec, C};
 use crate::http::{
     h2::{tests::frame, PREFACE},
-    ConnTracker, Endpoint, Outcome, ParseErrorKind,
+    ConnTracker, Endpoint, Outcome, ParseErrorKind, ReadArrival,
 };
 
 const DATA: u8 = 0;
@@ -154,6 +154,55 @@ fn h2c_streams_are_timed_like_http1_requests() {
     assert_eq!((a.status, a.content_events), (Some(200), 3));
     assert!(rec.errors.is_empty(), "{:?}", rec.errors);
     assert_eq!(t.in_flight(), 0);
+}
+
+#[test]
+fn a_stream_is_dated_by_the_arrival_of_its_headers() {
+    let (mut t, mut rec) = (ConnTracker::new(), Rec::default());
+    let mut cenc = Encoder::new();
+    t.on_accept(C, 0, &mut rec);
+    // A fresh connection whose server read late: the preface and SETTINGS reached the socket at
+    // 100, the request written after them at 140, the client's SETTINGS ACK at 160, and one read
+    // took all of it.
+    let mut b = PREFACE.to_vec();
+    b.extend(settings());
+    let conn_frames = b.len() as u32;
+    b.extend(request(&mut cenc, 1, "/v1/completions", "a", None));
+    let with_request = b.len() as u32;
+    b.extend(frame(SETTINGS, 1, 0, &[]));
+    let parts = [
+        (conn_frames, 100),
+        (with_request, 140),
+        (b.len() as u32, 160),
+    ];
+    t.set_arrival_parts(ReadArrival::parts(100, 170, &parts));
+    input(&mut t, &mut rec, 100, &b);
+    // Two streams in one read, in two arrivals.
+    let mut b = request(&mut cenc, 3, "/v1/completions", "b", None);
+    let first = b.len() as u32;
+    b.extend(request(&mut cenc, 5, "/v1/completions", "c", None));
+    t.set_arrival_parts(ReadArrival::parts(
+        200,
+        240,
+        &[(first, 200), (b.len() as u32, 230)],
+    ));
+    input(&mut t, &mut rec, 200, &b);
+    // Without a last arrival (unknown), the read's first.
+    let mut b = settings();
+    b.extend(request(&mut cenc, 7, "/v1/completions", "d", None));
+    input(&mut t, &mut rec, 300, &b);
+    assert_eq!(
+        rec.started
+            .iter()
+            .map(|(m, at)| (m.request_id.clone().unwrap_or_default(), *at))
+            .collect::<Vec<_>>(),
+        [
+            ("a".to_owned(), 140),
+            ("b".to_owned(), 200),
+            ("c".to_owned(), 230),
+            ("d".to_owned(), 300)
+        ]
+    );
 }
 
 #[test]

@@ -446,3 +446,29 @@ fn read_and_first_token_moments_reach_the_record() {
         [(at(30, 16), at(35, 19)), (at(35, 19), no_thread)]
     );
 }
+
+#[test]
+fn a_request_is_dated_by_the_arrival_of_its_first_byte() {
+    use crate::http::ReadArrival;
+    let mut t = ConnTracker::new();
+    let mut rec = Rec::default();
+    // Three requests in one read (at 20): the first and the start of the second reached the
+    // socket at 10, the rest of the second at 14, the third at 16.
+    let one = post("/v1/chat/completions", CHAT_BODY);
+    let n = one.len() as u32;
+    let three = [one.clone(), one.clone(), one.clone()].concat();
+    let parts = [(n + 5, 10), (2 * n, 14), (3 * n, 16)];
+    t.set_arrival_parts(ReadArrival::parts(10, 20, &parts));
+    t.on_ingress(C, 10, three.len() as u64, &three, &mut rec);
+    // Parts of another read are not used (their first arrival is not this read's).
+    t.set_arrival_parts(ReadArrival::parts(11, 40, &[(1, 11), (n, 39)]));
+    t.on_ingress(C, 30, one.len() as u64, &one, &mut rec);
+    // Times outside first ..= read are kept within it; past every part, the last part's.
+    let two = [one.clone(), one.clone()].concat();
+    t.set_arrival_parts(ReadArrival::parts(50, 60, &[(1, 40), (n - 1, 70)]));
+    t.on_ingress(C, 50, two.len() as u64, &two, &mut rec);
+    assert_eq!(
+        rec.started.iter().map(|s| s.1).collect::<Vec<_>>(),
+        [10, 10, 16, 30, 50, 60]
+    );
+}
