@@ -7,12 +7,13 @@
 //! event.
 
 use std::{
+    collections::VecDeque,
     io,
     os::fd::AsRawFd as _,
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     task::{ready, Context, Poll},
 };
@@ -27,10 +28,32 @@ use tokio::{
 
 use crate::client::{enable_rx_timestamps, recv_event, Req, ResponseReader, Sample};
 
-/// A socket that remembers the receive stamp of its last read.
+/// A socket that remembers the receive stamp of its last read and when its latest writes began.
 struct Stamped {
     sock: TcpStream,
     stamp: Arc<AtomicU64>,
+    writes: Writes,
+}
+
+/// When the connection's latest writes began (the clock read just before each `write`), at most
+/// [`WRITES_KEPT`]. `h2` queues a request's frames and its connection task writes them later (on
+/// a busy runtime, milliseconds later): a request starts at the first write after it was queued,
+/// as the HTTP/1.1 client's starts just before its `write`.
+type Writes = Arc<Mutex<VecDeque<u64>>>;
+const WRITES_KEPT: usize = 256;
+
+fn record_write(writes: &Writes, began: u64) {
+    let mut w = writes.lock().expect("write stamps");
+    if w.len() == WRITES_KEPT {
+        w.pop_front();
+    }
+    w.push_back(began);
+}
+
+/// The first write that began at or after `queued`, if one is still kept.
+fn first_write_after(writes: &Writes, queued: u64) -> Option<u64> {
+    let w = writes.lock().expect("write stamps");
+    w.iter().copied().find(|&t| t >= queued)
 }
 
 impl AsyncRead for Stamped {
@@ -67,7 +90,19 @@ impl AsyncWrite for Stamped {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().sock).poll_write(cx, buf)
+        let me = self.get_mut();
+        loop {
+            ready!(me.sock.poll_write_ready(cx))?;
+            let began = monotonic_ns();
+            match me.sock.try_write(buf) {
+                Ok(n) => {
+                    record_write(&me.writes, began);
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().sock).poll_flush(cx)
@@ -82,6 +117,7 @@ impl AsyncWrite for Stamped {
 pub struct H2Conn {
     send: h2::client::SendRequest<Bytes>,
     stamp: Arc<AtomicU64>,
+    writes: Writes,
     authority: String,
     tls: bool,
 }
@@ -93,9 +129,11 @@ impl H2Conn {
         sock.set_nodelay(true)?;
         enable_rx_timestamps(&sock)?;
         let stamp = Arc::new(AtomicU64::new(0));
+        let writes = Writes::default();
         let io = Stamped {
             sock,
             stamp: stamp.clone(),
+            writes: writes.clone(),
         };
         let send = if tls {
             let mut cfg = (*crate::tls_client::config()).clone();
@@ -119,6 +157,7 @@ impl H2Conn {
         Ok(Self {
             send,
             stamp,
+            writes,
             authority: addr.to_owned(),
             tls,
         })
@@ -158,7 +197,8 @@ impl H2Conn {
     }
 
     /// Opens a stream for `req` (POST to its path, its request id) with `body` as the whole
-    /// request body; `s.start_ns` is taken just before it is sent.
+    /// request body; `s.start_ns` is when the connection's first write after the stream was
+    /// queued began (see [`Writes`]).
     async fn send(
         &self,
         req: &Req,
@@ -176,10 +216,14 @@ impl H2Conn {
             request = request.header("te", "trailers");
         }
         let mut send = self.send.clone().ready().await?;
-        s.start_ns = monotonic_ns();
+        let queued = monotonic_ns();
+        s.start_ns = queued;
         let (response, mut body_out) = send.send_request(request.body(())?, false)?;
         body_out.send_data(body, true)?;
-        Ok(response.await?)
+        let response = response.await?;
+        // The answer's head came back, so the write that carried the request has been made.
+        s.start_ns = first_write_after(&self.writes, queued).unwrap_or(queued);
+        Ok(response)
     }
 
     async fn grpc_inner(&self, req: &Req, s: &mut Sample) -> anyhow::Result<()> {

@@ -130,9 +130,17 @@ impl TlsSession {
         Ok((n, stamp))
     }
 
-    pub async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+    /// Encrypts `bytes` and writes them in one `write`; returns the time just before it (the
+    /// request's start, as the plain client's is just before its `write`).
+    pub async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<u64> {
         self.tls.writer().write_all(bytes)?;
-        self.flush().await
+        let mut out = Vec::new();
+        while self.tls.wants_write() {
+            self.tls.write_tls(&mut out)?;
+        }
+        let at = monotonic_ns();
+        self.sock.write_all(&out).await?;
+        Ok(at)
     }
 
     /// Plaintext that arrived: (bytes, the stamp of the read that completed them); empty at EOF.
@@ -194,8 +202,7 @@ async fn exchange_inner(
     s: &mut Sample,
 ) -> anyhow::Result<()> {
     let msg = request_bytes(addr, req);
-    s.start_ns = monotonic_ns();
-    session.send(&msg).await?;
+    s.start_ns = session.send(&msg).await?;
     let mut reader = ResponseReader::default();
     loop {
         let (plain, stamp) = session.recv().await?;

@@ -87,9 +87,12 @@ fn grpcio_streaming_agrees_with_the_client() {
         assert_eq!(r["endpoint"], METHOD, "{r}");
         assert_eq!(r["model"], "m1", "{r}");
         eprintln!(
-            "{}: probe TTFT {:.3} ms, |probe - client| max {:.3} ms",
+            "{}: TTFT probe {:.3} ms (socket queue {:.3} ms), client {:.3} ms; |probe - client| \
+             max {:.3} ms",
             s.request_id,
             r["ttft_ns"].as_f64().unwrap_or(0.0) / 1e6,
+            r["stages_ns"]["socket_queue"].as_f64().unwrap_or(0.0) / 1e6,
+            s.ttft_ns.unwrap_or(0) as f64 / 1e6,
             compare(s, r)
         );
     }

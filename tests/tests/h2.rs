@@ -71,8 +71,11 @@ fn node_h2(tls: bool) {
     for s in &all {
         let r = by_id(&recs, &s.request_id);
         let ttft = r["ttft_ns"].as_f64().unwrap_or(0.0) / 1e6;
+        // Not before the server's wait. The upper bound is loose: a loaded 2-core VM makes Node
+        // itself late (124 ms seen for an 81 ms wait: 13.6 ms before it read the request, ~30 ms
+        // gaps for 29 ms timers); the agreement with the client (above) holds the probe to 1 ms.
         assert!(
-            (60.0..110.0).contains(&ttft),
+            (60.0..180.0).contains(&ttft),
             "TTFT {ttft:.3} ms for a server that waits 60 to 81 ms: {r}"
         );
         assert_eq!(r["model"], "m1", "{r}");

@@ -70,8 +70,10 @@ fn timing_round(served: &tests::NodeUnderProbe, round: u32) -> (f64, f64) {
     // The first token cannot come before the server's 80 ms wait; the upper bound leaves room for
     // a loaded CI machine. libuv arms timers from its cached loop time, so one gap can come out up
     // to ~1 ms short of 25 ms (24.69 ms seen); their mean cannot.
+    // (Loose above: Node itself was late on a loaded 2-core VM, 115.6 ms seen: 10.4 ms before it
+    // read the request, 105 ms to its first write; `compare` holds the probe to the client.)
     assert!(
-        (80.0..100.0).contains(&ttft),
+        (80.0..180.0).contains(&ttft),
         "ttft {ttft} ms for a server that waits 80 ms: {r}"
     );
     for &g in &gaps {

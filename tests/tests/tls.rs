@@ -89,9 +89,18 @@ fn node_https_timing_matches_the_client() {
 
     let probe = Probe::start(&["--port".into(), port.to_string()]);
     let extra = json!({"ttft_ms": 60, "gap_ms": 20, "usage": true});
+    // Picked up mid-connection. Its first read after attach is what teaches the kernel programs
+    // its socket, so that read's bytes have no arrival stamp (the request is dated by the
+    // server's read, docs/design.md); from the next request on it is timed like any other.
+    let picked_up = rt.block_on(exchange(
+        &mut early,
+        &addr,
+        &chat_req("early", "m1", true, 2, &json!({})),
+    ));
+    assert_eq!(picked_up.status, 200, "{:?}", picked_up.error);
+    assert_eq!(records(&probe, 1)[0]["outcome"], "ok");
     let all = timing_rounds_with(&probe, 4, 20, |round| {
         let mut samples = Vec::new();
-        // Picked up mid-connection: its next request is timed like any other.
         let r = chat_req(&format!("early-{round}"), "m1", true, 6, &extra);
         samples.push(rt.block_on(exchange(&mut early, &addr, &r)));
         for i in 0..3 {
@@ -100,12 +109,14 @@ fn node_https_timing_matches_the_client() {
         }
         samples
     });
-    let recs = records(&probe, all.len());
+    let recs = records(&probe, all.len() + 1);
     for s in &all {
         let r = by_id(&recs, &s.request_id);
         let ttft = r["ttft_ns"].as_f64().unwrap_or(0.0) / 1e6;
+        // Loose above (Node's own lateness on a loaded VM: 107 ms seen); `compare` holds the
+        // probe to the client within 1 ms.
         assert!(
-            (60.0..90.0).contains(&ttft),
+            (60.0..160.0).contains(&ttft),
             "TTFT {ttft:.3} ms for a server that waits 60 ms: {r}"
         );
         eprintln!(
