@@ -283,6 +283,33 @@ mod tests {
     }
 
     #[test]
+    fn arrival_parts_decode_and_short_ones_do_not() {
+        let ev = ArrivalEvent {
+            header: EventHeader {
+                kind: EventKind::Arrivals as u32,
+                ..hdr()
+            },
+            fd: 5,
+            n: 2,
+            ends: [39, 120, 0, 0],
+            ts_ns: [100, 140, 0, 0],
+        };
+        // SAFETY: `ArrivalEvent` is `repr(C)`, integer-only and padding-free (size pinned).
+        let raw = unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(&ev).cast::<u8>(),
+                size_of::<ArrivalEvent>(),
+            )
+        };
+        assert_eq!(decode(raw), Ok(Event::Arrivals(ev)));
+        assert_eq!(
+            decode(&raw[..40]),
+            Err(DecodeError::Short(40)),
+            "a cut record is an error, not a guess"
+        );
+    }
+
+    #[test]
     fn tail_follows_the_payload() {
         let raw = encode_data_with_tail(hdr(), 5, true, 9000, b"head", b"tail");
         let Ok(Event::Data { payload, tail, .. }) = decode(&raw) else {

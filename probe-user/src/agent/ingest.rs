@@ -83,9 +83,11 @@ impl Ingest {
                     .filter(|a| (a.header.tid, a.fd) == (header.tid, fd) && !egress)
                     .map(|a| {
                         let n = (a.n as usize).min(a.ends.len());
-                        let parts: Vec<(u32, u64)> =
-                            a.ends[..n].iter().copied().zip(a.ts_ns).collect();
-                        ReadArrival::parts(arrival_ns, header.ts_ns, &parts)
+                        let mut parts = [(0, 0); probe_common::MAX_ARRIVAL_MARKS];
+                        for (p, (&end, &ts)) in parts.iter_mut().zip(a.ends.iter().zip(&a.ts_ns)) {
+                            *p = (end, ts);
+                        }
+                        ReadArrival::parts(arrival_ns, header.ts_ns, &parts[..n])
                     });
                 // Ingress bytes are dated by their arrival at the socket when the kernel knows it:
                 // a request that waited in the receive queue was waiting for the user too.
