@@ -500,9 +500,24 @@ pub fn pin(pid: u32, cpus: &str) {
 
 /// A busy loop pinned to CPU `cpu`, killed on drop: a noisy neighbour.
 pub fn cpu_hog(cpu: u32) -> Proc {
+    cpu_hog_niced(cpu, 0)
+}
+
+/// [`cpu_hog`] at nice `nice` (negative: a heavier neighbour, whose longer share of the CPU a
+/// woken thread must wait behind; needs root).
+pub fn cpu_hog_niced(cpu: u32, nice: i32) -> Proc {
     Proc::spawn(
         "hog",
-        Command::new("taskset").args(["-c", &cpu.to_string(), "sh", "-c", "while :; do :; done"]),
+        Command::new("nice").args([
+            "-n",
+            &nice.to_string(),
+            "taskset",
+            "-c",
+            &cpu.to_string(),
+            "sh",
+            "-c",
+            "while :; do :; done",
+        ]),
     )
 }
 
