@@ -13,7 +13,7 @@ use probe_common::{
 };
 
 use crate::{
-    arrival::ARRIVAL,
+    arrival::{emit_arrivals, ARRIVAL},
     bump,
     capture::{emit_data, msghdr_iov},
     current_tgid_tid, emit_conn, is_target, threads, CONNS, PENDING,
@@ -113,8 +113,11 @@ fn on_exit(ctx: &TracePointContext) {
     let mut arrival_ns = 0;
     if p.sk != 0 {
         // SAFETY: value copied out before the entry is removed.
-        if let Some(a) = unsafe { ARRIVAL.get(p.sk) } {
+        if let Some(a) = unsafe { ARRIVAL.get(p.sk) }.copied() {
             arrival_ns = a.ts_ns[0];
+            if ret > 0 && p.dir != DIR_EGRESS {
+                emit_arrivals(&a, p.sk, ret as u32, tgid, tid, p.fd);
+            }
         }
         let _ = ARRIVAL.remove(p.sk);
     }
