@@ -196,12 +196,12 @@ impl ReadArrival {
         }
     }
 
-    /// A read in parts; each part's time is kept within `first_ns ..= read_ns` and the ends are
-    /// made non-decreasing (at most `MAX_ARRIVAL_MARKS` parts are kept).
-    pub fn parts(first_ns: u64, read_ns: u64, parts: &[(u32, u64)]) -> Self {
+    /// A read in `(end, ts)` parts; each part's time is kept within `first_ns ..= read_ns` and
+    /// the ends are made non-decreasing (at most `MAX_ARRIVAL_MARKS` parts are kept).
+    pub fn parts(first_ns: u64, read_ns: u64, parts: impl IntoIterator<Item = (u32, u64)>) -> Self {
         let mut me = Self::one(first_ns);
         let mut end = 0;
-        for &(e, ts) in parts.iter().take(MAX_ARRIVAL_MARKS) {
+        for (e, ts) in parts.into_iter().take(MAX_ARRIVAL_MARKS) {
             end = end.max(e);
             me.parts[me.n] = (end, ts.clamp(first_ns, read_ns.max(first_ns)));
             me.n += 1;

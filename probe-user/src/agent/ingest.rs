@@ -76,26 +76,20 @@ impl Ingest {
                 ssl,
                 ..
             } => {
-                // The parts of this read, sent just before it (same thread and fd).
+                // Ingress bytes are dated by their arrival at the socket when the kernel knows it:
+                // a request that waited in the receive queue was waiting for the user too.
+                let dated = !egress && arrival_ns != 0 && arrival_ns <= header.ts_ns;
+                let mut ts = if dated { arrival_ns } else { header.ts_ns };
+                // The parts of this socket read, sent just before it (same thread and fd).
                 let parts = self
                     .arrivals
                     .take()
-                    .filter(|a| (a.header.tid, a.fd) == (header.tid, fd) && !egress)
+                    .filter(|a| dated && ssl.is_none() && (a.header.tid, a.fd) == (header.tid, fd))
                     .map(|a| {
-                        let n = (a.n as usize).min(a.ends.len());
-                        let mut parts = [(0, 0); probe_common::MAX_ARRIVAL_MARKS];
-                        for (p, (&end, &ts)) in parts.iter_mut().zip(a.ends.iter().zip(&a.ts_ns)) {
-                            *p = (end, ts);
-                        }
-                        ReadArrival::parts(arrival_ns, header.ts_ns, &parts[..n])
+                        let n = a.n as usize;
+                        let parts = a.ends.into_iter().zip(a.ts_ns).take(n);
+                        ReadArrival::parts(arrival_ns, header.ts_ns, parts)
                     });
-                // Ingress bytes are dated by their arrival at the socket when the kernel knows it:
-                // a request that waited in the receive queue was waiting for the user too.
-                let mut ts = if !egress && arrival_ns != 0 && arrival_ns <= header.ts_ns {
-                    arrival_ns
-                } else {
-                    header.ts_ns
-                };
                 let conn = if let Some(ssl) = ssl {
                     // Plaintext: its connection from the join; a read dated by its ciphertext.
                     let Some((conn, arrival)) =
@@ -116,9 +110,7 @@ impl Ingest {
                     let read = (!egress && ret > 0).then_some(payload);
                     let route = self.tls.on_socket(conn, header.tid, read, ts, readable);
                     if route != Route::Plain {
-                        if let Some(p) =
-                            parts.filter(|_| route == Route::Cipher && ts == arrival_ns)
-                        {
+                        if let Some(p) = parts.filter(|_| route == Route::Cipher) {
                             self.tls.last_arrival(conn, p.last());
                         }
                         self.on_ciphertext(conn, route, ret, egress, ts);
@@ -139,7 +131,7 @@ impl Ingest {
                             .on_egress_with_tail(conn, ts, n as u64, payload, tail, s);
                     }
                     (n, false) if n > 0 => {
-                        if let Some(a) = parts.filter(|_| ssl.is_none() && ts == arrival_ns) {
+                        if let Some(a) = parts {
                             self.tracker.set_arrival_parts(a);
                         }
                         self.tracker.on_ingress(conn, ts, n as u64, payload, s);

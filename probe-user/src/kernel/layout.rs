@@ -127,25 +127,35 @@ mod tests {
             .ok()
     }
 
+    /// The running kernel's BTF, and bpftool's raw dump of it when bpftool is installed (the
+    /// witness); `None` (printed) without BTF.
+    fn running_btf() -> Option<(btf_rs::Btf, Option<String>)> {
+        if !std::path::Path::new(super::VMLINUX_BTF).exists() {
+            eprintln!("skipped: no {}", super::VMLINUX_BTF);
+            return None;
+        }
+        let btf = btf_rs::Btf::from_file(super::VMLINUX_BTF).expect("BTF");
+        let dump = std::process::Command::new("bpftool")
+            .args(["btf", "dump", "file", super::VMLINUX_BTF, "format", "raw"])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        Some((btf, dump))
+    }
+
     /// The running kernel (this VM's and CI's have BTF and `CONFIG_SCHED_INFO`) says where
     /// `last_arrival` is; bpftool's dump of the same BTF is the witness where it is installed.
     #[test]
     fn last_arrival_is_found_in_the_running_kernel() {
-        if !std::path::Path::new(super::VMLINUX_BTF).exists() {
-            eprintln!("skipped: no {}", super::VMLINUX_BTF);
+        let Some((btf, dump)) = running_btf() else {
             return;
-        }
-        let btf = btf_rs::Btf::from_file(super::VMLINUX_BTF).expect("BTF");
+        };
         let off = super::last_arrival_offset(&btf).expect("task_struct.sched_info.last_arrival");
         assert!(off > 0 && off.is_multiple_of(8), "offset {off}");
-        let Ok(out) = std::process::Command::new("bpftool")
-            .args(["btf", "dump", "file", super::VMLINUX_BTF, "format", "raw"])
-            .output()
-        else {
+        let Some(dump) = dump else {
             eprintln!("no bpftool: offset {off} not cross-checked");
             return;
         };
-        let dump = String::from_utf8_lossy(&out.stdout);
         let task = bpftool_bits(&dump, "task_struct", "sched_info").expect("task_struct");
         let info = bpftool_bits(&dump, "sched_info", "last_arrival").expect("sched_info");
         assert_eq!(off, (task + info) / 8, "bpftool: {task} + {info} bits");
@@ -154,16 +164,9 @@ mod tests {
     /// `tcp_sock.rcv_nxt` and `copied_seq` are found, where bpftool's dump says (when installed).
     #[test]
     fn tcp_sequence_fields_are_found_in_the_running_kernel() {
-        if !std::path::Path::new(super::VMLINUX_BTF).exists() {
-            eprintln!("skipped: no {}", super::VMLINUX_BTF);
+        let Some((btf, dump)) = running_btf() else {
             return;
-        }
-        let btf = btf_rs::Btf::from_file(super::VMLINUX_BTF).expect("BTF");
-        let dump = std::process::Command::new("bpftool")
-            .args(["btf", "dump", "file", super::VMLINUX_BTF, "format", "raw"])
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        };
         for field in ["rcv_nxt", "copied_seq"] {
             let (off, _) = super::member_of(&btf, "tcp_sock", field).expect(field);
             assert!(off > 0 && off.is_multiple_of(4), "{field} at {off}");

@@ -181,7 +181,6 @@ impl Conn {
         let ts = arrival.first_ns;
         let mut side = Side {
             id,
-            ts,
             arrival,
             io,
             hpack: if egress {
@@ -236,8 +235,7 @@ impl Conn {
 /// What one direction's items act on.
 struct Side<'a, O: Observer> {
     id: ConnId,
-    /// The read's first arrival (a write: its time), and its parts.
-    ts: u64,
+    /// The read's arrival by part (a write: its time, in one part; `first_ns` dates the call).
     arrival: ReadArrival,
     io: Moment,
     hpack: &'a mut Decoder<'static>,
@@ -462,8 +460,8 @@ impl<O: Observer> Side<'_, O> {
             io: Some(self.io),
         };
         match bytes {
-            Ok(b) => analyzer.bytes(b, self.ts, &mut sink),
-            Err(n) => analyzer.gap(n, self.ts, &mut sink),
+            Ok(b) => analyzer.bytes(b, self.arrival.first_ns, &mut sink),
+            Err(n) => analyzer.gap(n, self.arrival.first_ns, &mut sink),
         }
     }
 
@@ -475,7 +473,7 @@ impl<O: Observer> Side<'_, O> {
                 self.queue.iter_mut().find(|r| r.seq == s.seq),
             ) {
                 analyzer.finish(
-                    self.ts,
+                    self.arrival.first_ns,
                     &mut ReqSink {
                         id: self.id,
                         req,

@@ -175,7 +175,7 @@ fn a_stream_is_dated_by_the_arrival_of_its_headers() {
         (with_request, 140),
         (b.len() as u32, 160),
     ];
-    t.set_arrival_parts(ReadArrival::parts(100, 170, &parts));
+    t.set_arrival_parts(ReadArrival::parts(100, 170, parts));
     input(&mut t, &mut rec, 100, &b);
     // Two streams in one read, in two arrivals.
     let mut b = request(&mut cenc, 3, "/v1/completions", "b", None);
@@ -184,7 +184,7 @@ fn a_stream_is_dated_by_the_arrival_of_its_headers() {
     t.set_arrival_parts(ReadArrival::parts(
         200,
         240,
-        &[(first, 200), (b.len() as u32, 230)],
+        [(first, 200), (b.len() as u32, 230)],
     ));
     input(&mut t, &mut rec, 200, &b);
     // Without a last arrival (unknown), the read's first.

@@ -458,14 +458,14 @@ fn a_request_is_dated_by_the_arrival_of_its_first_byte() {
     let n = one.len() as u32;
     let three = [one.clone(), one.clone(), one.clone()].concat();
     let parts = [(n + 5, 10), (2 * n, 14), (3 * n, 16)];
-    t.set_arrival_parts(ReadArrival::parts(10, 20, &parts));
+    t.set_arrival_parts(ReadArrival::parts(10, 20, parts));
     t.on_ingress(C, 10, three.len() as u64, &three, &mut rec);
     // Parts of another read are not used (their first arrival is not this read's).
-    t.set_arrival_parts(ReadArrival::parts(11, 40, &[(1, 11), (n, 39)]));
+    t.set_arrival_parts(ReadArrival::parts(11, 40, [(1, 11), (n, 39)]));
     t.on_ingress(C, 30, one.len() as u64, &one, &mut rec);
     // Times outside first ..= read are kept within it; past every part, the last part's.
     let two = [one.clone(), one.clone()].concat();
-    t.set_arrival_parts(ReadArrival::parts(50, 60, &[(1, 40), (n - 1, 70)]));
+    t.set_arrival_parts(ReadArrival::parts(50, 60, [(1, 40), (n - 1, 70)]));
     t.on_ingress(C, 50, two.len() as u64, &two, &mut rec);
     assert_eq!(
         rec.started.iter().map(|s| s.1).collect::<Vec<_>>(),
