@@ -187,6 +187,11 @@ impl IpcLog {
         Some((sent, self.last_recv_in(tgid, sent.ts_ns, to)?))
     }
 
+    /// The last receive of `tgid` in `[from, to]` that carried the id hashing to `id`.
+    fn last_recv_of(&self, tgid: u32, id: u64, from: u64, to: u64) -> Option<u64> {
+        self.ids.get(tgid, id)?.last_back_in(from, to)
+    }
+
     /// The last receive of `tgid` in `[from, to]`.
     fn last_recv_in(&self, tgid: u32, from: u64, to: u64) -> Option<Moment> {
         let [recvs, _] = self.procs.get(&tgid)?;
@@ -200,7 +205,8 @@ impl IpcLog {
 
 /// A request's decode time (first content write → last) split like the TTFT's server span: per
 /// gap between two content writes, `engine` until the front process's last IPC receive inside the
-/// gap, `output` from it to the write (a single-process server: all `engine`). Sums to the gaps.
+/// gap that carried the request's id (`by_id` counts those gaps), else its last IPC receive
+/// inside the gap, and `output` from it to the write (no receive: all `engine`). Sums to the gaps.
 /// `gpu_sync`: the part of `engine` during which the serving process tree waited in CUDA
 /// synchronize calls (`gpu::GpuLog`), summed over the gaps that had a figure; `None` when none did.
 /// `threads`: the same gaps by the state of the thread that wrote both ends of each.
@@ -208,6 +214,8 @@ impl IpcLog {
 pub struct Decode {
     pub engine: u64,
     pub output: u64,
+    /// Gaps whose return was found by the request's id (the rest: by time).
+    pub by_id: u64,
     pub gpu_sync: Option<u64>,
     pub threads: DecodeThreads,
 }
@@ -257,6 +265,8 @@ impl DecodeThreads {
 /// writing thread's states.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GapSplit {
+    /// How the return that ends `engine` was found: one of `HAND_OFF`.
+    pub by: &'static str,
     pub engine: u64,
     pub output: u64,
     pub gpu_sync: Option<u64>,
@@ -268,8 +278,16 @@ impl Decode {
     pub fn add_gap(&mut self, (ipc, gpu): (&IpcLog, &GpuLog), tgid: u32, gap: &Gap) -> GapSplit {
         let from = gap.from.ts_ns;
         let to = gap.to.ts_ns.max(from);
-        let back = ipc.last_recv_in(tgid, from, to).map_or(to, |m| m.ts_ns);
+        let by_id = gap.id.and_then(|id| ipc.last_recv_of(tgid, id, from, to));
+        let by_time = || ipc.last_recv_in(tgid, from, to).map(|m| m.ts_ns);
+        let (by, back) = match (by_id, by_id.is_none().then(by_time).flatten()) {
+            (Some(t), _) => ("id", t),
+            (None, Some(t)) => ("time", t),
+            (None, None) => ("none", to),
+        };
+        self.by_id += u64::from(by_id.is_some());
         let g = GapSplit {
+            by,
             engine: back - from,
             output: to - back,
             gpu_sync: gpu.wait_in(tgid, from, back).map(|w| w.sync_wait),

@@ -229,11 +229,13 @@ impl ReadArrival {
 }
 
 /// The time between two successive content writes of a request: the two writes as moments
-/// (`to.ts_ns` ≥ `from.ts_ns`), so that the thread that made both can have its time split.
+/// (`to.ts_ns` ≥ `from.ts_ns`), so that the thread that made both can have its time split, and
+/// the request's response id (`RequestRecord::response_id`) when it streamed one by then.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Gap {
     pub from: Moment,
     pub to: Moment,
+    pub id: Option<u64>,
 }
 
 impl Gap {

@@ -395,6 +395,10 @@ impl Observer for RequestStats {
             self.decode.get_mut(&(conn, meta.seq)).unwrap_or(&mut spare)
         };
         let split = d.add_gap((&self.ipc, &self.gpu), conn.tgid, &gap);
+        self.metrics
+            .tbt_return
+            .get_or_create(&crate::metrics::ByLabels { by: split.by })
+            .inc();
         let by_stage = self.tbt_stage.iter().zip([split.engine, split.output]);
         let by_state = self.tbt_thread.iter().zip(split.threads.values());
         for (counter, ns) in by_stage.chain(by_state) {

@@ -3,7 +3,8 @@
 //! (`chatcmpl-<hex>`, suffixed as vLLM's internal ids are) and, meanwhile, id-less "chatter"
 //! both ways every 2 ms — the traffic of other requests. The nearest IPC times are then chatter;
 //! the request's own hand-off and answer are found only by its id. Witnesses: the front's own
-//! clock around its send and at the answer (`timing` lines). Needs root (eBPF).
+//! clock around its send and at the answer (`timing` lines); for the decode gaps, its clock at
+//! each later answer and write. Needs root (eBPF).
 
 #![allow(
     clippy::many_single_char_names,
@@ -29,8 +30,8 @@ fn ns(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
-/// The stand-in's `timing` line for `id`.
-fn timing(served: &NodeUnderProbe, id: &str) -> HashMap<String, u64> {
+/// The stand-in's `timing` line for `id`, as its `key=value` words.
+fn timing_words(served: &NodeUnderProbe, id: &str) -> HashMap<String, String> {
     let prefix = format!("timing {id} ");
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     loop {
@@ -39,7 +40,7 @@ fn timing(served: &NodeUnderProbe, id: &str) -> HashMap<String, u64> {
             return l
                 .split_whitespace()
                 .filter_map(|w| w.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.parse().expect("ns")))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect();
         }
         assert!(
@@ -48,6 +49,46 @@ fn timing(served: &NodeUnderProbe, id: &str) -> HashMap<String, u64> {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The stand-in's `timing` line for `id`: ns figures.
+fn timing(served: &NodeUnderProbe, id: &str) -> HashMap<String, u64> {
+    timing_words(served, id)
+        .into_iter()
+        .map(|(k, v)| (k, v.parse().expect("ns")))
+        .collect()
+}
+
+/// The front's clock over a request's decode gaps (`ID/gaps`: when it got each later answer and
+/// when it then wrote; the first write is `first_ns`): (engine, output), summed over the gaps.
+fn gaps_witness(served: &NodeUnderProbe, id: &str, first_ns: u64) -> (u64, u64, usize) {
+    let w = timing_words(served, &format!("{id}/gaps"));
+    let list = |k: &str| -> Vec<u64> { w[k].split(',').map(|v| v.parse().expect("ns")).collect() };
+    let (got, wrote) = (list("got_ns"), list("write_ns"));
+    assert_eq!(got.len(), wrote.len(), "{w:?}");
+    let mut prev = first_ns;
+    let (mut engine, mut output) = (0, 0);
+    for (g, wr) in got.iter().zip(&wrote) {
+        engine += g - prev;
+        output += wr - g;
+        prev = *wr;
+    }
+    (engine, output, got.len())
+}
+
+/// (engine, output, gaps matched by id) of a record's decode split, checked to add up to its
+/// gaps.
+fn decode(rec: &Value) -> (u64, u64, u64) {
+    let d = &rec["decode_ns"];
+    let (e, o) = (ns(&d["engine"]), ns(&d["output"]));
+    let gaps: u64 = rec["gaps_ns"]
+        .as_array()
+        .expect("gaps")
+        .iter()
+        .map(ns)
+        .sum();
+    assert_eq!(e + o, gaps, "{rec}");
+    (e, o, ns(&d["by_id"]))
 }
 
 /// (frontend, engine, output) of a record, its stages checked to add up to the TTFT.
@@ -112,28 +153,65 @@ fn hand_offs_are_matched_by_the_request_id_in_ipc_bytes() {
         json!({"front_wait_ms": 20, "worker_ms": 40, "output_wait_ms": 20, "chatter_ms": 2,
                "ipc_ids": ids, "report": true})
     };
+    // The same, and each later token through the worker too, chatter going on: 3 decode gaps of
+    // 40 ms in the worker, then 20 ms waiting in the front.
+    let with_gaps = |ids: bool| {
+        let mut v = shape(ids);
+        v["worker_gaps"] = json!(true);
+        v
+    };
 
     // Without ids the nearest IPC is chatter: a hand-off 2 ms after the read, a return 2 ms
-    // before the write — the 20 ms on either side of the engine land in `engine`.
-    run_one(&served.addr, chat_req("plain", "m", true, 1, &shape(false)));
+    // before the write — the 20 ms on either side of the engine land in `engine`. The decode
+    // gaps likewise end at chatter.
+    run_one(
+        &served.addr,
+        chat_req("plain", "m", true, 4, &with_gaps(false)),
+    );
     let recs = records(&served.probe, next(1));
     let rec = by_id(&recs, "plain");
     let (f, e, o) = split(rec);
-    let (w_f, w_e, w_o, _) = witness(&timing(&served, "plain"));
+    let t = timing(&served, "plain");
+    let (w_f, w_e, w_o, _) = witness(&t);
     eprintln!("by time: frontend {f} engine {e} output {o}; the front's {w_f} / {w_e} / {w_o}");
     assert_eq!(rec["hand_off"], "time", "{rec}");
     assert!(
         f < w_f / 2 && o < w_o / 2,
         "chatter bounds the stages by time: {rec}"
     );
+    let (de, dout, by) = decode(rec);
+    let (w_de, w_dout, gaps) = gaps_witness(&served, "plain", t["first_ns"]);
+    eprintln!("decode by time: engine {de} output {dout}; the front's {w_de} / {w_dout}");
+    assert_eq!((by, gaps), (0, 3), "{rec}");
+    assert!(
+        dout < w_dout / 2,
+        "chatter bounds the decode output by time: {rec}"
+    );
 
-    // With ids: each stage is the front's own.
-    run_one(&served.addr, chat_req("by-id", "m", true, 1, &shape(true)));
+    // With ids: each stage is the front's own, and so is each decode gap's split.
+    run_one(
+        &served.addr,
+        chat_req("by-id", "m", true, 4, &with_gaps(true)),
+    );
     let recs = records(&served.probe, next(1));
     let rec = by_id(&recs, "by-id");
     let t = timing(&served, "by-id");
     eprintln!("by id: {}; the front's {:?}", rec["stages_ns"], witness(&t));
     assert_matched(rec, &t, 3.0);
+    let (de, dout, by) = decode(rec);
+    let (w_de, w_dout, _) = gaps_witness(&served, "by-id", t["first_ns"]);
+    eprintln!("decode by id: engine {de} output {dout}; the front's {w_de} / {w_dout}");
+    assert_eq!(by, 3, "every gap's return found by its id: {rec}");
+    // The answer is received before the front's `got` stamp (Node's dispatch): engine may be
+    // short and output long by that much, over the three gaps.
+    assert!(
+        close(de, w_de, 3.0) && de <= w_de + 1_000_000,
+        "decode engine {de} vs the front's {w_de}: {rec}"
+    );
+    assert!(
+        close(dout, w_dout, 3.0) && dout + 1_000_000 >= w_dout,
+        "decode output {dout} vs the front's {w_dout}: {rec}"
+    );
 
     // 32 at once, each with its own id among everyone's chatter and hand-offs. The front's loop
     // serves all of them, so Node's dispatch of an answer can wait for other requests' work (it

@@ -68,6 +68,9 @@ struct VllmCounters {
     /// The probe's requests whose hand-off was matched by their id (`llm_ttft_hand_off_total
     /// {by="id"}`); 0 for vLLM.
     by_id: f64,
+    /// The probe's decode gaps by how their return was found (`llm_tbt_return_total{by}`: id,
+    /// time, none); 0 for vLLM.
+    gaps_by: [f64; 3],
     aborted: f64,
 }
 
@@ -81,6 +84,7 @@ fn vllm_counters(addr: &str) -> VllmCounters {
         stage_sums: [0.0; 4],
         tbt_sums: [0.0; 2],
         by_id: 0.0,
+        gaps_by: [0.0; 3],
         aborted: metric_sum(
             &page,
             "vllm:request_success_total",
@@ -108,6 +112,8 @@ fn probe_counters(probe: &Probe) -> VllmCounters {
             )
         }),
         by_id: metric_sum(&m, "llm_ttft_hand_off_total", &[("by", "id")]),
+        gaps_by: ["id", "time", "none"]
+            .map(|by| metric_sum(&m, "llm_tbt_return_total", &[("by", by)])),
         aborted: metric_sum(&m, "llm_requests_total", &[("status", "client_abort")]),
     }
 }
@@ -121,6 +127,7 @@ fn delta(a: VllmCounters, b: VllmCounters) -> VllmCounters {
         stage_sums: [0, 1, 2, 3].map(|i| b.stage_sums[i] - a.stage_sums[i]),
         tbt_sums: [0, 1].map(|i| b.tbt_sums[i] - a.tbt_sums[i]),
         by_id: b.by_id - a.by_id,
+        gaps_by: [0, 1, 2].map(|i| b.gaps_by[i] - a.gaps_by[i]),
         aborted: b.aborted - a.aborted,
     }
 }
@@ -316,6 +323,8 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
         !sock_path || pt.by_id >= 0.9 * pt.ttft_count,
         "vLLM's hand-offs are matched by request id"
     );
+    let [g_id, g_time, g_none] = pt.gaps_by;
+    eprintln!("decode gaps' returns: by id {g_id}, by time {g_time}, no IPC {g_none}");
     let [tbt_engine, tbt_output] = pt.tbt_sums;
     eprintln!(
         "time between tokens: engine {:.1} ms, output {:.1} ms ({:.1} % in the API server after \

@@ -8,9 +8,10 @@
 //! agent the first bytes of each IPC call (`EventKind::IpcData`); this module looks in them for
 //! tokens that start with `chatcmpl-` or `cmpl-`, keeps a hash of each such token (and of each of
 //! its prefixes that ends before a `-`, so that an engine's suffixed internal id matches the id it
-//! streams) with the time of the first send and the first receive that carried it — and nothing
-//! else of the bytes. Bounded: `IDS_PER_MESSAGE` tokens per message, `KEYS_KEPT` hashes per
-//! process (oldest dropped), `ID_PROCESSES` processes.
+//! streams) with the time of the first send and the first receive that carried it, and of the
+//! latest `RECENT_BACKS` receives (the decode gaps' returns) — and nothing else of the bytes.
+//! Bounded: `IDS_PER_MESSAGE` tokens per message, `KEYS_KEPT` hashes per process (oldest
+//! dropped), `ID_PROCESSES` processes.
 
 use std::collections::VecDeque;
 
@@ -21,7 +22,7 @@ use crate::http::Moment;
 
 /// Id tokens looked at per IPC message; more are ignored.
 pub const IDS_PER_MESSAGE: usize = 64;
-/// Id hashes kept per process (each ≈ 100 bytes with its times).
+/// Id hashes kept per process (each ≈ 150 bytes with its times).
 pub const KEYS_KEPT: usize = 2048;
 /// Processes whose ids are kept.
 pub const ID_PROCESSES: usize = 32;
@@ -29,18 +30,67 @@ pub const ID_PROCESSES: usize = 32;
 const MAX_ID: usize = 128;
 /// What every id token contains (`chatcmpl-` is found through it too).
 const MARK: &[u8] = b"cmpl-";
+/// Latest receives kept per id: a decode gap takes the last one inside it, and a gap of a
+/// streaming request rarely holds more than one or two (the engine's outputs it merged).
+pub const RECENT_BACKS: usize = 4;
 
-/// When an id was first seen going to the engine, and first seen coming back after that.
+/// When an id was first seen going to the engine and first seen coming back, and its latest
+/// receives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IdTimes {
     pub sent: Option<Moment>,
     pub back: Option<Moment>,
+    /// Times (ns) of the latest `RECENT_BACKS` receives that carried the id, in no order; 0: none.
+    recent: [u64; RECENT_BACKS],
+}
+
+impl IdTimes {
+    /// The last receive that carried the id in `[from, to]`, of the latest `RECENT_BACKS`.
+    pub fn last_back_in(&self, from: u64, to: u64) -> Option<u64> {
+        self.recent
+            .iter()
+            .copied()
+            .filter(|&t| t != 0 && from <= t && t <= to)
+            .max()
+    }
+
+    fn note_back(&mut self, ts_ns: u64) {
+        if let Some(oldest) = self.recent.iter_mut().min_by_key(|t| **t) {
+            if ts_ns > *oldest {
+                *oldest = ts_ns;
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct Seen {
     order: VecDeque<u64>,
     at: FxHashMap<u64, IdTimes>,
+}
+
+impl Seen {
+    fn note(&mut self, k: u64, at: Moment, egress: bool) {
+        if !self.at.contains_key(&k) {
+            if self.order.len() >= KEYS_KEPT {
+                if let Some(old) = self.order.pop_front() {
+                    self.at.remove(&old);
+                }
+            }
+            self.order.push_back(k);
+        }
+        let t = self.at.entry(k).or_default();
+        if egress {
+            if t.sent.is_none_or(|s| at.ts_ns < s.ts_ns) {
+                t.sent = Some(at);
+            }
+            return;
+        }
+        if t.back.is_none_or(|b| at.ts_ns < b.ts_ns) {
+            t.back = Some(at);
+        }
+        t.note_back(at.ts_ns);
+    }
 }
 
 /// Id hashes seen in each traced process's IPC, with their first send and receive.
@@ -52,33 +102,15 @@ pub struct IdIndex {
 impl IdIndex {
     /// One IPC message of `tgid` at `at` whose first bytes are `payload`.
     pub fn record(&mut self, tgid: u32, at: Moment, egress: bool, payload: &[u8]) {
-        let mut keys = [0u64; 4 * IDS_PER_MESSAGE];
-        let n = id_keys(payload, &mut keys);
-        if n == 0 {
+        // Most IPC messages carry no id: one search, and nothing allocated or cleared for them.
+        if memchr::memmem::find(payload, MARK).is_none() {
             return;
         }
         if self.procs.len() >= ID_PROCESSES && !self.procs.contains_key(&tgid) {
             return;
         }
         let seen = self.procs.entry(tgid).or_default();
-        for &k in &keys[..n] {
-            if !seen.at.contains_key(&k) {
-                if seen.order.len() >= KEYS_KEPT {
-                    if let Some(old) = seen.order.pop_front() {
-                        seen.at.remove(&old);
-                    }
-                }
-                seen.order.push_back(k);
-            }
-            let t = seen.at.entry(k).or_default();
-            if egress {
-                if t.sent.is_none_or(|s| at.ts_ns < s.ts_ns) {
-                    t.sent = Some(at);
-                }
-            } else if t.back.is_none_or(|b| at.ts_ns < b.ts_ns) {
-                t.back = Some(at);
-            }
-        }
+        id_keys(payload, |k| seen.note(k, at, egress));
     }
 
     /// The times of id `hash` in `tgid`'s IPC.
@@ -95,11 +127,10 @@ const fn is_id_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
 }
 
-/// Hashes of the id tokens in `bytes` into `out`; returns how many. A token runs from `chatcmpl-`
-/// or `cmpl-` over id characters (letters, digits, `-`, `_`); its hash and those of its prefixes
-/// that end before a `-` past the mark are taken (at most 4 per token).
-fn id_keys(bytes: &[u8], out: &mut [u64; 4 * IDS_PER_MESSAGE]) -> usize {
-    let mut n = 0;
+/// Hands `out` the hashes of the id tokens in `bytes`. A token runs from `chatcmpl-` or `cmpl-`
+/// over id characters (letters, digits, `-`, `_`); its hash and those of its prefixes that end
+/// before a `-` past the mark are taken (at most 4 per token, `IDS_PER_MESSAGE` tokens).
+fn id_keys(bytes: &[u8], mut out: impl FnMut(u64)) {
     let mut from = 0;
     let mut tokens = 0;
     while let Some(i) = memchr::memmem::find(&bytes[from..], MARK).map(|i| i + from) {
@@ -122,13 +153,10 @@ fn id_keys(bytes: &[u8], out: &mut [u64; 4 * IDS_PER_MESSAGE]) -> usize {
         }
         tokens += 1;
         for cut in (body + 1..end).filter(|&j| bytes[j] == b'-').take(3) {
-            out[n] = id_hash(&bytes[start..cut]);
-            n += 1;
+            out(id_hash(&bytes[start..cut]));
         }
-        out[n] = id_hash(&bytes[start..end]);
-        n += 1;
+        out(id_hash(&bytes[start..end]));
     }
-    n
 }
 
 #[cfg(test)]
@@ -143,9 +171,9 @@ mod tests {
     }
 
     fn keys(b: &[u8]) -> Vec<u64> {
-        let mut out = [0u64; 4 * IDS_PER_MESSAGE];
-        let n = id_keys(b, &mut out);
-        out[..n].to_vec()
+        let mut out = Vec::new();
+        id_keys(b, |k| out.push(k));
+        out
     }
 
     #[test]
@@ -188,8 +216,32 @@ mod tests {
         assert_eq!(t.sent.map(|m| m.ts_ns), Some(100));
         assert_eq!(t.back.map(|m| m.ts_ns), Some(500));
         assert!(ix.get(8, id_hash(id)).is_none());
+        // The decode gaps' returns: the last receive inside a window.
+        assert_eq!(t.last_back_in(0, 1000), Some(900));
+        assert_eq!(t.last_back_in(0, 899), Some(500));
+        assert_eq!(t.last_back_in(501, 899), None);
         ix.forget(7);
         assert!(ix.get(7, id_hash(id)).is_none());
+    }
+
+    #[test]
+    fn the_latest_receives_are_kept() {
+        let mut ix = IdIndex::default();
+        // Out of order, more than are kept: the latest RECENT_BACKS stay.
+        for ts in [50, 10, 70, 30, 60, 20, 40] {
+            ix.record(1, at(ts), false, b"cmpl-a");
+        }
+        let t = ix.get(1, id_hash(b"cmpl-a")).expect("seen");
+        assert_eq!(t.back.map(|m| m.ts_ns), Some(10), "the first receive stays");
+        assert_eq!(t.last_back_in(0, 100), Some(70));
+        assert_eq!(t.last_back_in(0, 55), Some(50));
+        assert_eq!(t.last_back_in(0, 35), None, "30 and older are not kept");
+        // Sends do not count as receives.
+        ix.record(1, at(80), true, b"cmpl-a");
+        assert_eq!(
+            ix.get(1, id_hash(b"cmpl-a")).unwrap().last_back_in(75, 100),
+            None
+        );
     }
 
     #[test]

@@ -277,6 +277,7 @@ fn gap(from: u64, to: u64) -> Gap {
     Gap {
         from: at(from, 0, ThreadClock::default()),
         to: at(to, 0, ThreadClock::default()),
+        id: None,
     }
 }
 
@@ -288,6 +289,7 @@ fn decode_gaps_split_at_the_last_receive_inside_them() {
     }
     let no_gpu = GpuLog::default();
     let split = |engine, output| GapSplit {
+        by: if output > 0 { "time" } else { "none" },
         engine,
         output,
         gpu_sync: None,
@@ -308,6 +310,7 @@ fn decode_gaps_split_at_the_last_receive_inside_them() {
         Decode {
             engine: 140,
             output: 60,
+            by_id: 0,
             gpu_sync: None,
             threads: DecodeThreads {
                 unknown: 200,
@@ -318,6 +321,45 @@ fn decode_gaps_split_at_the_last_receive_inside_them() {
 }
 
 #[test]
+fn decode_gaps_split_at_the_last_receive_that_carried_the_id() {
+    let mut ipc = IpcLog::default();
+    // The request's answers at 150 and 350; another request's at 180 and 380 (and id-less
+    // chatter at 190), which by time would end each gap.
+    ipc.record(1, when(150), false, b"out chatcmpl-mine-1");
+    ipc.record(1, when(180), false, b"out chatcmpl-other-2");
+    ipc.record(1, when(190), false, b"chatter");
+    ipc.record(1, when(350), false, b"out chatcmpl-other-2 chatcmpl-mine-1");
+    ipc.record(1, when(380), false, b"out chatcmpl-other-2");
+    let no_gpu = GpuLog::default();
+    let mine = Some(crate::http::id_hash(b"chatcmpl-mine"));
+    let with_id = |from, to, id| Gap {
+        id,
+        ..gap(from, to)
+    };
+    let mut d = Decode::default();
+    let g = d.add_gap((&ipc, &no_gpu), 1, &with_id(100, 200, mine));
+    assert_eq!(
+        (g.by, g.engine, g.output),
+        ("id", 50, 50),
+        "its own answer at 150"
+    );
+    let g = d.add_gap((&ipc, &no_gpu), 1, &with_id(200, 400, mine));
+    assert_eq!(
+        (g.engine, g.output),
+        (150, 50),
+        "the batch at 350 carried it"
+    );
+    // No receive with the id inside the gap (the front wrote twice from one answer): by time.
+    let g = d.add_gap((&ipc, &no_gpu), 1, &with_id(360, 390, mine));
+    assert_eq!((g.by, g.engine, g.output), ("time", 20, 10));
+    // Without an id, the same gap as the first ends at the chatter.
+    let g = d.add_gap((&ipc, &no_gpu), 1, &gap(100, 200));
+    assert_eq!((g.engine, g.output), (90, 10));
+    assert_eq!(d.by_id, 2);
+    assert_eq!(d.engine + d.output, 100 + 200 + 30 + 100);
+}
+
+#[test]
 fn decode_gaps_are_split_by_the_writing_threads_states() {
     let (ipc, gpu) = (IpcLog::default(), GpuLog::default());
     let mut d = Decode::default();
@@ -325,6 +367,7 @@ fn decode_gaps_are_split_by_the_writing_threads_states() {
     let one = Gap {
         from: at(1_000, 7, clock(500, 10, 2_000)),
         to: at(2_000, 7, clock(600, 60, 2_850)),
+        id: None,
     };
     let g = d.add_gap((&ipc, &gpu), 1, &one);
     assert_eq!(
@@ -340,12 +383,14 @@ fn decode_gaps_are_split_by_the_writing_threads_states() {
     let other = Gap {
         from: one.to,
         to: at(2_400, 8, clock(50, 0, 0)),
+        id: None,
     };
     assert_eq!(d.add_gap((&ipc, &gpu), 1, &other).threads.unknown, 400);
     // A clock that went backwards (a reused thread id) is no split either.
     let restarted = Gap {
         from: at(2_400, 8, clock(5_000, 0, 0)),
         to: at(2_500, 8, clock(10, 90, 0)),
+        id: None,
     };
     assert_eq!(d.add_gap((&ipc, &gpu), 1, &restarted).threads.unknown, 100);
     assert_eq!(
@@ -375,6 +420,7 @@ fn decode_gaps_gpu_wait_is_taken_over_their_engine_part() {
     assert_eq!(
         d.add_gap((&ipc, &gpu), 1, &gap(100, 200)),
         GapSplit {
+            by: "time",
             engine: 80,
             output: 20,
             gpu_sync: Some(50),

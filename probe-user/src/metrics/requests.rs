@@ -39,6 +39,8 @@ pub struct RequestMetrics {
     pub ttft_gpu_wait: HistFamily<ModelLabels>,
     /// Requests with a TTFT breakdown by how their hand-off was found (`attribution::HAND_OFF`).
     pub hand_off: Family<ByLabels, Counter>,
+    /// Gaps between tokens split into stages, by how their return was found (`HAND_OFF`).
+    pub tbt_return: Family<ByLabels, Counter>,
     /// Seconds between tokens by stage (`engine`, `output`).
     pub tbt_stage: Family<StageOnlyLabels, Counter<f64, AtomicU64>>,
     /// Seconds of the gaps' engine part spent waiting in CUDA synchronize calls.
@@ -71,6 +73,7 @@ impl RequestMetrics {
             ttft_stage_thread: Family::default(),
             ttft_gpu_wait: Family::new_with_constructor(ttft),
             hand_off: Family::default(),
+            tbt_return: Family::default(),
             tbt_stage: Family::default(),
             tbt_gpu_wait: Counter::default(),
             tbt_thread: Family::default(),
@@ -131,6 +134,17 @@ impl RequestMetrics {
         );
         for by in crate::attribution::HAND_OFF {
             let _ = m.hand_off.get_or_create(&ByLabels { by });
+        }
+        registry.register(
+            "llm_tbt_return",
+            "Gaps between content events split into stages, by how the engine's output that \
+             ended each one was found: id (the last IPC receive in the gap that carried the \
+             request's id), time (the last IPC receive in the gap: a bound under overlap), none \
+             (no IPC in the gap: all engine)",
+            m.tbt_return.clone(),
+        );
+        for by in crate::attribution::HAND_OFF {
+            let _ = m.tbt_return.get_or_create(&ByLabels { by });
         }
         registry.register(
             "llm_tbt_stage_seconds",

@@ -12,6 +12,7 @@ fn gap(to: u64, ns: u64) -> Gap {
     Gap {
         from: at(to - ns),
         to: at(to),
+        id: None,
     }
 }
 
@@ -154,6 +155,7 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
     let first_gap = Gap {
         from: on5(2_000, 1_000, 0, 0),
         to: on5(3_000, 1_200, 100, 700),
+        id: None,
     };
     s.now_ns = 3_000;
     s.token_gap(conn, &m, first_gap);
@@ -186,7 +188,7 @@ fn ttft_stages_reach_the_log_and_the_metrics() {
     );
     assert_eq!(
         v["decode_ns"],
-        serde_json::json!({"engine": 1_100, "output": 300, "gpu_sync": 400, "threads":
+        serde_json::json!({"engine": 1_100, "output": 300, "by_id": 0, "gpu_sync": 400, "threads":
             {"on_cpu": 200, "runnable": 100, "blocked": 700, "unknown": 400}})
     );
     assert_eq!(

@@ -99,6 +99,7 @@ impl<O: Observer> EventSink for ReqSink<'_, O> {
             let gap = Gap {
                 from: r.last_content,
                 to: at,
+                id: r.response_id,
             };
             if !r.gaps_dropped && r.gaps_ns.len() < MAX_GAPS_KEPT {
                 r.gaps_ns.push(gap.ns());
