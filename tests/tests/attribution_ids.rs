@@ -1,6 +1,7 @@
 //! Hand-offs matched by request id (docs/attribution.md, "Matching by request id"), against the
 //! two-process Node stand-in: the front sends the worker each request under its streamed id
-//! (`chatcmpl-<hex>`, suffixed as vLLM's internal ids are) and, meanwhile, id-less "chatter"
+//! (`chatcmpl-<hex>`, suffixed as vLLM's internal ids are; or a bare uuid hex, as `SGLang`'s
+//! rid) and, meanwhile, id-less "chatter"
 //! both ways every 2 ms — the traffic of other requests. The nearest IPC times are then chatter;
 //! the request's own hand-off and answer are found only by its id. Witnesses: the front's own
 //! clock around its send and at the answer (`timing` lines); for the decode gaps, its clock at
@@ -211,6 +212,25 @@ fn hand_offs_are_matched_by_the_request_id_in_ipc_bytes() {
     assert!(
         close(dout, w_dout, 3.0) && dout + 1_000_000 >= w_dout,
         "decode output {dout} vs the front's {w_dout}: {rec}"
+    );
+
+    // SGLang's shape: the streamed id is a bare uuid4 hex, passed to the worker unchanged.
+    let mut bare = with_gaps(true);
+    bare["ipc_ids"] = json!("bare");
+    run_one(&served.addr, chat_req("bare", "m", true, 4, &bare));
+    let recs = records(&served.probe, next(1));
+    let rec = by_id(&recs, "bare");
+    let t = timing(&served, "bare");
+    eprintln!(
+        "bare id: {}; the front's {:?}",
+        rec["stages_ns"],
+        witness(&t)
+    );
+    assert_matched(rec, &t, 3.0);
+    assert_eq!(
+        decode(rec).2,
+        3,
+        "every gap's return found by its bare id: {rec}"
     );
 
     // 32 at once, each with its own id among everyone's chatter and hand-offs. The front's loop

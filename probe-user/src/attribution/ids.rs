@@ -4,11 +4,13 @@
 //!
 //! An OpenAI-style server streams its request id back to the client (`"id": "chatcmpl-…"`), and
 //! the engine's IPC messages carry the same id: vLLM's API server sends `chatcmpl-<uuid>-<8 hex>`
-//! in each `EngineCoreRequest` and gets it back in every `EngineCoreOutput`. The kernel hands the
-//! agent the first bytes of each IPC call (`EventKind::IpcData`); this module looks in them for
-//! tokens that start with `chatcmpl-` or `cmpl-`, keeps a hash of each such token (and of each of
-//! its prefixes that ends before a `-`, so that an engine's suffixed internal id matches the id it
-//! streams) with the time of the first send and the first receive that carried it, and of the
+//! in each `EngineCoreRequest` and gets it back in every `EngineCoreOutput`; `SGLang` streams its
+//! request's `rid` (a bare uuid4 hex, 32 characters) as the id and its tokenizer and detokenizer
+//! pass the same `rid` to and from the scheduler. The kernel hands the agent the first bytes of
+//! each IPC call (`EventKind::IpcData`); this module looks in them for tokens that start with
+//! `chatcmpl-` or `cmpl-` and for bare 32-character lowercase hex words, keeps a hash of each such
+//! token (and of each prefix of a `cmpl-` token that ends before a `-`, so that an engine's
+//! suffixed internal id matches the id it streams) with the time of the first send and the first receive that carried it, and of the
 //! latest `RECENT_BACKS` receives (the decode gaps' returns) — and nothing else of the bytes.
 //! Bounded: `IDS_PER_MESSAGE` tokens per message, `KEYS_KEPT` hashes per process (oldest
 //! dropped), `ID_PROCESSES` processes.
@@ -30,6 +32,8 @@ pub const ID_PROCESSES: usize = 32;
 const MAX_ID: usize = 128;
 /// What every id token contains (`chatcmpl-` is found through it too).
 const MARK: &[u8] = b"cmpl-";
+/// Length of a bare id: a uuid4 in hex (`SGLang`'s `rid`).
+const BARE_ID: usize = 32;
 /// Latest receives kept per id: a decode gap takes the last one inside it, and a gap of a
 /// streaming request rarely holds more than one or two (the engine's outputs it merged).
 pub const RECENT_BACKS: usize = 4;
@@ -102,15 +106,14 @@ pub struct IdIndex {
 impl IdIndex {
     /// One IPC message of `tgid` at `at` whose first bytes are `payload`.
     pub fn record(&mut self, tgid: u32, at: Moment, egress: bool, payload: &[u8]) {
-        // Most IPC messages carry no id: one search, and nothing allocated or cleared for them.
-        if memchr::memmem::find(payload, MARK).is_none() {
-            return;
-        }
         if self.procs.len() >= ID_PROCESSES && !self.procs.contains_key(&tgid) {
             return;
         }
-        let seen = self.procs.entry(tgid).or_default();
-        id_keys(payload, |k| seen.note(k, at, egress));
+        // Most IPC messages carry no id: nothing is allocated, cleared or entered for them.
+        let procs = &mut self.procs;
+        id_keys(payload, |k| {
+            procs.entry(tgid).or_default().note(k, at, egress);
+        });
     }
 
     /// The times of id `hash` in `tgid`'s IPC.
@@ -127,10 +130,43 @@ const fn is_id_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
 }
 
-/// Hands `out` the hashes of the id tokens in `bytes`. A token runs from `chatcmpl-` or `cmpl-`
-/// over id characters (letters, digits, `-`, `_`); its hash and those of its prefixes that end
-/// before a `-` past the mark are taken (at most 4 per token, `IDS_PER_MESSAGE` tokens).
+/// Hands `out` the hashes of the id tokens in `bytes`, at most `IDS_PER_MESSAGE` tokens: first
+/// the `cmpl-` tokens (`cmpl_keys`), then the bare ones (`bare_keys`).
 fn id_keys(bytes: &[u8], mut out: impl FnMut(u64)) {
+    let tokens = cmpl_keys(bytes, &mut out);
+    bare_keys(bytes, IDS_PER_MESSAGE - tokens, &mut out);
+}
+
+/// A bare id: exactly `BARE_ID` lowercase hex digits with no id character on either side (so
+/// the hex inside `chatcmpl-<hex>-1` is not one). Hands `out` the hash of each of the first
+/// `budget`; returns how many.
+fn bare_keys(bytes: &[u8], budget: usize, out: &mut impl FnMut(u64)) -> usize {
+    let mut n = 0;
+    let mut run = 0;
+    for i in 0..=bytes.len() {
+        let b = bytes.get(i).copied();
+        if b.is_some_and(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            run += 1;
+            continue;
+        }
+        let start = i - run;
+        let free_before = start == 0 || !is_id_byte(bytes[start - 1]);
+        if run == BARE_ID && free_before && b.is_none_or(|b| !is_id_byte(b)) {
+            if n == budget {
+                break;
+            }
+            out(id_hash(&bytes[start..i]));
+            n += 1;
+        }
+        run = 0;
+    }
+    n
+}
+
+/// The `cmpl-` tokens: from `chatcmpl-` or `cmpl-` over id characters (letters, digits, `-`,
+/// `_`); its hash and those of its prefixes that end before a `-` past the mark are handed to
+/// `out` (at most 4 per token). Returns how many tokens.
+fn cmpl_keys(bytes: &[u8], out: &mut impl FnMut(u64)) -> usize {
     let mut from = 0;
     let mut tokens = 0;
     while let Some(i) = memchr::memmem::find(&bytes[from..], MARK).map(|i| i + from) {
@@ -157,6 +193,7 @@ fn id_keys(bytes: &[u8], mut out: impl FnMut(u64)) {
         }
         out(id_hash(&bytes[start..end]));
     }
+    tokens
 }
 
 #[cfg(test)]
@@ -185,6 +222,43 @@ mod tests {
         assert!(k.contains(&id_hash(b"chatcmpl-0a1b2c3d4e5f-9f8e7d6c")));
         assert!(!k.contains(&id_hash(b"chatcmpl")));
         assert_eq!(keys(br#"{"id":"cmpl-7"}"#), vec![id_hash(b"cmpl-7")]);
+    }
+
+    #[test]
+    fn bare_uuid_hex_ids_are_tokens_of_their_own() {
+        let rid = "0123456789abcdef0123456789abcdef";
+        // SGLang's pickled request (protocol 5: SHORT_BINUNICODE, length byte, text, MEMOIZE).
+        let pickled = [
+            b"\x8c\x03rid\x94\x8c\x20".as_slice(),
+            rid.as_bytes(),
+            b"\x94",
+        ]
+        .concat();
+        assert_eq!(keys(&pickled), vec![id_hash(rid.as_bytes())]);
+        assert_eq!(
+            keys(format!(r#"{{"rid":"{rid}"}}"#).as_bytes()),
+            vec![id_hash(rid.as_bytes())]
+        );
+        // Not one: inside a longer word or id, 31 or 33 digits, upper case.
+        for not in [
+            format!("chatcmpl-{rid}-1"),
+            format!("x{rid}"),
+            format!("{rid}_"),
+            rid[1..].to_owned(),
+            format!("{rid}0"),
+            rid.to_uppercase(),
+        ] {
+            let k = keys(not.as_bytes());
+            assert!(!k.contains(&id_hash(rid.as_bytes())), "{not}: {k:?}");
+        }
+        // Both kinds in one message, and the per-message bound covers both.
+        let both = format!("chatcmpl-7 {rid} ");
+        assert_eq!(keys(both.as_bytes()).len(), 2);
+        let many = (0..100)
+            .map(|i| format!("{i:032x}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert_eq!(keys(many.as_bytes()).len(), IDS_PER_MESSAGE);
     }
 
     #[test]

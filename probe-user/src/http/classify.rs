@@ -214,6 +214,9 @@ struct Token<'a> {
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct Counts<'a> {
+    /// `SGLang`'s `meta_info.id` (its `rid`): the request's id where the top level has none.
+    #[serde(borrow)]
+    id: Raw<'a>,
     #[serde(borrow)]
     prompt_tokens: Raw<'a>,
     #[serde(borrow)]
@@ -311,6 +314,9 @@ pub(crate) fn classify(json: &[u8]) -> Result<Classified, serde_json::Error> {
         if let Some(c) = parse_object::<Counts<'_>>(raw) {
             out.prompt_tokens = out.prompt_tokens.or(c.prompt());
             out.completion_tokens = out.completion_tokens.or(c.completion());
+            if out.id.is_none() {
+                out.id = c.id.and_then(plain_id).map(super::id_hash);
+            }
         }
     }
     out.prompt_tokens = out
@@ -477,6 +483,13 @@ mod tests {
         ] {
             assert_eq!(id(odd), None, "{odd}");
         }
+        // SGLang's native /generate: the rid in meta_info; a top-level id wins.
+        let rid = "0123456789abcdef0123456789abcdef";
+        let native = format!(r#"{{"text":"a","meta_info":{{"id":"{rid}","prompt_tokens":3}}}}"#);
+        assert_eq!(id(&native), Some(super::super::id_hash(rid.as_bytes())));
+        assert_eq!(c(&native).prompt_tokens, Some(3));
+        let both = format!(r#"{{"id":"chatcmpl-42ab","meta_info":{{"id":"{rid}"}}}}"#);
+        assert_eq!(id(&both), h);
     }
 
     #[test]
