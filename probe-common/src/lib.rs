@@ -234,7 +234,7 @@ pub struct PendingIo {
 const _: () = assert!(size_of::<PendingIo>() == 72);
 
 /// Scheduler time of one thread of a traced process (`THREADS` map, task address → this), kept
-/// by the `sched_switch` / `sched_wakeup` programs: where the thread has been since it was first
+/// by the `sched_switch` / `sched_wakeup` / `sched_waking` programs: where the thread has been since it was first
 /// seen. The agent reads the map; the time in the current state since `since_ns` is not yet added.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -260,8 +260,16 @@ pub struct ThreadTime {
     /// (probe-ebpf/src/sockio.rs). Written and cleared by the thread itself; the agent ignores it.
     pub send_start_ns: u64,
     pub send_clock: ThreadClock,
+    /// The task address (`THREADS` key) of the thread of the same process that last woke this one
+    /// (`sched_waking`, in the waker's context; 0: none seen). An IPC call made by a thread that
+    /// serves no client connection is dated with its waker's clock when the waker does: vLLM's
+    /// event-loop thread hands a request to ZMQ's I/O thread by waking it (docs/attribution.md).
+    pub waker: u64,
+    /// 1 once the thread has read or written a client connection of its server (`sock:` path).
+    pub serving: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<ThreadTime>() == 88);
+const _: () = assert!(size_of::<ThreadTime>() == 104);
 
 /// Values of `ThreadTime::state`.
 pub const THREAD_ON_CPU: u32 = 0;

@@ -298,9 +298,36 @@ pub fn sock_recv_data(ctx: RawTracePointContext) -> u32 {
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    p.thread = threads::clock(tgid, tid, now);
-    capture_via_slot(p, now, tgid, tid, i64::from(ret), arrival_ns, 0, kind);
+    let mut who = tid;
+    if let Some(t) = threads::own_entry(tgid, tid) {
+        p.thread = threads::clock_of(t, now);
+        who = on_behalf(t, kind, tgid, now, &mut p);
+    }
+    capture_via_slot(p, now, tgid, who, i64::from(ret), arrival_ns, 0, kind);
     0
+}
+
+/// Marks the current thread's entry `t` as serving when `kind` is a client connection's record;
+/// for an IPC record, dates it with the clock of the serving thread that woke this one when there
+/// is one (`threads::waker_clock`) and returns that thread's id — the record's thread — else
+/// this thread's, `tid`.
+#[inline(always)]
+fn on_behalf(
+    t: &mut probe_common::ThreadTime,
+    kind: EventKind,
+    tgid: u32,
+    ts: u64,
+    p: &mut PendingIo,
+) -> u32 {
+    if kind == EventKind::Data {
+        if t.serving == 0 {
+            t.serving = 1;
+        }
+    } else if let Some((waker, clock)) = threads::waker_clock(t, tgid, ts) {
+        p.thread = clock;
+        return waker;
+    }
+    t.tid
 }
 
 /// TCP is about to queue the first bytes of a send: the time a response write is dated by.
@@ -331,7 +358,8 @@ pub fn tcp_send_start(_ctx: RawTracePointContext) -> u32 {
 pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
     let (tgid, tid) = current_tgid_tid();
     // A stamp in the thread's THREADS entry marks a traced thread; without one, test the process.
-    let start = match threads::take_send(tgid, tid) {
+    let mut own = threads::own_entry(tgid, tid);
+    let start = match own.as_deref_mut().and_then(threads::take_send) {
         Some((ts_ns, thread)) => Some(SendStart { ts_ns, thread }),
         None => {
             if !is_target(tgid) {
@@ -373,10 +401,13 @@ pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
         None => {
             // SAFETY: plain helper call.
             let now = unsafe { bpf_ktime_get_ns() };
-            p.thread = threads::clock(tgid, tid, now);
+            if let Some(t) = own.as_deref_mut() {
+                p.thread = threads::clock_of(t, now);
+            }
             now
         }
     };
-    capture_via_slot(p, ts, tgid, tid, i64::from(ret), 0, 0, kind);
+    let who = own.map_or(tid, |t| on_behalf(t, kind, tgid, ts, &mut p));
+    capture_via_slot(p, ts, tgid, who, i64::from(ret), 0, 0, kind);
     0
 }

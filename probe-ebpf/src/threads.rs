@@ -2,7 +2,10 @@
 //! (run-queue delay: CPU starvation, noisy neighbours, too few cores), or blocked (futex/GIL,
 //! I/O, waiting on another process). From the raw tracepoints `sched_switch` (the CPU changes
 //! hands) and `sched_wakeup` (a blocked thread becomes runnable); `sched.rs` closes a thread's
-//! entry when it exits. (`sched_wakeup_new` is not needed: a thread is counted from its first
+//! entry when it exits. `sched_waking` (in the waker's context, unlike `sched_wakeup`, which a
+//! wake-up queued to an idle CPU fires there) notes which thread of the same process woke a
+//! thread: the serving thread whose clock an IPC thread's hand-off is dated with
+//! (`waker_clock`). (`sched_wakeup_new` is not needed: a thread is counted from its first
 //! switch.)
 //!
 //! Raw tracepoints, not the classic ones: a classic tracepoint program is skipped whenever any
@@ -20,7 +23,9 @@
 //! time it leaves a CPU; until then its time is not counted.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::{map, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray},
     programs::RawTracePointContext,
@@ -92,7 +97,7 @@ pub fn clock(tgid: u32, tid: u32, now: u64) -> ThreadClock {
 
 /// The current thread's `THREADS` entry, when it has one that is its own.
 #[inline(always)]
-fn own_entry(tgid: u32, tid: u32) -> Option<&'static mut ThreadTime> {
+pub fn own_entry(tgid: u32, tid: u32) -> Option<&'static mut ThreadTime> {
     let t = THREADS.get_ptr_mut(current_task())?;
     // SAFETY: a map value; the running thread's own entry (the scheduler programs' benign races
     // as above).
@@ -119,11 +124,10 @@ pub fn stamp_send(tgid: u32, tid: u32) -> bool {
     true
 }
 
-/// The current thread's send stamp (time, clock), cleared; `None` when it has none here (then
-/// the thread may still be traced: the caller tests the process).
+/// The send stamp (time, clock) in the current thread's entry `t`, cleared; `None` when it has
+/// none (then the thread may still be traced: the caller tests the process).
 #[inline(always)]
-pub fn take_send(tgid: u32, tid: u32) -> Option<(u64, ThreadClock)> {
-    let t = own_entry(tgid, tid)?;
+pub fn take_send(t: &mut ThreadTime) -> Option<(u64, ThreadClock)> {
     if t.send_start_ns == 0 {
         return None;
     }
@@ -132,9 +136,43 @@ pub fn take_send(tgid: u32, tid: u32) -> Option<(u64, ThreadClock)> {
     Some(stamp)
 }
 
+/// For an IPC call at `ts` of the current thread (entry `t`, of `tgid`): the id and clock at `ts`
+/// of the thread that last woke it, when that one serves client connections and this one does
+/// not — the thread whose work the call carries on (vLLM's event loop wakes ZMQ's I/O thread to
+/// send a request; the I/O thread's receive of the answer is dated on the loop's clock too, the
+/// loop being its last waker of the process). `None` otherwise, or when the waker's entry
+/// changed state after `ts` (its clock then is not known). The waker's entry is read while its
+/// thread runs elsewhere: a torn read can only fail the agent's check that a split adds up.
+#[inline(always)]
+pub fn waker_clock(t: &ThreadTime, tgid: u32, ts: u64) -> Option<(u32, ThreadClock)> {
+    if t.serving != 0 || t.waker == 0 {
+        return None;
+    }
+    // SAFETY: a map value copied out at once.
+    let w = unsafe { *THREADS.get_ptr(t.waker)? };
+    if w.tgid != tgid || w.serving == 0 || ts < w.since_ns {
+        return None;
+    }
+    let d = ts - w.since_ns;
+    let mut c = ThreadClock {
+        on_cpu_ns: w.on_cpu_ns,
+        runnable_ns: w.runnable_ns,
+        blocked_ns: w.blocked_ns,
+        repairs: w.repairs,
+        _pad: 0,
+    };
+    match w.state {
+        THREAD_ON_CPU => c.on_cpu_ns += d,
+        THREAD_RUNNABLE => c.runnable_ns += d,
+        THREAD_BLOCKED => c.blocked_ns += d,
+        _ => return None,
+    }
+    Some((w.tid, c))
+}
+
 /// `t`'s clock at `now`, `t` being the running thread's entry (see `clock`).
 #[inline(always)]
-fn clock_of(t: &mut ThreadTime, now: u64) -> ThreadClock {
+pub fn clock_of(t: &mut ThreadTime, now: u64) -> ThreadClock {
     match t.state {
         THREAD_ON_CPU => {}
         THREAD_RUNNABLE | THREAD_BLOCKED => repair_switch_in(current_task(), t, now),
@@ -274,6 +312,29 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
             repaired(t);
         }
         enter(t, THREAD_ON_CPU, now);
+    }
+    0
+}
+
+/// `TP_PROTO(struct task_struct *p)`, in the waker's context: a traced thread woken by another
+/// thread of its process keeps the waker's task address (`ThreadTime::waker`). One `THREADS`
+/// lookup for every wake-up on the machine, a miss for untraced tasks. A wake-up from an
+/// interrupt names the interrupted task: when that is another thread of the process, an IPC
+/// call may name a thread that did not hand it the work, and its split fails the agent's
+/// same-thread test (no split, never a wrong one).
+#[raw_tracepoint(tracepoint = "sched_waking")]
+pub fn sched_waking(ctx: RawTracePointContext) -> u32 {
+    let task: u64 = ctx.arg(0);
+    let Some(t) = THREADS.get_ptr_mut(task) else {
+        return 0;
+    };
+    let waker = current_task();
+    // SAFETY: plain helper call; the map value as above.
+    unsafe {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if (*t).tgid == tgid && waker != task {
+            (*t).waker = waker;
+        }
     }
     0
 }

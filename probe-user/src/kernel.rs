@@ -120,8 +120,13 @@ pub const COMMON: &[Program] = &[
 ];
 
 /// Thread states (on-CPU / runnable / blocked) of the traced processes, and the thread clocks of
-/// latency attribution (`--thread-states`).
-pub const THREAD_STATES: &[Program] = &[raw("sched_switch", "sched"), raw("sched_wakeup", "sched")];
+/// latency attribution (`--thread-states`); `sched_waking` names the thread of the process that
+/// woke another (an IPC thread's hand-off dated on the serving thread's clock).
+pub const THREAD_STATES: &[Program] = &[
+    raw("sched_switch", "sched"),
+    raw("sched_wakeup", "sched"),
+    raw("sched_waking", "sched"),
+];
 
 /// Which socket capture path to use (`--capture`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -301,7 +306,7 @@ impl Kernel {
             attached.extend(attach_all(&mut ebpf, THREAD_STATES));
         } else {
             log::info!(
-                "thread states off: no sched_switch/sched_wakeup programs, no thread splits"
+                "thread states off: no sched_switch/sched_wakeup/sched_waking programs, no thread splits"
             );
             refused.extend(THREAD_STATES.iter().map(|p| Attached {
                 program: p.name,

@@ -262,3 +262,74 @@ fn hand_offs_are_matched_by_the_request_id_in_ipc_bytes() {
         worst.0, worst.1
     );
 }
+
+/// The probe's state split of a stage (`threads_ns.<stage>`): (on-CPU, runnable, blocked).
+fn states(rec: &Value, stage: &str) -> (u64, u64, u64) {
+    let s = &rec["threads_ns"][stage];
+    assert!(s.is_object(), "no {stage} split: {rec}");
+    (ns(&s["on_cpu"]), ns(&s["runnable"]), ns(&s["blocked"]))
+}
+
+/// vLLM's shape of hand-off: the event loop does not write the IPC itself but wakes an I/O
+/// thread of its process that does (ZMQ's), and that thread receives the answer. The stand-in's
+/// `--io-thread` front does the same through a worker thread and a unix socket. The kernel dates
+/// those calls on the clock of the serving thread that woke the I/O thread, so each stage is
+/// still split by the event loop's states. Witnesses: the loop thread's schedstat at the read,
+/// at its hand-off (before it wakes the I/O thread), when it got the answer and at the first
+/// write. Needs root (eBPF).
+#[test]
+fn an_io_threads_hand_off_is_split_on_the_serving_threads_clock() {
+    let Some(served) = node_with_args_under_probe(
+        "an_io_threads_hand_off_is_split_on_the_serving_threads_clock",
+        &["--worker", "--io-thread", "--sched"],
+        &[],
+    ) else {
+        return;
+    };
+    if std::env::var(tests::CAPTURE_ENV).as_deref() == Ok("syscalls") {
+        return; // the syscall path sees no IPC
+    }
+    if std::env::var(tests::THREAD_STATES_ENV).as_deref() == Ok("off") {
+        return;
+    }
+    // 20 ms of the loop's CPU, 40 ms in the worker (the loop idle), 10 ms of the loop's CPU.
+    let shape = json!({"front_burn_ms": 20, "worker_ms": 40, "output_burn_ms": 10,
+                       "report": true, "report_sched": true});
+    // A thread is known from its first switch-out after attach: the idle loop's first request
+    // would find no clock at its read.
+    run_one(&served.addr, chat_req("warm-up", "m", true, 1, &shape));
+    for i in 0..3 {
+        let id = format!("io{i}");
+        run_one(&served.addr, chat_req(&id, "m", true, 1, &shape));
+        let recs = records(&served.probe, i + 2);
+        let rec = by_id(&recs, &id);
+        let t = timing(&served, &id);
+        let (f, e, o) = split(rec);
+        let w = |k: &str| t[&format!("{k}_on_ns")];
+        let (w_f, w_o) = (w("sent") - w("req"), w("first") - w("got"));
+        let (f_on, f_run, f_blk) = states(rec, "frontend");
+        let (e_on, _, e_blk) = states(rec, "engine");
+        let (o_on, _, _) = states(rec, "output");
+        eprintln!(
+            "{id}: hand-off by {}; frontend {f} (on-CPU {f_on}, runnable {f_run}, blocked \
+             {f_blk}), engine {e} (on-CPU {e_on}, blocked {e_blk}), output {o} (on-CPU {o_on}); \
+             the loop's schedstat on-CPU: frontend {w_f}, output {w_o}",
+            rec["hand_off"]
+        );
+        assert_eq!(rec["hand_off"], "id", "{rec}");
+        assert!(
+            close(f_on, w_f, 1.0),
+            "frontend on-CPU {f_on} vs schedstat {w_f}: {rec}"
+        );
+        assert!(
+            close(o_on, w_o, 1.0),
+            "output on-CPU {o_on} vs schedstat {w_o}: {rec}"
+        );
+        // The loop waits for the worker: its engine stage is blocked but for waking and
+        // dispatching (and any chatter of other requests: none here).
+        assert!(
+            e_blk + 2_000_000 >= e && e >= 39_000_000,
+            "engine: blocked {e_blk} of {e}: {rec}"
+        );
+    }
+}
