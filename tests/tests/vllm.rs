@@ -183,6 +183,19 @@ fn server_states(probe: &Probe) -> [f64; 4] {
     })
 }
 
+/// Runnable seconds of the serving thread in the `frontend`, `engine` and `output` stages
+/// (`llm_ttft_stage_thread_seconds_total{state="runnable"}`).
+fn stage_runnable(probe: &Probe) -> [f64; 3] {
+    let m = probe.metrics();
+    ["frontend", "engine", "output"].map(|stage| {
+        metric_sum(
+            &m,
+            "llm_ttft_stage_thread_seconds_total",
+            &[("stage", stage), ("state", "runnable")],
+        )
+    })
+}
+
 /// The processes below `pid` (vLLM's engine core and workers), from /proc's parent links.
 fn descendants(pid: u32) -> Vec<u32> {
     let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
@@ -360,6 +373,7 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
     //     thread (`runnable` in the server span), against the same requests without the hog.
     let mut share = |probe: &Probe, id: &str, n: usize| {
         let before = server_states(probe);
+        let stages_before = stage_runnable(probe);
         for i in 0..n {
             let s = run_one(&addr, vreq(&format!("{id}-{i}"), true, true, false, 40, 8));
             assert!(s.error.is_none(), "{:?}", s.error);
@@ -368,7 +382,9 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
         total += n;
         let after = server_states(probe);
         let d: Vec<f64> = (0..4).map(|i| after[i] - before[i]).collect();
-        (d[1] / d.iter().sum::<f64>().max(1e-9), d)
+        let stages_after = stage_runnable(probe);
+        let by_stage: [f64; 3] = [0, 1, 2].map(|i| stages_after[i] - stages_before[i]);
+        (d[1] / d.iter().sum::<f64>().max(1e-9), d, by_stage)
     };
     // The API server alone on CPU 1, its engine processes on CPU 0: a baseline without
     // contention, then the hog joins the API server.
@@ -376,13 +392,13 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
     for child in descendants(engine.pid()) {
         tests::pin(child, "0");
     }
-    let (calm, calm_s) = share(&probe, "calm", 8);
+    let (calm, calm_s, calm_stages) = share(&probe, "calm", 8);
     // The API server's engine processes stay on CPU 0; `pin` moves one process's threads.
     // At nice -10 (about 9 times the weight): the scheduler lets a woken thread that mostly
     // sleeps preempt a hog of its own weight almost at once (2.7 % of the span with such a hog
     // against 8.1 % calm in one run, 18 % against 12.7 % in another); a heavier one makes it wait.
     let hog = tests::cpu_hog_niced(1, -10);
-    let (hogged, hog_s) = share(&probe, "hogged", 8);
+    let (hogged, hog_s, hog_stages) = share(&probe, "hogged", 8);
     drop(hog);
     for pid in std::iter::once(engine.pid()).chain(descendants(engine.pid())) {
         tests::pin(pid, "0-1");
@@ -393,6 +409,22 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
         calm * 100.0,
         hogged * 100.0
     );
+    eprintln!(
+        "runnable s by stage (frontend/engine/output): {calm_stages:.3?} alone, {hog_stages:.3?} \
+         with the hog"
+    );
+    // In the right stage: the hog shares the API server's CPU, whose loop works in `frontend`
+    // (templating, tokenizing) and `output`; while EngineCore computes (`engine`, its own CPU)
+    // the loop of these one-at-a-time requests sleeps. One run: frontend 0.004 → 0.195 s,
+    // engine and output 0.000 → 0.000.
+    if sock_path && states_on {
+        let [f, e, o] = hog_stages;
+        assert!(
+            f > calm_stages[0] && f + o > e,
+            "the hog's run-queue delay shows in the API server's stages: {calm_stages:?} calm, \
+             {hog_stages:?} hogged"
+        );
+    }
     // The scheduler lets a thread that mostly sleeps preempt the hog soon after it wakes, so the
     // wait is a fraction of the thread's run time, not half of CPU 1 (18 % of the span with the
     // hog against 12.7 % without it in one CI run, where the test once asked for twice the
