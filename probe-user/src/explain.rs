@@ -2,6 +2,8 @@
 //! each with where its TTFT went: the stages, the engine stage's wait on the GPU (`gpu_sync`, when
 //! the CUDA probes are live) and the thread states of `/api/v1/requests` (docs/attribution.md).
 
+use std::fmt::Write as _;
+
 use serde_json::Value;
 
 #[derive(clap::Args)]
@@ -47,6 +49,9 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         return Ok(());
     }
     print!("{}", table(&rows));
+    if a.request_id.is_some() {
+        print!("{}", detail(rows[0]));
+    }
     println!(
         "\ntimes in ms. socket_queue: the request waited in the server's socket before it was \
          read; frontend: read -> hand-off to the engine process; engine: -> its output back; \
@@ -143,6 +148,55 @@ fn table(rows: &[&Value]) -> String {
     out
 }
 
+/// One request's stages by the serving thread's states, and its decode split, as lines under
+/// the table (`--request-id`): what the table's thread columns hold for the whole span, per
+/// stage; nothing for parts the agent did not split.
+fn detail(r: &Value) -> String {
+    let mut out = String::new();
+    let th = &r["threads_ns"];
+    let st = &r["stages_ns"];
+    let staged: Vec<&str> = ["frontend", "engine", "output"]
+        .into_iter()
+        .filter(|s| th[*s].is_object())
+        .collect();
+    if !staged.is_empty() {
+        out.push_str(
+            "\nby stage, the serving thread (ms): stage, time, on_cpu, runnable, blocked\n",
+        );
+        for s in staged {
+            let t = &th[s];
+            let _ = writeln!(
+                out,
+                "  {s:<9} {:>9} {:>9} {:>9} {:>9}",
+                ms(&st[s]),
+                ms(&t["on_cpu"]),
+                ms(&t["runnable"]),
+                ms(&t["blocked"])
+            );
+        }
+    }
+    let d = &r["decode_ns"];
+    if d.is_object() {
+        let gaps = r["gaps_ns"].as_array().map_or(0, Vec::len);
+        let _ = writeln!(
+            out,
+            "\ndecode (first token -> last, {gaps} gaps): engine {} ms, output {} ms; gaps split \
+             at their own id: {}; the writing thread on_cpu {} / runnable {} / blocked {} / \
+             unknown {} ms",
+            ms(&d["engine"]),
+            ms(&d["output"]),
+            d["by_id"]
+                .as_u64()
+                .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+            ms(&d["threads"]["on_cpu"]),
+            ms(&d["threads"]["runnable"]),
+            ms(&d["threads"]["blocked"]),
+            ms(&d["threads"]["unknown"]),
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -184,7 +238,41 @@ mod tests {
             "how the hand-off was found: {t}"
         );
         assert_eq!(select(&reqs, 10, Some("a")).len(), 1);
+        assert_eq!(
+            detail(rows[1]),
+            "",
+            "nothing split per stage, no decode: no detail"
+        );
         assert!(select(&reqs, 10, Some("zzz")).is_empty());
         assert_eq!(select(&reqs, 1, None).len(), 1);
+    }
+
+    #[test]
+    fn one_request_in_detail_by_stage_and_decode() {
+        let r = json!({"request_id": "x", "ttft_ns": 70_000_000u64, "gaps_ns": [5, 6, 7],
+            "stages_ns": {"socket_queue": 0, "frontend": 21_500_000u64, "engine": 40_000_000u64, "output": 8_500_000u64},
+            "threads_ns": {"server": {"on_cpu": 1, "runnable": 2, "blocked": 3},
+                "frontend": {"on_cpu": 20_000_000u64, "runnable": 1_400_000u64, "blocked": 100_000u64},
+                "engine": {"on_cpu": 0, "runnable": 0, "blocked": 40_000_000u64},
+                "output": null},
+            "decode_ns": {"engine": 120_000_000u64, "output": 60_000_000u64, "by_id": 3,
+                "threads": {"on_cpu": 1_000_000u64, "runnable": 0, "blocked": 179_000_000u64, "unknown": 0}}});
+        let d = detail(&r);
+        let lines: Vec<&str> = d.lines().collect();
+        assert!(lines[1].starts_with("by stage"), "{d}");
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["frontend", "21.5", "20.0", "1.4", "0.1"],
+            "{d}"
+        );
+        assert!(lines[3].trim_start().starts_with("engine"), "{d}");
+        assert!(!d.contains("output  "), "an unsplit stage is left out: {d}");
+        assert!(
+            d.contains("3 gaps")
+                && d.contains("engine 120.0 ms, output 60.0 ms")
+                && d.contains("own id: 3")
+                && d.contains("blocked 179.0"),
+            "{d}"
+        );
     }
 }

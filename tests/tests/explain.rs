@@ -70,6 +70,12 @@ fn explain_prints_the_slowest_requests_with_their_stages() {
         one.status.success() && text.contains("fast") && !text.contains("slow"),
         "{text}"
     );
+    // One request in detail: its decode (2 tokens: one gap; a single-process server, all of it
+    // engine).
+    assert!(
+        text.contains("decode (first token -> last, 1 gaps): engine"),
+        "{text}"
+    );
     let none = explain(&served, &["--request-id", "nope"]);
     assert_eq!(none.status.code(), Some(1), "an unknown id is an error");
 }
