@@ -153,6 +153,12 @@ pub fn waker_clock(t: &ThreadTime, tgid: u32, ts: u64) -> Option<(u32, ThreadClo
     if w.tgid != tgid || w.serving == 0 || ts < w.since_ns {
         return None;
     }
+    // Waiting per its entry, yet switched in since: a switch-in no program saw (the entry is
+    // repaired only when its own thread reads it). Its clock is not known: no waker's clock.
+    // Without the task's `last_arrival` (no BTF offset, no skew learnt yet) this is not checked.
+    if w.state != THREAD_ON_CPU && unseen_switch_in(t.waker, w.since_ns, u64::MAX).is_some() {
+        return None;
+    }
     let d = ts - w.since_ns;
     let mut c = ThreadClock {
         on_cpu_ns: w.on_cpu_ns,
@@ -330,10 +336,22 @@ pub fn sched_waking(ctx: RawTracePointContext) -> u32 {
     };
     let waker = current_task();
     // SAFETY: plain helper call; the map value as above.
-    unsafe {
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        if (*t).tgid == tgid && waker != task {
-            (*t).waker = waker;
+    let tgid = unsafe { (bpf_get_current_pid_tgid() >> 32) as u32 };
+    // SAFETY: as above.
+    if unsafe { (*t).tgid } != tgid || waker == task {
+        return 0;
+    }
+    // SAFETY: as above.
+    unsafe { (*t).waker = waker };
+    // The waker runs now: an entry of its that says otherwise missed a switch-in, and another
+    // thread's call dated on its clock (`waker_clock`) would take the stale state. Repaired here
+    // as its own calls repair it.
+    if let Some(w) = THREADS.get_ptr_mut(waker) {
+        // SAFETY: as above.
+        let w = unsafe { &mut *w };
+        if w.tgid == tgid && (w.state == THREAD_RUNNABLE || w.state == THREAD_BLOCKED) {
+            // SAFETY: plain helper call.
+            repair_switch_in(waker, w, unsafe { bpf_ktime_get_ns() });
         }
     }
     0

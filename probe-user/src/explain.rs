@@ -177,10 +177,9 @@ fn detail(r: &Value) -> String {
     }
     let d = &r["decode_ns"];
     if d.is_object() {
-        let gaps = r["gaps_ns"].as_array().map_or(0, Vec::len);
         let _ = writeln!(
             out,
-            "\ndecode (first token -> last, {gaps} gaps): engine {} ms, output {} ms; gaps split \
+            "\ndecode (first token -> last): engine {} ms, output {} ms; gaps split \
              at their own id: {}; the writing thread on_cpu {} / runnable {} / blocked {} / \
              unknown {} ms",
             ms(&d["engine"]),
@@ -268,8 +267,7 @@ mod tests {
         assert!(lines[3].trim_start().starts_with("engine"), "{d}");
         assert!(!d.contains("output  "), "an unsplit stage is left out: {d}");
         assert!(
-            d.contains("3 gaps")
-                && d.contains("engine 120.0 ms, output 60.0 ms")
+            d.contains("(first token -> last): engine 120.0 ms, output 60.0 ms")
                 && d.contains("own id: 3")
                 && d.contains("blocked 179.0"),
             "{d}"

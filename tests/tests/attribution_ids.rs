@@ -263,11 +263,12 @@ fn hand_offs_are_matched_by_the_request_id_in_ipc_bytes() {
     );
 }
 
-/// The probe's state split of a stage (`threads_ns.<stage>`): (on-CPU, runnable, blocked).
-fn states(rec: &Value, stage: &str) -> (u64, u64, u64) {
+/// The probe's state split of a stage (`threads_ns.<stage>`): (on-CPU, runnable, blocked), or
+/// `None` when the stage was not split.
+fn states(rec: &Value, stage: &str) -> Option<(u64, u64, u64)> {
     let s = &rec["threads_ns"][stage];
-    assert!(s.is_object(), "no {stage} split: {rec}");
-    (ns(&s["on_cpu"]), ns(&s["runnable"]), ns(&s["blocked"]))
+    s.is_object()
+        .then(|| (ns(&s["on_cpu"]), ns(&s["runnable"]), ns(&s["blocked"])))
 }
 
 /// vLLM's shape of hand-off: the event loop does not write the IPC itself but wakes an I/O
@@ -298,6 +299,7 @@ fn an_io_threads_hand_off_is_split_on_the_serving_threads_clock() {
     // A thread is known from its first switch-out after attach: the idle loop's first request
     // would find no clock at its read.
     run_one(&served.addr, chat_req("warm-up", "m", true, 1, &shape));
+    let mut split_n = 0;
     for i in 0..3 {
         let id = format!("io{i}");
         run_one(&served.addr, chat_req(&id, "m", true, 1, &shape));
@@ -307,16 +309,24 @@ fn an_io_threads_hand_off_is_split_on_the_serving_threads_clock() {
         let (f, e, o) = split(rec);
         let w = |k: &str| t[&format!("{k}_on_ns")];
         let (w_f, w_o) = (w("sent") - w("req"), w("first") - w("got"));
-        let (f_on, f_run, f_blk) = states(rec, "frontend");
-        let (e_on, _, e_blk) = states(rec, "engine");
-        let (o_on, _, _) = states(rec, "output");
+        assert_eq!(rec["hand_off"], "id", "{rec}");
+        // A wake-up of the I/O thread by another thread of the process (not the loop) in
+        // between leaves a call on its own clock: that request is not split, never mis-split.
+        let (Some((f_on, f_run, f_blk)), Some((e_on, _, e_blk)), Some((o_on, _, _))) = (
+            states(rec, "frontend"),
+            states(rec, "engine"),
+            states(rec, "output"),
+        ) else {
+            eprintln!("{id}: not split per stage: {rec}");
+            continue;
+        };
+        split_n += 1;
         eprintln!(
             "{id}: hand-off by {}; frontend {f} (on-CPU {f_on}, runnable {f_run}, blocked \
              {f_blk}), engine {e} (on-CPU {e_on}, blocked {e_blk}), output {o} (on-CPU {o_on}); \
              the loop's schedstat on-CPU: frontend {w_f}, output {w_o}",
             rec["hand_off"]
         );
-        assert_eq!(rec["hand_off"], "id", "{rec}");
         assert!(
             close(f_on, w_f, 1.0),
             "frontend on-CPU {f_on} vs schedstat {w_f}: {rec}"
@@ -332,4 +342,8 @@ fn an_io_threads_hand_off_is_split_on_the_serving_threads_clock() {
             "engine: blocked {e_blk} of {e}: {rec}"
         );
     }
+    assert!(
+        split_n >= 2,
+        "{split_n} of 3 requests split per stage on the loop's clock"
+    );
 }

@@ -73,7 +73,7 @@ fn explain_prints_the_slowest_requests_with_their_stages() {
     // One request in detail: its decode (2 tokens: one gap; a single-process server, all of it
     // engine).
     assert!(
-        text.contains("decode (first token -> last, 1 gaps): engine"),
+        text.contains("decode (first token -> last): engine"),
         "{text}"
     );
     let none = explain(&served, &["--request-id", "nope"]);

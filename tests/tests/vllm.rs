@@ -339,6 +339,10 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
     let [g_id, g_time, g_none] = pt.gaps_by;
     eprintln!("decode gaps' returns: by id {g_id}, by time {g_time}, no IPC {g_none}");
     assert!(
+        g_id + g_time + g_none > 0.0,
+        "every decode gap is counted in llm_tbt_return_total"
+    );
+    assert!(
         !sock_path || g_id >= 0.9 * (g_id + g_time + g_none),
         "vLLM's decode gaps end at the receive that carried their own id"
     );

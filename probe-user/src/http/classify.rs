@@ -214,7 +214,8 @@ struct Token<'a> {
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct Counts<'a> {
-    /// `SGLang`'s `meta_info.id` (its `rid`): the request's id where the top level has none.
+    /// `SGLang`'s `meta_info.id` (its `rid`): the request's id where the top level has none
+    /// (read from `meta_info` only).
     #[serde(borrow)]
     id: Raw<'a>,
     #[serde(borrow)]
@@ -314,10 +315,15 @@ pub(crate) fn classify(json: &[u8]) -> Result<Classified, serde_json::Error> {
         if let Some(c) = parse_object::<Counts<'_>>(raw) {
             out.prompt_tokens = out.prompt_tokens.or(c.prompt());
             out.completion_tokens = out.completion_tokens.or(c.completion());
-            if out.id.is_none() {
-                out.id = c.id.and_then(plain_id).map(super::id_hash);
-            }
         }
+    }
+    if out.id.is_none() {
+        out.id = ev
+            .meta_info
+            .and_then(parse_object::<Counts<'_>>)
+            .and_then(|c| c.id)
+            .and_then(plain_id)
+            .map(super::id_hash);
     }
     out.prompt_tokens = out
         .prompt_tokens
@@ -490,6 +496,8 @@ mod tests {
         assert_eq!(c(&native).prompt_tokens, Some(3));
         let both = format!(r#"{{"id":"chatcmpl-42ab","meta_info":{{"id":"{rid}"}}}}"#);
         assert_eq!(id(&both), h);
+        let elsewhere = format!(r#"{{"text":"a","usage":{{"id":"{rid}"}}}}"#);
+        assert_eq!(id(&elsewhere), None, "only meta_info's id counts");
     }
 
     #[test]
