@@ -265,11 +265,15 @@ pub struct ThreadTime {
     /// serves no client connection is dated with its waker's clock when the waker does: vLLM's
     /// event-loop thread hands a request to ZMQ's I/O thread by waking it (docs/attribution.md).
     pub waker: u64,
+    /// The task address of the thread of the same process this one last woke (0: none seen).
+    /// The other way round: vLLM's ZMQ thread that receives EngineCore's outputs (ZMQ runs two
+    /// I/O threads there) is not woken by the event loop, but wakes it for each output.
+    pub wakee: u64,
     /// 1 once the thread has read or written a client connection of its server (`sock:` path).
     pub serving: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<ThreadTime>() == 104);
+const _: () = assert!(size_of::<ThreadTime>() == 112);
 
 /// Values of `ThreadTime::state`.
 pub const THREAD_ON_CPU: u32 = 0;

@@ -145,18 +145,30 @@ pub fn take_send(t: &mut ThreadTime) -> Option<(u64, ThreadClock)> {
 /// thread runs elsewhere: a torn read can only fail the agent's check that a split adds up.
 #[inline(always)]
 pub fn waker_clock(t: &ThreadTime, tgid: u32, ts: u64) -> Option<(u32, ThreadClock)> {
-    if t.serving != 0 || t.waker == 0 {
+    if t.serving != 0 {
+        return None;
+    }
+    // The thread that handed this one work, else the one it hands results to (the thread it
+    // last woke: vLLM's output-receiving ZMQ thread is never woken by the loop, it wakes it).
+    serving_clock(t.waker, tgid, ts).or_else(|| serving_clock(t.wakee, tgid, ts))
+}
+
+/// The id and clock at `ts` of the thread of task address `task`, when it is a serving thread
+/// of `tgid` whose entry can say (see `waker_clock`).
+#[inline(always)]
+fn serving_clock(task: u64, tgid: u32, ts: u64) -> Option<(u32, ThreadClock)> {
+    if task == 0 {
         return None;
     }
     // SAFETY: a map value copied out at once.
-    let w = unsafe { *THREADS.get_ptr(t.waker)? };
+    let w = unsafe { *THREADS.get_ptr(task)? };
     if w.tgid != tgid || w.serving == 0 || ts < w.since_ns {
         return None;
     }
     // Waiting per its entry, yet switched in since: a switch-in no program saw (the entry is
     // repaired only when its own thread reads it). Its clock is not known: no waker's clock.
     // Without the task's `last_arrival` (no BTF offset, no skew learnt yet) this is not checked.
-    if w.state != THREAD_ON_CPU && unseen_switch_in(t.waker, w.since_ns, u64::MAX).is_some() {
+    if w.state != THREAD_ON_CPU && unseen_switch_in(task, w.since_ns, u64::MAX).is_some() {
         return None;
     }
     let d = ts - w.since_ns;
@@ -323,7 +335,8 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
 }
 
 /// `TP_PROTO(struct task_struct *p)`, in the waker's context: a traced thread woken by another
-/// thread of its process keeps the waker's task address (`ThreadTime::waker`). One `THREADS`
+/// thread of its process keeps the waker's task address (`ThreadTime::waker`), and the waker
+/// the woken one's (`ThreadTime::wakee`). One `THREADS`
 /// lookup for every wake-up on the machine, a miss for untraced tasks. A wake-up from an
 /// interrupt names the interrupted task: when that is another thread of the process, an IPC
 /// call may name a thread that did not hand it the work, and its split fails the agent's
@@ -349,9 +362,12 @@ pub fn sched_waking(ctx: RawTracePointContext) -> u32 {
     if let Some(w) = THREADS.get_ptr_mut(waker) {
         // SAFETY: as above.
         let w = unsafe { &mut *w };
-        if w.tgid == tgid && (w.state == THREAD_RUNNABLE || w.state == THREAD_BLOCKED) {
-            // SAFETY: plain helper call.
-            repair_switch_in(waker, w, unsafe { bpf_ktime_get_ns() });
+        if w.tgid == tgid {
+            w.wakee = task;
+            if w.state == THREAD_RUNNABLE || w.state == THREAD_BLOCKED {
+                // SAFETY: plain helper call.
+                repair_switch_in(waker, w, unsafe { bpf_ktime_get_ns() });
+            }
         }
     }
     0

@@ -203,8 +203,8 @@ pub fn judge_with(samples: &[Sample], recs: &[Value], min_gaps: usize) -> Result
         split += usize::from(stages_add_up(rec));
         // The hand-off found by the request's own id in the IPC bytes (docs/attribution.md).
         by_id_n += usize::from(rec["hand_off"] == "id");
-        // Per-stage splits need the serving thread to make the IPC send and receive itself
-        // (not so in vLLM, whose ZMQ sockets do their I/O on a thread of their own).
+        // Per-stage splits need the IPC send and receive dated on the serving thread's clock:
+        // its own calls, or an I/O thread's that it woke or that woke it (vLLM's ZMQ threads).
         let t = &rec["threads_ns"];
         staged += usize::from(
             ["frontend", "engine", "output"]

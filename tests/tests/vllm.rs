@@ -347,17 +347,22 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
         "vLLM's decode gaps end at the receive that carried their own id"
     );
     // Each stage split by the event loop's states: the hand-off and the return are calls of
-    // ZMQ's I/O thread, dated on the clock of the loop that woke it (docs/attribution.md, "The
-    // waker's clock"). One run: 95 of 96 (before that rule: 0 of 96).
+    // ZMQ's I/O threads, dated on the clock of the loop that woke the sending one and that the
+    // receiving one wakes (docs/attribution.md, "The waker's clock"). Runs: 95 and 80 of 96
+    // (before that rule: 0 of 96).
     let recs = records(&probe, total);
     let staged = recs
         .iter()
-        .filter(|r| r["threads_ns"]["frontend"].is_object())
+        .filter(|r| {
+            ["frontend", "engine", "output"]
+                .iter()
+                .all(|k| r["threads_ns"][*k].is_object())
+        })
         .count();
     eprintln!("requests split per stage: {staged} of {}", recs.len());
     let states_on = std::env::var(tests::THREAD_STATES_ENV).as_deref() != Ok("off");
     assert!(
-        !sock_path || !states_on || staged * 4 >= recs.len() * 3,
+        !sock_path || !states_on || staged * 3 >= recs.len() * 2,
         "vLLM's stages are split by the serving thread's states"
     );
     let [tbt_engine, tbt_output] = pt.tbt_sums;
@@ -419,8 +424,9 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
     );
     // In the right stage: the hog shares the API server's CPU, whose loop works in `frontend`
     // (templating, tokenizing) and `output`; while EngineCore computes (`engine`, its own CPU)
-    // the loop of these one-at-a-time requests sleeps. One run: frontend 0.004 → 0.195 s,
-    // engine and output 0.000 → 0.000.
+    // the loop of these one-at-a-time requests mostly sleeps. Two runs: frontend 0.008 → 0.247
+    // and 0.012 → 0.303 s, engine 0.001 → 0.033 and 0 → 0.039 s, output 0.002 → 0.092 and
+    // 0.001 → 0.116 s.
     if sock_path && states_on {
         let [f, e, o] = hog_stages;
         assert!(
