@@ -118,6 +118,16 @@ pub fn run_one(addr: &str, r: Req) -> Sample {
     run_concurrent(addr, vec![r]).pop().expect("one sample")
 }
 
+/// The sum of a record's `gaps_ns` (the gaps between its content writes that it kept).
+pub fn gaps_sum(rec: &Value) -> u64 {
+    rec["gaps_ns"]
+        .as_array()
+        .expect("gaps")
+        .iter()
+        .map(|v| v.as_u64().unwrap_or_else(|| panic!("not a number: {v}")))
+        .sum()
+}
+
 pub fn by_id<'a>(records: &'a [Value], id: &str) -> &'a Value {
     let hits: Vec<_> = records.iter().filter(|r| r["request_id"] == id).collect();
     assert_eq!(

@@ -15,7 +15,9 @@ use std::{thread, time::Duration};
 use serde_json::{json, Value};
 use tests::{
     cpu_hog, node_with_args_under_probe, pin, schedstat, steal_ticks,
-    traffic::{by_id, chat_req, records, run_concurrent, run_one, split_request, split_whole},
+    traffic::{
+        by_id, chat_req, gaps_sum, records, run_concurrent, run_one, split_request, split_whole,
+    },
     NodeUnderProbe,
 };
 
@@ -428,12 +430,7 @@ fn ttft_stages_match_what_the_stand_in_did() {
         run_one(&served.addr, chat_req(id, "m", true, 4, &extra));
     });
     let rec = &rec;
-    let gaps: u64 = rec["gaps_ns"]
-        .as_array()
-        .expect("gaps")
-        .iter()
-        .map(ns)
-        .sum();
+    let gaps: u64 = gaps_sum(rec);
     let (de, dout) = (
         ns(&rec["decode_ns"]["engine"]),
         ns(&rec["decode_ns"]["output"]),

@@ -17,7 +17,7 @@ use std::{collections::HashMap, time::Duration};
 use serde_json::{json, Value};
 use tests::{
     node_with_args_under_probe,
-    traffic::{by_id, chat_req, records, run_concurrent, run_one},
+    traffic::{by_id, chat_req, gaps_sum, records, run_concurrent, run_one},
     NodeUnderProbe,
 };
 
@@ -82,12 +82,7 @@ fn gaps_witness(served: &NodeUnderProbe, id: &str, first_ns: u64) -> (u64, u64, 
 fn decode(rec: &Value) -> (u64, u64, u64) {
     let d = &rec["decode_ns"];
     let (e, o) = (ns(&d["engine"]), ns(&d["output"]));
-    let gaps: u64 = rec["gaps_ns"]
-        .as_array()
-        .expect("gaps")
-        .iter()
-        .map(ns)
-        .sum();
+    let gaps: u64 = gaps_sum(rec);
     assert_eq!(e + o, gaps, "{rec}");
     (e, o, ns(&d["by_id"]))
 }

@@ -302,28 +302,17 @@ pub(crate) fn classify(json: &[u8]) -> Result<Classified, serde_json::Error> {
         || nonempty_str(ev.delta)
         || message_has_content(ev.message);
 
-    for raw in [
-        ev.usage,
-        ev.details,
-        ev.timings,
-        ev.meta_info,
-        response_obj.usage,
-    ]
-    .into_iter()
-    .flatten()
-    {
+    // `meta_info` is parsed once, for its counts and (without a top-level id) SGLang's id.
+    let meta = ev.meta_info.map(|r| (r, true));
+    let others = [ev.usage, ev.details, ev.timings, response_obj.usage];
+    for (raw, is_meta) in others.into_iter().flatten().map(|r| (r, false)).chain(meta) {
         if let Some(c) = parse_object::<Counts<'_>>(raw) {
             out.prompt_tokens = out.prompt_tokens.or(c.prompt());
             out.completion_tokens = out.completion_tokens.or(c.completion());
+            if is_meta && out.id.is_none() {
+                out.id = c.id.and_then(plain_id).map(super::id_hash);
+            }
         }
-    }
-    if out.id.is_none() {
-        out.id = ev
-            .meta_info
-            .and_then(parse_object::<Counts<'_>>)
-            .and_then(|c| c.id)
-            .and_then(plain_id)
-            .map(super::id_hash);
     }
     out.prompt_tokens = out
         .prompt_tokens
