@@ -25,7 +25,14 @@
 //! (`ThreadClock`) between the two moments are its on-CPU, runnable (run-queue delay) and blocked
 //! time over `frontend` + `engine` + `output` together ("server"), adding up exactly. Each of
 //! the three stages is split the same way when the same thread also made the IPC send and
-//! receive that bound it (Node's IPC; not vLLM, whose ZMQ I/O thread does its socket I/O).
+//! receive that bound it (Node's IPC), or when the kernel dated an I/O thread's call on the
+//! serving thread's clock (vLLM's ZMQ I/O threads: docs/attribution.md, "The waker's clock").
+//!
+//! The engine process's side (`EngineSide`): when the request's id matched, the traced process
+//! that first received that id at or after the hand-off and first sent it at or before the return
+//! (the engine) splits `engine` into the way there, the engine process's own time (that receive →
+//! that send: its queue and prefill) and the way back, and its own time by the state of the
+//! engine thread that made both calls, when one thread did.
 
 use std::collections::VecDeque;
 
@@ -49,6 +56,8 @@ pub const STAGES: [&str; 4] = ["socket_queue", "frontend", "engine", "output"];
 pub const STATES: [&str; 4] = ["on_cpu", "runnable", "blocked", "unknown"];
 /// The span the thread split covers: `frontend` + `engine` + `output`.
 pub const SERVER_SPAN: &str = "server";
+/// The engine process's own part of `engine` (`EngineSide::in_engine`), split by its thread.
+pub const ENGINE_PROCESS: &str = "engine_process";
 
 /// A request's TTFT split into stages (ns); the fields sum to its `ttft_ns`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -106,6 +115,24 @@ pub struct StageThreads {
     pub output: Option<StateSplit>,
 }
 
+/// The engine process's part of a request's `engine` stage (ns), from the request's id in that
+/// process's own IPC: `to_engine` + `in_engine` + `from_engine` = `engine`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EngineSide {
+    /// The engine process.
+    pub pid: u32,
+    /// The front's hand-off → the engine process's first receive that carried the id.
+    pub to_engine: u64,
+    /// That receive → the engine process's first send that carried the id (its first output):
+    /// the engine's queue and prefill.
+    pub in_engine: u64,
+    /// That send → the front's return.
+    pub from_engine: u64,
+    /// `in_engine` by the state of the engine thread that made both calls (`None`: two threads,
+    /// as vLLM's `EngineCore`, whose ZMQ I/O threads do its socket I/O, or a clock not known).
+    pub threads: Option<StateSplit>,
+}
+
 /// A request's TTFT breakdown.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Breakdown {
@@ -117,6 +144,9 @@ pub struct Breakdown {
     pub threads: Option<StageThreads>,
     /// The engine stage's wait in CUDA synchronize calls (`gpu::GpuLog`); `None` without CUDA.
     pub gpu: Option<GpuWait>,
+    /// The engine process's side of `engine`; `None` unless the hand-off matched by id and a
+    /// traced process received and sent the id inside the engine stage.
+    pub engine_side: Option<EngineSide>,
 }
 
 impl Breakdown {
@@ -177,6 +207,27 @@ impl IpcLog {
         let t = self.ids.get(tgid, id)?;
         let (sent, back) = (t.sent?, t.back?);
         (from <= sent.ts_ns && sent.ts_ns <= back.ts_ns && back.ts_ns <= to).then_some((sent, back))
+    }
+
+    /// The engine process's side of a request of `front` whose id hashes to `id`, handed off at
+    /// `sent` and returned at `back`: of the other processes that received the id at or after
+    /// `sent` and then sent it at or before `back`, the one that received it first (`SGLang`'s
+    /// scheduler, not its detokenizer after it).
+    fn engine_side(&self, front: u32, id: u64, sent: u64, back: u64) -> Option<EngineSide> {
+        let (pid, intake, out) = self
+            .ids
+            .elsewhere(front, id)
+            .filter_map(|(pid, t)| Some((pid, t.back?, t.sent?)))
+            .filter(|(_, i, o)| sent <= i.ts_ns && i.ts_ns <= o.ts_ns && o.ts_ns <= back)
+            .min_by_key(|(_, i, _)| i.ts_ns)?;
+        let in_engine = out.ts_ns - intake.ts_ns;
+        Some(EngineSide {
+            pid,
+            to_engine: intake.ts_ns - sent,
+            in_engine,
+            from_engine: back - out.ts_ns,
+            threads: split(&intake, &out, in_engine),
+        })
     }
 
     /// (first send in `[from, to]`, then the last receive in `[that send, to]`).
@@ -339,12 +390,16 @@ pub fn ttft(r: &RequestRecord, ipc: &IpcLog, gpu: &GpuLog) -> Option<Breakdown> 
             engine: split(&sent, &back, stages.engine),
             output: split(&back, &first, stages.output),
         });
+    let engine_side = matched
+        .zip(r.response_id)
+        .and_then(|((s, b), id)| ipc.engine_side(r.conn.tgid, id, s.ts_ns, b.ts_ns));
     Some(Breakdown {
         stages,
         handed_off: hand_off.is_some(),
         matched: matched.is_some(),
         threads,
         gpu: gpu.wait_in(r.conn.tgid, sent.ts_ns, back.ts_ns),
+        engine_side,
     })
 }
 

@@ -175,6 +175,29 @@ fn detail(r: &Value) -> String {
             );
         }
     }
+    let e = &r["engine_ns"];
+    if e.is_object() {
+        let t = &e["threads"];
+        let states = if t.is_object() {
+            format!(
+                "its thread on_cpu {} / runnable {} / blocked {} ms",
+                ms(&t["on_cpu"]),
+                ms(&t["runnable"]),
+                ms(&t["blocked"])
+            )
+        } else {
+            "its thread states not split (two threads made its I/O)".to_owned()
+        };
+        let _ = writeln!(
+            out,
+            "\nengine, from the engine process (pid {}): to it {} ms, in it {} ms, back {} ms; \
+             {states}",
+            e["pid"],
+            ms(&e["to_engine"]),
+            ms(&e["in_engine"]),
+            ms(&e["from_engine"]),
+        );
+    }
     let d = &r["decode_ns"];
     if d.is_object() {
         let _ = writeln!(
@@ -254,6 +277,9 @@ mod tests {
                 "frontend": {"on_cpu": 20_000_000u64, "runnable": 1_400_000u64, "blocked": 100_000u64},
                 "engine": {"on_cpu": 0, "runnable": 0, "blocked": 40_000_000u64},
                 "output": null},
+            "engine_ns": {"pid": 42, "to_engine": 500_000u64, "in_engine": 39_000_000u64,
+                "from_engine": 500_000u64,
+                "threads": {"on_cpu": 9_000_000u64, "runnable": 30_000_000u64, "blocked": 0}},
             "decode_ns": {"engine": 120_000_000u64, "output": 60_000_000u64, "by_id": 3,
                 "threads": {"on_cpu": 1_000_000u64, "runnable": 0, "blocked": 179_000_000u64, "unknown": 0}}});
         let d = detail(&r);
@@ -266,6 +292,14 @@ mod tests {
         );
         assert!(lines[3].trim_start().starts_with("engine"), "{d}");
         assert!(!d.contains("output  "), "an unsplit stage is left out: {d}");
+        assert!(
+            d.contains("engine process (pid 42): to it 0.5 ms, in it 39.0 ms, back 0.5 ms")
+                && d.contains("on_cpu 9.0 / runnable 30.0 / blocked 0.0 ms"),
+            "{d}"
+        );
+        let mut two = r.clone();
+        two["engine_ns"]["threads"] = serde_json::Value::Null;
+        assert!(detail(&two).contains("not split (two threads"), "{d}");
         assert!(
             d.contains("(first token -> last): engine 120.0 ms, output 60.0 ms")
                 && d.contains("own id: 3")

@@ -12,7 +12,7 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::{
-    attribution::{self, Decode, GpuWait, StageThreads, Stages, StateSplit},
+    attribution::{self, Decode, EngineSide, GpuWait, StageThreads, Stages, StateSplit},
     http::{ConnId, Endpoint, Gap, Observer, ParseErrorKind, RequestMeta, RequestRecord},
     metrics::{
         ErrorLabels, KindLabels, ModelLabels, ReqLabels, RequestMetrics, StageLabels,
@@ -53,6 +53,10 @@ pub struct RequestView {
     /// The engine stage's wait in CUDA synchronize calls of the serving process tree
     /// (`attribution::GpuWait`); `None` when no CUDA synchronize of that tree is on record.
     pub gpu_ns: Option<GpuWait>,
+    /// The engine stage seen from the engine process's own IPC (`attribution::EngineSide`):
+    /// the way there, the engine's own time with its thread's states, the way back; `None`
+    /// unless the hand-off matched by id and the engine process's IPC carried the id.
+    pub engine_ns: Option<EngineSide>,
     /// The gaps after the first token split into engine and output time (`attribution::Decode`);
     /// `None` without a second content event.
     pub decode_ns: Option<Decode>,
@@ -339,6 +343,9 @@ impl RequestStats {
             }
             self.count_states(stage, split, span);
         }
+        if let Some(e) = b.engine_side {
+            self.count_states(attribution::ENGINE_PROCESS, e.threads, e.in_engine);
+        }
     }
 
     /// `span` ns of `stage` by its thread split, or all `unknown` without one.
@@ -482,6 +489,7 @@ impl Observer for RequestStats {
             hand_off: breakdown.map(|b| b.hand_off_by()),
             threads_ns: breakdown.and_then(|b| b.threads),
             gpu_ns: breakdown.and_then(|b| b.gpu),
+            engine_ns: breakdown.and_then(|b| b.engine_side),
             decode_ns: decode,
             duration_ns,
             content_events: r.content_events,

@@ -135,6 +135,7 @@ pub fn build(requests: &[Value], snaps: &[Value], steps: &[Value]) -> Value {
         let args = json!({"request_id": r["request_id"], "model": r["model"],
                           "endpoint": r["endpoint"], "outcome": r["outcome"],
                           "engine_gpu_sync_ns": r["gpu_ns"]["sync_wait"],
+                          "engine_process_ns": r["engine_ns"]["in_engine"],
                           "decode_gpu_sync_ns": r["decode_ns"]["gpu_sync"]});
         let mut at = arrival;
         let mut slice = |name: &str, ns: u64, at: &mut u64| {

@@ -342,3 +342,95 @@ fn an_io_threads_hand_off_is_split_on_the_serving_threads_clock() {
         "{split_n} of 3 requests split per stage on the loop's clock"
     );
 }
+
+/// The engine process's own side of the engine stage (`engine_ns`): the worker receives the
+/// request, waits 30 ms (its queue), spends 40 ms of CPU (its prefill) and answers, all on its
+/// one thread; then the same with a CPU hog sharing the worker's CPU (run-queue delay in the
+/// engine). Witnesses: the worker's clock and its thread's schedstat at its receipt of the
+/// hand-off and just before its answer. Needs root (eBPF).
+#[test]
+fn the_engine_processs_thread_splits_its_part_of_the_engine_stage() {
+    let Some(served) = node_with_args_under_probe(
+        "the_engine_processs_thread_splits_its_part_of_the_engine_stage",
+        &["--worker", "--sched"],
+        &[],
+    ) else {
+        return;
+    };
+    if std::env::var(tests::CAPTURE_ENV).as_deref() == Ok("syscalls") {
+        return; // the syscall path sees no IPC
+    }
+    let states_on = std::env::var(tests::THREAD_STATES_ENV).as_deref() != Ok("off");
+    let front = served.node.pid();
+    let worker: u32 = std::fs::read_to_string(format!("/proc/{front}/task/{front}/children"))
+        .expect("the front's children")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the worker process");
+    let shape = json!({"worker_ms": 30, "worker_burn_ms": 40, "report": true,
+                       "report_worker": true});
+    // The worker's thread is known from its first switch-out after attach.
+    run_one(&served.addr, chat_req("warm-up", "m", true, 1, &shape));
+    let mut n = 1;
+    let mut hog = None;
+    for (i, starved) in [false, false, true, true].into_iter().enumerate() {
+        if starved && hog.is_none() {
+            tests::pin(worker, "1");
+            hog = Some(tests::cpu_hog(1));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let id = format!("engine{i}");
+        run_one(&served.addr, chat_req(&id, "m", true, 1, &shape));
+        n += 1;
+        let recs = records(&served.probe, n);
+        let rec = by_id(&recs, &id);
+        let t = timing(&served, &id);
+        let (_, e, _) = split(rec);
+        assert_eq!(rec["hand_off"], "id", "{rec}");
+        let side = &rec["engine_ns"];
+        assert_eq!(side["pid"], worker, "the worker is the engine process: {rec}");
+        let (to, inside, back) = (
+            ns(&side["to_engine"]),
+            ns(&side["in_engine"]),
+            ns(&side["from_engine"]),
+        );
+        assert_eq!(to + inside + back, e, "the three add up to engine: {rec}");
+        // The worker's stamps come after Node dispatched the message the probe saw received
+        // and before the send the probe sees: the probe's span holds the witness's.
+        let w = |k: &str| t[&format!("w_{k}_ns")];
+        let w_span = w("out") - w("in");
+        eprintln!(
+            "{id}{}: engine {e}: to {to}, in {inside}, back {back}; the worker's own {w_span}; \
+             threads {}",
+            if starved { " (hog)" } else { "" },
+            side["threads"]
+        );
+        assert!(
+            inside >= w_span && close(inside, w_span, 1.0),
+            "in_engine {inside} vs the worker's clock {w_span}: {rec}"
+        );
+        if !states_on {
+            assert!(side["threads"].is_null(), "{rec}");
+            continue;
+        }
+        let s = &side["threads"];
+        let (on, run, blk) = (ns(&s["on_cpu"]), ns(&s["runnable"]), ns(&s["blocked"]));
+        assert_eq!(on + run + blk, inside, "{rec}");
+        let (w_on, w_run) = (w("out_on") - w("in_on"), w("out_run") - w("in_run"));
+        eprintln!("  on {on} run {run} blocked {blk}; schedstat on {w_on} run {w_run}");
+        assert!(
+            close(on, w_on, 1.0) && close(run, w_run, 1.0),
+            "the worker's states vs its schedstat (on {w_on}, run {w_run}): {rec}"
+        );
+        assert!(blk >= 28_000_000, "the 30 ms wait is blocked: {rec}");
+        if starved {
+            assert!(
+                run >= 10_000_000,
+                "a hog on the worker's CPU is run-queue delay in the engine: {rec}"
+            );
+        }
+    }
+    drop(hog);
+    tests::pin(worker, "0-1");
+}

@@ -121,6 +121,15 @@ impl IdIndex {
         self.procs.get(&tgid)?.at.get(&hash).copied()
     }
 
+    /// The times of id `hash` in every process but `except` that saw it (the engine's side of a
+    /// front's request: at most `ID_PROCESSES` lookups).
+    pub fn elsewhere(&self, except: u32, hash: u64) -> impl Iterator<Item = (u32, IdTimes)> + '_ {
+        self.procs
+            .iter()
+            .filter(move |(&tgid, _)| tgid != except)
+            .filter_map(move |(&tgid, seen)| Some((tgid, *seen.at.get(&hash)?)))
+    }
+
     pub fn forget(&mut self, tgid: u32) {
         self.procs.remove(&tgid);
     }

@@ -492,3 +492,60 @@ fn a_request_whose_id_is_in_the_ipc_bytes_gets_its_own_hand_off_and_return() {
     let alone = ttft(&r, &IpcLog::default(), &GpuLog::default()).expect("breakdown");
     assert_eq!(alone.hand_off_by(), "none");
 }
+
+#[test]
+fn the_engine_processs_own_ipc_splits_the_engine_stage() {
+    // The front (tgid 1) hands request A off at 1,400 and gets it back at 2,200. The engine
+    // (tgid 2) receives it at 1,500 and sends its first output at 2,000 on one thread that was
+    // on a CPU 50, waiting for one 400 and blocked 50 of those 500 ns. A detokenizer (tgid 3)
+    // passes it on later; tgid 4 saw the id before the hand-off (another request's).
+    let a = b"chatcmpl-aaa-9876fedc";
+    let mut ipc = IpcLog::default();
+    ipc.record(1, when(1_400), true, a);
+    ipc.record(4, when(1_300), false, a);
+    ipc.record(4, when(1_350), true, a);
+    ipc.record(2, at(1_500, 9, clock(100, 0, 0)), false, a);
+    ipc.record(2, at(2_000, 9, clock(150, 400, 50)), true, a);
+    ipc.record(3, when(2_050), false, a);
+    ipc.record(3, when(2_100), true, a);
+    ipc.record(1, when(2_200), false, a);
+    let mut r = record(1_000, when(1_000), Some(when(3_000)));
+    r.response_id = Some(crate::http::id_hash(b"chatcmpl-aaa"));
+    let b = ttft(&r, &ipc, &GpuLog::default()).expect("breakdown");
+    assert_eq!(b.hand_off_by(), "id");
+    let e = b.engine_side.expect("the engine process's side");
+    assert_eq!(
+        (e.pid, e.to_engine, e.in_engine, e.from_engine),
+        (2, 100, 500, 200)
+    );
+    assert_eq!(e.to_engine + e.in_engine + e.from_engine, b.stages.engine);
+    assert_eq!(
+        e.threads,
+        Some(StateSplit {
+            on_cpu: 50,
+            runnable: 400,
+            blocked: 50
+        })
+    );
+
+    // Its output sent by another thread (vLLM's ZMQ I/O threads): times, no thread split.
+    let mut two = IpcLog::default();
+    two.record(1, when(1_400), true, a);
+    two.record(2, at(1_500, 9, clock(100, 0, 0)), false, a);
+    two.record(2, at(2_000, 10, clock(150, 400, 50)), true, a);
+    two.record(1, when(2_200), false, a);
+    let e = ttft(&r, &two, &GpuLog::default())
+        .and_then(|b| b.engine_side)
+        .expect("the engine process's side");
+    assert_eq!((e.in_engine, e.threads), (500, None));
+
+    // The engine's send after the front's return (a clock disagreement) or no id: none.
+    let mut late = IpcLog::default();
+    late.record(1, when(1_400), true, a);
+    late.record(2, when(1_500), false, a);
+    late.record(2, when(2_300), true, a);
+    late.record(1, when(2_200), false, a);
+    assert_eq!(ttft(&r, &late, &GpuLog::default()).unwrap().engine_side, None);
+    r.response_id = None;
+    assert_eq!(ttft(&r, &ipc, &GpuLog::default()).unwrap().engine_side, None);
+}

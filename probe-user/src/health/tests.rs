@@ -37,6 +37,7 @@ fn view(ttft_s: Option<f64>, outcome: &'static str) -> RequestView {
         hand_off: None,
         threads_ns: None,
         gpu_ns: None,
+        engine_ns: None,
         decode_ns: None,
         duration_ns: 0,
         content_events: 1,

@@ -108,7 +108,9 @@ impl RequestMetrics {
             "Seconds of TTFT by the scheduler state of the thread that read the request and \
              wrote its first token: on_cpu, runnable (waiting for a CPU), blocked, or unknown \
              (its clock not known at both ends of the span); stage=server is frontend + engine \
-             + output, the other stages are each of them (do not sum over stage)",
+             + output, the other stages are each of them; stage=engine_process is the engine \
+             process's own part of engine (its first receive to its first send of the request's \
+             id), by the state of its thread that made both (do not sum over stage)",
             m.ttft_stage_thread.clone(),
         );
         for state in crate::attribution::STATES {
