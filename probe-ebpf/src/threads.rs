@@ -136,13 +136,14 @@ pub fn take_send(t: &mut ThreadTime) -> Option<(u64, ThreadClock)> {
     Some(stamp)
 }
 
-/// For an IPC call at `ts` of the current thread (entry `t`, of `tgid`): the id and clock at `ts`
-/// of the thread that last woke it, when that one serves client connections and this one does
-/// not — the thread whose work the call carries on (vLLM's event loop wakes ZMQ's I/O thread to
-/// send a request; the I/O thread's receive of the answer is dated on the loop's clock too, the
-/// loop being its last waker of the process). `None` otherwise, or when the waker's entry
-/// changed state after `ts` (its clock then is not known). The waker's entry is read while its
-/// thread runs elsewhere: a torn read can only fail the agent's check that a split adds up.
+/// For an IPC call at `ts` of the current thread (entry `t`, of `tgid`) that does not serve
+/// client connections: the id and clock at `ts` of the thread of its process that last woke it,
+/// when that one serves, else of the thread it last woke, when that one serves — the thread whose
+/// work the call carries on (vLLM's event loop wakes one ZMQ I/O thread to send each request; the
+/// other I/O thread receives EngineCore's outputs and wakes the loop for each). `None` otherwise,
+/// or when that thread's entry changed state after `ts` or is stale (its clock then is not
+/// known). That entry is read while its thread runs elsewhere: a torn read can only fail the
+/// agent's check that a split adds up.
 #[inline(always)]
 pub fn waker_clock(t: &ThreadTime, tgid: u32, ts: u64) -> Option<(u32, ThreadClock)> {
     if t.serving != 0 {

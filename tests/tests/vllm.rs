@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Value};
 use tests::{
     client::{Req, Sample},
     free_port, http_get, metric_sum,
@@ -71,6 +71,9 @@ struct VllmCounters {
     /// The probe's decode gaps by how their return was found (`llm_tbt_return_total{by}`: id,
     /// time, none); 0 for vLLM.
     gaps_by: [f64; 3],
+    /// vLLM's queue + prefill time (`vllm:request_queue_time_seconds` +
+    /// `vllm:request_prefill_time_seconds` sums) and their request count; 0 for the probe.
+    engine_own: [f64; 2],
     aborted: f64,
 }
 
@@ -85,6 +88,11 @@ fn vllm_counters(addr: &str) -> VllmCounters {
         tbt_sums: [0.0; 2],
         by_id: 0.0,
         gaps_by: [0.0; 3],
+        engine_own: [
+            metric_sum(&page, "vllm:request_queue_time_seconds_sum", &[])
+                + metric_sum(&page, "vllm:request_prefill_time_seconds_sum", &[]),
+            metric_sum(&page, "vllm:request_prefill_time_seconds_count", &[]),
+        ],
         aborted: metric_sum(
             &page,
             "vllm:request_success_total",
@@ -114,6 +122,7 @@ fn probe_counters(probe: &Probe) -> VllmCounters {
         by_id: metric_sum(&m, "llm_ttft_hand_off_total", &[("by", "id")]),
         gaps_by: ["id", "time", "none"]
             .map(|by| metric_sum(&m, "llm_tbt_return_total", &[("by", by)])),
+        engine_own: [0.0; 2],
         aborted: metric_sum(&m, "llm_requests_total", &[("status", "client_abort")]),
     }
 }
@@ -128,8 +137,55 @@ fn delta(a: VllmCounters, b: VllmCounters) -> VllmCounters {
         tbt_sums: [0, 1].map(|i| b.tbt_sums[i] - a.tbt_sums[i]),
         by_id: b.by_id - a.by_id,
         gaps_by: [0, 1, 2].map(|i| b.gaps_by[i] - a.gaps_by[i]),
+        engine_own: [0, 1].map(|i| b.engine_own[i] - a.engine_own[i]),
         aborted: b.aborted - a.aborted,
     }
+}
+
+/// The engine stage seen from `EngineCore`'s own IPC (`engine_ns`) over the last round's
+/// requests: found for nearly all of them, adding up to `engine`, and holding vLLM's own queue +
+/// prefill time (stamped inside `EngineCore`, between its receive and its first output's send).
+fn engine_side(recs: &[Value], ids: &[String], dv: &VllmCounters, sock_path: bool) {
+    let (mut n, mut sums) = (0usize, [0u64; 3]);
+    for id in ids {
+        let rec = by_id(recs, id);
+        let e = &rec["engine_ns"];
+        if !e.is_object() {
+            continue;
+        }
+        let parts = ["to_engine", "in_engine", "from_engine"].map(|k| e[k].as_u64().expect("ns"));
+        assert_eq!(
+            parts.iter().sum::<u64>(),
+            rec["stages_ns"]["engine"].as_u64().expect("engine"),
+            "the engine process's side adds up to engine: {rec}"
+        );
+        n += 1;
+        for (s, p) in sums.iter_mut().zip(parts) {
+            *s += p;
+        }
+    }
+    let mean = |ns: u64| ns as f64 / n.max(1) as f64 / 1e6;
+    let [own, own_n] = dv.engine_own;
+    let vllm_own = own / own_n.max(1.0) * 1e3;
+    eprintln!(
+        "engine process side: {n} of {} requests; means to {:.2} ms, in {:.2} ms, back {:.2} ms; \
+         vLLM's queue + prefill {vllm_own:.2} ms over {own_n} requests",
+        ids.len(),
+        mean(sums[0]),
+        mean(sums[1]),
+        mean(sums[2]),
+    );
+    if !sock_path {
+        return;
+    }
+    assert!(
+        n * 10 >= ids.len() * 9,
+        "EngineCore's receive and first output are found by the request's id"
+    );
+    assert!(
+        mean(sums[1]) >= vllm_own,
+        "EngineCore's receive → first output holds vLLM's own queue + prefill"
+    );
 }
 
 /// One accuracy round: 32 requests one at a time, then 64 in four waves of 16 at once; chat and
@@ -268,10 +324,12 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
     //    218 ms above the probe's and the client's (122 ms).
     let mut round_start = (vllm_counters(&addr), probe_counters(&probe));
     let mut last_round = 0;
+    let mut last_ids = Vec::new();
     let mut total = timing_rounds(&probe, 3, |round| {
         round_start = (vllm_counters(&addr), probe_counters(&probe));
         let samples = accuracy_round(&addr, round);
         last_round = samples.len();
+        last_ids = samples.iter().map(|s| s.request_id.clone()).collect();
         samples
     })
     .len();
@@ -365,6 +423,7 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
         !sock_path || !states_on || staged * 3 >= recs.len() * 2,
         "vLLM's stages are split by the serving thread's states"
     );
+    engine_side(&recs, &last_ids, &dv, sock_path);
     let [tbt_engine, tbt_output] = pt.tbt_sums;
     eprintln!(
         "time between tokens: engine {:.1} ms, output {:.1} ms ({:.1} % in the API server after \
