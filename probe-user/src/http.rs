@@ -14,6 +14,7 @@ pub mod grpc;
 mod h2;
 pub mod request;
 pub mod response;
+mod shape;
 mod sniff;
 mod sse;
 pub mod tls;

@@ -389,7 +389,10 @@ fn the_engine_processs_thread_splits_its_part_of_the_engine_stage() {
         let (_, e, _) = split(rec);
         assert_eq!(rec["hand_off"], "id", "{rec}");
         let side = &rec["engine_ns"];
-        assert_eq!(side["pid"], worker, "the worker is the engine process: {rec}");
+        assert_eq!(
+            side["pid"], worker,
+            "the worker is the engine process: {rec}"
+        );
         let (to, inside, back) = (
             ns(&side["to_engine"]),
             ns(&side["in_engine"]),

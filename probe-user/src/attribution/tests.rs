@@ -545,7 +545,13 @@ fn the_engine_processs_own_ipc_splits_the_engine_stage() {
     late.record(2, when(1_500), false, a);
     late.record(2, when(2_300), true, a);
     late.record(1, when(2_200), false, a);
-    assert_eq!(ttft(&r, &late, &GpuLog::default()).unwrap().engine_side, None);
+    assert_eq!(
+        ttft(&r, &late, &GpuLog::default()).unwrap().engine_side,
+        None
+    );
     r.response_id = None;
-    assert_eq!(ttft(&r, &ipc, &GpuLog::default()).unwrap().engine_side, None);
+    assert_eq!(
+        ttft(&r, &ipc, &GpuLog::default()).unwrap().engine_side,
+        None
+    );
 }

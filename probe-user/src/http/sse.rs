@@ -5,7 +5,8 @@
 use memchr::{memchr, memchr2};
 
 use super::{
-    classify::{classify, prefix_has_content, Classified, EventSink},
+    classify::{prefix_has_content, Classified, EventSink},
+    shape::Shapes,
     ParseErrorKind,
 };
 
@@ -56,6 +57,8 @@ pub(crate) struct SseParser {
     skipping: bool,
     /// The UTF-8 BOM the spec allows at the very start has been handled.
     started: bool,
+    /// The stream's event shape: most events classified without a parse.
+    shapes: Shapes,
 }
 
 impl SseParser {
@@ -131,7 +134,7 @@ impl SseParser {
 
     /// Bytes held by its buffers.
     pub fn buffered(&self) -> usize {
-        self.line.capacity() + self.data.capacity()
+        self.line.capacity() + self.data.capacity() + self.shapes.held()
     }
 
     /// Give its buffers back (the memory budget is spent). Returns whether an event in progress
@@ -143,6 +146,7 @@ impl SseParser {
         }
         self.line = Vec::new();
         self.data = Vec::new();
+        self.shapes = Shapes::default();
         lost
     }
 
@@ -204,7 +208,7 @@ impl SseParser {
             if self.data_overflow {
                 sink.parse_error(ParseErrorKind::BadEvent);
             } else if self.data != b"[DONE]" {
-                match classify(&self.data) {
+                match self.shapes.classify(&self.data) {
                     Ok(ev) => sink.event(ev, ts),
                     // The data of an error event may be plain text; the error is already noted.
                     Err(_) if self.error_event => {}
@@ -224,6 +228,7 @@ pub(crate) struct NdjsonParser {
     skipping: bool,
     /// `"done": true` was seen: the answer is over.
     done: bool,
+    shapes: Shapes,
 }
 
 impl NdjsonParser {
@@ -269,9 +274,9 @@ impl NdjsonParser {
         self.skipping = true;
     }
 
-    /// Bytes held by its buffer.
+    /// Bytes held by its buffers.
     pub fn buffered(&self) -> usize {
-        self.line.capacity()
+        self.line.capacity() + self.shapes.held()
     }
 
     /// Give the buffer back; returns whether a line in progress was dropped (skipped like a gap).
@@ -281,6 +286,7 @@ impl NdjsonParser {
             self.skip_line();
         }
         self.line = Vec::new();
+        self.shapes = Shapes::default();
         lost
     }
 
@@ -305,7 +311,7 @@ impl NdjsonParser {
             sink.parse_error(ParseErrorKind::BadEvent);
             return;
         }
-        match classify(line) {
+        match self.shapes.classify(line) {
             Ok(ev) => {
                 self.done = ev.done;
                 sink.event(ev, ts);
