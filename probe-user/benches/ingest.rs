@@ -23,10 +23,21 @@ use prometheus_client::registry::Registry;
 const CONNS: u32 = 64;
 const EVENTS_PER_STREAM: usize = 256;
 
-fn recorded() -> Vec<Vec<u8>> {
-    let chunk = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"llama-3-8b","choices":[{"index":0,"delta":{"content":" token"},"logprobs":null,"finish_reason":null}]}"#;
-    let event = format!("data: {chunk}\n\n");
-    let framed = format!("{:x}\r\n{event}\r\n", event.len());
+/// Tokens of the varying input: a stream's text changes from event to event, as a model's does.
+const TOKENS: [&str; 8] = [" token", " the", ",", " model", "s", " of", " é", " 42"];
+
+/// The recorded streams; each SSE chunk's text is `tokens[event index % len]`.
+fn recorded(tokens: &[&str]) -> Vec<Vec<u8>> {
+    let framed: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            let chunk = format!(
+                r#"{{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"llama-3-8b","choices":[{{"index":0,"delta":{{"content":"{t}"}},"logprobs":null,"finish_reason":null}}]}}"#
+            );
+            let event = format!("data: {chunk}\n\n");
+            format!("{:x}\r\n{event}\r\n", event.len())
+        })
+        .collect();
     let body = r#"{"model":"llama-3-8b","stream":true,"max_tokens":256,"messages":[{"role":"user","content":"hello"}]}"#;
     let request = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -51,10 +62,10 @@ fn recorded() -> Vec<Vec<u8>> {
         ts += 1000;
         rec(100 + fd, true, head.as_bytes(), ts);
     }
-    for _ in 0..EVENTS_PER_STREAM {
+    for i in 0..EVENTS_PER_STREAM {
         for fd in 0..CONNS {
             ts += 1000;
-            rec(100 + fd, true, framed.as_bytes(), ts);
+            rec(100 + fd, true, framed[i % framed.len()].as_bytes(), ts);
         }
     }
     for fd in 0..CONNS {
@@ -109,8 +120,16 @@ fn parse_only(records: &[Vec<u8>]) -> f64 {
 }
 
 fn main() {
-    let records = recorded();
-    let parse = parse_only(&records);
+    // The same text in every event (the input of the earlier rows in docs/BENCHMARKS.md), then
+    // text that changes from event to event.
+    for (input, tokens) in [("same text", &TOKENS[..1]), ("varying text", &TOKENS[..])] {
+        println!("input: {input}");
+        run(&recorded(tokens));
+    }
+}
+
+fn run(records: &[Vec<u8>]) {
+    let parse = parse_only(records);
     println!(
         "ingest (decode + HTTP/SSE parse + connection state, no metrics): median {:.2} M events/s = {:.0} ns/event",
         parse / 1e6,
@@ -124,7 +143,7 @@ fn main() {
         let probe = ProbeMetrics::new(&mut registry);
         let mut ingest = Ingest::new(requests, probe, Arc::new(Mutex::new(Recent::default())));
         let t = Instant::now();
-        for r in &records {
+        for r in records {
             ingest.handle(black_box(r), &mut targets);
         }
         let dt = t.elapsed().as_secs_f64();

@@ -66,6 +66,11 @@ enum Task {
         /// Seconds per overhead measurement.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Measure this llm-probe binary instead of the one the build makes (the load
+        /// generators are still built): for an A/B of two builds, copy one build's
+        /// target/release/llm-probe aside and run the benchmark once with each.
+        #[arg(long, value_name = "PATH")]
+        probe: Option<std::path::PathBuf>,
     },
     /// Start a real tiny engine (llama-cpp-python), put load on it, attach llm-probe, and print a
     /// live summary until Ctrl-C.
@@ -325,11 +330,24 @@ fn main() -> Result<()> {
             only,
             rounds,
             seconds,
+            probe,
         } => {
             if !is_root() {
                 bail!("the benchmarks load eBPF programs: run them as root");
             }
-            let bin = build()?;
+            let built = build()?;
+            let bin = match probe {
+                Some(p) if !p.is_file() => bail!("--probe {}: no such file", p.display()),
+                Some(p) => {
+                    step(&format!(
+                        "measuring {} (--probe), not {}",
+                        p.display(),
+                        built.display()
+                    ));
+                    p
+                }
+                None => built,
+            };
             let want = |n: &str| only.as_deref().is_none_or(|o| o == n);
             if want("micro") {
                 bench::micro()?;

@@ -47,7 +47,13 @@ pub(crate) struct Shapes(Option<Box<Learnt>>);
 struct Learnt {
     prev: Vec<u8>,
     shape: Option<Shape>,
+    /// Pairs of events in a row that gave no shape (a stream whose events differ elsewhere:
+    /// a counter, a number); at `GIVE_UP` the stream stops trying.
+    failed: u8,
 }
+
+/// Failed attempts after which a stream's events are only parsed.
+const GIVE_UP: u8 = 8;
 
 impl Shapes {
     /// `classify(json)`, from the shape when the event fits it.
@@ -84,9 +90,17 @@ impl Shapes {
 
 impl Learnt {
     fn prev_learn(&mut self, json: &[u8], ok: bool) {
+        // The same bytes again (a repeated token) tell nothing new: nothing to learn or copy.
+        if self.failed >= GIVE_UP || (ok && self.prev == json) {
+            return;
+        }
         if ok && !self.prev.is_empty() {
-            if let Some(s) = learn(&self.prev, json) {
-                self.shape = Some(s);
+            match learn(&self.prev, json) {
+                Some(s) => {
+                    self.shape = Some(s);
+                    self.failed = 0;
+                }
+                None => self.failed += 1,
             }
         }
         // The previous event is kept when it is short and parsed (at most `MAX_SHAPE` bytes).

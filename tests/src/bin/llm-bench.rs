@@ -54,7 +54,18 @@ enum Cmd {
     },
 }
 
-const CHUNK: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,"model":"bench","choices":[{"index":0,"delta":{"content":" token"},"finish_reason":null}]}"#;
+/// The streamed text, a token per event in turn: a model's text changes from event to event.
+const TOKENS: [&str; 8] = [" token", " the", ",", " model", "s", " of", " é", " 42"];
+
+/// One SSE event carrying `token`, as an HTTP/1.1 chunk.
+fn chunk(token: &str) -> String {
+    let event = format!(
+        "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1,\
+         \"model\":\"bench\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{token}\"}},\
+         \"finish_reason\":null}}]}}\n\n"
+    );
+    format!("{:x}\r\n{event}\r\n", event.len())
+}
 
 async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<bool> {
     loop {
@@ -82,8 +93,7 @@ async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Resul
 async fn serve_conn(mut sock: TcpStream, events: usize, gap: Duration) -> std::io::Result<()> {
     sock.set_nodelay(true)?;
     let mut buf = Vec::new();
-    let event = format!("data: {CHUNK}\n\n");
-    let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+    let chunks: Vec<String> = TOKENS.iter().map(|t| chunk(t)).collect();
     while read_request(&mut sock, &mut buf).await? {
         sock.write_all(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -93,7 +103,7 @@ async fn serve_conn(mut sock: TcpStream, events: usize, gap: Duration) -> std::i
             if i > 0 && !gap.is_zero() {
                 tokio::time::sleep(gap).await;
             }
-            sock.write_all(chunk.as_bytes()).await?;
+            sock.write_all(chunks[i % chunks.len()].as_bytes()).await?;
         }
         sock.write_all(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
             .await?;
