@@ -90,7 +90,21 @@ fn every_dashboard_query_returns_data_and_every_rule_evaluates() {
             ])
             .args(["--max-seconds", "12", "--max-tokens", "16"]),
     );
-    std::thread::sleep(Duration::from_secs(3));
+    // A `rate()` needs two scrapes of a series: wait for three scrapes of the probe (the load
+    // can end before Prometheus's first scrape: its service discovery takes ~5 s to hand over
+    // the target, and 400 requests on the tiny model may take less).
+    wait_for(
+        "three scrapes of the probe",
+        Duration::from_secs(30),
+        || {
+            prom.query("count_over_time(up{job=\"llm-probe\"}[5m])")["data"]["result"][0]["value"]
+                [1]
+            .as_str()
+            .and_then(|v| v.parse::<u32>().ok())
+            .is_some_and(|n| n >= 3)
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
     let up = prom.query("up{job=\"llm-probe\"}");
     assert_eq!(
         up["data"]["result"][0]["value"][1], "1",
