@@ -285,8 +285,11 @@ pub const THREAD_EXITED: u32 = 3;
 /// `task_struct.sched_info.last_arrival` (the run-queue clock of the task's last switch-in), set
 /// by the agent from the running kernel's BTF; 0 there means unknown.
 pub const TASK_LAYOUT_LAST_ARRIVAL: u32 = 0;
+/// Index in `TASK_LAYOUT` of the byte offset of `task_struct.group_leader` (the process's main
+/// thread), whose clock dates an engine's IPC calls made by its helper threads.
+pub const TASK_LAYOUT_GROUP_LEADER: u32 = 1;
 /// Entries of `TASK_LAYOUT`.
-pub const TASK_LAYOUT_LEN: u32 = 1;
+pub const TASK_LAYOUT_LEN: u32 = 2;
 /// Threads of traced processes whose scheduler time is kept (vLLM: a few hundred).
 pub const MAX_THREADS: u32 = 16 * 1024;
 

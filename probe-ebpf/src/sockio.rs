@@ -309,8 +309,9 @@ pub fn sock_recv_data(ctx: RawTracePointContext) -> u32 {
 
 /// Marks the current thread's entry `t` as serving when `kind` is a client connection's record;
 /// for an IPC record, dates it with the clock of the serving thread that last woke this one or,
-/// failing that, that this one last woke, when there is one (`threads::waker_clock`), and returns
-/// that thread's id — the record's thread — else this thread's, `tid`.
+/// failing that, that this one last woke, or failing both, of its process's main thread, when
+/// there is one (`threads::waker_clock`), and returns that thread's id — the record's thread —
+/// else this thread's, `tid`.
 #[inline(always)]
 fn on_behalf(
     t: &mut probe_common::ThreadTime,

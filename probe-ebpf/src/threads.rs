@@ -5,7 +5,7 @@
 //! entry when it exits. `sched_waking` (in the waker's context, unlike `sched_wakeup`, which a
 //! wake-up queued to an idle CPU fires there) notes which thread of the same process woke a
 //! thread: the serving thread whose clock an IPC thread's hand-off is dated with
-//! (`waker_clock`). (`sched_wakeup_new` is not needed: a thread is counted from its first
+//! (`waker_clock`; in a process that serves no client, its main thread's). (`sched_wakeup_new` is not needed: a thread is counted from its first
 //! switch.)
 //!
 //! Raw tracepoints, not the classic ones: a classic tracepoint program is skipped whenever any
@@ -31,8 +31,9 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use probe_common::{
-    counter, ThreadClock, ThreadTime, MAX_THREADS, TASK_LAYOUT_LAST_ARRIVAL, TASK_LAYOUT_LEN,
-    THREAD_BLOCKED, THREAD_EXITED, THREAD_ON_CPU, THREAD_RUNNABLE,
+    counter, ThreadClock, ThreadTime, MAX_THREADS, TASK_LAYOUT_GROUP_LEADER,
+    TASK_LAYOUT_LAST_ARRIVAL, TASK_LAYOUT_LEN, THREAD_BLOCKED, THREAD_EXITED, THREAD_ON_CPU,
+    THREAD_RUNNABLE,
 };
 
 use crate::{bump, current_tgid_tid, is_target};
@@ -140,9 +141,11 @@ pub fn take_send(t: &mut ThreadTime) -> Option<(u64, ThreadClock)> {
 /// client connections: the id and clock at `ts` of the thread of its process that last woke it,
 /// when that one serves, else of the thread it last woke, when that one serves — the thread whose
 /// work the call carries on (vLLM's event loop wakes one ZMQ I/O thread to send each request; the
-/// other I/O thread receives EngineCore's outputs and wakes the loop for each). `None` otherwise,
-/// or when that thread's entry changed state after `ts` or is stale (its clock then is not
-/// known). That entry is read while its thread runs elsewhere: a torn read can only fail the
+/// other I/O thread receives EngineCore's outputs and wakes the loop for each) — else of its
+/// process's main thread, when the caller is another thread (an engine process whose helper
+/// threads do its socket I/O for a main thread that computes: vLLM's `EngineCore`). `None`
+/// otherwise, or when that thread's entry changed state after `ts` or is stale (its clock then is
+/// not known). That entry is read while its thread runs elsewhere: a torn read can only fail the
 /// agent's check that a split adds up.
 #[inline(always)]
 pub fn waker_clock(t: &ThreadTime, tgid: u32, ts: u64) -> Option<(u32, ThreadClock)> {
@@ -151,19 +154,35 @@ pub fn waker_clock(t: &ThreadTime, tgid: u32, ts: u64) -> Option<(u32, ThreadClo
     }
     // The thread that handed this one work, else the one it hands results to (the thread it
     // last woke: vLLM's output-receiving ZMQ thread is never woken by the loop, it wakes it).
-    serving_clock(t.waker, tgid, ts).or_else(|| serving_clock(t.wakee, tgid, ts))
+    clock_at(t.waker, tgid, ts, true)
+        .or_else(|| clock_at(t.wakee, tgid, ts, true))
+        .or_else(|| clock_at(main_thread()?, tgid, ts, false))
 }
 
-/// The id and clock at `ts` of the thread of task address `task`, when it is a serving thread
-/// of `tgid` whose entry can say (see `waker_clock`).
+/// The task address of the current process's main thread (`task->group_leader`) when the current
+/// thread is another one; `None` for the main thread itself or without the BTF offset.
 #[inline(always)]
-fn serving_clock(task: u64, tgid: u32, ts: u64) -> Option<(u32, ThreadClock)> {
+fn main_thread() -> Option<u64> {
+    let off = *TASK_LAYOUT.get(TASK_LAYOUT_GROUP_LEADER)?;
+    if off == 0 {
+        return None;
+    }
+    let task = current_task();
+    // SAFETY: the helper reads kernel memory and fails cleanly; `task` is the running task.
+    let leader = unsafe { bpf_probe_read_kernel((task + off) as *const u64) }.ok()?;
+    (leader != 0 && leader != task).then_some(leader)
+}
+
+/// The id and clock at `ts` of the thread of task address `task`, when it is a thread of `tgid`
+/// (and serves, if `serving`) whose entry can say (see `waker_clock`).
+#[inline(always)]
+fn clock_at(task: u64, tgid: u32, ts: u64, serving: bool) -> Option<(u32, ThreadClock)> {
     if task == 0 {
         return None;
     }
     // SAFETY: a map value copied out at once.
     let w = unsafe { *THREADS.get_ptr(task)? };
-    if w.tgid != tgid || w.serving == 0 || ts < w.since_ns {
+    if w.tgid != tgid || (serving && w.serving == 0) || ts < w.since_ns {
         return None;
     }
     // Waiting per its entry, yet switched in since: a switch-in no program saw (the entry is

@@ -128,9 +128,13 @@ pub struct EngineSide {
     pub in_engine: u64,
     /// That send → the front's return.
     pub from_engine: u64,
-    /// `in_engine` by the state of the engine thread that made both calls (`None`: two threads,
-    /// as vLLM's `EngineCore`, whose ZMQ I/O threads do its socket I/O, or a clock not known).
+    /// `in_engine` by the state of the engine thread whose clock dated both calls (`None`: two
+    /// threads, or a clock not known). That is the thread that made them, or, for calls of a
+    /// helper thread, the process's main thread (vLLM's `EngineCore`, whose ZMQ I/O threads do
+    /// its socket I/O while its main thread schedules and computes; docs/attribution.md).
     pub threads: Option<StateSplit>,
+    /// The thread of `threads` (0 without a split); the main thread when it equals `pid`.
+    pub tid: u32,
 }
 
 /// A request's TTFT breakdown.
@@ -221,12 +225,14 @@ impl IpcLog {
             .filter(|(_, i, o)| sent <= i.ts_ns && i.ts_ns <= o.ts_ns && o.ts_ns <= back)
             .min_by_key(|(_, i, _)| i.ts_ns)?;
         let in_engine = out.ts_ns - intake.ts_ns;
+        let threads = split(&intake, &out, in_engine);
         Some(EngineSide {
             pid,
             to_engine: intake.ts_ns - sent,
             in_engine,
             from_engine: back - out.ts_ns,
-            threads: split(&intake, &out, in_engine),
+            threads,
+            tid: if threads.is_some() { intake.tid } else { 0 },
         })
     }
 

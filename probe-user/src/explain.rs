@@ -179,14 +179,19 @@ fn detail(r: &Value) -> String {
     if e.is_object() {
         let t = &e["threads"];
         let states = if t.is_object() {
+            let whose = if e["tid"] == e["pid"] {
+                "its main thread".to_owned()
+            } else {
+                format!("its thread {}", e["tid"])
+            };
             format!(
-                "its thread on_cpu {} / runnable {} / blocked {} ms",
+                "{whose} on_cpu {} / runnable {} / blocked {} ms",
                 ms(&t["on_cpu"]),
                 ms(&t["runnable"]),
                 ms(&t["blocked"])
             )
         } else {
-            "its thread states not split (two threads made its I/O)".to_owned()
+            "its thread states not split (no one thread's clock at both ends)".to_owned()
         };
         let _ = writeln!(
             out,
@@ -279,7 +284,8 @@ mod tests {
                 "output": null},
             "engine_ns": {"pid": 42, "to_engine": 500_000u64, "in_engine": 39_000_000u64,
                 "from_engine": 500_000u64,
-                "threads": {"on_cpu": 9_000_000u64, "runnable": 30_000_000u64, "blocked": 0}},
+                "threads": {"on_cpu": 9_000_000u64, "runnable": 30_000_000u64, "blocked": 0},
+                "tid": 43},
             "decode_ns": {"engine": 120_000_000u64, "output": 60_000_000u64, "by_id": 3,
                 "threads": {"on_cpu": 1_000_000u64, "runnable": 0, "blocked": 179_000_000u64, "unknown": 0}}});
         let d = detail(&r);
@@ -294,12 +300,15 @@ mod tests {
         assert!(!d.contains("output  "), "an unsplit stage is left out: {d}");
         assert!(
             d.contains("engine process (pid 42): to it 0.5 ms, in it 39.0 ms, back 0.5 ms")
-                && d.contains("on_cpu 9.0 / runnable 30.0 / blocked 0.0 ms"),
+                && d.contains("its thread 43 on_cpu 9.0 / runnable 30.0 / blocked 0.0 ms"),
             "{d}"
         );
+        let mut main = r.clone();
+        main["engine_ns"]["tid"] = json!(42);
+        assert!(detail(&main).contains("its main thread on_cpu 9.0"), "{d}");
         let mut two = r.clone();
         two["engine_ns"]["threads"] = serde_json::Value::Null;
-        assert!(detail(&two).contains("not split (two threads"), "{d}");
+        assert!(detail(&two).contains("not split (no one thread"), "{d}");
         assert!(
             d.contains("(first token -> last): engine 120.0 ms, output 60.0 ms")
                 && d.contains("own id: 3")

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tests::{
     client::{Req, Sample},
     free_port, http_get, metric_sum,
@@ -18,6 +18,9 @@ use tests::{
     vllm::{self, Options, MODEL},
     wait_for, workspace_root, Probe,
 };
+
+#[path = "vllm/hogs.rs"]
+mod hogs;
 
 const WORDS: &[&str] = &[
     "the", "model", "server", "probe", "latency", "stream", "token", "water", "number", "people",
@@ -142,52 +145,6 @@ fn delta(a: VllmCounters, b: VllmCounters) -> VllmCounters {
     }
 }
 
-/// The engine stage seen from `EngineCore`'s own IPC (`engine_ns`) over the last round's
-/// requests: found for nearly all of them, adding up to `engine`, and holding vLLM's own queue +
-/// prefill time (stamped inside `EngineCore`, between its receive and its first output's send).
-fn engine_side(recs: &[Value], ids: &[String], dv: &VllmCounters, sock_path: bool) {
-    let (mut n, mut sums) = (0usize, [0u64; 3]);
-    for id in ids {
-        let rec = by_id(recs, id);
-        let e = &rec["engine_ns"];
-        if !e.is_object() {
-            continue;
-        }
-        let parts = ["to_engine", "in_engine", "from_engine"].map(|k| e[k].as_u64().expect("ns"));
-        assert_eq!(
-            parts.iter().sum::<u64>(),
-            rec["stages_ns"]["engine"].as_u64().expect("engine"),
-            "the engine process's side adds up to engine: {rec}"
-        );
-        n += 1;
-        for (s, p) in sums.iter_mut().zip(parts) {
-            *s += p;
-        }
-    }
-    let mean = |ns: u64| ns as f64 / n.max(1) as f64 / 1e6;
-    let [own, own_n] = dv.engine_own;
-    let vllm_own = own / own_n.max(1.0) * 1e3;
-    eprintln!(
-        "engine process side: {n} of {} requests; means to {:.2} ms, in {:.2} ms, back {:.2} ms; \
-         vLLM's queue + prefill {vllm_own:.2} ms over {own_n} requests",
-        ids.len(),
-        mean(sums[0]),
-        mean(sums[1]),
-        mean(sums[2]),
-    );
-    if !sock_path {
-        return;
-    }
-    assert!(
-        n * 10 >= ids.len() * 9,
-        "EngineCore's receive and first output are found by the request's id"
-    );
-    assert!(
-        mean(sums[1]) >= vllm_own,
-        "EngineCore's receive → first output holds vLLM's own queue + prefill"
-    );
-}
-
 /// One accuracy round: 32 requests one at a time, then 64 in four waves of 16 at once; chat and
 /// completions, with and without usage, prompts of 1 to ~400 words, 8 to 24 tokens each.
 fn accuracy_round(addr: &str, round: u64) -> Vec<Sample> {
@@ -224,62 +181,6 @@ fn probe_on(port: u16, addr: &str, interval: &str) -> Probe {
         "--sample-interval".into(),
         interval.into(),
     ])
-}
-
-/// `llm_ttft_stage_thread_seconds_total{stage="server"}` by state: `on_cpu`, `runnable`, `blocked`,
-/// `unknown`.
-fn server_states(probe: &Probe) -> [f64; 4] {
-    let m = probe.metrics();
-    ["on_cpu", "runnable", "blocked", "unknown"].map(|state| {
-        metric_sum(
-            &m,
-            "llm_ttft_stage_thread_seconds_total",
-            &[("stage", "server"), ("state", state)],
-        )
-    })
-}
-
-/// Runnable seconds of the serving thread in the `frontend`, `engine` and `output` stages
-/// (`llm_ttft_stage_thread_seconds_total{state="runnable"}`).
-fn stage_runnable(probe: &Probe) -> [f64; 3] {
-    let m = probe.metrics();
-    ["frontend", "engine", "output"].map(|stage| {
-        metric_sum(
-            &m,
-            "llm_ttft_stage_thread_seconds_total",
-            &[("stage", stage), ("state", "runnable")],
-        )
-    })
-}
-
-/// The processes below `pid` (vLLM's engine core and workers), from /proc's parent links.
-fn descendants(pid: u32) -> Vec<u32> {
-    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let p: u32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-            let ppid = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            Some((p, ppid))
-        })
-        .collect();
-    let mut out = Vec::new();
-    let mut queue = vec![pid];
-    while let Some(p) = queue.pop() {
-        for &(child, _) in parents.iter().filter(|&&(_, pp)| pp == p) {
-            out.push(child);
-            queue.push(child);
-        }
-    }
-    out
 }
 
 fn health_status(probe: &Probe) -> String {
@@ -423,7 +324,7 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
         !sock_path || !states_on || staged * 3 >= recs.len() * 2,
         "vLLM's stages are split by the serving thread's states"
     );
-    engine_side(&recs, &last_ids, &dv, sock_path);
+    hogs::engine_side(&recs, &last_ids, &dv, sock_path, states_on);
     let [tbt_engine, tbt_output] = pt.tbt_sums;
     eprintln!(
         "time between tokens: engine {:.1} ms, output {:.1} ms ({:.1} % in the API server after \
@@ -437,74 +338,15 @@ fn vllm_requests_tokens_lifecycle_and_restart() {
         "vLLM's token outputs arrive over IPC"
     );
 
-    // 1b. A CPU hog pinned to the API server's CPU shows up as run-queue delay of its serving
-    //     thread (`runnable` in the server span), against the same requests without the hog.
-    let mut share = |probe: &Probe, id: &str, n: usize| {
-        let before = server_states(probe);
-        let stages_before = stage_runnable(probe);
-        for i in 0..n {
-            let s = run_one(&addr, vreq(&format!("{id}-{i}"), true, true, false, 40, 8));
-            assert!(s.error.is_none(), "{:?}", s.error);
-        }
-        records(probe, total + n);
-        total += n;
-        let after = server_states(probe);
-        let d: Vec<f64> = (0..4).map(|i| after[i] - before[i]).collect();
-        let stages_after = stage_runnable(probe);
-        let by_stage: [f64; 3] = [0, 1, 2].map(|i| stages_after[i] - stages_before[i]);
-        (d[1] / d.iter().sum::<f64>().max(1e-9), d, by_stage)
-    };
-    // The API server alone on CPU 1, its engine processes on CPU 0: a baseline without
-    // contention, then the hog joins the API server.
-    tests::pin(engine.pid(), "1");
-    for child in descendants(engine.pid()) {
-        tests::pin(child, "0");
-    }
-    let (calm, calm_s, calm_stages) = share(&probe, "calm", 8);
-    // The API server's engine processes stay on CPU 0; `pin` moves one process's threads.
-    // At nice -10 (about 9 times the weight): the scheduler lets a woken thread that mostly
-    // sleeps preempt a hog of its own weight almost at once (2.7 % of the span with such a hog
-    // against 8.1 % calm in one run, 18 % against 12.7 % in another); a heavier one makes it wait.
-    let hog = tests::cpu_hog_niced(1, -10);
-    let (hogged, hog_s, hog_stages) = share(&probe, "hogged", 8);
-    drop(hog);
-    for pid in std::iter::once(engine.pid()).chain(descendants(engine.pid())) {
-        tests::pin(pid, "0-1");
-    }
-    eprintln!(
-        "runnable share of the server span: {:.1} % alone on CPU 1, {:.1} % with a hog there \
-         (on_cpu/runnable/blocked/unknown s: {calm_s:.3?} vs {hog_s:.3?})",
-        calm * 100.0,
-        hogged * 100.0
-    );
-    eprintln!(
-        "runnable s by stage (frontend/engine/output): {calm_stages:.3?} alone, {hog_stages:.3?} \
-         with the hog"
-    );
-    // In the right stage: the hog shares the API server's CPU, whose loop works in `frontend`
-    // (templating, tokenizing) and `output`; while EngineCore computes (`engine`, its own CPU)
-    // the loop of these one-at-a-time requests mostly sleeps. Two runs: frontend 0.008 → 0.247
-    // and 0.012 → 0.303 s, engine 0.001 → 0.033 and 0 → 0.039 s, output 0.002 → 0.092 and
-    // 0.001 → 0.116 s.
-    if sock_path && states_on {
-        let [f, e, o] = hog_stages;
-        assert!(
-            f > calm_stages[0] && f + o > e,
-            "the hog's run-queue delay shows in the API server's stages: {calm_stages:?} calm, \
-             {hog_stages:?} hogged"
-        );
-    }
-    // The scheduler lets a thread that mostly sleeps preempt the hog soon after it wakes, so the
-    // wait is a fraction of the thread's run time, not half of CPU 1 (18 % of the span with the
-    // hog against 12.7 % without it in one CI run, where the test once asked for twice the
-    // calm runnable time and failed): more runnable time and share than without it, and at
-    // least 15 % of the span.
-    assert!(
-        hogged >= 0.15 && hogged > calm && hog_s[1] > calm_s[1],
-        "the hog shows as run-queue delay of the API server's thread: share {hogged:.3} vs \
-         {calm:.3} calm, runnable {:.3} vs {:.3} s",
-        hog_s[1],
-        calm_s[1]
+    // 1b. CPU hogs pinned to the API server's CPU, then to EngineCore's: run-queue delay in
+    //     the right stage.
+    hogs::run(
+        &probe,
+        &addr,
+        engine.pid(),
+        &mut total,
+        sock_path,
+        states_on,
     );
 
     // 2. Tokens, usage reported: the probe's counters move exactly as vLLM's.

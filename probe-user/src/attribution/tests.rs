@@ -527,6 +527,7 @@ fn the_engine_processs_own_ipc_splits_the_engine_stage() {
             blocked: 50
         })
     );
+    assert_eq!(e.tid, 9, "the thread whose clock dated both calls");
 
     // Its output sent by another thread (vLLM's ZMQ I/O threads): times, no thread split.
     let mut two = IpcLog::default();
@@ -537,7 +538,7 @@ fn the_engine_processs_own_ipc_splits_the_engine_stage() {
     let e = ttft(&r, &two, &GpuLog::default())
         .and_then(|b| b.engine_side)
         .expect("the engine process's side");
-    assert_eq!((e.in_engine, e.threads), (500, None));
+    assert_eq!((e.in_engine, e.threads, e.tid), (500, None, 0));
 
     // The engine's send after the front's return (a clock disagreement) or no id: none.
     let mut late = IpcLog::default();

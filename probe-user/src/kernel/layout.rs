@@ -4,7 +4,9 @@
 
 use aya::{maps::Array, Ebpf};
 use btf_rs::{Btf, Type};
-use probe_common::{TASK_LAYOUT_LAST_ARRIVAL, TCP_LAYOUT_COPIED_SEQ, TCP_LAYOUT_RCV_NXT};
+use probe_common::{
+    TASK_LAYOUT_GROUP_LEADER, TASK_LAYOUT_LAST_ARRIVAL, TCP_LAYOUT_COPIED_SEQ, TCP_LAYOUT_RCV_NXT,
+};
 
 /// Where the running kernel keeps the BTF that describes its own structs.
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -21,6 +23,20 @@ pub(super) fn set_layouts(ebpf: &mut Ebpf) {
         Ok(off) => set(ebpf, "TASK_LAYOUT", &[(TASK_LAYOUT_LAST_ARRIVAL, off)]),
         Err(why) => log::info!(
             "unseen switch-ins will not be dated ({why}): thread splits across one are left out"
+        ),
+    }
+    // `task_struct.group_leader` (the process's main thread): with it, an IPC call of a helper
+    // thread in a process that serves no client (an engine's I/O thread) is dated on the main
+    // thread's clock, and the engine process's part of a request is split by that thread's
+    // states; without it, such a part stays unsplit.
+    match btf
+        .clone()
+        .and_then(|b| member_of(b, "task_struct", "group_leader"))
+    {
+        Ok((off, _)) => set(ebpf, "TASK_LAYOUT", &[(TASK_LAYOUT_GROUP_LEADER, off)]),
+        Err(why) => log::info!(
+            "an engine's I/O threads will not be dated on its main thread ({why}): its part of \
+             a request is not split by thread state"
         ),
     }
     // `tcp_sock.rcv_nxt` and `copied_seq`: with them, a read whose bytes came in several
@@ -159,6 +175,25 @@ mod tests {
         let task = bpftool_bits(&dump, "task_struct", "sched_info").expect("task_struct");
         let info = bpftool_bits(&dump, "sched_info", "last_arrival").expect("sched_info");
         assert_eq!(off, (task + info) / 8, "bpftool: {task} + {info} bits");
+    }
+
+    /// `task_struct.group_leader` is found, a pointer, where bpftool's dump says (when
+    /// installed).
+    #[test]
+    fn group_leader_is_found_in_the_running_kernel() {
+        let Some((btf, dump)) = running_btf() else {
+            return;
+        };
+        let (off, t) = super::member_of(&btf, "task_struct", "group_leader").expect("group_leader");
+        assert!(matches!(t, btf_rs::Type::Ptr(_)), "a pointer");
+        assert!(off > 0 && off.is_multiple_of(8), "offset {off}");
+        match dump
+            .as_deref()
+            .and_then(|d| bpftool_bits(d, "task_struct", "group_leader"))
+        {
+            Some(bits) => assert_eq!(off, bits / 8),
+            None => eprintln!("no bpftool: group_leader at {off} not cross-checked"),
+        }
     }
 
     /// `tcp_sock.rcv_nxt` and `copied_seq` are found, where bpftool's dump says (when installed).
