@@ -183,6 +183,98 @@ fn capture_iov_tail(base: *mut u8, p: &PendingIo, ret: u64) -> usize {
     }
 }
 
+/// Payload room of a record reserved in place in the ring (`emit_small`): an SSE event of a chat
+/// stream (≈ 190 bytes for OpenAI's shape, ≈ 250 for vLLM's) fits.
+pub const SMALL_CAPTURE: usize = 256;
+
+/// A data record reserved in place: the `DataEvent`, then room for `SMALL_CAPTURE` bytes. The
+/// ring holds the whole size; the agent reads `cap_len` of it.
+#[repr(C, align(8))]
+pub struct SmallRecord {
+    bytes: [u8; HEADER + SMALL_CAPTURE],
+}
+
+/// The data record of a single-buffer call that moved 1..=`SMALL_CAPTURE` bytes, reserved in the
+/// ring and filled there: the bytes are read from the caller straight into the record, with no
+/// copy through the scratch slot and no second copy by `bpf_ringbuf_output` (issue 12's "reserve
+/// the ring record in place"). `ret_again` is the same result as `ret`, read again by the caller
+/// from memory the compiler cannot see into, so that the range test on `ret` cannot let it drop
+/// the mask the verifier needs on the length. False (nothing sent) for any other call, which
+/// `emit_data` then sends.
+#[expect(clippy::too_many_arguments, reason = "one record's fields")]
+#[inline(always)]
+pub fn emit_small(
+    p: &PendingIo,
+    tgid: u32,
+    tid: u32,
+    ts_ns: u64,
+    ret: i64,
+    ret_again: i64,
+    arrival_ns: u64,
+    ssl: u64,
+    kind: u32,
+) -> bool {
+    let plain = matches!(
+        p.syscall,
+        SYSCALL_READ
+            | SYSCALL_WRITE
+            | SYSCALL_RECVFROM
+            | SYSCALL_SENDTO
+            | SYSCALL_SSL_READ
+            | SYSCALL_SSL_WRITE
+    );
+    if !plain || p.buf == 0 || ret <= 0 || ret > SMALL_CAPTURE as i64 {
+        return false;
+    }
+    bump(counter::EVENTS_SEEN);
+    // Asked before the reserve, whose bytes the query would count already.
+    let flags = submit_flags(size_of::<SmallRecord>() as u64);
+    let Some(mut entry) = EVENTS.reserve::<SmallRecord>(0) else {
+        bump(counter::LOST_RINGBUF_FULL);
+        return true;
+    };
+    let base = entry.as_mut_ptr().cast::<u8>();
+    // 1..=SMALL_CAPTURE by the test above; the mask restates it for the verifier.
+    let len = ((ret_again as usize).wrapping_sub(1) & (SMALL_CAPTURE - 1)) + 1;
+    // SAFETY: HEADER + len ≤ size_of::<SmallRecord>() by the mask; the helper checks `p.buf`.
+    let rc = unsafe {
+        bpf_probe_read_user(
+            base.add(HEADER).cast::<c_void>(),
+            len as u32,
+            p.buf as *const c_void,
+        )
+    };
+    let cap = if rc == 0 {
+        len
+    } else {
+        bump(counter::LOST_READ_USER);
+        bump(counter::TRUNCATED);
+        0
+    };
+    let ev = DataEvent {
+        header: EventHeader {
+            kind,
+            tgid,
+            tid,
+            _pad: 0,
+            ts_ns,
+        },
+        fd: p.fd,
+        dir: p.dir,
+        ret,
+        cap_len: cap as u32,
+        syscall: p.syscall as u16,
+        tail_len: 0,
+        arrival_ns,
+        thread: p.thread,
+        ssl,
+    };
+    // SAFETY: the reserved record is 8-aligned and larger than `DataEvent`.
+    unsafe { base.cast::<DataEvent>().write(ev) };
+    entry.submit(flags);
+    true
+}
+
 /// Build and deliver the data record of one read/write: `ret` from the syscall (or socket
 /// call), the payload copied from `p`'s buffer when `p.buf` is set and bytes moved. `kind`: an
 /// `EventKind` carried in a `DataEvent` — `Data` (a server connection), `IpcData` (another socket

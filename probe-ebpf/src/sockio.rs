@@ -43,7 +43,7 @@ use probe_common::{
 use crate::{
     arrival::{emit_arrivals, ARRIVAL, SERVER_SOCKS},
     bump,
-    capture::{emit_data, msghdr_iov},
+    capture::{emit_data, emit_small, msghdr_iov},
     current_tgid_tid, emit_conn, is_target, threads, CONNS,
 };
 
@@ -201,6 +201,21 @@ pub(crate) fn capture_via_slot(
         });
         core::ptr::read_volatile(slot)
     };
+    // SAFETY: the same slot's `ret`, read again (see `emit_small`).
+    let ret_again = unsafe { core::ptr::read_volatile(&raw const (*slot).ret) };
+    if emit_small(
+        &d.io,
+        tgid,
+        tid,
+        d.io.enter_ns,
+        d.ret,
+        ret_again,
+        arrival,
+        ssl,
+        d.kind,
+    ) {
+        return;
+    }
     emit_data(&d.io, tgid, tid, d.io.enter_ns, d.ret, arrival, ssl, d.kind);
 }
 

@@ -321,6 +321,18 @@ mod tests {
         assert!(matches!(decode(&lying), Err(DecodeError::BadLength { .. })));
     }
 
+    /// The kernel reserves a small record in place at a fixed size (`emit_small`: the header and
+    /// 256 bytes of room); the bytes past `cap_len` are slack, never payload.
+    #[test]
+    fn a_record_reserved_in_place_has_slack_after_its_payload() {
+        let mut raw = encode_data(hdr(), 5, true, 6, b"data: ");
+        raw.resize(size_of::<DataEvent>() + 256, 0xAA);
+        let Ok(Event::Data { payload, tail, .. }) = decode(&raw) else {
+            panic!("decode failed");
+        };
+        assert_eq!((payload, tail), (&b"data: "[..], &b""[..]));
+    }
+
     #[test]
     fn short_and_lying_records_are_errors() {
         assert_eq!(decode(&[0; 3]), Err(DecodeError::Short(3)));
