@@ -183,6 +183,45 @@ fn capture_iov_tail(base: *mut u8, p: &PendingIo, ret: u64) -> usize {
     }
 }
 
+/// A data record's fields other than the bytes: whose call, when, what it returned. `kind`: an
+/// `EventKind` carried in a `DataEvent` — `Data` (a server connection), `IpcData` (another socket
+/// of a traced process) or `TlsData` (plaintext of the `SSL *` in `ssl`).
+#[derive(Clone, Copy)]
+pub struct Meta {
+    pub tgid: u32,
+    pub tid: u32,
+    pub ts_ns: u64,
+    pub ret: i64,
+    pub arrival_ns: u64,
+    pub ssl: u64,
+    pub kind: u32,
+}
+
+impl Meta {
+    /// The record's header for the call `p`, `cap` head and `tail` tail bytes captured.
+    #[inline(always)]
+    fn event(&self, p: &PendingIo, cap: usize, tail: usize) -> DataEvent {
+        DataEvent {
+            header: EventHeader {
+                kind: self.kind,
+                tgid: self.tgid,
+                tid: self.tid,
+                _pad: 0,
+                ts_ns: self.ts_ns,
+            },
+            fd: p.fd,
+            dir: p.dir,
+            ret: self.ret,
+            cap_len: cap as u32,
+            syscall: p.syscall as u16,
+            tail_len: tail as u16,
+            arrival_ns: self.arrival_ns,
+            thread: p.thread,
+            ssl: self.ssl,
+        }
+    }
+}
+
 /// Payload room of a record reserved in place in the ring (`emit_small`): an SSE event of a chat
 /// stream (≈ 190 bytes for OpenAI's shape, ≈ 250 for vLLM's) fits.
 pub const SMALL_CAPTURE: usize = 256;
@@ -197,23 +236,12 @@ pub struct SmallRecord {
 /// The data record of a single-buffer call that moved 1..=`SMALL_CAPTURE` bytes, reserved in the
 /// ring and filled there: the bytes are read from the caller straight into the record, with no
 /// copy through the scratch slot and no second copy by `bpf_ringbuf_output` (issue 12's "reserve
-/// the ring record in place"). `ret_again` is the same result as `ret`, read again by the caller
-/// from memory the compiler cannot see into, so that the range test on `ret` cannot let it drop
+/// the ring record in place"). `ret_again` is the same result as `m.ret`, read again by the caller
+/// from memory the compiler cannot see into, so that the range test on `m.ret` cannot let it drop
 /// the mask the verifier needs on the length. False (nothing sent) for any other call, which
 /// `emit_data` then sends.
-#[expect(clippy::too_many_arguments, reason = "one record's fields")]
 #[inline(always)]
-pub fn emit_small(
-    p: &PendingIo,
-    tgid: u32,
-    tid: u32,
-    ts_ns: u64,
-    ret: i64,
-    ret_again: i64,
-    arrival_ns: u64,
-    ssl: u64,
-    kind: u32,
-) -> bool {
+pub fn emit_small(p: &PendingIo, m: &Meta, ret_again: i64) -> bool {
     let plain = matches!(
         p.syscall,
         SYSCALL_READ
@@ -223,7 +251,7 @@ pub fn emit_small(
             | SYSCALL_SSL_READ
             | SYSCALL_SSL_WRITE
     );
-    if !plain || p.buf == 0 || ret <= 0 || ret > SMALL_CAPTURE as i64 {
+    if !plain || p.buf == 0 || m.ret <= 0 || m.ret > SMALL_CAPTURE as i64 {
         return false;
     }
     bump(counter::EVENTS_SEEN);
@@ -251,50 +279,22 @@ pub fn emit_small(
         bump(counter::TRUNCATED);
         0
     };
-    let ev = DataEvent {
-        header: EventHeader {
-            kind,
-            tgid,
-            tid,
-            _pad: 0,
-            ts_ns,
-        },
-        fd: p.fd,
-        dir: p.dir,
-        ret,
-        cap_len: cap as u32,
-        syscall: p.syscall as u16,
-        tail_len: 0,
-        arrival_ns,
-        thread: p.thread,
-        ssl,
-    };
+    let ev = m.event(p, cap, 0);
     // SAFETY: the reserved record is 8-aligned and larger than `DataEvent`.
     unsafe { base.cast::<DataEvent>().write(ev) };
     entry.submit(flags);
     true
 }
 
-/// Build and deliver the data record of one read/write: `ret` from the syscall (or socket
-/// call), the payload copied from `p`'s buffer when `p.buf` is set and bytes moved. `kind`: an
-/// `EventKind` carried in a `DataEvent` — `Data` (a server connection), `IpcData` (another socket
-/// of a traced process) or `TlsData` (plaintext of the `SSL *` in `ssl`).
-#[expect(clippy::too_many_arguments, reason = "one record's fields")]
+/// Build and deliver the data record of one read/write: `m.ret` from the syscall (or socket
+/// call), the payload copied from `p`'s buffer when `p.buf` is set and bytes moved.
 #[inline(always)]
-pub fn emit_data(
-    p: &PendingIo,
-    tgid: u32,
-    tid: u32,
-    ts_ns: u64,
-    ret: i64,
-    arrival_ns: u64,
-    ssl: u64,
-    kind: u32,
-) {
+pub fn emit_data(p: &PendingIo, m: &Meta) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
     let base = scratch.cast::<u8>();
+    let ret = m.ret;
     let (cap, tail) = if ret > 0 && p.buf != 0 {
         capture(base, p, ret as usize)
     } else {
@@ -303,24 +303,7 @@ pub fn emit_data(
     if ret > 0 && ret as usize > cap + tail {
         bump(counter::TRUNCATED);
     }
-    let ev = DataEvent {
-        header: EventHeader {
-            kind,
-            tgid,
-            tid,
-            _pad: 0,
-            ts_ns,
-        },
-        fd: p.fd,
-        dir: p.dir,
-        ret,
-        cap_len: cap as u32,
-        syscall: p.syscall as u16,
-        tail_len: tail as u16,
-        arrival_ns,
-        thread: p.thread,
-        ssl,
-    };
+    let ev = m.event(p, cap, tail);
     // SAFETY: the scratch slot is 8-aligned and larger than `DataEvent`.
     unsafe { base.cast::<DataEvent>().write(ev) };
     // `cap` ≤ MAX_CAPTURE and `tail` ≤ TAIL_CAPTURE (then `cap` = MAX_CAPTURE: the tail follows

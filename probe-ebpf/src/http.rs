@@ -15,7 +15,7 @@ use probe_common::{
 use crate::{
     arrival::{emit_arrivals, ARRIVAL},
     bump,
-    capture::{emit_data, msghdr_iov},
+    capture::{emit_data, msghdr_iov, Meta},
     current_tgid_tid, emit_conn, is_target, threads, CONNS, PENDING,
 };
 
@@ -131,13 +131,15 @@ fn on_exit(ctx: &TracePointContext) {
     };
     emit_data(
         &p,
-        tgid,
-        tid,
-        ts_ns,
-        ret,
-        arrival_ns,
-        0,
-        EventKind::Data as u32,
+        &Meta {
+            tgid,
+            tid,
+            ts_ns,
+            ret,
+            arrival_ns,
+            ssl: 0,
+            kind: EventKind::Data as u32,
+        },
     );
 }
 

@@ -43,7 +43,7 @@ use probe_common::{
 use crate::{
     arrival::{emit_arrivals, ARRIVAL, SERVER_SOCKS},
     bump,
-    capture::{emit_data, emit_small, msghdr_iov},
+    capture::{emit_data, emit_small, msghdr_iov, Meta},
     current_tgid_tid, emit_conn, is_target, threads, CONNS,
 };
 
@@ -201,22 +201,20 @@ pub(crate) fn capture_via_slot(
         });
         core::ptr::read_volatile(slot)
     };
-    // SAFETY: the same slot's `ret`, read again (see `emit_small`).
-    let ret_again = unsafe { core::ptr::read_volatile(&raw const (*slot).ret) };
-    if emit_small(
-        &d.io,
+    let m = Meta {
         tgid,
         tid,
-        d.io.enter_ns,
-        d.ret,
-        ret_again,
-        arrival,
+        ts_ns: d.io.enter_ns,
+        ret: d.ret,
+        arrival_ns: arrival,
         ssl,
-        d.kind,
-    ) {
-        return;
+        kind: d.kind,
+    };
+    // SAFETY: the same slot's `ret`, read again (see `emit_small`).
+    let ret_again = unsafe { core::ptr::read_volatile(&raw const (*slot).ret) };
+    if !emit_small(&d.io, &m, ret_again) {
+        emit_data(&d.io, &m);
     }
-    emit_data(&d.io, tgid, tid, d.io.enter_ns, d.ret, arrival, ssl, d.kind);
 }
 
 /// What a socket call of a traced process is to the capture.

@@ -1,6 +1,6 @@
 //! vLLM's `EngineCore` side of the engine stage, and CPU hogs pinned to the API server's CPU and
 //! then to `EngineCore`'s: run-queue delay shows in the stage whose threads share the hog's CPU.
-//! Part of `vllm.rs` (one test binary).
+//! Part of the `vllm` test (`main.rs`; one test binary).
 
 use serde_json::Value;
 use tests::{

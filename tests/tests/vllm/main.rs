@@ -19,7 +19,6 @@ use tests::{
     wait_for, workspace_root, Probe,
 };
 
-#[path = "vllm/hogs.rs"]
 mod hogs;
 
 const WORDS: &[&str] = &[
