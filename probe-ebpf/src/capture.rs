@@ -68,19 +68,25 @@ fn read_tail_into(base: *mut u8, off: usize, len: usize, src: u64) -> bool {
     rc == 0
 }
 
-/// Capture up to `MAX_CAPTURE` of the `ret` bytes the syscall moved, and for a longer egress
-/// write up to `TAIL_CAPTURE` of its last bytes after them. Returns (head length, tail length).
+/// Whether `syscall` moves one buffer (not an iovec array).
 #[inline(always)]
-fn capture(base: *mut u8, p: &PendingIo, ret: usize) -> (usize, usize) {
-    let plain = matches!(
-        p.syscall,
+fn one_buffer(syscall: u32) -> bool {
+    matches!(
+        syscall,
         SYSCALL_READ
             | SYSCALL_WRITE
             | SYSCALL_RECVFROM
             | SYSCALL_SENDTO
             | SYSCALL_SSL_READ
             | SYSCALL_SSL_WRITE
-    );
+    )
+}
+
+/// Capture up to `MAX_CAPTURE` of the `ret` bytes the syscall moved, and for a longer egress
+/// write up to `TAIL_CAPTURE` of its last bytes after them. Returns (head length, tail length).
+#[inline(always)]
+fn capture(base: *mut u8, p: &PendingIo, ret: usize) -> (usize, usize) {
+    let plain = one_buffer(p.syscall);
     let want_tail = p.dir == DIR_EGRESS && ret > MAX_CAPTURE;
     if plain {
         let n = if ret > MAX_CAPTURE { MAX_CAPTURE } else { ret };
@@ -242,15 +248,7 @@ pub struct SmallRecord {
 /// `emit_data` then sends.
 #[inline(always)]
 pub fn emit_small(p: &PendingIo, m: &Meta, ret_again: i64) -> bool {
-    let plain = matches!(
-        p.syscall,
-        SYSCALL_READ
-            | SYSCALL_WRITE
-            | SYSCALL_RECVFROM
-            | SYSCALL_SENDTO
-            | SYSCALL_SSL_READ
-            | SYSCALL_SSL_WRITE
-    );
+    let plain = one_buffer(p.syscall);
     if !plain || p.buf == 0 || m.ret <= 0 || m.ret > SMALL_CAPTURE as i64 {
         return false;
     }
