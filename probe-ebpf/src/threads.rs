@@ -5,8 +5,8 @@
 //! entry when it exits. `sched_waking` (in the waker's context, unlike `sched_wakeup`, which a
 //! wake-up queued to an idle CPU fires there) notes which thread of the same process woke a
 //! thread: the serving thread whose clock an IPC thread's hand-off is dated with
-//! (`waker_clock`; in a process that serves no client, its main thread's). (`sched_wakeup_new` is not needed: a thread is counted from its first
-//! switch.)
+//! (`waker_clock`; failing one, the process's main thread's). (`sched_wakeup_new` is not
+//! needed: a thread is counted from its first switch.)
 //!
 //! Raw tracepoints, not the classic ones: a classic tracepoint program is skipped whenever any
 //! other kprobe/tracepoint program is running on that CPU (the kernel's global `bpf_prog_active`,
