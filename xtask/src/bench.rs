@@ -278,8 +278,9 @@ pub fn vllm_overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
 }
 
 /// Tokens/s and end-to-end p99 of `llm-load` (4 streams, 32 tokens per request) against the
-/// engine on `port`, alternating rounds without and with the probe (default capture path); the
-/// spread of each side is printed so that a difference can be told from noise.
+/// engine on `port`, each round one window without and one with the probe (default capture
+/// path), in alternating order; the spread of each side is printed so that a difference can be
+/// told from noise, and each round's change is tested overall and by order.
 fn tokens_with_and_without(
     probe: &Path,
     port: u16,
@@ -314,14 +315,27 @@ fn tokens_with_and_without(
     let _ = load(2)?; // warm-up
     step(&format!("engine overhead: {rounds} rounds x ({seconds} s without, {seconds} s with), {engine}, 4 streams"));
     let (mut b_tps, mut w_tps, mut b_p99, mut w_p99) = (vec![], vec![], vec![], vec![]);
+    // The order alternates (even rounds without first, odd rounds with first): an engine whose
+    // throughput drifts within a round (warming, cache state) would otherwise bias every round
+    // the same way and the sign test would count the drift as the probe's cost.
     for r in 0..rounds {
-        let b = load(seconds)?;
-        let (p, _) = start_probe(probe, port)?;
-        let w = load(seconds)?;
-        drop(p);
+        let with_probe = || -> Result<Value> {
+            let (p, _) = start_probe(probe, port)?;
+            let w = load(seconds)?;
+            drop(p);
+            Ok(w)
+        };
+        let (b, w) = if r % 2 == 0 {
+            let b = load(seconds)?;
+            (b, with_probe()?)
+        } else {
+            let w = with_probe()?;
+            (load(seconds)?, w)
+        };
         let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
         println!(
-            "  round {r}: without {:>7.1} tok/s e2e p99 {:>7.2} ms | with {:>7.1} tok/s e2e p99 {:>7.2} ms",
+            "  round {r} ({}): without {:>7.1} tok/s e2e p99 {:>7.2} ms | with {:>7.1} tok/s e2e p99 {:>7.2} ms",
+            if r % 2 == 0 { "without first" } else { "with first" },
             f(&b, "tokens_per_s"), f(&b, "p99_ms"), f(&w, "tokens_per_s"), f(&w, "p99_ms")
         );
         b_tps.push(f(&b, "tokens_per_s"));
@@ -336,7 +350,12 @@ fn tokens_with_and_without(
     };
     let (bs, ws) = (spread(&b_tps), spread(&w_tps));
     let (tp_pair, p99_pair) = (paired(&b_tps, &w_tps), paired(&b_p99, &w_p99));
-    let (bt, wt, bp, wp) = (median(b_tps), median(w_tps), median(b_p99), median(w_p99));
+    let (bt, wt, bp, wp) = (
+        median(b_tps.clone()),
+        median(w_tps.clone()),
+        median(b_p99),
+        median(w_p99),
+    );
     println!(
         "engine overhead ({engine}): median without {bt:.1} tok/s (rounds {bs}) e2e p99 {bp:.2} ms; \
          with {wt:.1} tok/s (rounds {ws}) p99 {wp:.2} ms; throughput {:+.1} %, p99 {:+.1} %",
@@ -344,6 +363,16 @@ fn tokens_with_and_without(
         (wp / bp - 1.0) * 100.0
     );
     println!("engine overhead ({engine}), round by round: throughput {tp_pair}; p99 {p99_pair}");
+    // The same split by order: a change that flips sign with the order is drift, not the probe.
+    let by_order = |first: usize| {
+        let pick = |v: &[f64]| -> Vec<f64> { v.iter().copied().skip(first).step_by(2).collect() };
+        paired(&pick(&b_tps), &pick(&w_tps))
+    };
+    println!(
+        "engine overhead ({engine}), throughput by order: without first {}; with first {}",
+        by_order(0),
+        by_order(1)
+    );
     Ok(())
 }
 
