@@ -88,28 +88,14 @@ pub fn engine_side(
     );
 }
 
-/// `llm_ttft_stage_thread_seconds_total{stage}` by state: `on_cpu`, `runnable`, `blocked`,
-/// `unknown`.
-fn stage_states(probe: &Probe, stage: &str) -> [f64; 4] {
-    let m = probe.metrics();
+/// `llm_ttft_stage_thread_seconds_total{stage}` by state in the metrics page `m`: `on_cpu`,
+/// `runnable`, `blocked`, `unknown`.
+fn stage_states(m: &str, stage: &str) -> [f64; 4] {
     ["on_cpu", "runnable", "blocked", "unknown"].map(|state| {
         metric_sum(
-            &m,
+            m,
             "llm_ttft_stage_thread_seconds_total",
             &[("stage", stage), ("state", state)],
-        )
-    })
-}
-
-/// Runnable seconds of the serving thread in the `frontend`, `engine` and `output` stages
-/// (`llm_ttft_stage_thread_seconds_total{state="runnable"}`).
-fn stage_runnable(probe: &Probe) -> [f64; 3] {
-    let m = probe.metrics();
-    ["frontend", "engine", "output"].map(|stage| {
-        metric_sum(
-            &m,
-            "llm_ttft_stage_thread_seconds_total",
-            &[("stage", stage), ("state", "runnable")],
         )
     })
 }
@@ -156,11 +142,13 @@ struct Phase {
 
 impl Phase {
     fn run(probe: &Probe, addr: &str, total: &mut usize, id: &str, n: usize) -> Self {
+        // The serving thread's span, the runnable time of its three stages, EngineCore's part.
         let read = || {
+            let m = probe.metrics();
             (
-                stage_states(probe, "server"),
-                stage_runnable(probe),
-                stage_states(probe, "engine_process"),
+                stage_states(&m, "server"),
+                ["frontend", "engine", "output"].map(|s| stage_states(&m, s)[1]),
+                stage_states(&m, "engine_process"),
             )
         };
         let before = read();
