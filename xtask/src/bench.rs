@@ -379,7 +379,7 @@ fn tokens_with_and_without(
 /// Each round's with/without change, paired (a round's two halves share the host's state of the
 /// moment, which moves by more than the probe's cost between rounds): their median and range, and
 /// a two-sided sign test of "the probe changes nothing" — resolved when p < 0.05.
-fn paired(without: &[f64], with: &[f64]) -> String {
+pub(crate) fn paired(without: &[f64], with: &[f64]) -> String {
     let mut d: Vec<f64> = without
         .iter()
         .zip(with)

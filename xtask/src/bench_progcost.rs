@@ -15,8 +15,11 @@ use crate::{
     step,
 };
 
-/// (run time ns, run count) per program id → name, of every BPF program loaded now.
-fn programs() -> Result<BTreeMap<u64, (String, u64, u64)>> {
+/// A loaded program's name, run time (ns) and run count.
+pub(crate) type Program = (String, u64, u64);
+
+/// Every BPF program loaded now, by id.
+pub(crate) fn programs() -> Result<BTreeMap<u64, Program>> {
     let out = Command::new("bpftool")
         .args(["prog", "show", "-j"])
         .output()
@@ -43,7 +46,7 @@ fn programs() -> Result<BTreeMap<u64, (String, u64, u64)>> {
         .collect())
 }
 
-fn set_stats(on: bool) -> Result<()> {
+pub(crate) fn set_stats(on: bool) -> Result<()> {
     std::fs::write(
         "/proc/sys/kernel/bpf_stats_enabled",
         if on { "1" } else { "0" },
