@@ -23,18 +23,25 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
     EbpfContext,
 };
 use probe_common::{
     counter, ConnEvent, ConnKey, EventHeader, EventKind, PendingIo, MAX_CAPTURE, MAX_CONNS,
-    MAX_PENDING, MAX_TARGETS, RING_BYTES, WAKEUP_BYTES,
+    MAX_PENDING, MAX_TARGETS, RING_BYTES, TARGET_SLOTS, WAKEUP_BYTES,
 };
 
 /// Processes being traced (tgid → 1). Seeded by the agent, extended by `sched.rs` on fork.
 #[map]
 static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
+
+/// A filter in front of `TARGETS`, slot `probe_common::target_slot(tgid)`: 1 when a traced
+/// process may map to it. Set before a `TARGETS` insert (by the agent, and by `sched.rs` on
+/// fork), cleared only by the agent, for slots no traced process maps to any more. Every program
+/// runs for the whole machine; this makes an untraced process's early exit an array read.
+#[map]
+static TGID_SLOTS: Array<u32> = Array::with_max_entries(TARGET_SLOTS, 0);
 
 /// Server-side sockets of traced processes: accepted ones (added in the kernel) and the ones that
 /// were open before attach (added by the agent from /proc). Values: `probe_common::CONN_*` (the
@@ -78,8 +85,26 @@ fn current_tgid_tid() -> (u32, u32) {
 /// True when `tgid` is traced. Called first thing in every program.
 #[inline(always)]
 fn is_target(tgid: u32) -> bool {
-    // SAFETY: the value is only tested for presence, never read.
-    unsafe { TARGETS.get(tgid).is_some() }
+    maybe_target(tgid)
+        // SAFETY: the value is only tested for presence, never read.
+        && unsafe { TARGETS.get(tgid).is_some() }
+}
+
+/// False when `tgid` is certainly not traced (its `TGID_SLOTS` slot is clear).
+#[inline(always)]
+fn maybe_target(tgid: u32) -> bool {
+    TGID_SLOTS
+        .get(probe_common::target_slot(tgid))
+        .is_some_and(|v| *v != 0)
+}
+
+/// Mark `tgid`'s slot before it enters `TARGETS` (a plain store of 1: no race to lose).
+#[inline(always)]
+fn mark_target_slot(tgid: u32) {
+    if let Some(v) = TGID_SLOTS.get_ptr_mut(probe_common::target_slot(tgid)) {
+        // SAFETY: an array slot; every writer stores 1 here, only the agent stores 0.
+        unsafe { *v = 1 };
+    }
 }
 
 #[inline(always)]

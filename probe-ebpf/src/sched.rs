@@ -6,8 +6,8 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use probe_common::{counter, tracepoint as tp, EventKind, ProcEvent};
 
 use crate::{
-    bump, cuda::CUDA_PENDING, current_tgid_tid, emit, field, header_now, is_target, threads,
-    TARGETS,
+    bump, cuda::CUDA_PENDING, current_tgid_tid, emit, field, header_now, is_target,
+    mark_target_slot, threads, TARGETS,
 };
 
 /// include/uapi/linux/sched.h
@@ -34,6 +34,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     }
     let child: i32 = field(&ctx, tp::NEWTASK_PID.offset);
     let child = child as u32;
+    mark_target_slot(child);
     if TARGETS.insert(child, 1, 0).is_err() {
         bump(counter::EVENTS_SEEN);
         bump(counter::LOST_MAP_FULL);

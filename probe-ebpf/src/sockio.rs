@@ -44,7 +44,7 @@ use crate::{
     arrival::{emit_arrivals, ARRIVAL, SERVER_SOCKS},
     bump,
     capture::{emit_data, emit_small, msghdr_iov, Meta},
-    current_tgid_tid, emit_conn, is_target, threads, CONNS,
+    current_tgid_tid, emit_conn, is_target, maybe_target, threads, CONNS,
 };
 
 const EAGAIN: i32 = 11;
@@ -350,9 +350,10 @@ fn on_behalf(
 #[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
 pub fn tcp_send_start(_ctx: RawTracePointContext) -> u32 {
     let (tgid, tid) = current_tgid_tid();
-    // In the thread's own THREADS entry when it has one (no map update, no TARGETS lookup: only
-    // traced threads have one); else, for a traced process, in SEND_START.
-    if threads::stamp_send(tgid, tid) || !is_target(tgid) {
+    // An untraced process leaves at its slot; a traced thread stamps its own THREADS entry when
+    // it has one (no map update, no TARGETS lookup: only traced threads have one); else, for a
+    // traced process, SEND_START holds the stamp.
+    if !maybe_target(tgid) || threads::stamp_send(tgid, tid) || !is_target(tgid) {
         return 0;
     }
     // SAFETY: plain helper call.
@@ -371,6 +372,9 @@ pub fn tcp_send_start(_ctx: RawTracePointContext) -> u32 {
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
     let (tgid, tid) = current_tgid_tid();
+    if !maybe_target(tgid) {
+        return 0;
+    }
     // A stamp in the thread's THREADS entry marks a traced thread; without one, test the process.
     let mut own = threads::own_entry(tgid, tid);
     let start = match own.as_deref_mut().and_then(threads::take_send) {

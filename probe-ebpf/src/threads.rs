@@ -296,10 +296,13 @@ fn calibrate(task: u64, since_ns: u64) {
 /// unsigned int prev_state)` (Linux 5.18+; older kernels refuse the attach: no thread states).
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
     let (tgid, tid) = current_tgid_tid();
+    // Read once a thread of the switch is known to be traced (both ends share it): the clock
+    // is not free in a VM, and most switches on a node are of untraced tasks.
+    let mut now = 0;
     if is_target(tgid) && tid != 0 {
+        // SAFETY: plain helper call.
+        now = unsafe { bpf_ktime_get_ns() };
         let preempt: u64 = ctx.arg(0);
         let prev: u64 = ctx.arg(1);
         let prev_state: u64 = ctx.arg(3);
@@ -343,6 +346,10 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
     }
     let next_task: u64 = ctx.arg(2);
     if let Some(t) = THREADS.get_ptr_mut(next_task) {
+        if now == 0 {
+            // SAFETY: plain helper call.
+            now = unsafe { bpf_ktime_get_ns() };
+        }
         // SAFETY: as above.
         let t = unsafe { &mut *t };
         if t.state == THREAD_ON_CPU {

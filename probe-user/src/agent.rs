@@ -461,6 +461,7 @@ impl Agent {
             }
         }
         if let (Ok(mut k), Ok(mut c)) = (self.kernel.lock(), self.cuda.lock()) {
+            k.sync_targets();
             self.threads.tick(&mut k, &self.targets.alive(), now);
             self.cuda_housekeeping
                 .tick(&mut k, &mut c, &mut self.targets, now);

@@ -7,6 +7,7 @@ pub mod cuda;
 mod layout;
 mod misses;
 pub mod ssl;
+mod targets;
 mod threads;
 
 use aya::{
@@ -212,7 +213,7 @@ pub struct Attached {
 pub struct Kernel {
     /// Owns the programs and their links (the CUDA uprobes are attached later, per library).
     ebpf: Ebpf,
-    targets: HashMap<MapData, u32, u32>,
+    targets: targets::TargetMaps,
     conns: HashMap<MapData, ConnKey, u64>,
     listen_ports: HashMap<MapData, u16, u32>,
     counters: PerCpuArray<MapData, u64>,
@@ -324,7 +325,8 @@ impl Kernel {
             return Err(LoadError::NothingAttached(missing));
         }
         let ring = take::<Ring>(&mut ebpf, "EVENTS")?;
-        let targets = take(&mut ebpf, "TARGETS")?;
+        let targets =
+            targets::TargetMaps::new(take(&mut ebpf, "TARGETS")?, take(&mut ebpf, "TGID_SLOTS")?);
         let conns = take(&mut ebpf, "CONNS")?;
         let listen_ports = take(&mut ebpf, "LISTEN_PORTS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
@@ -357,13 +359,17 @@ impl Kernel {
     }
 
     pub fn add_target(&mut self, tgid: u32) -> Result<(), LoadError> {
-        self.targets
-            .insert(tgid, 1, 0)
-            .map_err(|e| LoadError::Map("TARGETS", e))
+        self.targets.add(tgid)
     }
 
     pub fn remove_target(&mut self, tgid: u32) {
-        let _ = self.targets.remove(&tgid);
+        self.targets.remove(tgid);
+    }
+
+    /// Bring the kernel's process filter up to date with `TARGETS` (forks and exits the kernel
+    /// handled itself); once per housekeeping tick.
+    pub fn sync_targets(&mut self) {
+        self.targets.sync();
     }
 
     pub fn track_conn(&mut self, tgid: u32, fd: u32) -> Result<(), LoadError> {
