@@ -46,7 +46,14 @@ impl TargetMaps {
     /// Make the filter match `TARGETS`: set the slots of processes the kernel added on fork (it
     /// set them too; this records them), clear those no traced process maps to.
     pub(super) fn sync(&mut self) {
-        let tgids: Vec<u32> = self.targets.keys().filter_map(Result::ok).collect();
+        // A key that could not be read would look like a process that left: change nothing.
+        let tgids = match self.targets.keys().collect::<Result<Vec<u32>, _>>() {
+            Ok(t) => t,
+            Err(e) => {
+                log::warn!("reading TARGETS: {e}; the process filter is left as it is");
+                return;
+            }
+        };
         let (set, clear) = plan(&self.set, &tgids);
         for slot in set {
             if let Err(e) = self.mark(slot) {
