@@ -390,13 +390,13 @@ pub const MAX_PENDING: u32 = 16 * 1024;
 pub const MAX_CONNS: u32 = 64 * 1024;
 /// Traced processes (the attach targets and their descendants).
 pub const MAX_TARGETS: u32 = 1024;
-/// Slots of the kernel's `TARGET_SLOTS` filter in front of `TARGETS`: a slot per `tgid` modulo
+/// Slots of the kernel's `TGID_SLOTS` filter in front of `TARGETS`: a slot per `tgid` modulo
 /// this (a power of two). A slot is 1 when a traced process may map to it, so an untraced
 /// process's event leaves at an array read (which the verifier inlines) instead of a hash lookup.
 pub const TARGET_SLOTS: u32 = 1 << 16;
 const _: () = assert!(TARGET_SLOTS.is_power_of_two());
 
-/// The `TARGET_SLOTS` slot of `tgid`.
+/// The `TGID_SLOTS` slot of `tgid`.
 #[inline(always)]
 pub const fn target_slot(tgid: u32) -> u32 {
     tgid & (TARGET_SLOTS - 1)
