@@ -401,8 +401,10 @@ const _: () = assert!(TARGET_SLOTS.is_power_of_two());
 pub const fn target_slot(tgid: u32) -> u32 {
     tgid & (TARGET_SLOTS - 1)
 }
-/// TCP ports the traced servers listen on (for socket-arrival stamping).
-pub const MAX_LISTEN_PORTS: u32 = 64;
+/// TCP ports the traced servers listen on (for socket-arrival stamping and admission). Engines
+/// hold many besides their API port: each vLLM worker listens on about 13 (gloo's), so 64 ran out
+/// at tensor parallelism 5.
+pub const MAX_LISTEN_PORTS: u32 = 1024;
 
 pub mod cuda;
 

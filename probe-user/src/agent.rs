@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use probe_common::clock::monotonic_ns;
+use probe_common::{clock::monotonic_ns, MAX_LISTEN_PORTS};
 use prometheus_client::registry::Registry;
 use tokio::io::{unix::AsyncFd, Interest};
 
@@ -170,14 +170,27 @@ fn add_targets(
             ssl::attach(&mut k, targets, pid);
         }
     }
+    // The named ports first: with the kernel's port map full, a process's other listeners (an
+    // engine worker's collective-communication ports) are the ones left out.
+    for &port in ports {
+        k.add_listen_port(port).map_err(AgentError::Maps)?;
+    }
     for &pid in &all {
         match discover::scan_sockets(pid, ports) {
             Ok(s) => {
                 for &fd in &s.server_conns {
                     k.track_conn(pid, fd).map_err(AgentError::Maps)?;
                 }
-                for &port in s.listen_ports.iter().chain(ports) {
-                    k.add_listen_port(port).map_err(AgentError::Maps)?;
+                let left_out: Vec<u16> = s
+                    .listen_ports
+                    .iter()
+                    .copied()
+                    .filter(|&port| k.add_listen_port(port).is_err())
+                    .collect();
+                if !left_out.is_empty() {
+                    log::warn!(
+                        "pid {pid}: listening ports {left_out:?} not traced (the kernel's port                          map is full at {MAX_LISTEN_PORTS}): connections to them are not read"
+                    );
                 }
                 log::info!(
                     "tracing pid {pid} (found by {}; {}): listening on {:?}, {} open \

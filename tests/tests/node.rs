@@ -319,3 +319,25 @@ fn node_pipelining_keepalive_before_attach_and_bad_input() {
     assert!(probe.proc.alive(), "the probe survived bad input");
     assert_eq!(probe.health().0, 200);
 }
+
+/// A traced server with many listening ports besides its API port, as an engine whose workers
+/// hold collective-communication ports (each vLLM worker about 13 of gloo's; eight workers over
+/// 100). The probe attaches and reads its requests. With the kernel's port map at 64 entries the
+/// agent refused to start ("map full").
+#[test]
+fn a_server_with_many_listening_ports_is_traced() {
+    let Some(served) =
+        tests::node_with_args_under_probe("many_listening_ports", &["--listeners", "100"], &[])
+    else {
+        return;
+    };
+    let s = run_one(
+        &served.addr,
+        chat_req("many-ports", "m", true, 3, &json!({"gap_ms": 5})),
+    );
+    assert!(s.error.is_none(), "{:?}", s.error);
+    let recs = records(&served.probe, 1);
+    let rec = by_id(&recs, "many-ports");
+    assert_eq!(rec["outcome"], "ok", "{rec}");
+    assert_eq!(rec["content_events"], 3, "{rec}");
+}
