@@ -85,9 +85,14 @@ fn current_tgid_tid() -> (u32, u32) {
 /// True when `tgid` is traced. Called first thing in every program.
 #[inline(always)]
 fn is_target(tgid: u32) -> bool {
-    maybe_target(tgid)
-        // SAFETY: the value is only tested for presence, never read.
-        && unsafe { TARGETS.get(tgid).is_some() }
+    maybe_target(tgid) && in_targets(tgid)
+}
+
+/// The `TARGETS` lookup alone, for a caller that passed `maybe_target` already.
+#[inline(always)]
+fn in_targets(tgid: u32) -> bool {
+    // SAFETY: the value is only tested for presence, never read.
+    unsafe { TARGETS.get(tgid).is_some() }
 }
 
 /// False when `tgid` is certainly not traced (its `TGID_SLOTS` slot is clear).

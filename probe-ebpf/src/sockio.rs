@@ -44,7 +44,7 @@ use crate::{
     arrival::{emit_arrivals, ARRIVAL, SERVER_SOCKS},
     bump,
     capture::{emit_data, emit_small, msghdr_iov, Meta},
-    current_tgid_tid, emit_conn, is_target, maybe_target, threads, CONNS,
+    current_tgid_tid, emit_conn, in_targets, is_target, maybe_target, threads, CONNS,
 };
 
 const EAGAIN: i32 = 11;
@@ -353,7 +353,7 @@ pub fn tcp_send_start(_ctx: RawTracePointContext) -> u32 {
     // An untraced process leaves at its slot; a traced thread stamps its own THREADS entry when
     // it has one (no map update, no TARGETS lookup: only traced threads have one); else, for a
     // traced process, SEND_START holds the stamp.
-    if !maybe_target(tgid) || threads::stamp_send(tgid, tid) || !is_target(tgid) {
+    if !maybe_target(tgid) || threads::stamp_send(tgid, tid) || !in_targets(tgid) {
         return 0;
     }
     // SAFETY: plain helper call.
@@ -380,7 +380,7 @@ pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
     let start = match own.as_deref_mut().and_then(threads::take_send) {
         Some((ts_ns, thread)) => Some(SendStart { ts_ns, thread }),
         None => {
-            if !is_target(tgid) {
+            if !in_targets(tgid) {
                 return 0;
             }
             // SAFETY: value copied out before the entry is removed.

@@ -189,7 +189,8 @@ fn add_targets(
                     .collect();
                 if !left_out.is_empty() {
                     log::warn!(
-                        "pid {pid}: listening ports {left_out:?} not traced (the kernel's port                          map is full at {MAX_LISTEN_PORTS}): connections to them are not read"
+                        "pid {pid}: listening ports {left_out:?} not traced (the kernel's port map is full at \
+                         {MAX_LISTEN_PORTS}): connections to them are not read"
                     );
                 }
                 log::info!(

@@ -315,23 +315,18 @@ fn tokens_with_and_without(
     let _ = load(2)?; // warm-up
     step(&format!("engine overhead: {rounds} rounds x ({seconds} s without, {seconds} s with), {engine}, 4 streams"));
     let (mut b_tps, mut w_tps, mut b_p99, mut w_p99) = (vec![], vec![], vec![], vec![]);
-    // The order alternates (even rounds without first, odd rounds with first): an engine whose
-    // throughput drifts within a round (warming, cache state) would otherwise bias every round
-    // the same way and the sign test would count the drift as the probe's cost.
+    // The order alternates (`in_order`): an engine warms and its cache state drifts within a round.
     for r in 0..rounds {
-        let with_probe = || -> Result<Value> {
-            let (p, _) = start_probe(probe, port)?;
-            let w = load(seconds)?;
-            drop(p);
-            Ok(w)
-        };
-        let (b, w) = if r % 2 == 0 {
-            let b = load(seconds)?;
-            (b, with_probe()?)
-        } else {
-            let w = with_probe()?;
-            (load(seconds)?, w)
-        };
+        let (b, w) = in_order(
+            r,
+            || load(seconds),
+            || {
+                let (p, _) = start_probe(probe, port)?;
+                let w = load(seconds);
+                drop(p);
+                w
+            },
+        )?;
         let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
         println!(
             "  round {r} ({}): without {:>7.1} tok/s e2e p99 {:>7.2} ms | with {:>7.1} tok/s e2e p99 {:>7.2} ms",
@@ -374,6 +369,23 @@ fn tokens_with_and_without(
         by_order(1)
     );
     Ok(())
+}
+
+/// Round `r`'s baseline and probed measurement, in the order of the round: even rounds the
+/// baseline first, odd rounds the probe first (a host that drifts within a round would otherwise
+/// bias every round the same way, and the sign test would count the drift as the probe's cost).
+pub(crate) fn in_order<T>(
+    r: usize,
+    mut baseline: impl FnMut() -> Result<T>,
+    mut probed: impl FnMut() -> Result<T>,
+) -> Result<(T, T)> {
+    if r.is_multiple_of(2) {
+        let b = baseline()?;
+        Ok((b, probed()?))
+    } else {
+        let w = probed()?;
+        Ok((baseline()?, w))
+    }
 }
 
 /// Each round's with/without change, paired (a round's two halves share the host's state of the

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
-    bench::{bench_server, paired, start_probe_with, CAPTURE_PATHS},
+    bench::{bench_server, in_order, paired, start_probe_with, CAPTURE_PATHS},
     bench_progcost::{programs, set_stats, Program},
     step,
 };
@@ -133,22 +133,14 @@ pub fn bystander(probe: &Path, rounds: usize) -> Result<()> {
     for r in 0..rounds {
         let mut line = format!("  round {r} (getppid, write, ping-pong, pipe ns; without → with):");
         for (i, path) in CAPTURE_PATHS.iter().enumerate() {
-            let attached = || -> Result<[f64; 4]> {
+            let (b, w) = in_order(r, measure, || {
                 let (p, _) = start_probe_with(probe, port, path)?;
                 // Past the agent's start (its first housekeeping, the backlog of the ring).
                 std::thread::sleep(Duration::from_secs(2));
-                let w = measure()?;
+                let w = measure();
                 drop(p);
-                Ok(w)
-            };
-            // Even rounds measure the baseline first, odd rounds the probe first.
-            let (b, w) = if r % 2 == 0 {
-                let b = measure()?;
-                (b, attached()?)
-            } else {
-                let w = attached()?;
-                (measure()?, w)
-            };
+                w
+            })?;
             let _ = write!(line, " | {path}: {} → {}", show(&b), show(&w));
             without[i].push(b);
             with[i].push(w);
