@@ -23,9 +23,7 @@
 //! time it leaves a CPU; until then its time is not counted.
 
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
-    },
+    helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray},
     programs::RawTracePointContext,
@@ -312,13 +310,18 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
             THREAD_BLOCKED
         };
         match THREADS.get_ptr_mut(prev) {
+            // The thread's last switch-out, after `sched_process_exit` closed its entry: the
+            // entry stays closed for the agent's last read. (Replacing it, as a new thread's,
+            // left a dead thread runnable, then on a CPU once another task took its address:
+            // its time grew for good.)
             // SAFETY: a map value; concurrent updates of one thread's entry are benign races
             // on plain counters.
             Some(t)
                 if unsafe {
-                    (*t).tgid == tgid && (*t).tid == tid && (*t).state != THREAD_EXITED
-                } =>
-            {
+                    (*t).tgid == tgid && (*t).tid == tid && (*t).state == THREAD_EXITED
+                } => {}
+            // SAFETY: as above.
+            Some(t) if unsafe { (*t).tgid == tgid && (*t).tid == tid } => {
                 // SAFETY: as above.
                 let t = unsafe { &mut *t };
                 if t.state == THREAD_ON_CPU {
@@ -356,6 +359,7 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
             // Already on a CPU: its last switch-out was not seen.
             repaired(t);
         }
+        // An exited thread's entry stays as it is (`enter`): another task took its address.
         enter(t, THREAD_ON_CPU, now);
     }
     0
@@ -375,9 +379,8 @@ pub fn sched_waking(ctx: RawTracePointContext) -> u32 {
         return 0;
     };
     let waker = current_task();
-    // SAFETY: plain helper call; the map value as above.
-    let tgid = unsafe { (bpf_get_current_pid_tgid() >> 32) as u32 };
-    // SAFETY: as above.
+    let (tgid, _) = current_tgid_tid();
+    // SAFETY: the map value as above.
     if unsafe { (*t).tgid } != tgid || waker == task {
         return 0;
     }

@@ -1,7 +1,8 @@
 //! Thread states against the kernel's own accounting: a traced Python process runs a `burner`
 //! thread pinned to CPU 0 (a CPU hog in another, untraced process competes for that CPU for 3 s)
 //! and a `sleeper` thread; `llm_thread_seconds_total{role, state}` must match each thread's
-//! `/proc/PID/task/TID/schedstat` (time on the CPU, time waiting on a run queue). Needs root.
+//! `/proc/PID/task/TID/schedstat` (time on the CPU, time waiting on a run queue). A thread that
+//! exited keeps the time it had and gains none, whatever task takes its address. Needs root.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -117,6 +118,66 @@ fn thread_states_match_the_kernels_schedstat() {
     assert!(
         sleeper_blocked > 3.0,
         "sleeper blocked {sleeper_blocked:.3} s of ~6 s"
+    );
+    let _ = writeln!(stdin, "quit");
+}
+
+/// A thread's last switch-out comes after its exit: its entry must stay closed. It did not: the
+/// switch-out opened a new entry, runnable, so the dead thread's runnable time grew each second,
+/// and once another task took its address (task structs are reused at once) that task's CPU time
+/// went to it too.
+#[test]
+fn an_exited_thread_gains_no_time() {
+    if !require_root("an_exited_thread_gains_no_time") {
+        return;
+    }
+    let script = workspace_root().join("tests/fixtures/threads/standin.py");
+    let mut standin = Kill(
+        Command::new("python3")
+            .arg(&script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3"),
+    );
+    let pid = standin.0.id();
+    let mut stdin = standin.0.stdin.take().expect("stdin");
+    let mut stdout = BufReader::new(standin.0.stdout.take().expect("stdout"));
+    let probe = Probe::start(&["--pid".into(), pid.to_string()]);
+    let mut line = String::new();
+    writeln!(stdin, "short").expect("short");
+    stdout.read_line(&mut line).expect("short's tid");
+    let total = |text: &str| {
+        ["on_cpu", "runnable", "blocked"]
+            .iter()
+            .map(|s| {
+                metric_sum(
+                    text,
+                    "llm_thread_seconds_total",
+                    &[("role", "short"), ("state", s)],
+                )
+            })
+            .sum::<f64>()
+    };
+    // Two housekeeping ticks: the agent has read the exited entry.
+    std::thread::sleep(Duration::from_millis(2200));
+    let before = total(&probe.metrics());
+    // New tasks, some of which take the dead thread's address, and run.
+    let churn = Command::new("sh")
+        .args(["-c", "for i in $(seq 400); do /bin/true; done"])
+        .status()
+        .expect("sh");
+    assert!(churn.success());
+    std::thread::sleep(Duration::from_millis(2200));
+    let after = total(&probe.metrics());
+    eprintln!("short (exited): {before:.3} s, then {after:.3} s");
+    // It spun 300 ms and slept 1.5 s: all of its life, and no more.
+    assert!(before >= 0.25, "short's life: {before:.3} s");
+    assert!(before <= 2.5, "short lived ~1.8 s, counted {before:.3} s");
+    assert!(
+        after - before <= 0.02,
+        "an exited thread gained {:.3} s",
+        after - before
     );
     let _ = writeln!(stdin, "quit");
 }
