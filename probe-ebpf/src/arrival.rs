@@ -14,7 +14,8 @@
 //!   read in flight so that `http.rs` can consume the stamp at syscall exit.
 //!
 //! The first two run in softirq context, often in the *sender's* task, so unlike every other
-//! program they cannot filter by tgid: they filter by port / known socket first instead.
+//! program they cannot filter by tgid: they filter by port / known socket first instead, the
+//! socket through the `SOCK_SLOTS` array in front of the `SERVER_SOCKS` hash.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -45,9 +46,74 @@ const IPPROTO_TCP: u16 = 6;
 #[map]
 static LISTEN_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_LISTEN_PORTS, 0);
 
-/// Server-side sockets (`struct sock *` → 1) of the ports above.
+/// Server-side sockets (`struct sock *` → 1) of the ports above. Entries come and go only
+/// through `add_server_sock` and `remove_server_sock`, which keep `SOCK_SLOTS` in step.
 #[map]
-pub static SERVER_SOCKS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+static SERVER_SOCKS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+
+/// Slots of the `SOCK_SLOTS` filter (a power of two).
+const SOCK_SLOT_COUNT: u32 = 1 << 16;
+
+/// A filter in front of `SERVER_SOCKS`, slot `sock_slot(sk)`: how many of its entries were
+/// added under that slot and not removed since (0: no server socket maps to it). `sk_data_ready`
+/// runs for every socket on the machine with data, the load generator's and every other
+/// process's, and leaves at this array read (which the verifier inlines) instead of a hash miss.
+/// Only the kernel writes it, with atomic adds: +1 after an insert that added its key, −1 after
+/// a delete that removed one, so a slot's count is never below its keys' (an entry the LRU
+/// evicts leaves its +1: a slot that stays open, never one that hides a socket). One window is
+/// left: the −1 of a key removed on one CPU landing before the +1 of its insert on another, for
+/// the nanoseconds between an insert and its count, when a socket's close races its own
+/// ESTABLISHED.
+#[map]
+static SOCK_SLOTS: Array<u64> = Array::with_max_entries(SOCK_SLOT_COUNT, 0);
+
+/// The `SOCK_SLOTS` slot of socket `sk`: the address's high bits mixed by a multiplicative hash
+/// (sockets come from one slab: their low bits repeat).
+#[inline(always)]
+fn sock_slot(sk: u64) -> u32 {
+    ((sk >> 6).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as u32 & (SOCK_SLOT_COUNT - 1)
+}
+
+#[inline(always)]
+fn slot_add(sk: u64, delta: u64) {
+    if let Some(p) = SOCK_SLOTS.get_ptr_mut(sock_slot(sk)) {
+        // SAFETY: an array value, 8-aligned, updated by every CPU only through atomic adds (the
+        // BPF target has no `AtomicU64::fetch_add`; the intrinsic is the instruction it lowers
+        // to; the host build, an empty program, takes the method).
+        #[cfg(target_arch = "bpf")]
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                p, delta,
+            )
+        };
+        #[cfg(not(target_arch = "bpf"))]
+        unsafe { core::sync::atomic::AtomicU64::from_ptr(p) }
+            .fetch_add(delta, core::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Admit `sk` as a server-side socket (nothing changes when it is one already).
+#[inline(always)]
+pub fn add_server_sock(sk: u64) {
+    if SERVER_SOCKS.insert(sk, 1, u64::from(BPF_NOEXIST)).is_ok() {
+        slot_add(sk, 1);
+    }
+}
+
+#[inline(always)]
+fn remove_server_sock(sk: u64) {
+    if SERVER_SOCKS.remove(sk).is_ok() {
+        slot_add(sk, u64::MAX);
+    }
+}
+
+/// Whether `sk` is a server-side socket: the filter, then the map.
+#[inline(always)]
+pub fn is_server_sock(sk: u64) -> bool {
+    // SAFETY: presence test only.
+    SOCK_SLOTS.get(sock_slot(sk)).is_some_and(|n| *n != 0)
+        && unsafe { SERVER_SOCKS.get(sk) }.is_some()
+}
 
 /// When a socket's unread data reached it, by part (`probe_common::ArrivalEvent`): the first
 /// `n` arrivals since its last read, each with `tcp_sock.rcv_nxt` then (the sequence number its
@@ -133,12 +199,10 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     }
     let sk: u64 = field(&ctx, tp::SET_STATE_SKADDR.offset);
     match newstate {
-        TCP_ESTABLISHED => {
-            let _ = SERVER_SOCKS.insert(sk, 1, 0);
-        }
+        TCP_ESTABLISHED => add_server_sock(sk),
         TCP_FIN_WAIT1 | TCP_LAST_ACK => server_closed(sk),
         TCP_CLOSE => {
-            let _ = SERVER_SOCKS.remove(sk);
+            remove_server_sock(sk);
             let _ = ARRIVAL.remove(sk);
             let _ = SOCK_CONN.remove(sk);
         }
@@ -172,8 +236,7 @@ fn server_closed(sk: u64) {
 #[raw_tracepoint(tracepoint = "sk_data_ready")]
 pub fn sk_data_ready(ctx: RawTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
-    // SAFETY: presence test only.
-    if unsafe { SERVER_SOCKS.get(sk) }.is_none() {
+    if !is_server_sock(sk) {
         return 0;
     }
     // SAFETY: plain helper call.
@@ -224,6 +287,6 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
     // SAFETY: this thread's own pending entry, written by its own sys_enter program.
     unsafe { (*p).sk = sk };
     // Connections accepted before attach are learned here, on their first read.
-    let _ = SERVER_SOCKS.insert(sk, 1, 0);
+    add_server_sock(sk);
     0
 }

@@ -6,6 +6,9 @@
 //! (CUDA driver/runtime uprobes), `ssl.rs` (OpenSSL plaintext uprobes).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// `atomic_xadd` (arrival.rs): the BPF target lacks atomic read-modify-write methods.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 // On the host (a `cargo build --workspace`) this is an empty program; the real build targets
 // bpfel-unknown-none through probe-user/build.rs.
 #![cfg_attr(not(target_arch = "bpf"), allow(dead_code, unused_imports))]

@@ -41,7 +41,7 @@ use probe_common::{
 };
 
 use crate::{
-    arrival::{emit_arrivals, ARRIVAL, SERVER_SOCKS},
+    arrival::{add_server_sock, emit_arrivals, is_server_sock, ARRIVAL},
     bump,
     capture::{emit_data, emit_small, msghdr_iov, Meta},
     current_tgid_tid, emit_conn, in_targets, is_target, maybe_target, threads, CONNS,
@@ -242,14 +242,12 @@ fn admit(tgid: u32, tid: u32, fd: u32, sk: u64) -> Admit {
             // Open before attach (seeded by the agent from /proc): learn its socket now.
             let _ = CONNS.insert(key, sk, 0);
             let _ = SOCK_CONN.insert(sk, key, 0);
-            let _ = SERVER_SOCKS.insert(sk, 1, 0);
+            add_server_sock(sk);
             return Admit::Capture;
         }
         _ => {}
     }
-    // SAFETY: presence test only.
-    let server = unsafe { SERVER_SOCKS.get(sk) }.is_some();
-    if !server {
+    if !is_server_sock(sk) {
         if known.is_some() {
             // The fd was a connection and is now another kind of socket: that connection ended.
             let _ = CONNS.remove(key);
