@@ -32,6 +32,7 @@ pub use targets::Targets;
 use self::{
     collector::{KernelSource, LaunchCollector, SelfCpuCollector},
     cuda::CudaHousekeeping,
+    ingest::MAX_DRAIN_BATCH,
     samplers::{run_bridge, start_gpu_sampler, GpuSampler},
 };
 use crate::{
@@ -55,9 +56,25 @@ use crate::{
     symbolize::BlazeSymbolizer,
 };
 
-/// How often the ring buffer is drained when no wakeup came (records below the wakeup threshold
-/// wait at most this long; request timestamps come from the kernel, so this adds no error).
+/// How often the ring buffer is drained when no wakeup came, by default (`--drain-interval`):
+/// records below the wakeup threshold wait at most this long while records flow; request
+/// timestamps come from the kernel, so this adds no error.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+/// The longest wait between drains of a quiet ring: each drain that finds nothing doubles the
+/// next wait up to this (or `--drain-interval`, when longer), and one that finds records goes back
+/// to `--drain-interval`. An agent on an idle node then wakes ≈ 12 times a second instead of
+/// 100 (docs/BENCHMARKS.md, *The agent's wake-ups*); the first record after a quiet spell waits
+/// this long at most.
+pub const QUIET_DRAIN_INTERVAL: Duration = Duration::from_millis(80);
+
+/// The wait before the next timed drain, after one that handled `handled` records.
+fn next_drain(previous: Duration, handled: u64, base: Duration) -> Duration {
+    if handled > 0 {
+        base
+    } else {
+        (previous * 2).min(QUIET_DRAIN_INTERVAL.max(base))
+    }
+}
 /// Target liveness, re-attach, counters and sliding windows.
 pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -137,6 +154,8 @@ pub struct Options {
     pub scope: discover::Scope,
     /// Serve the endpoint over TLS (`--tls-cert`, `--tls-key`).
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// How often the ring buffer is drained when the kernel did not wake the agent.
+    pub drain_interval: Duration,
 }
 
 /// Add `pids` (and their descendants) to the target set and the kernel filter, attach their CUDA
@@ -407,9 +426,11 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let mut ring: AsyncFd<Ring> =
         unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
             .map_err(|e| AgentError::Ring(e.into_parts().1))?;
-    let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
+    let base = agent.opts.drain_interval;
+    let mut wait = base;
+    let drain_tick = tokio::time::sleep(wait);
     let mut house_tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
-    tokio::pin!(shutdown);
+    tokio::pin!(shutdown, drain_tick);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -417,12 +438,14 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 let mut guard = guard.map_err(AgentError::Ring)?;
                 // A full batch may leave records behind: stay ready and come back after the
                 // other branches (housekeeping, SIGTERM) had their turn.
-                if !agent.ingest.drain(guard.get_inner_mut(), &mut agent.targets) {
+                if agent.ingest.drain(guard.get_inner_mut(), &mut agent.targets) < MAX_DRAIN_BATCH {
                     guard.clear_ready();
                 }
             }
-            _ = drain_tick.tick() => {
-                agent.ingest.drain(ring.get_mut(), &mut agent.targets);
+            () = &mut drain_tick => {
+                let handled = agent.ingest.drain(ring.get_mut(), &mut agent.targets);
+                wait = next_drain(wait, handled, base);
+                drain_tick.as_mut().reset(tokio::time::Instant::now() + wait);
             }
             _ = house_tick.tick() => agent.housekeeping(),
         }
@@ -515,5 +538,26 @@ impl Agent {
                 log::warn!("re-attach failed: {e:#}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod drain_tests {
+    use super::*;
+
+    #[test]
+    fn a_quiet_ring_is_drained_less_often_and_a_busy_one_at_the_interval() {
+        let base = Duration::from_millis(10);
+        let mut wait = base;
+        let mut waits = vec![];
+        for _ in 0..5 {
+            wait = next_drain(wait, 0, base);
+            waits.push(wait.as_millis());
+        }
+        assert_eq!(waits, vec![20, 40, 80, 80, 80]);
+        assert_eq!(next_drain(wait, 3, base), base);
+        // An interval longer than the quiet one is kept as it is.
+        let slow = Duration::from_millis(250);
+        assert_eq!(next_drain(slow, 0, slow), slow);
     }
 }

@@ -169,6 +169,11 @@ struct RunArgs {
     /// timestamps, so draining them a little later changes no figure. `normal`: SCHED_OTHER.
     #[arg(long = "agent-sched", value_enum, default_value_t = AgentSched::Batch, value_name = "POLICY")]
     agent_sched: AgentSched,
+    /// How long records may wait in the kernel's ring buffer before the agent reads them, when
+    /// fewer than 64 KiB are waiting (more wake it at once). Each drain wakes the agent; records
+    /// carry kernel timestamps, so a longer interval delays the figures, never changes them.
+    #[arg(long = "drain-interval", default_value_t = human(probe_user::agent::DRAIN_INTERVAL.as_nanos() as u64), value_name = "DURATION")]
+    drain_interval: humantime::Duration,
     /// Config file; its `[health]` table overrides the health thresholds (see docs/health.md).
     #[arg(long, value_name = "FILE")]
     config: Option<std::path::PathBuf>,
@@ -273,6 +278,10 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         },
         _ => None,
     };
+    if args.drain_interval.is_zero() {
+        eprintln!("error: --drain-interval must be longer than 0");
+        std::process::exit(2);
+    }
     if args.agent_sched == AgentSched::Batch {
         sched_batch();
     }
@@ -301,6 +310,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
             netns: args.target_netns,
         },
         tls,
+        drain_interval: args.drain_interval.into(),
     })
 }
 
@@ -389,9 +399,13 @@ fn sched_batch() {
     }
 }
 
+/// The agent on one thread: the ring buffer's readiness and the drain tick wake the thread that
+/// drains. On a multi-threaded runtime a worker took each wake-up and woke the thread blocked in
+/// `block_on` (three context switches per idle drain tick instead of one, and a futex wake per
+/// ring wake-up under load). /metrics and /api render on the same thread between drains; the
+/// ring holds the records meanwhile.
 fn run(opts: agent::Options) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;

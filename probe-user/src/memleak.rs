@@ -101,6 +101,7 @@ fn watch_self(a: &Args) -> anyhow::Result<String> {
         ssl_probes: false,
         scope: probe_user::discover::Scope::default(),
         tls: None,
+        drain_interval: agent::DRAIN_INTERVAL,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -268,9 +268,9 @@ impl Ingest {
         self.tls_exported = now;
     }
 
-    /// What the ring holds now, at most `MAX_DRAIN_BATCH` records. Returns whether the batch was
-    /// full (more may be waiting).
-    pub fn drain(&mut self, ring: &mut Ring, targets: &mut Targets) -> bool {
+    /// What the ring holds now, at most `MAX_DRAIN_BATCH` records. Returns how many it handled
+    /// (`MAX_DRAIN_BATCH`: more may be waiting).
+    pub fn drain(&mut self, ring: &mut Ring, targets: &mut Targets) -> u64 {
         for (pid, root) in targets.take_tree_joins() {
             self.stats.gpu.join(pid, root);
         }
@@ -284,6 +284,6 @@ impl Ingest {
             self.probe.events.inc_by(n);
             self.export_tls();
         }
-        n == MAX_DRAIN_BATCH
+        n
     }
 }
