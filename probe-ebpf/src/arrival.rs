@@ -30,8 +30,8 @@ use probe_common::{
 };
 
 use crate::{
-    current_tgid_tid, emit, emit_conn, field, header_now, is_target, sockio::SOCK_CONN, CONNS,
-    PENDING,
+    current_tgid_tid, emit, emit_conn, field, header_now, is_target, slot_add, slot_open,
+    sockio::SOCK_CONN, ADDR_SLOTS, CONNS, PENDING,
 };
 
 /// include/net/tcp_states.h
@@ -51,59 +51,27 @@ static LISTEN_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_LISTEN_PO
 #[map]
 static SERVER_SOCKS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
-/// Slots of the `SOCK_SLOTS` filter (a power of two).
-const SOCK_SLOT_COUNT: u32 = 1 << 16;
-
-/// A filter in front of `SERVER_SOCKS`, slot `sock_slot(sk)`: how many of its entries were
-/// added under that slot and not removed since (0: no server socket maps to it). `sk_data_ready`
-/// runs for every socket on the machine with data, the load generator's and every other
-/// process's, and leaves at this array read (which the verifier inlines) instead of a hash miss.
-/// Only the kernel writes it, with atomic adds: +1 after an insert that added its key, −1 after
-/// a delete that removed one, so a slot's count is never below its keys' (an entry the LRU
-/// evicts leaves its +1: a slot that stays open, never one that hides a socket). One window is
-/// left: the −1 of a key removed on one CPU landing before the +1 of its insert on another, for
-/// the nanoseconds between an insert and its count, when a socket's close races its own
-/// ESTABLISHED.
+/// The counted filter (`crate::slot_add`) in front of `SERVER_SOCKS`. `sk_data_ready` runs for
+/// every socket on the machine with data, the load generator's and every other process's, and
+/// leaves at this array read instead of a hash miss. An entry the LRU evicts leaves its +1 (a
+/// slot that stays open). One window is left: the −1 of a key removed on one CPU landing before
+/// the +1 of its insert on another, for the nanoseconds between an insert and its count, when a
+/// socket's close races its own ESTABLISHED.
 #[map]
-static SOCK_SLOTS: Array<u64> = Array::with_max_entries(SOCK_SLOT_COUNT, 0);
-
-/// The `SOCK_SLOTS` slot of socket `sk`: the address's high bits mixed by a multiplicative hash
-/// (sockets come from one slab: their low bits repeat).
-#[inline(always)]
-fn sock_slot(sk: u64) -> u32 {
-    ((sk >> 6).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as u32 & (SOCK_SLOT_COUNT - 1)
-}
-
-#[inline(always)]
-fn slot_add(sk: u64, delta: u64) {
-    if let Some(p) = SOCK_SLOTS.get_ptr_mut(sock_slot(sk)) {
-        // SAFETY: an array value, 8-aligned, updated by every CPU only through atomic adds (the
-        // BPF target has no `AtomicU64::fetch_add`; the intrinsic is the instruction it lowers
-        // to; the host build, an empty program, takes the method).
-        #[cfg(target_arch = "bpf")]
-        unsafe {
-            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-                p, delta,
-            )
-        };
-        #[cfg(not(target_arch = "bpf"))]
-        unsafe { core::sync::atomic::AtomicU64::from_ptr(p) }
-            .fetch_add(delta, core::sync::atomic::Ordering::Relaxed);
-    }
-}
+static SOCK_SLOTS: Array<u64> = Array::with_max_entries(ADDR_SLOTS, 0);
 
 /// Admit `sk` as a server-side socket (nothing changes when it is one already).
 #[inline(always)]
 pub fn add_server_sock(sk: u64) {
     if SERVER_SOCKS.insert(sk, 1, u64::from(BPF_NOEXIST)).is_ok() {
-        slot_add(sk, 1);
+        slot_add(&SOCK_SLOTS, sk, 1);
     }
 }
 
 #[inline(always)]
 fn remove_server_sock(sk: u64) {
     if SERVER_SOCKS.remove(sk).is_ok() {
-        slot_add(sk, u64::MAX);
+        slot_add(&SOCK_SLOTS, sk, u64::MAX);
     }
 }
 
@@ -111,8 +79,7 @@ fn remove_server_sock(sk: u64) {
 #[inline(always)]
 pub fn is_server_sock(sk: u64) -> bool {
     // SAFETY: presence test only.
-    SOCK_SLOTS.get(sock_slot(sk)).is_some_and(|n| *n != 0)
-        && unsafe { SERVER_SOCKS.get(sk) }.is_some()
+    slot_open(&SOCK_SLOTS, sk) && unsafe { SERVER_SOCKS.get(sk) }.is_some()
 }
 
 /// When a socket's unread data reached it, by part (`probe_common::ArrivalEvent`): the first

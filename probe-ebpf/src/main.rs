@@ -6,7 +6,7 @@
 //! (CUDA driver/runtime uprobes), `ssl.rs` (OpenSSL plaintext uprobes).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-// `atomic_xadd` (arrival.rs): the BPF target lacks atomic read-modify-write methods.
+// `atomic_xadd` (`slot_add`): the BPF target lacks atomic read-modify-write methods.
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 // On the host (a `cargo build --workspace`) this is an empty program; the real build targets
@@ -113,6 +113,47 @@ fn mark_target_slot(tgid: u32) {
         // SAFETY: an array slot; every writer stores 1 here, only the agent stores 0.
         unsafe { *v = 1 };
     }
+}
+
+/// Slots of a counted address filter (`arrival::SOCK_SLOTS`, `threads::TASK_SLOTS`): an array
+/// of `u64` counters in front of a hash map keyed by a kernel address, slot `addr_slot(addr)`
+/// holding how many of the map's keys were added under it and not removed (0: none). Only the
+/// kernel writes one, with atomic adds: +1 after an insert that added its key, −1 after the key
+/// left, so a slot's count is never below its keys' and a miss in the map becomes an array read
+/// (which the verifier inlines). A count that stays too high (a key that left unseen) only keeps
+/// its slot open.
+const ADDR_SLOTS: u32 = 1 << 16;
+
+/// The counted-filter slot of a kernel address: its high bits mixed by a multiplicative hash
+/// (objects of one slab share their low bits).
+#[inline(always)]
+fn addr_slot(addr: u64) -> u32 {
+    ((addr >> 6).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as u32 & (ADDR_SLOTS - 1)
+}
+
+/// Add `delta` (`u64::MAX`: −1) to `addr`'s slot in `slots`.
+#[inline(always)]
+fn slot_add(slots: &Array<u64>, addr: u64, delta: u64) {
+    if let Some(p) = slots.get_ptr_mut(addr_slot(addr)) {
+        // SAFETY: an array value, 8-aligned, updated by every CPU only through atomic adds (the
+        // BPF target has no `AtomicU64::fetch_add`; the intrinsic is the instruction it lowers
+        // to; the host build, an empty program, takes the method).
+        #[cfg(target_arch = "bpf")]
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                p, delta,
+            )
+        };
+        #[cfg(not(target_arch = "bpf"))]
+        unsafe { core::sync::atomic::AtomicU64::from_ptr(p) }
+            .fetch_add(delta, core::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// False when no key of the map behind `slots` can be `addr`.
+#[inline(always)]
+fn slot_open(slots: &Array<u64>, addr: u64) -> bool {
+    slots.get(addr_slot(addr)).is_some_and(|n| *n != 0)
 }
 
 #[inline(always)]

@@ -55,16 +55,8 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let _ = CUDA_PENDING.remove(u64::from(tid) << 1);
     let _ = CUDA_PENDING.remove((u64::from(tid) << 1) | 1);
     // The thread's scheduler time ends here; the agent reads the entry once more, then drops it.
-    if let Some(t) = threads::THREADS.get_ptr_mut(threads::current_task()) {
-        // SAFETY: plain helper call; a map value (benign races as in threads.rs).
-        unsafe {
-            threads::enter(
-                &mut *t,
-                probe_common::THREAD_EXITED,
-                aya_ebpf::helpers::bpf_ktime_get_ns(),
-            );
-        }
-    }
+    // SAFETY: plain helper call.
+    threads::exited(tid, unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() });
     let group_dead: u8 = field(&ctx, tp::EXIT_GROUP_DEAD.offset);
     if group_dead == 0 {
         return 0;

@@ -34,11 +34,42 @@ use probe_common::{
     THREAD_RUNNABLE,
 };
 
-use crate::{bump, current_tgid_tid, is_target};
+use crate::{bump, current_tgid_tid, is_target, slot_add, slot_open, ADDR_SLOTS};
 
 /// Task address (`struct task_struct *`) → its scheduler time (read and pruned by the agent).
 #[map]
 pub static THREADS: HashMap<u64, ThreadTime> = HashMap::with_max_entries(MAX_THREADS, 0);
+
+/// The counted filter (`crate::slot_add`) in front of `THREADS`: +1 when a live traced thread's
+/// entry is added (its first switch-out), −1 when it exits (`exited`). `sched_switch` (the
+/// incoming task), `sched_waking` and `sched_wakeup` look up tasks of the whole machine there,
+/// and an untraced task leaves at this array read instead of a hash miss. A thread whose exit
+/// was not seen (its process left the target set first) keeps its slot open; the count is never
+/// below the live entries', and neither a switch-in nor a wake-up of a traced thread can come
+/// between its entry and its +1 (both are made in its own switch-out, under the run queue's lock).
+#[map]
+static TASK_SLOTS: Array<u64> = Array::with_max_entries(ADDR_SLOTS, 0);
+
+/// Whether `task` may have a `THREADS` entry.
+#[inline(always)]
+fn maybe_thread(task: u64) -> bool {
+    slot_open(&TASK_SLOTS, task)
+}
+
+/// The current thread (`tid`) exits: its entry, when it has one of its own, is closed for the
+/// agent's last read, and its slot count dropped.
+#[inline(always)]
+pub fn exited(tid: u32, now: u64) {
+    let task = current_task();
+    if let Some(t) = THREADS.get_ptr_mut(task) {
+        // SAFETY: a map value (benign races as above).
+        let t = unsafe { &mut *t };
+        if t.tid == tid && t.state != THREAD_EXITED {
+            enter(t, THREAD_EXITED, now);
+            slot_add(&TASK_SLOTS, task, u64::MAX);
+        }
+    }
+}
 
 /// Byte offsets in this kernel's `struct task_struct`, set by the agent from its BTF
 /// (`probe_common::TASK_LAYOUT_*`; 0: unknown).
@@ -343,11 +374,16 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
                 };
                 // A full map (MAX_THREADS) leaves the thread uncounted; the agent sees the map at
                 // capacity and says so.
-                let _ = THREADS.insert(prev, t, 0);
+                if THREADS.insert(prev, t, 0).is_ok() {
+                    slot_add(&TASK_SLOTS, prev, 1);
+                }
             }
         }
     }
     let next_task: u64 = ctx.arg(2);
+    if !maybe_thread(next_task) {
+        return 0;
+    }
     if let Some(t) = THREADS.get_ptr_mut(next_task) {
         if now == 0 {
             // SAFETY: plain helper call.
@@ -375,6 +411,9 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
 #[raw_tracepoint(tracepoint = "sched_waking")]
 pub fn sched_waking(ctx: RawTracePointContext) -> u32 {
     let task: u64 = ctx.arg(0);
+    if !maybe_thread(task) {
+        return 0;
+    }
     let Some(t) = THREADS.get_ptr_mut(task) else {
         return 0;
     };
@@ -407,6 +446,9 @@ pub fn sched_waking(ctx: RawTracePointContext) -> u32 {
 #[raw_tracepoint(tracepoint = "sched_wakeup")]
 pub fn sched_wakeup(ctx: RawTracePointContext) -> u32 {
     let task: u64 = ctx.arg(0);
+    if !maybe_thread(task) {
+        return 0;
+    }
     if let Some(t) = THREADS.get_ptr_mut(task) {
         // SAFETY: plain helper call; the map value as above.
         unsafe {
