@@ -6,7 +6,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    process::{Command, Stdio},
+    process::{ChildStdin, ChildStdout, Command, Stdio},
     time::Duration,
 };
 
@@ -21,11 +21,9 @@ impl Drop for Kill {
     }
 }
 
-#[test]
-fn thread_states_match_the_kernels_schedstat() {
-    if !require_root("thread_states_match_the_kernels_schedstat") {
-        return;
-    }
+/// The stand-in (tests/fixtures/threads/standin.py) with the probe attached to it: the process
+/// (killed on drop), its pid, its stdin and stdout, the probe.
+fn traced_standin() -> (Kill, u32, ChildStdin, BufReader<ChildStdout>, Probe) {
     let script = workspace_root().join("tests/fixtures/threads/standin.py");
     let mut standin = Kill(
         Command::new("python3")
@@ -36,9 +34,18 @@ fn thread_states_match_the_kernels_schedstat() {
             .expect("python3"),
     );
     let pid = standin.0.id();
-    let mut stdin = standin.0.stdin.take().expect("stdin");
-    let mut stdout = BufReader::new(standin.0.stdout.take().expect("stdout"));
+    let stdin = standin.0.stdin.take().expect("stdin");
+    let stdout = BufReader::new(standin.0.stdout.take().expect("stdout"));
     let probe = Probe::start(&["--pid".into(), pid.to_string()]);
+    (standin, pid, stdin, stdout, probe)
+}
+
+#[test]
+fn thread_states_match_the_kernels_schedstat() {
+    if !require_root("thread_states_match_the_kernels_schedstat") {
+        return;
+    }
+    let (_standin, pid, mut stdin, mut stdout, probe) = traced_standin();
     let mut line = String::new();
     writeln!(stdin, "go").expect("go");
     stdout.read_line(&mut line).expect("tids");
@@ -131,19 +138,7 @@ fn an_exited_thread_gains_no_time() {
     if !require_root("an_exited_thread_gains_no_time") {
         return;
     }
-    let script = workspace_root().join("tests/fixtures/threads/standin.py");
-    let mut standin = Kill(
-        Command::new("python3")
-            .arg(&script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3"),
-    );
-    let pid = standin.0.id();
-    let mut stdin = standin.0.stdin.take().expect("stdin");
-    let mut stdout = BufReader::new(standin.0.stdout.take().expect("stdout"));
-    let probe = Probe::start(&["--pid".into(), pid.to_string()]);
+    let (_standin, _, mut stdin, mut stdout, probe) = traced_standin();
     let mut line = String::new();
     writeln!(stdin, "short").expect("short");
     stdout.read_line(&mut line).expect("short's tid");
