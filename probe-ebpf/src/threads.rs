@@ -56,17 +56,21 @@ fn maybe_thread(task: u64) -> bool {
     slot_open(&TASK_SLOTS, task)
 }
 
-/// The current thread (`tid`) exits: its entry, when it has one of its own, is closed for the
-/// agent's last read, and its slot count dropped.
+/// The current thread (`tid`) exits: the entry at its address is closed for the agent's last
+/// read, and when it is its own, its slot count dropped. (Another thread's entry there is one
+/// whose exit was not seen; it is closed all the same, so that the agent prunes it, and its +1
+/// keeps the slot open.)
 #[inline(always)]
 pub fn exited(tid: u32, now: u64) {
     let task = current_task();
     if let Some(t) = THREADS.get_ptr_mut(task) {
         // SAFETY: a map value (benign races as above).
         let t = unsafe { &mut *t };
-        if t.tid == tid && t.state != THREAD_EXITED {
+        if t.state != THREAD_EXITED {
             enter(t, THREAD_EXITED, now);
-            slot_add(&TASK_SLOTS, task, u64::MAX);
+            if t.tid == tid {
+                slot_add(&TASK_SLOTS, task, u64::MAX);
+            }
         }
     }
 }

@@ -99,11 +99,12 @@ fn sigterm_detaches_cleanly() {
     let Some(mut served) = node_under_probe("sigterm_detaches_cleanly") else {
         return;
     };
-    // Every agent thread runs under SCHED_BATCH (the default `--agent-sched batch`); the traced
-    // server keeps its own policy.
+    // Every agent thread (one, since the agent runs on a current-thread runtime; more while a
+    // sampler runs) is under SCHED_BATCH (the default `--agent-sched batch`); the traced server
+    // keeps its own policy.
     let agent = thread_policies(served.probe.proc.pid());
     assert!(
-        agent.len() >= 3 && agent.iter().all(|&p| p == libc::SCHED_BATCH),
+        !agent.is_empty() && agent.iter().all(|&p| p == libc::SCHED_BATCH),
         "agent thread policies {agent:?}"
     );
     let server = thread_policies(served.node.pid());
