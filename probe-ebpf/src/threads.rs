@@ -345,27 +345,25 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
             THREAD_BLOCKED
         };
         match THREADS.get_ptr_mut(prev) {
-            // The thread's last switch-out, after `sched_process_exit` closed its entry: the
-            // entry stays closed for the agent's last read. (Replacing it, as a new thread's,
-            // left a dead thread runnable, then on a CPU once another task took its address:
-            // its time grew for good.)
             // SAFETY: a map value; concurrent updates of one thread's entry are benign races
             // on plain counters.
-            Some(t)
-                if unsafe {
-                    (*t).tgid == tgid && (*t).tid == tid && (*t).state == THREAD_EXITED
-                } => {}
-            // SAFETY: as above.
             Some(t) if unsafe { (*t).tgid == tgid && (*t).tid == tid } => {
                 // SAFETY: as above.
                 let t = unsafe { &mut *t };
-                if t.state == THREAD_ON_CPU {
-                    calibrate(prev, t.since_ns);
-                } else {
-                    // Leaving a CPU it was not known to be on: its last switch-in was not seen.
-                    repair_switch_in(prev, t, now);
+                // An exited entry is the thread's last switch-out, after `sched_process_exit`
+                // closed it: it stays closed for the agent's last read. (Replacing it, as a new
+                // thread's, left a dead thread runnable, then on a CPU once another task took
+                // its address: its time grew for good.)
+                if t.state != THREAD_EXITED {
+                    if t.state == THREAD_ON_CPU {
+                        calibrate(prev, t.since_ns);
+                    } else {
+                        // Leaving a CPU it was not known to be on: its last switch-in was not
+                        // seen.
+                        repair_switch_in(prev, t, now);
+                    }
+                    enter(t, next, now);
                 }
-                enter(t, next, now);
             }
             // New, or a reused task address whose old entry the agent has not pruned yet.
             _ => {

@@ -95,47 +95,57 @@ pub(crate) const CAPTURE_PATHS: [&str; 3] = ["sock", "sock-nothreads", "syscalls
 /// agent on the default CPU policy (`--agent-sched normal`: what `SCHED_BATCH` buys).
 const OVERHEAD_CONFIGS: [&str; 4] = ["sock", "sock-nothreads", "syscalls", "sock-normal"];
 
-/// `llm-probe run` arguments of a configuration: a [`CAPTURE_PATHS`] entry, `sock-nossl`,
-/// `sock-normal`; `untraced` and `programs` run the defaults (see [`start_probe_with`]).
-fn config_args(config: &str) -> &'static [&'static str] {
-    match config {
-        "sock" => &["--capture", "sock"],
-        "sock-nothreads" => &["--capture", "sock", "--thread-states", "off"],
-        "syscalls" => &["--capture", "syscalls"],
-        "sock-nossl" => &["--capture", "sock", "--ssl-probes", "off"],
-        "sock-normal" => &["--capture", "sock", "--agent-sched", "normal"],
-        "slow-drain" => &["--capture", "auto", "--drain-interval", "100ms"],
-        _ => &["--capture", "auto"],
-    }
-}
-
-/// Every configuration name a benchmark takes (`--configs`), with what it measures.
-pub(crate) const CONFIGS: [(&str, &str); 9] = [
-    ("auto", "the defaults"),
-    ("sock", "the `sock:` capture path"),
+/// Every probe configuration a benchmark takes (`--configs`): its name, its `llm-probe run`
+/// arguments and what it measures. `untraced` and `programs` run the defaults and differ in how
+/// they are started ([`start_probe_with`]).
+pub(crate) const CONFIGS: [(&str, &[&str], &str); 9] = [
+    ("auto", &["--capture", "auto"], "the defaults"),
+    ("sock", &["--capture", "sock"], "the `sock:` capture path"),
     (
         "sock-nothreads",
+        &["--capture", "sock", "--thread-states", "off"],
         "`sock:` without the scheduler programs (--thread-states off)",
     ),
-    ("syscalls", "the syscall-tracepoint fallback"),
-    ("sock-nossl", "`sock:` without the OpenSSL uprobes"),
+    (
+        "syscalls",
+        &["--capture", "syscalls"],
+        "the syscall-tracepoint fallback",
+    ),
+    (
+        "sock-nossl",
+        &["--capture", "sock", "--ssl-probes", "off"],
+        "`sock:` without the OpenSSL uprobes",
+    ),
     (
         "sock-normal",
+        &["--capture", "sock", "--agent-sched", "normal"],
         "`sock:` with the agent on the default CPU policy",
     ),
     (
         "slow-drain",
+        &["--capture", "auto", "--drain-interval", "100ms"],
         "the defaults, the ring drained every 100 ms instead of 10 ms",
     ),
     (
         "untraced",
+        &["--capture", "auto"],
         "the agent tracing a port nobody listens on: what every other process pays",
     ),
     (
         "programs",
+        &["--capture", "auto"],
         "the defaults, the agent stopped once attached: the kernel side alone",
     ),
 ];
+
+/// `llm-probe run` arguments of configuration `config` (the defaults for a name not in
+/// [`CONFIGS`]).
+fn config_args(config: &str) -> &'static [&'static str] {
+    CONFIGS
+        .iter()
+        .find(|(name, _, _)| *name == config)
+        .map_or(&["--capture", "auto"], |(_, args, _)| args)
+}
 
 pub(crate) fn start_probe(probe: &Path, port: u16) -> Result<(Kill, u16)> {
     start_probe_with(probe, port, "auto")

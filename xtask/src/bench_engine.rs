@@ -118,7 +118,10 @@ impl Run<'_> {
              configuration), {engine}, 4 streams"
         ));
         for c in configs {
-            let what = CONFIGS.iter().find(|(n, _)| n == c).map_or("", |(_, w)| w);
+            let what = CONFIGS
+                .iter()
+                .find(|(n, _, _)| n == c)
+                .map_or("", |(_, _, w)| w);
             println!("  {c}: {what}");
         }
         let n = configs.len() + 1;

@@ -118,10 +118,10 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// A `--configs` entry: one of `bench::CONFIGS`.
 fn config_name(s: &str) -> Result<String, String> {
-    if bench::CONFIGS.iter().any(|(n, _)| *n == s) {
+    if bench::CONFIGS.iter().any(|(n, _, _)| *n == s) {
         Ok(s.to_owned())
     } else {
-        let names: Vec<&str> = bench::CONFIGS.iter().map(|(n, _)| *n).collect();
+        let names: Vec<&str> = bench::CONFIGS.iter().map(|(n, _, _)| *n).collect();
         Err(format!(
             "not a probe configuration; one of: {}",
             names.join(", ")
