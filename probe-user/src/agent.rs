@@ -9,6 +9,7 @@
 mod collector;
 mod cuda;
 mod ingest;
+mod maps_watch;
 mod privileges;
 mod samplers;
 mod ssl;
@@ -278,7 +279,9 @@ struct Agent {
     health: SharedHealth,
     cuda: SharedCuda,
     cuda_housekeeping: CudaHousekeeping,
-    ssl_housekeeping: ssl::SslHousekeeping,
+    /// Which targets' maps the CUDA and OpenSSL housekeeping read (every other tick).
+    maps_watch: maps_watch::MapsWatch,
+    housekeeping_ticks: u64,
     threads: threads::ThreadSampler,
 }
 
@@ -418,7 +421,8 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         health,
         cuda,
         cuda_housekeeping: CudaHousekeeping::default(),
-        ssl_housekeeping: ssl::SslHousekeeping::default(),
+        maps_watch: maps_watch::MapsWatch::default(),
+        housekeeping_ticks: 0,
         threads: thread_sampler,
     };
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer, and
@@ -497,12 +501,21 @@ impl Agent {
                 c.forget(pid);
             }
         }
+        self.housekeeping_ticks += 1;
         if let (Ok(mut k), Ok(mut c)) = (self.kernel.lock(), self.cuda.lock()) {
             k.sync_targets();
-            self.threads.tick(&mut k, &self.targets.alive(), now);
+            let alive = self.targets.alive();
+            self.threads.tick(&mut k, &alive, now);
+            let rescan = if (k.cuda_loaded() || k.ssl_loaded())
+                && self.housekeeping_ticks.is_multiple_of(2)
+            {
+                self.maps_watch.due(&alive)
+            } else {
+                Vec::new()
+            };
             self.cuda_housekeeping
-                .tick(&mut k, &mut c, &mut self.targets, now);
-            self.ssl_housekeeping.tick(&mut k, &mut self.targets);
+                .tick(&mut k, &mut c, &mut self.targets, &rescan, now);
+            ssl::tick(&mut k, &mut self.targets, &rescan);
             if let Ok(mut h) = self.health.lock() {
                 let counters = k.counters();
                 h.events_delivered = ingest.probe.events.get();

@@ -259,6 +259,30 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// Largest `/proc/PID/status` read: some sixty short lines.
+const MAX_STATUS_BYTES: u64 = 16 * 1024;
+
+/// The process's executable mapped size in KiB: `VmExe` + `VmLib` of /proc/PID/status (the
+/// kernel's `exec_vm` counter, read without walking the mappings). A library load changes it.
+/// `None` when unreadable, or for a process without memory (a zombie, a kernel thread).
+pub fn exec_mapped_kib(pid: u32) -> Option<u64> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    File::open(format!("/proc/{pid}/status"))
+        .and_then(|f| f.take(MAX_STATUS_BYTES).read_to_string(&mut text))
+        .ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(kib("VmExe:")? + kib("VmLib:")?)
+}
+
 pub fn comm(pid: u32) -> String {
     Process::new(pid as i32)
         .and_then(|p| p.stat())
@@ -425,6 +449,31 @@ mod tests {
         let _ = child.wait();
         assert_eq!(found.unwrap(), vec![child.id()]);
         assert!(!listening_in_own_netns(port));
+    }
+
+    #[test]
+    fn executable_mapped_size_grows_with_a_library() {
+        let me = std::process::id();
+        let before = exec_mapped_kib(me).expect("own status");
+        assert!(before > 0);
+        // A fresh executable mapping, as a library's text is.
+        // SAFETY: an anonymous mapping of our own, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                1 << 20,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let after = exec_mapped_kib(me).unwrap();
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(p, 1 << 20) };
+        assert_eq!(after, before + 1024);
+        assert_eq!(exec_mapped_kib(u32::MAX), None);
     }
 
     #[test]

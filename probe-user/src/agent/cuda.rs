@@ -1,7 +1,8 @@
 //! CUDA housekeeping, once a second: fold launch counts, tick the ledger; attach the CUDA uprobes
 //! for traced processes that have none yet (children forked since) and detach them for the ones
-//! that exited; every other second a look at the targets' maps for CUDA libraries that appeared
-//! without being predicted (a dlopen by absolute path, say), which are resolved and attached then.
+//! that exited; every other second a look at the maps of the targets whose executable mappings
+//! changed (`maps_watch.rs`) for CUDA libraries that appeared without being predicted (a dlopen by
+//! absolute path, say), which are resolved and attached then.
 
 use std::path::PathBuf;
 
@@ -14,20 +15,20 @@ use crate::{cuda::state::CudaState, cudalibs, kernel::Kernel};
 pub(super) struct CudaHousekeeping {
     /// (pid, path) of CUDA libraries already seen in /proc/PID/maps.
     seen_maps: FxHashSet<(u32, PathBuf)>,
-    ticks: u64,
 }
 
 impl CudaHousekeeping {
+    /// `rescan`: the targets whose maps are read this tick.
     pub fn tick(
         &mut self,
         kernel: &mut Kernel,
         cuda: &mut CudaState,
         targets: &mut Targets,
+        rescan: &[u32],
         now_ns: u64,
     ) {
         fold_launches(kernel, cuda);
         cuda.tick(now_ns);
-        self.ticks += 1;
         if !kernel.cuda_loaded() {
             return;
         }
@@ -45,10 +46,8 @@ impl CudaHousekeeping {
         for &pid in &alive {
             cuda.gauge_if_nvml_sees(pid);
         }
-        if self.ticks.is_multiple_of(2) {
-            for &pid in &alive {
-                self.rescan(kernel, pid);
-            }
+        for &pid in rescan {
+            self.rescan(kernel, pid);
         }
         cuda.metrics.libraries.set(kernel.cuda_files() as i64);
     }
