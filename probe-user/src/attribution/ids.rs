@@ -146,28 +146,46 @@ fn id_keys(bytes: &[u8], mut out: impl FnMut(u64)) {
     bare_keys(bytes, IDS_PER_MESSAGE - tokens, &mut out);
 }
 
+const fn is_hex(b: u8) -> bool {
+    matches!(b, b'0'..=b'9' | b'a'..=b'f')
+}
+
 /// A bare id: exactly `BARE_ID` lowercase hex digits with no id character on either side (so
 /// the hex inside `chatcmpl-<hex>-1` is not one). Hands `out` the hash of each of the first
 /// `budget`; returns how many.
+///
+/// Strided: any `BARE_ID` consecutive bytes hold exactly one index ≡ `BARE_ID - 1` (mod
+/// `BARE_ID`), so only the bytes there are tested until one is hex; its hex run is then taken
+/// whole. Most IPC bytes are not hex runs (msgpack, pickles, token ids): a 4 KiB message costs
+/// 128 tests instead of 4,096 (this loop was ≈ 16 % of the agent's CPU under vLLM).
 fn bare_keys(bytes: &[u8], budget: usize, out: &mut impl FnMut(u64)) -> usize {
     let mut n = 0;
-    let mut run = 0;
-    for i in 0..=bytes.len() {
-        let b = bytes.get(i).copied();
-        if b.is_some_and(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            run += 1;
+    let mut probe = BARE_ID - 1;
+    while probe < bytes.len() {
+        if !is_hex(bytes[probe]) {
+            probe += BARE_ID;
             continue;
         }
-        let start = i - run;
+        let mut start = probe;
+        while start > 0 && is_hex(bytes[start - 1]) {
+            start -= 1;
+        }
+        let mut end = probe + 1;
+        while end < bytes.len() && is_hex(bytes[end]) {
+            end += 1;
+        }
         let free_before = start == 0 || !is_id_byte(bytes[start - 1]);
-        if run == BARE_ID && free_before && b.is_none_or(|b| !is_id_byte(b)) {
+        let free_after = end == bytes.len() || !is_id_byte(bytes[end]);
+        if end - start == BARE_ID && free_before && free_after {
             if n == budget {
                 break;
             }
-            out(id_hash(&bytes[start..i]));
+            out(id_hash(&bytes[start..end]));
             n += 1;
         }
-        run = 0;
+        // `bytes[end]` is not hex, so the next run starts past it and covers the first probe
+        // index there.
+        probe = (end + 1) / BARE_ID * BARE_ID + BARE_ID - 1;
     }
     n
 }
@@ -207,7 +225,61 @@ fn cmpl_keys(bytes: &[u8], out: &mut impl FnMut(u64)) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// `bare_keys` as it was written first: every byte in turn.
+    fn bare_keys_bytewise(bytes: &[u8], budget: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut run = 0;
+        for i in 0..=bytes.len() {
+            let b = bytes.get(i).copied();
+            if b.is_some_and(is_hex) {
+                run += 1;
+                continue;
+            }
+            let start = i - run;
+            let free_before = start == 0 || !is_id_byte(bytes[start - 1]);
+            if run == BARE_ID && free_before && b.is_none_or(|b| !is_id_byte(b)) {
+                if out.len() == budget {
+                    break;
+                }
+                out.push(id_hash(&bytes[start..i]));
+            }
+            run = 0;
+        }
+        out
+    }
+
+    proptest! {
+        /// Runs of hex of lengths around `BARE_ID`, id and other bytes between them, at every
+        /// alignment: the strided scan finds what the byte-wise one finds, in the same order.
+        #[test]
+        fn the_strided_scan_finds_what_the_bytewise_one_does(
+            parts in proptest::collection::vec(
+                (0usize..4, 28usize..36, 0usize..3),
+                0..24,
+            ),
+            lead in 0usize..40,
+            budget in 0usize..6,
+        ) {
+            let mut bytes = vec![b'\x93'; lead];
+            for (i, (sep, len, kind)) in parts.iter().enumerate() {
+                bytes.extend(std::iter::repeat_n([b' ', b'-', b'g', b'\xd9'][*sep], 1 + i % 2));
+                let hex = b"0123456789abcdef";
+                match kind {
+                    0 => bytes.extend((0..*len).map(|j| hex[(j * 7 + i) % 16])),
+                    1 => bytes.extend((0..*len).map(|j| b"9fA_"[(j + i) % 4])),
+                    _ => bytes.extend((0..*len).map(|j| (j * 31 + i) as u8)),
+                }
+            }
+            let mut got = Vec::new();
+            let n = bare_keys(&bytes, budget, &mut |k| got.push(k));
+            prop_assert_eq!(n, got.len());
+            prop_assert_eq!(got, bare_keys_bytewise(&bytes, budget));
+        }
+    }
 
     fn at(ts_ns: u64) -> Moment {
         Moment {
