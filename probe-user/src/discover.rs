@@ -131,6 +131,8 @@ impl Scope {
 
 /// Set once `sock_diag` has failed and the /proc tables stood in, so that it is logged once.
 static SOCK_DIAG_FAILED: AtomicBool = AtomicBool::new(false);
+/// Set once another network namespace could not be entered, so that it is logged once.
+static SETNS_REFUSED: AtomicBool = AtomicBool::new(false);
 
 /// `r`'s inodes, or `None` (logged the first time) when `sock_diag` failed.
 fn or_log(r: std::io::Result<HashSet<u64>>) -> Option<HashSet<u64>> {
@@ -155,11 +157,23 @@ fn netns_listeners<'a>(
     by_ns
         .entry(ino)
         .or_insert_with(|| {
-            or_log(if own_ns == Some(ino) {
-                listeners::listening_inodes(port)
-            } else {
-                listeners::listening_inodes_in(&ns, port)
-            })
+            if own_ns == Some(ino) {
+                return or_log(listeners::listening_inodes(port));
+            }
+            match listeners::listening_inodes_in(&ns, port) {
+                // Entering a namespace needs CAP_SYS_ADMIN, which the agent gives up once
+                // attached (agent/privileges.rs): expected, and not a `sock_diag` failure.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    if !SETNS_REFUSED.swap(true, Ordering::Relaxed) {
+                        log::info!(
+                            "listeners in other network namespaces are read from /proc/PID/net/tcp \
+                             from now on: entering a namespace ({e}) needs CAP_SYS_ADMIN"
+                        );
+                    }
+                    None
+                }
+                r => or_log(r),
+            }
         })
         .as_ref()
 }

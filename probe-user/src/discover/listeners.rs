@@ -37,7 +37,8 @@ pub fn listening_inodes(port: u16) -> io::Result<HashSet<u64>> {
 
 /// [`listening_inodes`] in the network namespace `ns` (an open `/proc/PID/ns/net`), entered by a
 /// thread of its own for the query (`setns(2)` moves only the calling thread; that thread then
-/// ends). Needs `CAP_SYS_ADMIN` over the namespace.
+/// ends). Needs `CAP_SYS_ADMIN` over the namespace: `PermissionDenied` without it (the agent
+/// drops it once attached, so later scans read other namespaces from /proc).
 pub fn listening_inodes_in(ns: &File, port: u16) -> io::Result<HashSet<u64>> {
     std::thread::scope(|s| {
         s.spawn(|| {
