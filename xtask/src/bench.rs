@@ -499,7 +499,7 @@ pub fn long_streams(probe: &Path, streams: usize, events: usize, seconds: u64) -
 }
 
 pub fn micro() -> Result<()> {
-    step("ingest and render micro-benchmarks (cargo bench -p probe-user)");
+    step("ingest, render, ledger and listener-check micro-benchmarks (cargo bench -p probe-user)");
     run(Command::new("cargo").current_dir(root()).args([
         "bench",
         "-p",
@@ -510,6 +510,8 @@ pub fn micro() -> Result<()> {
         "render",
         "--bench",
         "ledger",
+        "--bench",
+        "listeners",
     ]))
 }
 
