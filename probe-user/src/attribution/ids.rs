@@ -9,8 +9,9 @@
 //! pass the same `rid` to and from the scheduler. The kernel hands the agent the first bytes of
 //! each IPC call (`EventKind::IpcData`); this module looks in them for tokens that start with
 //! `chatcmpl-` or `cmpl-` and for bare 32-character lowercase hex words, keeps a hash of each such
-//! token (and of each prefix of a `cmpl-` token that ends before a `-`, so that an engine's
-//! suffixed internal id matches the id it streams) with the time of the first send and the first receive that carried it, and of the
+//! token (and of the first three and the two longest prefixes of a `cmpl-` token that end before
+//! a `-`, so that an engine's suffixed internal id matches the id it streams) with the time of the
+//! first send and the first receive that carried it, and of the
 //! latest `RECENT_BACKS` receives (the decode gaps' returns) — and nothing else of the bytes.
 //! Bounded: `IDS_PER_MESSAGE` tokens per message, `KEYS_KEPT` hashes per process (oldest
 //! dropped), `ID_PROCESSES` processes.
@@ -192,7 +193,10 @@ fn bare_keys(bytes: &[u8], budget: usize, out: &mut impl FnMut(u64)) -> usize {
 
 /// The `cmpl-` tokens: from `chatcmpl-` or `cmpl-` over id characters (letters, digits, `-`,
 /// `_`); its hash and those of its prefixes that end before a `-` past the mark are handed to
-/// `out` (at most 4 per token). Returns how many tokens.
+/// `out`: the first three such prefixes and the two longest (vLLM's internal id is the external
+/// one and `-<8 hex>`, or for a completion `-<prompt index>-<8 hex>`, and an external id taken from
+/// an `X-Request-Id` header is often a uuid with four dashes of its own); at most 6 per token.
+/// Returns how many tokens.
 fn cmpl_keys(bytes: &[u8], out: &mut impl FnMut(u64)) -> usize {
     let mut from = 0;
     let mut tokens = 0;
@@ -215,7 +219,16 @@ fn cmpl_keys(bytes: &[u8], out: &mut impl FnMut(u64)) -> usize {
             continue; // nothing after the mark
         }
         tokens += 1;
-        for cut in (body + 1..end).filter(|&j| bytes[j] == b'-').take(3) {
+        // The last two cuts past the first three: (second longest, longest).
+        let mut longest: [Option<usize>; 2] = [None, None];
+        for (n, cut) in (body + 1..end).filter(|&j| bytes[j] == b'-').enumerate() {
+            if n < 3 {
+                out(id_hash(&bytes[start..cut]));
+            } else {
+                longest = [longest[1], Some(cut)];
+            }
+        }
+        for cut in longest.into_iter().flatten() {
             out(id_hash(&bytes[start..cut]));
         }
         out(id_hash(&bytes[start..end]));
@@ -303,6 +316,19 @@ mod tests {
         assert!(k.contains(&id_hash(b"chatcmpl-0a1b2c3d4e5f-9f8e7d6c")));
         assert!(!k.contains(&id_hash(b"chatcmpl")));
         assert_eq!(keys(br#"{"id":"cmpl-7"}"#), vec![id_hash(b"cmpl-7")]);
+        // An id from a uuid `X-Request-Id` header (vLLM streams `chatcmpl-<header>` and suffixes
+        // it inside): the prefix before the last dash, past the first three.
+        let streamed = b"chatcmpl-00000000-0000-4000-8000-000000000001";
+        let msg = [b"\x93\xd9\x3a".as_slice(), streamed, b"-9f8e7d6c\xc0"].concat();
+        let k = keys(&msg);
+        assert!(k.contains(&id_hash(streamed)), "{k:?}");
+        assert_eq!(k.len(), 6, "the first 3 prefixes, the 2 longest, the token");
+        // A completion's: `cmpl-<header>-<prompt index>-<8 hex>`.
+        let streamed = b"cmpl-00000000-0000-4000-8000-000000000001";
+        let msg = [b"\xd9\x3c".as_slice(), streamed, b"-0-9f8e7d6c\xc0"].concat();
+        let k = keys(&msg);
+        assert!(k.contains(&id_hash(streamed)), "{k:?}");
+        assert_eq!(k.len(), 6, "the first 3 prefixes, the 2 longest, the token");
     }
 
     #[test]
@@ -346,13 +372,13 @@ mod tests {
     fn nothing_without_an_id_and_bounded_with_many() {
         assert!(keys(b"no ids here, cmpl- alone, chat").is_empty());
         let many: Vec<u8> = (0..200)
-            .flat_map(|i| format!("chatcmpl-{i}-x-y-z-w ").into_bytes())
+            .flat_map(|i| format!("chatcmpl-{i}-a-b-c-d-e-f ").into_bytes())
             .collect();
         let k = keys(&many);
         assert_eq!(
             k.len(),
-            IDS_PER_MESSAGE * 4,
-            "3 prefixes + the token, 64 tokens"
+            IDS_PER_MESSAGE * 6,
+            "the first 3 prefixes, the 2 longest, the token; 64 tokens"
         );
         // A token cut at MAX_ID bytes still counts.
         let long = [b"chatcmpl-".as_slice(), &[b'a'; 300]].concat();

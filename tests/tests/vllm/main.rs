@@ -149,7 +149,9 @@ fn delta(a: VllmCounters, b: VllmCounters) -> VllmCounters {
 fn accuracy_round(addr: &str, round: u64) -> Vec<Sample> {
     let mk = |i: u64| {
         vreq(
-            &format!("acc-{round}-{i}"),
+            // A uuid, as gateways set `X-Request-Id` (Envoy): vLLM streams `chatcmpl-<uuid>` and
+            // suffixes it inside, four dashes before its own (ids.rs keeps the longest prefix).
+            &format!("{round:08x}-0000-4000-8000-{i:012x}"),
             i.is_multiple_of(2),
             true,
             i.is_multiple_of(3),
