@@ -273,28 +273,12 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-/// Largest `/proc/PID/status` read: some sixty short lines.
-const MAX_STATUS_BYTES: u64 = 16 * 1024;
-
 /// The process's executable mapped size in KiB: `VmExe` + `VmLib` of /proc/PID/status (the
 /// kernel's `exec_vm` counter, read without walking the mappings). A library load changes it.
 /// `None` when unreadable, or for a process without memory (a zombie, a kernel thread).
 pub fn exec_mapped_kib(pid: u32) -> Option<u64> {
-    use std::io::Read as _;
-    let mut text = String::new();
-    File::open(format!("/proc/{pid}/status"))
-        .and_then(|f| f.take(MAX_STATUS_BYTES).read_to_string(&mut text))
-        .ok()?;
-    let kib = |key: &str| -> Option<u64> {
-        let line = text.lines().find(|l| l.starts_with(key))?;
-        line[key.len()..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()
-    };
-    Some(kib("VmExe:")? + kib("VmLib:")?)
+    let status = Process::new(pid as i32).and_then(|p| p.status()).ok()?;
+    Some(status.vmexe? + status.vmlib?)
 }
 
 pub fn comm(pid: u32) -> String {

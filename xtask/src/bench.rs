@@ -192,50 +192,53 @@ pub(crate) fn scrape(port: u16, name: &str) -> f64 {
 
 /// utime + stime of a process, in seconds (/proc/PID/stat fields 14 and 15, in clock ticks).
 pub(crate) fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
-    let f: Vec<f64> = after
+    stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default()).1
+}
+
+/// The parent pid and utime + stime in seconds of a /proc/PID/stat text (`None` and 0 when it is
+/// not one).
+fn stat(text: &str) -> (Option<u32>, f64) {
+    // After the comm field: state(0) ppid(1) … utime(11) stime(12).
+    let f: Vec<&str> = text
+        .rsplit_once(')')
+        .map_or("", |(_, a)| a)
         .split_whitespace()
-        .filter_map(|x| x.parse().ok())
         .collect();
+    let num = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
     // SAFETY: plain getter.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    // After the comm field: state(0) ppid(1) … utime(11) stime(12); `state` is not numeric, so
-    // parsed indexes shift by one.
-    (f.get(10).unwrap_or(&0.0) + f.get(11).unwrap_or(&0.0)) / hz.max(1.0)
+    (
+        f.get(1).and_then(|x| x.parse().ok()),
+        (num(11) + num(12)) / hz.max(1.0),
+    )
 }
 
 /// [`cpu_seconds`] of `root` and of every process descending from it (one pass over /proc): an
 /// engine's CPU, its workers' included.
 pub(crate) fn tree_cpu_seconds(root: u32) -> f64 {
-    let mut parent = std::collections::HashMap::new();
+    let mut procs = std::collections::HashMap::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        // After the comm field: state, then ppid.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, a)| a.split_whitespace().nth(1))
-            .and_then(|x| x.parse::<u32>().ok());
-        if let Some(pp) = ppid {
-            parent.insert(pid, pp);
+        let text = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        if let (Some(ppid), cpu) = stat(&text) {
+            procs.insert(pid, (ppid, cpu));
         }
     }
     let descends = |mut p: u32| loop {
         if p == root {
             return true;
         }
-        match parent.get(&p) {
-            Some(&pp) if pp != 0 && pp != p => p = pp,
+        match procs.get(&p) {
+            Some(&(pp, _)) if pp != 0 && pp != p => p = pp,
             _ => return false,
         }
     };
-    parent
-        .keys()
-        .filter(|&&pid| descends(pid))
-        .map(|&pid| cpu_seconds(pid))
+    procs
+        .iter()
+        .filter(|(&pid, _)| descends(pid))
+        .map(|(_, &(_, cpu))| cpu)
         .sum()
 }
 

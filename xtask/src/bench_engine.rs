@@ -31,7 +31,7 @@ use crate::{
     bench::{
         cpu_seconds, median, paired, start_probe_with, tree_cpu_seconds, wait_port, Kill, CONFIGS,
     },
-    bench_progcost::{programs, set_stats},
+    bench_progcost::{programs, run_ns_since, set_stats},
     root, step,
 };
 
@@ -106,9 +106,14 @@ impl Window {
         self.engine_ms + self.agent_ms
     }
 
+    /// `ms` per token in % of the engine's CPU per token.
+    fn of_engine(&self, ms: f64) -> f64 {
+        ms / self.engine_ms.max(1e-9) * 100.0
+    }
+
     /// The probe's own CPU (agent and programs) per token, in % of the engine's.
     fn probe_share(&self) -> f64 {
-        (self.agent_ms + self.bpf_ms) / self.engine_ms.max(1e-9) * 100.0
+        self.of_engine(self.agent_ms + self.bpf_ms)
     }
 }
 
@@ -153,15 +158,9 @@ impl Run<'_> {
             return self.load(secs, None);
         };
         let (p, _) = start_probe_with(self.probe, self.port, c)?;
-        let ran = |list: &std::collections::BTreeMap<u64, crate::bench_progcost::Program>| {
-            list.iter()
-                .filter(|(id, _)| !before.contains(id))
-                .map(|(_, (_, ns, _))| *ns as f64)
-                .sum::<f64>()
-        };
-        let bpf0 = ran(&programs()?);
+        let bpf0 = run_ns_since(before)?;
         let w = self.load(secs, Some(p.0.id()));
-        let bpf = ran(&programs()?) - bpf0;
+        let bpf = run_ns_since(before)? - bpf0;
         drop(p);
         let mut w = w?;
         w.bpf_ms = bpf / 1e6 / w.tokens;
@@ -231,16 +230,16 @@ impl Run<'_> {
         let col = |i: usize, f: fn(&Window) -> f64| -> Vec<f64> {
             all.iter().map(|g| f(&g[i])).collect()
         };
-        let spread = |v: &[f64]| {
+        let spread = |v: &[f64], digits: usize| {
             let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
             let hi = v.iter().copied().fold(0.0, f64::max);
-            format!("{lo:.1}–{hi:.1}")
+            format!("{lo:.digits$}–{hi:.digits$}")
         };
         let (b_tps, b_p99, b_cpu) = (col(0, |w| w.tps), col(0, |w| w.p99), col(0, Window::cpu_ms));
         let (bt, bp) = (median(b_tps.clone()), median(b_p99.clone()));
         println!(
             "engine overhead ({engine}): median without {bt:.1} tok/s (rounds {}) e2e p99 {bp:.2} ms",
-            spread(&b_tps)
+            spread(&b_tps, 1)
         );
         for (i, c) in configs.iter().enumerate() {
             let (w_tps, w_p99) = (col(i + 1, |w| w.tps), col(i + 1, |w| w.p99));
@@ -248,7 +247,7 @@ impl Run<'_> {
             println!(
                 "engine overhead ({engine}), {c}: median {wt:.1} tok/s (rounds {}) p99 {wp:.2} ms; \
                  throughput {:+.1} %, p99 {:+.1} % against the medians",
-                spread(&w_tps),
+                spread(&w_tps, 1),
                 (wt / bt - 1.0) * 100.0,
                 (wp / bp - 1.0) * 100.0
             );
@@ -261,11 +260,9 @@ impl Run<'_> {
             let share = |f: fn(&Window) -> f64| {
                 let v: Vec<f64> = all
                     .iter()
-                    .map(|g| f(&g[i + 1]) / g[i + 1].engine_ms.max(1e-9) * 100.0)
+                    .map(|g| g[i + 1].of_engine(f(&g[i + 1])))
                     .collect();
-                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-                let hi = v.iter().copied().fold(0.0, f64::max);
-                format!("{:.2} % (rounds {lo:.2}–{hi:.2})", median(v.clone()))
+                format!("{:.2} % (rounds {})", median(v.clone()), spread(&v, 2))
             };
             println!(
                 "engine overhead ({engine}), {c}, the probe's own CPU in % of the engine's, same \

@@ -46,6 +46,16 @@ pub(crate) fn programs() -> Result<BTreeMap<u64, Program>> {
         .collect())
 }
 
+/// Run time (ns) so far of every loaded program whose id is not in `before`: the probe's, when
+/// `before` was taken before it started.
+pub(crate) fn run_ns_since(before: &std::collections::BTreeSet<u64>) -> Result<f64> {
+    Ok(programs()?
+        .iter()
+        .filter(|(id, _)| !before.contains(id))
+        .map(|(_, (_, ns, _))| *ns as f64)
+        .sum())
+}
+
 pub(crate) fn set_stats(on: bool) -> Result<()> {
     std::fs::write(
         "/proc/sys/kernel/bpf_stats_enabled",
