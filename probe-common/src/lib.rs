@@ -272,8 +272,14 @@ pub struct ThreadTime {
     /// 1 once the thread has read or written a client connection of its server (`sock:` path).
     pub serving: u32,
     pub _pad: u32,
+    /// The task's `sched_info.last_arrival` (run-queue clock of its last switch-in) read when
+    /// the entry last left on-CPU (0: not known). Another thread's call dated on this one's clock
+    /// (`waker`, `wakee`) compares it with the task's current value: a change is a switch-in no
+    /// program saw. Exact, unlike comparing run-queue and `bpf_ktime_get_ns` times, whose skew
+    /// is learnt per CPU and can be off by more than a short time slice.
+    pub arrival: u64,
 }
-const _: () = assert!(size_of::<ThreadTime>() == 112);
+const _: () = assert!(size_of::<ThreadTime>() == 120);
 
 /// Values of `ThreadTime::state`.
 pub const THREAD_ON_CPU: u32 = 0;

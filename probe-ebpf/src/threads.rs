@@ -220,8 +220,10 @@ fn clock_at(task: u64, tgid: u32, ts: u64, serving: bool) -> Option<(u32, Thread
     }
     // Waiting per its entry, yet switched in since: a switch-in no program saw (the entry is
     // repaired only when its own thread reads it). Its clock is not known: no waker's clock.
-    // Without the task's `last_arrival` (no BTF offset, no skew learnt yet) this is not checked.
-    if w.state != THREAD_ON_CPU && unseen_switch_in(task, w.since_ns, u64::MAX).is_some() {
+    // The task's `last_arrival` moved since its switch-out says so exactly; without the value of
+    // then, the skew-dated test stands in. Without `last_arrival` (no BTF offset) it is not
+    // checked.
+    if w.state != THREAD_ON_CPU && switched_in_since(task, &w) {
         return None;
     }
     let d = ts - w.since_ns;
@@ -297,6 +299,19 @@ fn last_arrival(task: u64) -> Option<u64> {
     (at != 0).then_some(at)
 }
 
+/// Whether waiting `task` (entry `w`) was switched in after its entry's last change: its
+/// `last_arrival` differs from the one its switch-out kept. An entry that kept none (it entered
+/// its state at a wake-up, or before the switch-out kept one) is dated by this CPU's skew, which
+/// can only be trusted beyond the skew's error (`SKEW_DRIFT_NS`, and the CPUs' rq clocks differ).
+#[inline(always)]
+fn switched_in_since(task: u64, w: &ThreadTime) -> bool {
+    if w.arrival != 0 {
+        return last_arrival(task).is_some_and(|at| at != w.arrival);
+    }
+    unseen_switch_in(task, w.since_ns, u64::MAX)
+        .is_some_and(|at| at - w.since_ns > SKEW_DRIFT_NS as u64)
+}
+
 /// When the running `task` was switched in, from its `last_arrival` and this CPU's skew, if that
 /// falls between its entry's last change (`since_ns`) and `now`.
 #[inline(always)]
@@ -312,10 +327,14 @@ fn unseen_switch_in(task: u64, since_ns: u64, now: u64) -> Option<u64> {
 /// Learn this CPU's skew from `task` leaving it after a seen switch-in at `since_ns`: its
 /// `last_arrival` is the run-queue clock read a little earlier in the same `__schedule`. The
 /// smallest sample wins, but one up to `SKEW_DRIFT_NS` above replaces it too.
+/// Returns the `last_arrival` read (0: not known), kept in the entry (`ThreadTime::arrival`).
 #[inline(always)]
-fn calibrate(task: u64, since_ns: u64) {
-    let (Some(at), Some(skew)) = (last_arrival(task), CLOCK_SKEW.get_ptr_mut(0)) else {
-        return;
+fn calibrate(task: u64, since_ns: u64) -> u64 {
+    let Some(at) = last_arrival(task) else {
+        return 0;
+    };
+    let Some(skew) = CLOCK_SKEW.get_ptr_mut(0) else {
+        return at;
     };
     let sample = since_ns.wrapping_sub(at);
     // SAFETY: this CPU's slot; programs do not preempt each other on a CPU mid-update.
@@ -323,6 +342,7 @@ fn calibrate(task: u64, since_ns: u64) {
     if *skew == 0 || (sample.wrapping_sub(*skew) as i64) < SKEW_DRIFT_NS {
         *skew = sample;
     }
+    at
 }
 
 /// `TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
@@ -356,11 +376,12 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
                 // its address: its time grew for good.)
                 if t.state != THREAD_EXITED {
                     if t.state == THREAD_ON_CPU {
-                        calibrate(prev, t.since_ns);
+                        t.arrival = calibrate(prev, t.since_ns);
                     } else {
                         // Leaving a CPU it was not known to be on: its last switch-in was not
                         // seen.
                         repair_switch_in(prev, t, now);
+                        t.arrival = last_arrival(prev).unwrap_or(0);
                     }
                     enter(t, next, now);
                 }
@@ -372,6 +393,7 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
                     tid,
                     state: next,
                     since_ns: now,
+                    arrival: last_arrival(prev).unwrap_or(0),
                     ..ThreadTime::default()
                 };
                 // A full map (MAX_THREADS) leaves the thread uncounted; the agent sees the map at
