@@ -191,6 +191,8 @@ pub(crate) struct ResponseReader {
     sse: bool,
     pending: Vec<u8>,
     last_content: Option<u64>,
+    /// The latest `now` fed so far.
+    last_now: u64,
 }
 
 impl ResponseReader {
@@ -209,6 +211,12 @@ impl ResponseReader {
 
     /// Response bytes that arrived at `now`. Returns true when the response (or the client's
     /// planned abort) is complete.
+    ///
+    /// A connection's bytes arrive in order, so `now` is taken as no earlier than the request's
+    /// start and the bytes fed before. The kernel stamps each segment on `CLOCK_REALTIME` and
+    /// `recv_event` moves the stamp onto the monotonic clock with two clock reads of its own: two
+    /// reads of one segment (an event ending inside it) came out up to 5 ns apart, backwards as
+    /// often as not, and a negative gap panicked the harness (2026-12-07).
     pub(crate) fn feed(
         &mut self,
         mut bytes: &[u8],
@@ -216,6 +224,8 @@ impl ResponseReader {
         s: &mut Sample,
         req: &Req,
     ) -> anyhow::Result<bool> {
+        let now = now.max(self.last_now).max(s.start_ns);
+        self.last_now = now;
         if self.body.is_none() {
             self.head_buf.extend_from_slice(bytes);
             let mut headers = [httparse::EMPTY_HEADER; 64];
