@@ -383,6 +383,20 @@ pub mod counter {
     pub const COUNT: u32 = 7;
 }
 
+/// Benchmark floors of the `sock:` capture path (`llm-probe run --bench-floor`; the value of the
+/// programs' `BENCH_FLOOR` global, set at load): what capture costs a traced server before it does
+/// any of its work (docs/BENCHMARKS.md, *The floor*). Nothing is measured under a floor.
+pub mod floor {
+    /// Normal capture.
+    pub const OFF: u32 = 0;
+    /// Every `sock:` and scheduler program returns at its first instruction: the cost of having
+    /// them attached at all.
+    pub const HOOKS: u32 = 1;
+    /// As `HOOKS`, except that every send of a traced process writes one bare record (a header,
+    /// no payload, no thread clock): the least a capture that dates each write can do.
+    pub const RECORDS: u32 = 2;
+}
+
 /// Wake the agent only once this many bytes wait in the ring buffer; below it the agent drains on a
 /// timer. Batching wakeups keeps the cost in the traced thread near the bare uprobe/tracepoint cost
 /// (an adaptive wakeup per event costs ~1.4 µs there). Must stay well below `RING_BYTES`.

@@ -25,7 +25,7 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use probe_common::{
-    tracepoint as tp, ArrivalEvent, EventKind, CONN_IGNORED, MAX_ARRIVAL_MARKS, MAX_CONNS,
+    floor, tracepoint as tp, ArrivalEvent, EventKind, CONN_IGNORED, MAX_ARRIVAL_MARKS, MAX_CONNS,
     MAX_LISTEN_PORTS, TCP_LAYOUT_COPIED_SEQ, TCP_LAYOUT_LEN, TCP_LAYOUT_RCV_NXT,
 };
 
@@ -202,6 +202,9 @@ fn server_closed(sk: u64) {
 /// kernel's global `bpf_prog_active`) and the arrival lost.
 #[raw_tracepoint(tracepoint = "sk_data_ready")]
 pub fn sk_data_ready(ctx: RawTracePointContext) -> u32 {
+    if crate::bench_floor() != floor::OFF {
+        return 0;
+    }
     let sk: u64 = ctx.arg(0);
     if !is_server_sock(sk) {
         return 0;

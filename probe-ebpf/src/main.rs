@@ -35,6 +35,20 @@ use probe_common::{
     MAX_PENDING, MAX_TARGETS, RING_BYTES, TARGET_SLOTS, WAKEUP_BYTES,
 };
 
+/// A `probe_common::floor` value, set by the agent at load (`--bench-floor`). Read-only data:
+/// the verifier knows its value and drops the branches it rules out, so `floor::OFF` costs
+/// nothing.
+#[no_mangle]
+static BENCH_FLOOR: u32 = probe_common::floor::OFF;
+
+/// The benchmark floor in force (`BENCH_FLOOR`).
+#[inline(always)]
+pub fn bench_floor() -> u32 {
+    // SAFETY: a plain read of a global; volatile so that the compiler does not fold the
+    // initial value in (the agent rewrites it at load).
+    unsafe { core::ptr::read_volatile(&raw const BENCH_FLOOR) }
+}
+
 /// Processes being traced (tgid → 1). Seeded by the agent, extended by `sched.rs` on fork.
 #[map]
 static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);

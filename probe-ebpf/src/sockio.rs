@@ -25,7 +25,7 @@
 //! FIN_WAIT1 or LAST_ACK.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_task_pt_regs,
     },
@@ -34,17 +34,18 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use probe_common::{
-    counter, regs, ConnKey, EventKind, PendingIo, ThreadClock, CONN_IGNORED, CONN_SK_UNKNOWN,
-    DIR_EGRESS, DIR_INGRESS, MAX_CONNS, MAX_PENDING, SYSCALL_OTHER, SYSCALL_READ, SYSCALL_READV,
-    SYSCALL_RECVFROM, SYSCALL_RECVMSG, SYSCALL_SENDMSG, SYSCALL_SENDTO, SYSCALL_WRITE,
-    SYSCALL_WRITEV,
+    counter, floor, regs, ConnKey, DataEvent, EventKind, PendingIo, ThreadClock, CONN_IGNORED,
+    CONN_SK_UNKNOWN, DIR_EGRESS, DIR_INGRESS, MAX_CONNS, MAX_PENDING, SYSCALL_OTHER, SYSCALL_READ,
+    SYSCALL_READV, SYSCALL_RECVFROM, SYSCALL_RECVMSG, SYSCALL_SENDMSG, SYSCALL_SENDTO,
+    SYSCALL_WRITE, SYSCALL_WRITEV,
 };
 
 use crate::{
     arrival::{add_server_sock, emit_arrivals, is_server_sock, ARRIVAL},
     bump,
     capture::{emit_data, emit_small, msghdr_iov, Meta},
-    current_tgid_tid, emit_conn, in_targets, is_target, maybe_target, threads, CONNS,
+    current_tgid_tid, emit_conn, header_now, in_targets, is_target, maybe_target, threads, CONNS,
+    EVENTS,
 };
 
 const EAGAIN: i32 = 11;
@@ -273,6 +274,9 @@ fn admit(tgid: u32, tid: u32, fd: u32, sk: u64) -> Admit {
 /// other program runs on that CPU: a lost request) and format no trace record.
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub fn sock_recv_data(ctx: RawTracePointContext) -> u32 {
+    if crate::bench_floor() != floor::OFF {
+        return 0;
+    }
     let (tgid, tid) = current_tgid_tid();
     if !is_target(tgid) {
         return 0;
@@ -347,6 +351,9 @@ fn on_behalf(
 /// int size_goal)`; nothing of it is read.
 #[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
 pub fn tcp_send_start(_ctx: RawTracePointContext) -> u32 {
+    if crate::bench_floor() != floor::OFF {
+        return 0;
+    }
     let (tgid, tid) = current_tgid_tid();
     // An untraced process leaves at its slot; a traced thread stamps its own THREADS entry when
     // it has one (no map update, no TARGETS lookup: only traced threads have one); else, for a
@@ -369,8 +376,18 @@ pub fn tcp_send_start(_ctx: RawTracePointContext) -> u32 {
 /// `TP_PROTO(struct sock *sk, int ret, int flags)`.
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
+    let f = crate::bench_floor();
+    if f == floor::HOOKS {
+        return 0;
+    }
     let (tgid, tid) = current_tgid_tid();
     if !maybe_target(tgid) {
+        return 0;
+    }
+    if f == floor::RECORDS {
+        if in_targets(tgid) {
+            bare_record(tgid, tid, ctx.arg::<u64>(1) as i32);
+        }
         return 0;
     }
     // A stamp in the thread's THREADS entry marks a traced thread; without one, test the process.
@@ -426,4 +443,29 @@ pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
     let who = own.map_or(tid, |t| on_behalf(t, kind, tgid, ts, &mut p));
     capture_via_slot(p, ts, tgid, who, i64::from(ret), 0, 0, kind);
     0
+}
+
+/// `floor::RECORDS`: the send's bare record — its time, thread and result, no payload, no clock,
+/// reserved in place and never waking the agent (its timer drains it).
+#[inline(always)]
+fn bare_record(tgid: u32, tid: u32, ret: i32) {
+    let Some(mut entry) = EVENTS.reserve::<DataEvent>(0) else {
+        bump(counter::EVENTS_SEEN);
+        bump(counter::LOST_RINGBUF_FULL);
+        return;
+    };
+    bump(counter::EVENTS_SEEN);
+    entry.write(DataEvent {
+        header: header_now(EventKind::IpcData, tgid, tid),
+        fd: 0,
+        dir: DIR_EGRESS,
+        ret: i64::from(ret),
+        cap_len: 0,
+        syscall: SYSCALL_OTHER as u16,
+        tail_len: 0,
+        arrival_ns: 0,
+        thread: ThreadClock::default(),
+        ssl: 0,
+    });
+    entry.submit(u64::from(BPF_RB_NO_WAKEUP));
 }

@@ -29,7 +29,7 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use probe_common::{
-    counter, ThreadClock, ThreadTime, MAX_THREADS, TASK_LAYOUT_GROUP_LEADER,
+    counter, floor, ThreadClock, ThreadTime, MAX_THREADS, TASK_LAYOUT_GROUP_LEADER,
     TASK_LAYOUT_LAST_ARRIVAL, TASK_LAYOUT_LEN, THREAD_BLOCKED, THREAD_EXITED, THREAD_ON_CPU,
     THREAD_RUNNABLE,
 };
@@ -349,6 +349,9 @@ fn calibrate(task: u64, since_ns: u64) -> u64 {
 /// unsigned int prev_state)` (Linux 5.18+; older kernels refuse the attach: no thread states).
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
+    if crate::bench_floor() != floor::OFF {
+        return 0;
+    }
     let (tgid, tid) = current_tgid_tid();
     // Read once a thread of the switch is known to be traced (both ends share it): the clock
     // is not free in a VM, and most switches on a node are of untraced tasks.
@@ -434,6 +437,9 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
 /// same-thread test (no split, never a wrong one).
 #[raw_tracepoint(tracepoint = "sched_waking")]
 pub fn sched_waking(ctx: RawTracePointContext) -> u32 {
+    if crate::bench_floor() != floor::OFF {
+        return 0;
+    }
     let task: u64 = ctx.arg(0);
     if !maybe_thread(task) {
         return 0;
@@ -469,6 +475,9 @@ pub fn sched_waking(ctx: RawTracePointContext) -> u32 {
 /// `TP_PROTO(struct task_struct *p)`.
 #[raw_tracepoint(tracepoint = "sched_wakeup")]
 pub fn sched_wakeup(ctx: RawTracePointContext) -> u32 {
+    if crate::bench_floor() != floor::OFF {
+        return 0;
+    }
     let task: u64 = ctx.arg(0);
     if !maybe_thread(task) {
         return 0;

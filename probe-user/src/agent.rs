@@ -157,6 +157,8 @@ pub struct Options {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// How often the ring buffer is drained when the kernel did not wake the agent.
     pub drain_interval: Duration,
+    /// A benchmark floor (`--bench-floor`): normally `Off`.
+    pub bench_floor: crate::kernel::BenchFloor,
 }
 
 /// Add `pids` (and their descendants) to the target set and the kernel filter, attach their CUDA
@@ -316,8 +318,8 @@ fn no_new_privs() {
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     raise_nofile();
     no_new_privs();
-    let (mut kernel, ring) =
-        Kernel::load(opts.capture, opts.thread_states).map_err(AgentError::Load)?;
+    let (mut kernel, ring) = Kernel::load(opts.capture, opts.thread_states, opts.bench_floor)
+        .map_err(AgentError::Load)?;
     kernel.set_cuda_runtime_launches(opts.cuda.launch_probes == LaunchProbes::All);
     kernel.set_cuda_per_process(opts.cuda.scope == ProbeScope::Process);
     if !opts.ssl_probes {

@@ -3,6 +3,7 @@
 //! and the CUDA maps in `cuda`). Degrades instead of dying: a program that fails to attach is
 //! logged and reported as `llm_probe_attached{program} 0`; only the socket path is required.
 
+mod choice;
 pub mod cuda;
 mod layout;
 mod misses;
@@ -18,6 +19,7 @@ use aya::{
 use probe_common::{counter, tracepoint, ConnKey, CONN_IGNORED, CONN_SK_UNKNOWN};
 
 use crate::metrics::probe::KernelCounters;
+pub use choice::{BenchFloor, CaptureChoice};
 
 /// The ring buffer the kernel programs write records into (read by the agent's ingest loop).
 pub type Ring = RingBuf<MapData>;
@@ -129,18 +131,6 @@ pub const THREAD_STATES: &[Program] = &[
     raw("sched_waking", "sched"),
 ];
 
-/// Which socket capture path to use (`--capture`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum CaptureChoice {
-    /// The `sock:` path where it loads, else the syscall path.
-    #[default]
-    Auto,
-    /// The `sock:` path or nothing.
-    Sock,
-    /// The syscall path.
-    Syscalls,
-}
-
 /// The socket capture path in use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CapturePath {
@@ -241,13 +231,19 @@ where
 
 impl Kernel {
     /// Load and attach. Returns the kernel handle and the ring buffer (read by the agent's task).
-    pub fn load(choice: CaptureChoice, thread_states: bool) -> Result<(Self, Ring), LoadError> {
+    pub fn load(
+        choice: CaptureChoice,
+        thread_states: bool,
+        floor: BenchFloor,
+    ) -> Result<(Self, Ring), LoadError> {
         if OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
         raise_memlock();
         ensure_tracefs();
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .override_global("BENCH_FLOOR", &floor.value(), true)
+            .load(OBJECT)?;
         let mut refused = Vec::new();
         let mut capture = CapturePath::Syscalls;
         let mut attached = Vec::new();

@@ -174,6 +174,11 @@ struct RunArgs {
     /// carry kernel timestamps, so a longer interval delays the figures, never changes them.
     #[arg(long = "drain-interval", default_value_t = human(probe_user::agent::DRAIN_INTERVAL.as_nanos() as u64), value_name = "DURATION")]
     drain_interval: humantime::Duration,
+    /// Benchmarks only (docs/BENCHMARKS.md, "The floor"): what the `sock:` path costs a traced
+    /// server before it does any work. `hooks`: its programs are attached and return at once;
+    /// `records`: plus one bare record per send of a traced process. Nothing is measured.
+    #[arg(long = "bench-floor", value_enum, default_value_t = probe_user::kernel::BenchFloor::Off, value_name = "FLOOR", hide = true)]
+    bench_floor: probe_user::kernel::BenchFloor,
     /// Config file; its `[health]` table overrides the health thresholds (see docs/health.md).
     #[arg(long, value_name = "FILE")]
     config: Option<std::path::PathBuf>,
@@ -282,6 +287,16 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         eprintln!("error: --drain-interval must be longer than 0");
         std::process::exit(2);
     }
+    if args.bench_floor != probe_user::kernel::BenchFloor::Off {
+        if args.capture != probe_user::kernel::CaptureChoice::Sock {
+            eprintln!("error: --bench-floor measures the sock: path: add --capture sock");
+            std::process::exit(2);
+        }
+        log::warn!(
+            "--bench-floor {:?}: a benchmark floor; no request is measured",
+            args.bench_floor
+        );
+    }
     if args.agent_sched == AgentSched::Batch {
         sched_batch();
     }
@@ -311,6 +326,7 @@ fn run_agent(args: RunArgs) -> anyhow::Result<()> {
         },
         tls,
         drain_interval: args.drain_interval.into(),
+        bench_floor: args.bench_floor,
     })
 }
 

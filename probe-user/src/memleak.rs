@@ -102,6 +102,7 @@ fn watch_self(a: &Args) -> anyhow::Result<String> {
         scope: probe_user::discover::Scope::default(),
         tls: None,
         drain_interval: agent::DRAIN_INTERVAL,
+        bench_floor: probe_user::kernel::BenchFloor::Off,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,7 +1,7 @@
 //! The probe's life around its targets: children forked after attach are traced, a target that
 //! exits is reported and re-attached when its port comes back, SIGTERM detaches cleanly, under
 //! ring-buffer pressure every kernel record is either delivered or counted lost, and both socket
-//! capture paths load and say which is in use. Needs root.
+//! capture paths load and say which is in use; the benchmark floors measure nothing. Needs root.
 
 use std::{process::Command, time::Duration};
 
@@ -240,4 +240,56 @@ fn thread_policies(pid: u32) -> Vec<i32> {
         out.push(policy.parse().expect("policy number"));
     }
     out
+}
+
+/// The benchmark floors (`--bench-floor`, docs/BENCHMARKS.md *The floor*) attach the `sock:`
+/// programs and measure nothing: under `hooks` they return at once (no record of the traffic);
+/// under `records` every send of the server delivers one bare record, and still no request is
+/// made of them. Without `--capture sock` the flag is refused. Needs root.
+#[test]
+fn bench_floors_attach_and_measure_nothing() {
+    const REQUESTS: usize = 5;
+    for floor in ["hooks", "records"] {
+        let Some(served) = node_under_probe_with(
+            "bench_floors_attach_and_measure_nothing",
+            &["--capture", "sock", "--bench-floor", floor],
+        ) else {
+            return;
+        };
+        let text = served.probe.metrics();
+        let attached = |p: &str| metric_sum(&text, "llm_probe_attached", &[("program", p)]);
+        assert_eq!(attached("sock_send_data"), 1.0, "{floor}:\n{text}");
+        assert_eq!(attached("sys_enter_write"), 0.0, "{floor}:\n{text}");
+        for i in 0..REQUESTS {
+            let s = run_one(
+                &served.addr,
+                chat_req(&format!("floor-{i}"), "x", true, 4, &json!({})),
+            );
+            assert!(s.error.is_none(), "{s:?}");
+        }
+        // Each streamed response is at least its head and 4 events: 5 sends.
+        let sends = (REQUESTS * 5) as f64;
+        let events = || metric_sum(&served.probe.metrics(), "llm_probe_events_total", &[]);
+        if floor == "records" {
+            wait_for("a record per send", Duration::from_secs(5), || {
+                events() >= sends
+            });
+        } else {
+            // Three drain intervals: whatever the kernel wrote is read by then.
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(events() < REQUESTS as f64, "{floor}: {} records", events());
+        }
+        assert_eq!(served.probe.requests().0, 0, "{floor}: a request measured");
+        let log = served.probe.proc.log_text();
+        assert!(log.contains("a benchmark floor"), "{floor}:\n{log}");
+    }
+    let out = Command::new(tests::probe_bin())
+        .args(["run", "--port", "1", "--bench-floor", "hooks"])
+        .output()
+        .expect("running llm-probe");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--capture sock"),
+        "{out:?}"
+    );
 }
