@@ -93,12 +93,13 @@ pub(crate) const CAPTURE_PATHS: [&str; 3] = ["sock", "sock-nothreads", "syscalls
 
 /// The overhead benchmark's configurations: [`CAPTURE_PATHS`] and the default path with the
 /// agent on the default CPU policy (`--agent-sched normal`: what `SCHED_BATCH` buys).
-const OVERHEAD_CONFIGS: [&str; 4] = ["sock", "sock-nothreads", "syscalls", "sock-normal"];
+pub(crate) const OVERHEAD_CONFIGS: [&str; 4] =
+    ["sock", "sock-nothreads", "syscalls", "sock-normal"];
 
 /// Every probe configuration a benchmark takes (`--configs`): its name, its `llm-probe run`
 /// arguments and what it measures. `untraced` and `programs` run the defaults and differ in how
 /// they are started ([`start_probe_with`]).
-pub(crate) const CONFIGS: [(&str, &[&str], &str); 9] = [
+pub(crate) const CONFIGS: [(&str, &[&str], &str); 11] = [
     ("auto", &["--capture", "auto"], "the defaults"),
     ("sock", &["--capture", "sock"], "the `sock:` capture path"),
     (
@@ -136,7 +137,21 @@ pub(crate) const CONFIGS: [(&str, &[&str], &str); 9] = [
         &["--capture", "auto"],
         "the defaults, the agent stopped once attached: the kernel side alone",
     ),
+    (
+        "floor-hooks",
+        &["--capture", "sock", "--bench-floor", "hooks"],
+        "the `sock:` programs attached, each returning at once: their dispatch alone",
+    ),
+    (
+        "floor-records",
+        &["--capture", "sock", "--bench-floor", "records"],
+        "as floor-hooks, plus one bare record per traced send: the least per-write capture",
+    ),
 ];
+
+/// The floor benchmark's configurations (`--only floor`): the default path against what its
+/// hooks alone and one bare record per write cost.
+pub(crate) const FLOOR_CONFIGS: [&str; 3] = ["sock", "floor-hooks", "floor-records"];
 
 /// `llm-probe run` arguments of configuration `config` (the defaults for a name not in
 /// [`CONFIGS`]).
@@ -293,19 +308,20 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Saturated SSE server (`llm-bench server`, 8 keep-alive streams of 16 events): req/s and p99
-/// without the probe, then with it in each configuration, in alternating rounds; and the agent's
-/// CPU per 1,000 kernel events.
-pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
+/// without the probe, then with it in each of `configs` ([`OVERHEAD_CONFIGS`] for
+/// `--only overhead`, [`FLOOR_CONFIGS`] for `--only floor`), in alternating rounds; and the
+/// agent's CPU per 1,000 kernel events.
+pub fn overhead(probe: &Path, rounds: usize, seconds: u64, configs: &[&str]) -> Result<()> {
     let (_server, port) = bench_server(16, 0)?;
     step(&format!(
         "overhead: {rounds} rounds x ({seconds} s without llm-probe, then {seconds} s with it on \
          each probe configuration: {}), 8 keep-alive streams, 16 SSE events each",
-        OVERHEAD_CONFIGS.join(", ")
+        configs.join(", ")
     ));
     let get = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     let _ = client(port, 8, 1)?; // warm-up
     let (mut base_rps, mut base_p99) = (vec![], vec![]);
-    let mut probed = vec![Probed::default(); OVERHEAD_CONFIGS.len()];
+    let mut probed = vec![Probed::default(); configs.len()];
     for r in 0..rounds {
         let b = client(port, 8, seconds)?;
         let mut line = format!(
@@ -315,7 +331,7 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
         );
         base_rps.push(get(&b, "rps"));
         base_p99.push(get(&b, "p99_ms"));
-        for (s, path) in probed.iter_mut().zip(OVERHEAD_CONFIGS) {
+        for (s, path) in probed.iter_mut().zip(configs.iter().copied()) {
             let run = (probe, port, path, path);
             s.round(run, seconds, "llm_probe_events_total", &mut line, || {
                 client(port, 8, seconds)
@@ -325,18 +341,25 @@ pub fn overhead(probe: &Path, rounds: usize, seconds: u64) -> Result<()> {
     }
     let (br, bp) = (median(base_rps), median(base_p99));
     println!("overhead: median without llm-probe {br:.0} req/s p99 {bp:.3} ms");
-    for (s, path) in probed.iter().zip(OVERHEAD_CONFIGS) {
+    for (s, path) in probed.iter().zip(configs) {
         let (wr, wp) = (median(s.rps.clone()), median(s.p99.clone()));
         println!(
             "overhead, {path}: {wr:.0} req/s = {:.1} % of baseline (goal >= 90 %), \
              p99 {wp:.3} ms = {:+.1} % (goal <= +15 %); {:.0} kernel events; agent {:.0} % of \
-             one core (median) on this {}-core machine, {:.3} ms of CPU per 1,000 events",
+             one core (median) on this {}-core machine, {}",
             wr / br * 100.0,
             (wp / bp - 1.0) * 100.0,
             s.scraped,
             median(s.cpu.clone()),
             std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-            s.cpu_secs / s.scraped.max(1.0) * 1e6,
+            if s.scraped > 0.0 {
+                format!(
+                    "{:.3} ms of CPU per 1,000 events",
+                    s.cpu_secs / s.scraped * 1e6
+                )
+            } else {
+                "no events".to_owned()
+            },
         );
     }
     Ok(())

@@ -57,8 +57,9 @@ enum Task {
     Bench {
         /// Only this one: micro, overhead, progcost (ns per run of each kernel program), engine
         /// (llama-cpp-python), vllm, rss, cuda, bystander, tls (an HTTPS server with and without
-        /// the OpenSSL probes); or longstreams (4,096 streams of
-        /// 4,100 events, minutes of full load: run only when named).
+        /// the OpenSSL probes); run only when named: longstreams (4,096 streams of 4,100 events,
+        /// minutes of full load) and floor (the overhead benchmark against the `sock:` path's
+        /// floors: its programs attached and returning at once, and one bare record per write).
         #[arg(long)]
         only: Option<String>,
         /// Rounds of the overhead benchmark (each: without, then with the probe).
@@ -374,7 +375,11 @@ fn main() -> Result<()> {
                 bench::micro()?;
             }
             if want("overhead") {
-                bench::overhead(&bin, rounds, seconds)?;
+                bench::overhead(&bin, rounds, seconds, &bench::OVERHEAD_CONFIGS)?;
+            }
+            // A diagnosis of the overhead's floor: only when asked for by name.
+            if only.as_deref() == Some("floor") {
+                bench::overhead(&bin, rounds, seconds, &bench::FLOOR_CONFIGS)?;
             }
             if want("progcost") {
                 bench_progcost::program_cost(&bin, seconds)?;
