@@ -36,8 +36,8 @@ use probe_common::{
 };
 
 /// A `probe_common::floor` value, set by the agent at load (`--bench-floor`). Read-only data:
-/// the verifier knows its value and drops the branches it rules out, so `floor::OFF` costs
-/// nothing.
+/// the verifier knows its value and drops the code it rules out (a floor's programs translate to
+/// a few instructions); under `floor::OFF` the test stays, a load and a compare.
 #[no_mangle]
 static BENCH_FLOOR: u32 = probe_common::floor::OFF;
 
