@@ -449,12 +449,11 @@ pub fn sock_send_data(ctx: RawTracePointContext) -> u32 {
 /// reserved in place and never waking the agent (its timer drains it).
 #[inline(always)]
 fn bare_record(tgid: u32, tid: u32, ret: i32) {
+    bump(counter::EVENTS_SEEN);
     let Some(mut entry) = EVENTS.reserve::<DataEvent>(0) else {
-        bump(counter::EVENTS_SEEN);
         bump(counter::LOST_RINGBUF_FULL);
         return;
     };
-    bump(counter::EVENTS_SEEN);
     entry.write(DataEvent {
         header: header_now(EventKind::IpcData, tgid, tid),
         fd: 0,

@@ -75,8 +75,9 @@ enum Task {
         probe: Option<std::path::PathBuf>,
         /// Probe configurations the engine benchmarks (engine, vllm) compare with the baseline,
         /// each in every round, comma-separated: auto (the defaults), sock, sock-nothreads,
-        /// syscalls, sock-nossl, sock-normal, untraced (the agent tracing nothing: what other
-        /// processes pay), programs (the agent stopped once attached: the kernel side alone).
+        /// syscalls, sock-nossl, sock-normal, slow-drain, untraced (the agent tracing nothing: what
+        /// other processes pay), programs (the agent stopped once attached: the kernel side alone),
+        /// floor-hooks, floor-records (the `sock:` path's floors, docs/BENCHMARKS.md).
         #[arg(long, value_delimiter = ',', default_value = "auto", value_parser = config_name)]
         configs: Vec<String>,
     },
