@@ -76,7 +76,7 @@ fn every_dashboard_query_returns_data_and_every_rule_evaluates() {
     fake_cuda::wait_attached(&probe);
     cuda_engine.go().expect("CUDA scenario");
 
-    // Load for ~12 s while Prometheus scrapes every second (bounded: 400 requests at most).
+    // Load for ~12 s while Prometheus scrapes every 250 ms (bounded: 400 requests at most).
     output_ok(
         "llm-load",
         Command::new(root.join("target/release/llm-load"))
